@@ -1,0 +1,91 @@
+"""The shared ConfigDict every job config starts from.
+
+Each file in `configs/` calls `base()` and overrides what its job needs. Every key here can be set
+from the command line with `--config.section.key=value`.
+"""
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.job = "knowdist"  # knowdist | icldist | sentibench | export | smoke
+  c.workdir = "runs/default"
+  c.seed = 0
+
+  # Multi-host: jax.distributed.initialize() when True (values from the cluster env when None).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False
+  c.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+  c.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
+  c.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"  # used when init == "" (random init); see sentijax/models/presets.py
+  c.model.init = ""  # local HF directory (config.json + safetensors) to start from
+  c.model.tokenizer = ""  # tokenizer dir; "" = model.init, or a demo tokenizer for presets
+  c.model.dtype = "bfloat16"  # compute dtype; params stay float32
+  c.model.remat = False  # rematerialise each layer in the backward pass
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1 = all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # Logical param/activation axis -> mesh axis (or None = replicated).
+  c.sharding_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("vocab", "tensor"),
+      ("head_dim", None),
+      ("layers", None),
+      ("norm", None),
+  )
+
+  c.data = ml_collections.ConfigDict()
+  c.data.corpus = ""  # JSONL / JSON / Parquet path; "" = the demo corpus shipped in the package
+  c.data.format = "auto"  # auto | records | mixtral | hf
+  c.data.val_corpus = ""  # "" = hold out val_fraction of the corpus
+  c.data.val_fraction = 0.05
+  c.data.skip_bad_records = False
+  c.data.chat_template = False
+  c.data.seq_len = 512
+  c.data.truncation = "left_prompt"  # left_prompt | drop
+  c.data.shuffle = True
+  c.data.cache_dir = ""  # "" = <workdir>/data
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 200
+  c.train.batch_size = 8  # rows per optimizer step (global)
+  c.train.microbatches = 1  # gradient accumulation steps per optimizer step
+  c.train.learning_rate = 3e-4
+  c.train.end_lr_ratio = 0.1
+  c.train.warmup_steps = 20
+  c.train.schedule = "cosine"  # cosine | linear | constant
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.grad_clip = 1.0
+  c.train.log_every = 10
+  c.train.eval_every = 50
+  c.train.eval_batches = 4
+  c.train.peak_tflops = 0.0  # per device; 0 = look the device up in a table
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 50
+  c.checkpoint.keep = 2
+  c.checkpoint.async_save = True
+
+  c.export_hf = False  # write an HF directory into <workdir>/hf at the end of training
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.data_dir = "../shared/sentibench"
+  c.eval.templates = ""  # "" = templates shipped in the package; or a protocol.json path
+  c.eval.datasets = "all"  # comma list like "sc/sst2,absa/opener" or "all"
+  c.eval.seeds = "42,52,62"
+  c.eval.max_examples = 0  # 0 = all test items
+  c.eval.batch_size = 16
+  c.eval.max_new_tokens = 150
+  c.eval.during_training = ""  # datasets scored every train.eval_every steps ("" = none)
+  return c

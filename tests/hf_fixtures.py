@@ -1,0 +1,78 @@
+"""Tiny random transformers models saved with save_pretrained: the parity references."""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def make_llama(path: pathlib.Path, seed: int = 0, vocab_size: int = 256):
+  """LlamaForCausalLM with llama3 rope scaling and tied embeddings."""
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
+  torch.manual_seed(seed)
+  cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=256, rope_parameters=dict(LLAMA3_ROPE),
+                    tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1,
+                    eos_token_id=2)
+  model = LlamaForCausalLM(cfg).eval()
+  _randomize(model, seed)
+  model.save_pretrained(path)
+  return model
+
+
+def make_qwen2(path: pathlib.Path, seed: int = 0, vocab_size: int = 256):
+  """Qwen2ForCausalLM with untied embeddings and q/k/v bias (randomised, not zero)."""
+  import torch
+  from transformers import Qwen2Config, Qwen2ForCausalLM
+  torch.manual_seed(seed)
+  cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=256, rope_parameters={"rope_type": "default",
+                                                                  "rope_theta": 1e6},
+                    tie_word_embeddings=False, rms_norm_eps=1e-6, bos_token_id=1,
+                    eos_token_id=2)
+  model = Qwen2ForCausalLM(cfg).eval()
+  _randomize(model, seed)
+  model.save_pretrained(path)
+  return model
+
+
+def _randomize(model, seed: int):
+  """Every weight (norm scales and biases too) random, so no mapping error can hide."""
+  import torch
+  gen = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+      else:
+        p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def torch_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+  """Reference logits with positions counted over real tokens (as generate() does)."""
+  import torch
+  mask = torch.tensor(attention_mask, dtype=torch.long)
+  position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(input_ids, dtype=torch.long), attention_mask=mask,
+                position_ids=position_ids)
+  return out.logits.float().numpy()
+
+
+def padded_batch(rng: np.random.Generator, vocab_size: int, lengths: list[int], side: str):
+  """Random ids with `side` ("left" | "right") padding (pad id 0) and the matching mask."""
+  width = max(lengths)
+  ids = np.zeros((len(lengths), width), np.int64)
+  mask = np.zeros_like(ids)
+  for i, n in enumerate(lengths):
+    toks = rng.integers(3, vocab_size, size=n)
+    sl = slice(width - n, width) if side == "left" else slice(0, n)
+    ids[i, sl], mask[i, sl] = toks, 1
+  return ids, mask

@@ -1,0 +1,66 @@
+"""Sharded forward on 8 fake CPU devices equals the single-device forward; params are sharded."""
+import jax
+import numpy as np
+import pytest
+
+import hf_fixtures
+from sentijax import config as config_lib
+from sentijax import models, sharding
+
+RULES = config_lib.base().sharding_rules
+MESH_222 = {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_eight_fake_devices():
+  assert jax.device_count() == 8
+
+
+def test_mesh_shape_and_errors():
+  assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+  assert sharding.mesh_shape({"data": 1, "fsdp": -1, "tensor": 1}, 8) == (1, 8, 1)
+  with pytest.raises(sharding.MeshError, match="needs 12 devices but 8"):
+    sharding.mesh_shape({"data": 3, "fsdp": 2, "tensor": 2}, 8)
+  with pytest.raises(sharding.MeshError, match="do not divide"):
+    sharding.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+  with pytest.raises(sharding.MeshError, match="at most one axis"):
+    sharding.mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+  with pytest.raises(sharding.MeshError):
+    sharding.make_mesh({"data": 16, "fsdp": 1, "tensor": 1})
+
+
+def _assert_really_sharded(params, mesh):
+  q = params["layers"]["attn"]["q_kernel"]  # (layers, embed, heads, head_dim)
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  shard_shape = q.addressable_shards[0].data.shape
+  assert shard_shape == (q.shape[0], q.shape[1] // 2, q.shape[2] // 2, q.shape[3])
+  assert len({d for d in q.sharding.device_set}) == 8
+  gate = params["layers"]["mlp"]["gate_kernel"]
+  assert gate.addressable_shards[0].data.shape[-1] == gate.shape[-1] // 2
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen"])
+def test_sharded_forward_matches_single_device(which, tmp_path):
+  make = hf_fixtures.make_llama if which == "llama" else hf_fixtures.make_qwen2
+  make(tmp_path)
+  cfg, params_1 = models.load_hf(tmp_path)
+  mesh = sharding.make_mesh(MESH_222)
+  cfg, params_8 = models.load_hf(tmp_path, mesh=mesh, rules=RULES)
+  _assert_really_sharded(params_8, mesh)
+  ids, mask = hf_fixtures.padded_batch(np.random.default_rng(0), cfg.vocab_size,
+                                       [20, 7, 13, 20, 5, 20, 11, 16], "left")
+  single = np.asarray(models.apply(cfg, params_1, ids, attention_mask=mask))
+  batch_sh = sharding.batch_sharding(mesh)
+  ids_8 = jax.device_put(ids.astype(np.int32), batch_sh)
+  mask_8 = jax.device_put(mask.astype(np.int32), batch_sh)
+  sharded = models.apply(cfg, params_8, ids_8, attention_mask=mask_8)
+  np.testing.assert_allclose(np.asarray(sharded), single, atol=1e-5, rtol=0)
+
+
+def test_random_init_is_sharded_in_place():
+  cfg = models.presets.get("tiny")
+  mesh = sharding.make_mesh(MESH_222)
+  params = models.init(cfg, 0, mesh=mesh, rules=RULES)
+  _assert_really_sharded(params, mesh)
+  ref = models.init(cfg, 0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7),
+               params, ref)
