@@ -232,7 +232,8 @@ class Decoder(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache_index=0, cache_kv=None):
+  def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache_index=0, cache_kv=None,
+               last_only=False):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     embedding_VxE = _param(self, "embedding", nn.initializers.normal(0.02),
@@ -253,6 +254,8 @@ class Decoder(nn.Module):
     )(cfg, name="layers")
     x_BxTxE, new_cache_kv = layers(x_BxTxE, positions_BxT, mask_BxTxS, cache_index, cache_kv)
 
+    if last_only:  # scoring/prefill need only the last position: skip the [B, T, V] logits
+      x_BxTxE = x_BxTxE[:, -1:]
     x_BxTxE = RMSNorm(cfg.rms_norm_eps, pdt, name="final_norm")(x_BxTxE)
     if cfg.tie_embeddings:
       out_ExV = embedding_VxE.T
@@ -316,14 +319,16 @@ def param_shapes(cfg: ModelConfig) -> PyTree:
 
 
 def forward(cfg: ModelConfig, params: PyTree, tokens_BxT: Array, *,
-            segment_ids_BxT: Array | None = None, positions_BxT: Array | None = None) -> Array:
-  """Float32 logits [B, T, V] for a batch without cache (training and scoring)."""
+            segment_ids_BxT: Array | None = None, positions_BxT: Array | None = None,
+            last_only: bool = False) -> Array:
+  """Float32 logits [B, T, V] (or [B, 1, V] with last_only) for a batch without cache."""
   if segment_ids_BxT is None:
     segment_ids_BxT = jnp.ones_like(tokens_BxT, dtype=jnp.int32)
   if positions_BxT is None:
     positions_BxT = default_positions(segment_ids_BxT)
   mask_BxTxS = attention_mask(segment_ids_BxT)
-  logits, _ = Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, mask_BxTxS)
+  logits, _ = Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, mask_BxTxS,
+                                 last_only=last_only)
   return logits
 
 
@@ -348,12 +353,17 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCach
 
 
 def forward_with_cache(cfg: ModelConfig, params: PyTree, tokens_BxT: Array, positions_BxT: Array,
-                       segment_ids_BxT: Array, cache: KVCache) -> tuple[Array, KVCache]:
-  """Runs T new tokens at cache.index.. and returns (logits [B, T, V], updated cache)."""
+                       segment_ids_BxT: Array, cache: KVCache,
+                       last_only: bool = False) -> tuple[Array, KVCache]:
+  """Runs T new tokens at slots cache.index.. ; returns (logits [B, T or 1, V], new cache).
+
+  Decoding: prefill with the (left-padded) prompt and its 0/1 mask as segment ids, then feed
+  one token at a time with segment id 1 and the next position of each row.
+  """
   kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids,
                                                 segment_ids_BxT.astype(jnp.int32),
                                                 (0, cache.index))
   mask_BxTxS = attention_mask(segment_ids_BxT, kv_segment_ids, cache.index)
   logits, (k, v) = Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, mask_BxTxS,
-                                      cache.index, (cache.k, cache.v))
+                                      cache.index, (cache.k, cache.v), last_only)
   return logits, KVCache(k, v, kv_segment_ids, cache.index + tokens_BxT.shape[1])
