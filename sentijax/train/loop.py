@@ -1,0 +1,190 @@
+"""The training loop shared by KnowDist and ICLDist.
+
+Recipe: mesh -> optimizer -> state (restored from the latest checkpoint, or fresh) -> jitted step
+-> loop over deterministic batches from the restored data position, logging, evaluating,
+checkpointing (every N steps, on SIGTERM, at the end) -> optional HF export.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from sentijax import checkpoint, metrics, models, sharding
+from sentijax.train import state as state_lib
+from sentijax.train import step as step_lib
+
+log = logging.getLogger("sentijax")
+
+EvalHook = Callable[[int, Any], dict]  # (step, params) -> scalars to log
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass
+class Result:
+  step: int
+  params: Any
+  train_losses: list[tuple[int, float]]
+  val_losses: list[tuple[int, float]]
+  preempted: bool = False
+
+
+def _global_batch(local: dict[str, np.ndarray], batch_sh) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+
+
+def held_out_loss(eval_fn, params, dataset, batch_size: int, num_batches: int, batch_sh) -> float:
+  """Mean token NLL over the first `num_batches` val batches (fixed, so comparable over time)."""
+  nll, tokens = 0.0, 0.0
+  for i in range(num_batches):
+    out = eval_fn(params, _global_batch(dataset.batch_at(i, batch_size), batch_sh))
+    nll += float(out["nll_sum"])
+    tokens += float(out["tokens"])
+  return nll / max(tokens, 1.0)
+
+
+def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any], Any],
+          train_ds, val_ds=None, *, tokenizer=None, eval_hooks: tuple[EvalHook, ...] = (),
+          ) -> Result:
+  """Runs (or resumes) training in `config.workdir`.
+
+  `init_params(mesh, rules)` returns sharded fp32 params for a fresh run (HF import or random).
+  `train_ds` / `val_ds` are `sentijax.data.pipeline.PackedDataset`s.
+  """
+  tc = config.train
+  workdir = Path(config.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  # ---- Mesh, optimizer, shardings ----------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  rules = config.sharding_rules
+  batch_size, num_micro = int(tc.batch_size), int(tc.microbatches)
+  divisor = sharding.batch_divisor(mesh)
+  if batch_size % num_micro or (batch_size // num_micro) % divisor:
+    raise TrainingError(
+        f"train.batch_size={batch_size} must split into train.microbatches={num_micro} "
+        f"microbatches whose size is a multiple of the data*fsdp mesh size {divisor}")
+  if batch_size % jax.process_count():
+    raise TrainingError(f"train.batch_size={batch_size} is not divisible by the "
+                        f"{jax.process_count()} processes")
+  tx = state_lib.make_optimizer(tc)
+  schedule = state_lib.learning_rate_schedule(tc)
+  state_sh = state_lib.state_shardings(model_cfg, tx, mesh, rules)
+  batch_sh = sharding.batch_sharding(mesh)
+
+  # ---- State: resume or start ----------------------------------------------------------------
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=config.checkpoint.every,
+                                 keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+  abstract = jax.eval_shape(lambda: state_lib.create_state(models.param_shapes(model_cfg), tx))
+  abstract = checkpoint.abstract_like(abstract, state_sh)
+  if ckpt.latest_step() is not None:
+    state, data_state, start = ckpt.restore(abstract)
+    log.info("resumed from %s at step %d", ckpt.directory, start)
+    if data_state.get("fingerprint") not in (None, train_ds.stats.get("cache_key")):
+      raise TrainingError(f"{ckpt.directory}: the checkpoint was trained on a different corpus "
+                          f"or tokenisation; use a new workdir or the original data")
+  else:
+    params = init_params(mesh, rules)
+    state = jax.jit(lambda p: state_lib.create_state(p, tx), out_shardings=state_sh)(params)
+    start = 0
+  start = int(jax.device_get(state.step))
+
+  train_fn = step_lib.jit_train_step(model_cfg, tx, state_sh, batch_sh, num_micro, schedule, mesh)
+  eval_fn = step_lib.jit_eval_step(model_cfg, state_sh.params, batch_sh)
+  writer = metrics.MetricWriter(workdir / "tensorboard")
+  flops_per_token = model_cfg.flops_per_token(int(config.data.seq_len))
+  peak = metrics.peak_tflops_per_device(tc.peak_tflops)
+  fingerprint = train_ds.stats.get("cache_key")
+
+  def data_state(step: int) -> dict:
+    return {"step": step, "fingerprint": fingerprint}
+
+  # ---- Loop ----------------------------------------------------------------------------------
+  ckpt.install_sigterm_handler()
+  train_losses, val_losses = [], []
+  batches = train_ds.batches(batch_size, start_step=start)
+  pending = None  # metrics of the previous step, read after the next step is dispatched
+  window_tokens, window_start = 0, time.perf_counter()
+  preempted = False
+  bar = tqdm(total=int(tc.steps), initial=start, desc=f"train {config.job}",
+             disable=jax.process_index() != 0, dynamic_ncols=True)
+
+  def finish_step(step: int, m: dict) -> None:
+    nonlocal window_tokens, window_start
+    m = jax.device_get(m)
+    if int(m["nonfinite"]):
+      raise TrainingError(
+          f"non-finite loss/gradient at step {step} (loss={float(m['loss'])}); the update was "
+          f"skipped and training stopped. Last good checkpoint: step {ckpt.latest_step()} in "
+          f"{ckpt.directory}. Lower train.learning_rate or check the data.")
+    train_losses.append((step, float(m["loss"])))
+    bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+    if step % int(tc.log_every) == 0 or step == int(tc.steps):
+      elapsed = max(time.perf_counter() - window_start, 1e-9)
+      tok_s = window_tokens / elapsed
+      writer.write(step, {
+          "loss": m["loss"], "learning_rate": m["learning_rate"], "grad_norm": m["grad_norm"],
+          "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / jax.device_count(),
+          "tflops_per_device": tok_s * flops_per_token / jax.device_count() / 1e12,
+          "mfu": metrics.mfu(tok_s, flops_per_token, jax.device_count(), peak),
+      }, prefix="train/")
+      window_tokens, window_start = 0, time.perf_counter()
+
+  step = start
+  try:
+    while step < int(tc.steps):
+      local = next(batches)
+      window_tokens += int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
+      state, m = train_fn(state, _global_batch(local, batch_sh))
+      if pending is not None:
+        finish_step(*pending)
+      step += 1
+      pending = (step, m)
+      bar.update(1)
+
+      if val_ds is not None and tc.eval_every and step % int(tc.eval_every) == 0:
+        finish_step(*pending)
+        pending = None
+        vl = held_out_loss(eval_fn, state.params, val_ds, batch_size, int(tc.eval_batches),
+                           batch_sh)
+        val_losses.append((step, vl))
+        scalars = {"loss": vl}
+        for hook in eval_hooks:
+          scalars.update(hook(step, state.params))
+        writer.write(step, scalars, prefix="eval/")
+      if step % ckpt.every == 0 or ckpt.preempted(step):
+        if pending is not None:
+          finish_step(*pending)  # never checkpoint a state we have not checked for NaN
+          pending = None
+        ckpt.save(step, state, data_state(step), force=True)
+        if ckpt.preempted(step):
+          log.warning("preemption signal: saved step %d, exiting", step)
+          preempted = True
+          break
+    if pending is not None:
+      finish_step(*pending)
+    if val_ds is not None and not preempted and (not val_losses or val_losses[-1][0] != step):
+      vl = held_out_loss(eval_fn, state.params, val_ds, batch_size, int(tc.eval_batches), batch_sh)
+      val_losses.append((step, vl))
+      writer.write(step, {"loss": vl}, prefix="eval/")
+    ckpt.save(step, state, data_state(step), force=True)
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
+
+  if config.export_hf and not preempted:
+    out = models.save_hf(model_cfg, state.params, workdir / "hf", tokenizer=tokenizer)
+    log.info("exported HF checkpoint to %s", out)
+  return Result(step, state.params, train_losses, val_losses, preempted)

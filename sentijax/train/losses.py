@@ -1,0 +1,57 @@
+"""Token-level losses: next-token cross-entropy and logit distillation divergences.
+
+All functions return per-token values [B, L] in float32; callers weight and normalise them, so the
+loss is a mean over completion tokens across microbatches and devices.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def cross_entropy(logits_BxLxV: Array, targets_BxL: Array) -> Array:
+  """-log p(target) per token, computed in float32."""
+  logits = logits_BxLxV.astype(jnp.float32)
+  log_z_BxL = jax.nn.logsumexp(logits, axis=-1)
+  target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+  return log_z_BxL - target_logit_BxL
+
+
+def _log_probs(logits_BxLxV: Array, temperature: float, top_k: int) -> Array:
+  logits = logits_BxLxV.astype(jnp.float32) / temperature
+  if top_k:
+    kth_BxLx1 = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits >= kth_BxLx1, logits, -1e30)
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+def kl_divergence(student_logits_BxLxV: Array, teacher_logits_BxLxV: Array, *,
+                  kind: str = "forward", temperature: float = 1.0, top_k: int = 0) -> Array:
+  """Per-token divergence between teacher and student next-token distributions.
+
+  kind: "forward" KL(teacher || student), "reverse" KL(student || teacher), or "jsd"
+  (Jensen-Shannon with equal weights). `top_k` keeps the teacher's k most likely tokens
+  (renormalised) and masks the student the same way; both are tempered by `temperature` and the
+  result is scaled by temperature**2 as in Hinton et al.
+  """
+  log_p_t = _log_probs(teacher_logits_BxLxV, temperature, top_k)
+  if top_k:
+    kth = jax.lax.top_k(teacher_logits_BxLxV.astype(jnp.float32), top_k)[0][..., -1:]
+    keep = teacher_logits_BxLxV.astype(jnp.float32) >= kth
+    s = jnp.where(keep, student_logits_BxLxV.astype(jnp.float32) / temperature, -1e30)
+    log_p_s = jax.nn.log_softmax(s, axis=-1)
+  else:
+    log_p_s = _log_probs(student_logits_BxLxV, temperature, 0)
+  p_t, p_s = jnp.exp(log_p_t), jnp.exp(log_p_s)
+  if kind == "forward":
+    kl = jnp.sum(p_t * (log_p_t - log_p_s), axis=-1)
+  elif kind == "reverse":
+    kl = jnp.sum(p_s * (log_p_s - log_p_t), axis=-1)
+  elif kind == "jsd":
+    log_m = jnp.log(0.5 * (p_t + p_s) + 1e-30)
+    kl = 0.5 * jnp.sum(p_t * (log_p_t - log_m), -1) + 0.5 * jnp.sum(p_s * (log_p_s - log_m), -1)
+  else:
+    raise ValueError(f"unknown divergence {kind!r}: use forward | reverse | jsd")
+  return kl * temperature**2
