@@ -49,6 +49,13 @@ def base() -> ml_collections.ConfigDict:
   c.data.val_corpus = ""  # "" = hold out val_fraction of the corpus
   c.data.val_fraction = 0.05
   c.data.skip_bad_records = False
+  # Column names for HF `datasets` JSON/Parquet corpora (format="hf"); with no prompt column
+  # the prompt is rebuilt from `text_column` with a KnowDist perspective chosen by prompt_seed.
+  c.data.id_column = "id"
+  c.data.prompt_column = "prompt"
+  c.data.response_column = "response"
+  c.data.text_column = ""
+  c.data.prompt_seed = 0
   c.data.chat_template = False
   c.data.seq_len = 512
   c.data.truncation = "left_prompt"  # left_prompt | drop

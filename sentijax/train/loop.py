@@ -143,6 +143,10 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
 
   step = start
   try:
+    if val_ds is not None and tc.eval_every and start == 0:  # the baseline the curve falls from
+      val_losses.append((0, held_out_loss(eval_fn, state.params, val_ds, batch_size,
+                                          int(tc.eval_batches), batch_sh)))
+      writer.write(0, {"loss": val_losses[-1][1]}, prefix="eval/")
     while step < int(tc.steps):
       local = next(batches)
       window_tokens += int(np.count_nonzero(local["segment_ids"])) * jax.process_count()

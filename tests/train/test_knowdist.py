@@ -1,0 +1,139 @@
+"""KnowDist end to end: learning on the real teacher sample, NaN stop, kill/resume, main job."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from sentijax import config as config_lib
+from sentijax.train import knowdist, loop
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(workdir, **overrides):
+  c = config_lib.base()
+  c.workdir = str(workdir)
+  c.model.dtype = "float32"
+  c.data.seq_len = 256
+  c.train.update(dict(steps=60, batch_size=8, learning_rate=3e-3, warmup_steps=5, log_every=20,
+                      eval_every=30, eval_batches=2))
+  c.checkpoint.every = 30
+  for k, v in overrides.items():
+    section, key = k.split(".")
+    c[section][key] = v
+  return c
+
+
+def test_tiny_student_learns_the_real_teacher_sample(shared_dir, tmp_path):
+  corpus = shared_dir / "teacher_corpus" / "mixtral_reviews_500.jsonl"
+  result = knowdist.run(_config(tmp_path, **{"data.corpus": str(corpus)}))
+  first, last = result.train_losses[0][1], result.train_losses[-1][1]
+  assert result.step == 60
+  assert last < first - 1.2, (first, last)  # ~6.9 -> ~5.3 in 60 steps
+  (_, val_first), (_, val_last) = result.val_losses[0], result.val_losses[-1]
+  assert [s for s, _ in result.val_losses] == [0, 30, 60]
+  assert val_last < val_first - 1.0, result.val_losses
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+
+
+class _PoisonedData:
+  """Wraps a dataset; the batch of global step `bad_step` gets a NaN loss weight."""
+
+  def __init__(self, ds, bad_step):
+    self.ds, self.bad_step, self.stats = ds, bad_step, ds.stats
+
+  def batches(self, batch_size, start_step=0):
+    for i, batch in enumerate(self.ds.batches(batch_size, start_step=start_step), start_step):
+      if i == self.bad_step:
+        batch = dict(batch, weights=batch["weights"].copy())
+        batch["weights"][0, 0] = np.nan
+      yield batch
+
+  def batch_at(self, *a, **kw):
+    return self.ds.batch_at(*a, **kw)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  real_train = loop.train
+
+  def poisoned(config, model_cfg, init_params, train_ds, val_ds=None, **kw):
+    return real_train(config, model_cfg, init_params, _PoisonedData(train_ds, 7), val_ds, **kw)
+
+  monkeypatch.setattr(loop, "train", poisoned)
+  cfg = _config(tmp_path, **{"train.steps": 20, "checkpoint.every": 5, "train.eval_every": 0})
+  with pytest.raises(loop.TrainingError, match=r"non-finite loss.*step 8.*Last good checkpoint: "
+                                               r"step 5"):
+    knowdist.run(cfg)
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) \
+      == [5]
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's main command in a subprocess: SIGKILL mid-run, SIGTERM (preemption), resume.
+
+STEPS = 40
+
+
+def _main(workdir, **popen_kw):
+  cmd = [sys.executable, "-m", "sentijax.main", "--config=configs/knowdist.py",
+         f"--config.workdir={workdir}", f"--config.train.steps={STEPS}",
+         "--config.checkpoint.every=5", "--config.train.eval_every=20"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **popen_kw)
+
+
+def _steps(workdir):
+  d = Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def _interrupt(workdir, sig, min_step):
+  proc = _main(workdir)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if _steps(workdir) and _steps(workdir)[-1] >= min_step:
+      proc.send_signal(sig)
+      break
+    time.sleep(0.02)
+  out, _ = proc.communicate(timeout=300)
+  return proc.returncode, out
+
+
+def _final_params(workdir):
+  return safetensors.numpy.load_file(str(Path(workdir) / "hf" / "model.safetensors"))
+
+
+def test_main_killed_and_preempted_resumes_to_identical_params(tmp_path):
+  ref = _main(tmp_path / "ref")
+  out, _ = ref.communicate(timeout=600)
+  assert ref.returncode == 0, out[-3000:]
+  assert "KnowDist done at step 40" in out
+  assert (tmp_path / "ref" / "hf" / "config.json").is_file()
+
+  work = tmp_path / "interrupted"
+  code, out = _interrupt(work, signal.SIGKILL, min_step=10)
+  assert code == -signal.SIGKILL, out[-3000:]  # really killed mid-run, not finished
+  killed_at = _steps(work)[-1]
+  assert 10 <= killed_at < STEPS
+  code, out = _interrupt(work, signal.SIGTERM, min_step=killed_at + 5)
+  assert code == 0, out[-3000:]
+  assert f"resumed from {work / 'checkpoints'} at step {killed_at}" in out
+  assert "preemption signal: saved step" in out
+  assert _steps(work)[-1] < STEPS
+  final = _main(work)
+  out, _ = final.communicate(timeout=600)
+  assert final.returncode == 0, out[-3000:]
+  assert "KnowDist done at step 40" in out
+
+  want, got = _final_params(tmp_path / "ref"), _final_params(work)
+  assert want.keys() == got.keys()
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
