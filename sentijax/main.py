@@ -10,7 +10,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file.", lo
 
 JOBS = {
     "knowdist": "sentijax.train.knowdist",
-    "icldist": "sentijax.train.icldist",
     "sentibench": "sentijax.eval.job",
 }
 

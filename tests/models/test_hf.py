@@ -91,10 +91,10 @@ def test_sharded_export_with_index_and_bf16(llama_dir, tmp_path):
     assert len(list(f.keys())) >= 1
 
 
-def test_tokenizer_saved_and_vocab_checked(llama_dir, tmp_path):
+def test_tokenizer_saved_and_vocab_checked(tmp_path):
   from sentijax.data import tokenizer as tok_lib
-  path, _ = llama_dir
-  cfg, params = models.load_hf(path)
+  hf_fixtures.make_llama(tmp_path / "model", vocab_size=300)
+  cfg, params = models.load_hf(tmp_path / "model")
   texts = ["the food was great", "terrible service, never again", "okay I guess"] * 20
   tok = tok_lib.train_tokenizer(texts, vocab_size=cfg.vocab_size, out_dir=tmp_path / "tok")
   out = models.save_hf(cfg, params, tmp_path / "with_tok", tokenizer=tok)

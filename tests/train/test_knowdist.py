@@ -137,3 +137,27 @@ def test_main_killed_and_preempted_resumes_to_identical_params(tmp_path):
   assert want.keys() == got.keys()
   for name in want:
     np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
+
+
+def test_student_initialised_from_hf_dir_and_exported(tmp_path):
+  """model.init = an HF directory (weights + tokenizer): training starts from those weights."""
+  import hf_fixtures
+  from sentijax import models
+  from sentijax.data import corpus, tokenizer
+  model_dir = tmp_path / "student"
+  hf_fixtures.make_llama(model_dir, vocab_size=512)
+  texts = [t for r in corpus.read_corpus(corpus.demo_corpus_path())[0] for t in (r.prompt,
+                                                                               r.response)]
+  tokenizer.train_tokenizer(texts, 512, model_dir)
+  cfg = _config(tmp_path / "run", **{"model.init": str(model_dir), "train.steps": 4,
+                                     "train.eval_every": 0, "checkpoint.every": 4,
+                                     "train.learning_rate": 1e-3})
+  cfg.export_hf = True
+  result = knowdist.run(cfg)
+  assert result.step == 4
+  _, start = models.load_hf(model_dir)
+  _, trained = models.load_hf(tmp_path / "run" / "hf")
+  q0, q1 = start["layers"]["attn"]["q_kernel"], trained["layers"]["attn"]["q_kernel"]
+  diff = float(np.abs(np.asarray(q0) - np.asarray(q1)).max())
+  assert 0 < diff < 0.05  # moved by a few small steps from the imported weights, not re-initialised
+  assert (tmp_path / "run" / "hf" / "tokenizer.json").is_file()
