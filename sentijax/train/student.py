@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+import jax
 
 from sentijax import models
 from sentijax.data import tokenizer as tokenizer_lib
@@ -35,7 +39,14 @@ def tokenizer(config, model_cfg: models.ModelConfig, texts: Callable[[], Iterabl
     else:
       log.info("no model.tokenizer: training a %d-token BPE tokenizer on the corpus into %s",
                model_cfg.vocab_size, out)
-      tok = tokenizer_lib.train_tokenizer(texts(), model_cfg.vocab_size, out)
+      # Every host trains the same tokenizer (deterministic) in a private dir; the first rename
+      # wins, so no host ever reads a half-written tokenizer.
+      tmp = out.with_name(f"{out.name}.tmp-{jax.process_index()}-{os.getpid()}")
+      tok = tokenizer_lib.train_tokenizer(texts(), model_cfg.vocab_size, tmp)
+      try:
+        os.rename(tmp, out)
+      except OSError:  # another host got there first: same content
+        shutil.rmtree(tmp, ignore_errors=True)
   models.check_tokenizer(model_cfg, tok, where=str(source or "trained tokenizer"))
   return tok
 
