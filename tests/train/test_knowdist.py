@@ -161,3 +161,22 @@ def test_student_initialised_from_hf_dir_and_exported(tmp_path):
   diff = float(np.abs(np.asarray(q0) - np.asarray(q1)).max())
   assert 0 < diff < 0.05  # moved by a few small steps from the imported weights, not re-initialised
   assert (tmp_path / "run" / "hf" / "tokenizer.json").is_file()
+
+
+def test_sentibench_scored_during_training(sentibench_dir, tmp_path):
+  cfg = _config(tmp_path, **{"train.steps": 4, "train.eval_every": 2, "checkpoint.every": 4})
+  cfg.eval.data_dir = str(sentibench_dir)
+  cfg.eval.during_training = "sc/sst2,absa/atsa_rest16"
+  cfg.eval.seeds = "42"
+  cfg.eval.max_examples = 4
+  cfg.eval.max_new_tokens = 8
+  knowdist.run(cfg)
+  import json
+  for step in (2, 4):
+    res = json.loads((tmp_path / "sentibench" / f"step_{step}.json").read_text())
+    assert set(res["datasets"]) == {"sc/sst2", "absa/atsa_rest16"}
+    assert 0.0 <= res["average"] <= 100.0
+  events = b"".join(p.read_bytes() for p in (tmp_path / "tensorboard").glob("events.*"))
+  for tag in (b"eval/sentibench/average", b"eval/sentibench/sc/sst2", b"eval/loss",
+              b"train/loss", b"train/mfu"):
+    assert tag in events, tag

@@ -1,0 +1,34 @@
+"""SentiBench as a training-loop hook: score a subset every `train.eval_every` steps."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+from sentijax import models, sharding
+from sentijax.eval import scorer
+
+
+def sentibench_hook(config, model_cfg: models.ModelConfig, tokenizer
+                    ) -> Callable[[int, Any], dict]:
+  """(step, params) -> {"sentibench/<dataset>": score, "sentibench/average": ...}.
+
+  Datasets from `eval.during_training` (comma list), seeds/max_examples/batch size from `eval.*`;
+  each result is also written to <workdir>/sentibench/step_<N>.json.
+  """
+  ec = config.eval
+  mesh = sharding.make_mesh(config.mesh)
+  out_dir = Path(config.workdir) / "sentibench"
+
+  def hook(step: int, params: Any) -> dict:
+    results = scorer.score(model_cfg, params, tokenizer, ec.data_dir, ec.templates or None,
+                           ec.during_training, ec.seeds, ec.max_examples, ec.batch_size, mesh,
+                           progress=False, max_new_tokens=ec.max_new_tokens)
+    if jax.process_index() == 0:
+      scorer.write_json(out_dir / f"step_{step}.json", results)
+    scalars = {f"sentibench/{name}": d["mean"] for name, d in results["datasets"].items()}
+    scalars["sentibench/average"] = results["average"]
+    return scalars
+
+  return hook
