@@ -10,8 +10,12 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                "original_max_position_embeddings": 64}
 
 
-def make_llama(path: pathlib.Path, seed: int = 0, vocab_size: int = 256):
-  """LlamaForCausalLM with llama3 rope scaling and tied embeddings."""
+def make_llama(path: pathlib.Path, seed: int = 0, vocab_size: int = 256, weight_std: float = 0.05):
+  """LlamaForCausalLM with llama3 rope scaling and tied embeddings.
+
+  weight_std=0.3 makes predictions vary between prompts (greedy outputs that are not constant),
+  which scoring and decoding parity tests need to be meaningful.
+  """
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
   torch.manual_seed(seed)
@@ -21,7 +25,7 @@ def make_llama(path: pathlib.Path, seed: int = 0, vocab_size: int = 256):
                     tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1,
                     eos_token_id=2)
   model = LlamaForCausalLM(cfg).eval()
-  _randomize(model, seed)
+  _randomize(model, seed, weight_std)
   model.save_pretrained(path)
   return model
 
@@ -43,16 +47,21 @@ def make_qwen2(path: pathlib.Path, seed: int = 0, vocab_size: int = 256):
   return model
 
 
-def _randomize(model, seed: int):
-  """Every weight (norm scales and biases too) random, so no mapping error can hide."""
+def _randomize(model, seed: int, std: float = 0.05):
+  """Every weight (norm scales and biases too) random, so no mapping error can hide.
+
+  The embedding keeps std 0.05; other matrices get `std`.
+  """
   import torch
   gen = torch.Generator().manual_seed(seed + 1)
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "norm" in name:
         p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-      else:
+      elif "embed" in name:
         p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+      else:
+        p.copy_(std * torch.randn(p.shape, generator=gen))
 
 
 def torch_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -76,3 +85,19 @@ def padded_batch(rng: np.random.Generator, vocab_size: int, lengths: list[int], 
     sl = slice(width - n, width) if side == "left" else slice(0, n)
     ids[i, sl], mask[i, sl] = toks, 1
   return ids, mask
+
+
+def make_sentibench_tokenizer(sentibench_dir: pathlib.Path, out_dir: pathlib.Path):
+  """Byte-level BPE (vocab 512, adds BOS) on SentiBench train text; verbalizers are words."""
+  import json
+  from sentijax.data import tokenizer as tok_lib
+  protocol = json.loads((sentibench_dir / "protocol.json").read_text(encoding="utf-8-sig"))
+  texts = []
+  for name in ("sc/sst2", "multifaced/tweeteval", "absa/asqp_rest16"):
+    rows = json.loads((sentibench_dir / name / "train.json").read_text(encoding="utf-8-sig"))
+    texts += [r["sentence"] for r in rows[:1000]]
+  texts += list(protocol["instructions"].values()) * 20
+  verbs = [v for vs in protocol["classification"]["verbalizers"].values() for v in vs]
+  texts += [" ".join(verbs)] * 200 + ["Sentence: x\nLabel: y\n"] * 200
+  tok_lib.train_tokenizer(texts, 512, out_dir)
+  return tok_lib.load_tokenizer(out_dir)

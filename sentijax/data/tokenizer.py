@@ -56,7 +56,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
   chat header tokens; `CHAT_TEMPLATE` is attached. Returns the `PreTrainedTokenizerFast`.
   """
   # pylint: disable=import-outside-toplevel
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
   from transformers import PreTrainedTokenizerFast
   # pylint: enable=import-outside-toplevel
   alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -73,6 +73,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                 initial_alphabet=alphabet, show_progress=False)
   backend.train_from_iterator(texts, trainer=trainer, length=len(texts))
+  # Like Llama's tokenizer: plain `tokenizer(text)` starts with BOS (add_special_tokens=False
+  # leaves it out, as the packing pipeline does).
+  bos_id = backend.token_to_id(BOS_TOKEN)
+  backend.post_processor = processors.TemplateProcessing(
+      single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, bos_id)])
   tokenizer = PreTrainedTokenizerFast(
       tokenizer_object=backend, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
       additional_special_tokens=[START_HEADER_TOKEN, END_HEADER_TOKEN])

@@ -1,0 +1,39 @@
+r"""SentiBench evaluation of a local HF checkpoint (12 datasets x 3 seeds, scores x100).
+
+Command (from the repo root):
+
+  python -m sentijax.main --config=configs/sentibench.py \
+      --config.model.init=DIR --config.eval.data_dir=../shared/sentibench --config.workdir=OUT
+
+Useful overrides:
+  --config.eval.templates=../shared/sentibench/protocol.json   official instruction strings
+  --config.eval.datasets=sc/sst2,absa/opener  --config.eval.seeds=42  --config.eval.max_examples=100
+  --config.model.dtype=float32   (CPU)      --config.eval.batch_size=32   (rows of <=512 tokens)
+
+Work per seed: 11,974 prompts (9,579 classification: one forward each, no decoding; 2,395
+extraction: greedy decoding up to 150 tokens), ~5M prompt tokens (IMDb prompts average ~1.7k
+and reach ~4.5k tokens: batches shrink with length). Expected runtime: not yet measured on an
+accelerator; on this 2-core CPU the tiny test model scores 2 datasets x 8 items in ~20 s
+(mostly compilation). Each distinct bucketed (batch, length) shape compiles once.
+
+Output in OUT: results.json {"datasets": {"sc/sst2": {"seeds": {"42": ..}, "mean": ..}, ..},
+"average": ..}, predictions/<dataset>_<seed>.jsonl (index, gold, prediction, scores),
+results.md (table by category) and results.png (bar chart); the table is also printed.
+"""
+import ml_collections
+
+import sentijax.config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = sentijax.config.base()
+  c.job = "sentibench"
+  c.workdir = "runs/sentibench"
+  c.model.init = ""  # required: local HF directory (config.json + safetensors + tokenizer)
+  c.model.dtype = "bfloat16"  # params and activations for inference; float32 on CPU
+  c.eval.datasets = "all"
+  c.eval.seeds = "42,52,62"
+  c.eval.max_examples = 0
+  c.eval.batch_size = 16
+  c.eval.max_new_tokens = 150
+  return c

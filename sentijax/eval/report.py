@@ -1,0 +1,121 @@
+"""SentiBench results -> markdown table (by category, per seed, mean, Average) and a bar chart.
+
+    md = report.markdown_table(results)           # results: scorer.score(...) / results.json
+    report.plot(results, "runs/x/results.png")
+    report.write_report(results, "runs/x")        # results.md + results.png, returns both paths
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+from sentijax.data import sentibench
+
+CATEGORY_ORDER = ("basic", "multifaceted", "fine-grained")
+_COLORS = {"basic": "#4C72B0", "multifaceted": "#55A868", "fine-grained": "#C44E52",
+           "other": "#8172B2"}
+
+
+def load_results(path: str | os.PathLike) -> dict:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _grouped(results: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
+  """[(category, [datasets in protocol order])] for the categories present."""
+  names = list(results["datasets"])
+  order = {n: i for i, n in enumerate(sentibench.DATASETS)}
+  groups = []
+  for cat in CATEGORY_ORDER + ("other",):
+    members = [n for n in names if sentibench.CATEGORIES.get(n, "other") == cat]
+    if members:
+      groups.append((cat, sorted(members, key=lambda n: order.get(n, len(order)))))
+  return groups
+
+
+def _seeds(results: Mapping[str, Any]) -> list[str]:
+  seeds: dict[str, None] = {}
+  for entry in results["datasets"].values():
+    for s in entry["seeds"]:
+      seeds.setdefault(str(s), None)
+  return list(seeds)
+
+
+def _fmt(x: Any) -> str:
+  return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def markdown_table(results: Mapping[str, Any]) -> str:
+  """Markdown table: one row per dataset grouped by category, category means, Average."""
+  seeds = _seeds(results)
+  header = ["Category", "Dataset"] + [f"seed {s}" for s in seeds] + ["Mean"]
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "|".join(["---", "---"] + ["---:"] * (len(seeds) + 1)) + "|"]
+  blank = [""] * len(seeds)
+  for cat, names in _grouped(results):
+    for name in names:
+      entry = results["datasets"][name]
+      cells = [_fmt(entry["seeds"].get(s)) for s in seeds]
+      lines.append("| " + " | ".join([cat, name] + cells + [_fmt(entry["mean"])]) + " |")
+    if len(names) > 1:
+      mean = sum(results["datasets"][n]["mean"] for n in names) / len(names)
+      lines.append("| " + " | ".join(["", f"*{cat} mean*"] + blank + [f"*{_fmt(mean)}*"]) + " |")
+  n = len(results["datasets"])
+  lines.append("| " + " | ".join([f"**Average** ({n} datasets)", ""] + blank
+                                 + [f"**{_fmt(results['average'])}**"]) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(results: Mapping[str, Any], path: str | os.PathLike, title: str = "SentiBench") -> str:
+  """Bar chart of per-dataset means (seed min-max whiskers), coloured by category, with the
+  Average as a dashed line. Uses the Agg canvas directly (no pyplot, no display)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  from matplotlib.patches import Patch  # pylint: disable=import-outside-toplevel
+
+  groups = _grouped(results)
+  names = [n for _, members in groups for n in members]
+  cats = [cat for cat, members in groups for _ in members]
+  means = [results["datasets"][n]["mean"] for n in names]
+  lows, highs = [], []
+  for n, m in zip(names, means):
+    vals = list(results["datasets"][n]["seeds"].values()) or [m]
+    lows.append(m - min(vals))
+    highs.append(max(vals) - m)
+  fig = Figure(figsize=(max(5.0, 0.7 * len(names) + 2.0), 4.0), dpi=120)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  xs = list(range(len(names)))
+  ax.bar(xs, means, color=[_COLORS[c] for c in cats], yerr=[lows, highs], capsize=3)
+  for x, m in zip(xs, means):
+    ax.text(x, m + 1, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
+  ax.axhline(results["average"], color="black", linestyle="--", linewidth=1)
+  ax.set_xticks(xs)
+  ax.set_xticklabels([n.split("/")[-1] for n in names], rotation=45, ha="right", fontsize=8)
+  ax.set_ylim(0, 105)
+  ax.set_ylabel("score (x100)")
+  ax.set_title(f"{title}: Average {results['average']:.2f}")
+  handles = [Patch(color=_COLORS[c], label=c) for c, _ in groups]
+  handles.append(Patch(facecolor="none", edgecolor="black", linestyle="--", label="Average"))
+  ax.legend(handles=handles, fontsize=7, loc="upper right")
+  fig.tight_layout()
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}.png"
+  fig.savefig(tmp)
+  os.replace(tmp, path)
+  return path
+
+
+def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike) -> tuple[str, str]:
+  """Writes results.md and results.png into `out_dir` (atomically); returns their paths."""
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  md_path = os.path.join(out_dir, "results.md")
+  tmp = f"{md_path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write("# SentiBench results\n\n" + markdown_table(results))
+  os.replace(tmp, md_path)
+  return md_path, plot(results, os.path.join(out_dir, "results.png"))

@@ -1,0 +1,394 @@
+"""SentiBench scorer: jitted verbalizer scoring and KV-cache greedy extraction.
+
+Protocol (see ../shared/sentibench/PROTOCOL.md): no chat template, the tokenizer's default
+special tokens (BOS for Llama), left padding with pad = eos.
+  * Classification: ONE forward per batch with `last_only=True`; the logits at the last prompt
+    position restricted to the first token id of each verbalizer (tokenised with its leading
+    space, no special tokens) are the class scores; argmax -> label.
+  * Extraction: `sampling.greedy_decode` up to `max_new_tokens`, stopping at EOS or at a newline
+    once the answer has started; `parsers.extract_answer` + `parsers.parse_tuples`.
+
+Batches are formed longest-first from prompts sorted by token length, padded to a length bucket
+and to a row bucket that divides over the mesh's ('data', 'fsdp') axes; rows per batch shrink
+with length (a token budget of `batch_size * 512`, and attention memory of `batch_size` rows of
+512 tokens) so 5k-token IMDb prompts do not run out of memory. Results are restored to file order.
+
+    results = scorer.score(cfg, params, tokenizer, "../shared/sentibench", templates,
+                           datasets=["sc/sst2"], seeds=[42], max_examples=0, batch_size=16)
+    # {"datasets": {"sc/sst2": {"seeds": {"42": 91.3}, "mean": 91.3}}, "average": 91.3}
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from sentijax import models, sampling, sharding
+from sentijax.data import sentibench
+from sentijax.eval import metrics, parsers
+
+PyTree = Any
+log = logging.getLogger(__name__)
+TOKENS_PER_ROW = 512  # token budget per batch = batch_size * TOKENS_PER_ROW
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation and batching.
+
+
+def tokenize_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+  """Token ids with the tokenizer's default special tokens (BOS for Llama), no truncation."""
+  if not texts:
+    return []
+  return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+
+
+def verbalizer_token_ids(tokenizer, verbalizers: Sequence[str]) -> list[int]:
+  """First token id of each verbalizer string (leading space kept, no special tokens)."""
+  out = []
+  for v in verbalizers:
+    ids = tokenizer(v, add_special_tokens=False)["input_ids"]
+    if not ids:
+      raise ValueError(f"verbalizer {v!r} tokenises to nothing")
+    out.append(int(ids[0]))
+  if len(set(out)) != len(out):
+    log.warning("verbalizers %s share first tokens %s: argmax picks the first of equal "
+                    "scores (as the official harness)", list(verbalizers), out)
+  return out
+
+
+def pad_id_of(tokenizer, cfg: models.ModelConfig) -> int:
+  """pad = eos (protocol); falls back to the model's eos, then 0."""
+  if tokenizer.eos_token_id is not None:
+    return int(tokenizer.eos_token_id)
+  eos = cfg.eos_token_id
+  if isinstance(eos, (tuple, list)):
+    eos = eos[0] if eos else None
+  return int(eos) if eos is not None else 0
+
+
+def eos_ids_of(tokenizer, cfg: models.ModelConfig) -> list[int]:
+  """Every id that ends generation: the tokenizer's eos and the model config's eos ids."""
+  ids = set()
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  eos = cfg.eos_token_id
+  for i in (eos if isinstance(eos, (tuple, list)) else [eos]):
+    if i is not None:
+      ids.add(int(i))
+  return sorted(i for i in ids if 0 <= i < cfg.vocab_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class StopTokens:
+  """Vocabulary classes for answer stopping (see `sampling` soft stops)."""
+  stop_ids: list[int]  # eos ids and tokens with text before a newline: end the answer
+  soft_stop_ids: list[int]  # tokens starting with (whitespace and) a newline
+  blank_ids: list[int]  # whitespace-only tokens (do not start the answer)
+
+
+def stop_tokens(tokenizer, cfg: models.ModelConfig) -> StopTokens:
+  """Classifies the vocabulary by its decoded text for newline stopping.
+
+  SentiBench's answer is the text after `Label:` (leading whitespace skipped) up to the first
+  newline, so a newline ends the answer only once non-whitespace text was produced.
+  """
+  eos = eos_ids_of(tokenizer, cfg)
+  special = set(getattr(tokenizer, "all_special_ids", []) or [])
+  n = min(len(tokenizer), cfg.vocab_size)
+  texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
+                                 clean_up_tokenization_spaces=False)
+  stop, soft, blank = list(eos), [], []
+  for i, text in enumerate(texts):
+    if i in special:
+      if i not in eos:
+        blank.append(i)  # decoded with skip_special_tokens: contributes no text
+      continue
+    head, newline, _ = text.partition("\n")
+    if not text.strip():
+      blank.append(i)
+    if newline:
+      (soft if not head.strip() else stop).append(i)
+  return StopTokens(sorted(set(stop)), soft, blank)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  order: list[int]  # positions (in the input list) of the real rows
+  ids_BxT: np.ndarray
+  mask_BxT: np.ndarray
+
+
+def rows_for_length(length: int, batch_size: int, divisor: int = 1) -> int:
+  """Rows per batch at padded `length` tokens: <= batch_size, within the token and attention
+  budgets of `batch_size` rows of 512 tokens; divisor * a power of two (at least divisor)."""
+  budget = batch_size * TOKENS_PER_ROW
+  rows = min(batch_size, budget // length, budget * TOKENS_PER_ROW // (length * length))
+  per_shard = max(1, rows // divisor)
+  return divisor * (1 << (per_shard.bit_length() - 1))  # divisor * a power of two
+
+
+def make_batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, divisor: int = 1,
+                 extra_len: int = 0) -> Iterator[Batch]:
+  """Longest-first batches of left-padded rows; shapes bucketed (`sampling.bucket_*`).
+
+  `extra_len`: tokens each row grows by (decode cache) for the memory budget.
+  """
+  order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+  start = 0
+  while start < len(order):
+    length = sampling.bucket_length(len(seqs[order[start]]))
+    rows = rows_for_length(length + extra_len, batch_size, divisor)
+    chunk = order[start:start + rows]
+    start += len(chunk)
+    padded_rows = min(rows, sampling.bucket_batch(len(chunk), divisor))
+    ids_BxT, mask_BxT = sampling.left_pad([seqs[i] for i in chunk], length, padded_rows, pad_id)
+    yield Batch(chunk, ids_BxT, mask_BxT)
+
+
+# --------------------------------------------------------------------------------------------
+# Classification.
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _verbalizer_logits(cfg: models.ModelConfig, params: PyTree, ids_BxT: jax.Array,
+                       mask_BxT: jax.Array, verb_ids_C: jax.Array) -> jax.Array:
+  """Float32 [B, C]: last-position logits at the verbalizer first tokens."""
+  positions_BxT = models.default_positions(mask_BxT)
+  logits_Bx1xV = models.forward(cfg, params, ids_BxT, segment_ids_BxT=mask_BxT,
+                                positions_BxT=positions_BxT, last_only=True)
+  return logits_Bx1xV[:, 0, :][:, verb_ids_C].astype(jnp.float32)
+
+
+def _place(mesh: Mesh | None, *arrays: np.ndarray) -> list[jax.Array]:
+  if mesh is None:
+    return [jnp.asarray(a) for a in arrays]
+  return [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in arrays]
+
+
+def classify(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence[str],
+             verbalizers: Sequence[str], batch_size: int, mesh: Mesh | None = None,
+             progress: bool = False, desc: str = "") -> np.ndarray:
+  """Verbalizer scores [N, C] (float32, input order) for prompts `texts`."""
+  verb_ids = verbalizer_token_ids(tokenizer, verbalizers)
+  n_classes = len(verb_ids)
+  # Padded to a multiple of 8 (repeating the first id): one compile serves 2..8 classes.
+  verb_ids_C = np.asarray(verb_ids + verb_ids[:1] * (-n_classes % 8), np.int32)
+  if verb_ids_C.max() >= cfg.vocab_size:
+    raise ValueError(f"verbalizer token ids {verb_ids_C.tolist()} exceed the model's vocab_size "
+                     f"{cfg.vocab_size}: tokenizer and model do not match")
+  seqs = tokenize_prompts(tokenizer, texts)
+  divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
+  scores_NxC = np.zeros((len(seqs), n_classes), np.float32)
+  bar = _bar(len(seqs), desc, progress)
+  for batch in make_batches(seqs, batch_size, pad_id_of(tokenizer, cfg), divisor):
+    ids, mask = _place(mesh, batch.ids_BxT, batch.mask_BxT)
+    out_BxC = _verbalizer_logits(cfg, params, ids, mask, jnp.asarray(verb_ids_C))
+    scores_NxC[batch.order] = sampling.to_host(out_BxC)[:len(batch.order), :n_classes]
+    bar.update(len(batch.order))
+  bar.close()
+  return scores_NxC
+
+
+# --------------------------------------------------------------------------------------------
+# Extraction.
+
+
+def generate(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence[str],
+             max_new_tokens: int, batch_size: int, mesh: Mesh | None = None,
+             progress: bool = False, desc: str = "",
+             stops: StopTokens | None = None) -> list[str]:
+  """Greedy continuations (decoded, special tokens skipped; input order) of prompts `texts`.
+
+  `stops`: from `stop_tokens(tokenizer, cfg)` (computed here when None).
+  """
+  seqs = tokenize_prompts(tokenizer, texts)
+  divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
+  pad_id = pad_id_of(tokenizer, cfg)
+  stops = stops if stops is not None else stop_tokens(tokenizer, cfg)
+  outputs: list[str] = [""] * len(seqs)
+  bar = _bar(len(seqs), desc, progress)
+  for batch in make_batches(seqs, batch_size, pad_id, divisor, extra_len=max_new_tokens):
+    out = sampling.greedy_decode(cfg, params, batch.ids_BxT, batch.mask_BxT, max_new_tokens,
+                                 stops.stop_ids, pad_id, soft_stop_ids=stops.soft_stop_ids,
+                                 blank_ids=stops.blank_ids, mesh=mesh)
+    for row, i in enumerate(batch.order):
+      toks = out.tokens_BxN[row, :out.lengths_B[row]].tolist()
+      outputs[i] = tokenizer.decode(toks, skip_special_tokens=True)
+    bar.update(len(batch.order))
+  bar.close()
+  return outputs
+
+
+# --------------------------------------------------------------------------------------------
+# SentiBench runs.
+
+
+def _bar(total: int, desc: str, enabled: bool):
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, desc=desc, disable=not enabled or jax.process_index() != 0,
+              leave=False, dynamic_ncols=True)
+
+
+def parse_datasets(datasets: str | Sequence[str]) -> list[str]:
+  """'all' / 'sc/sst2,absa/opener' / a list -> validated dataset names (protocol order kept)."""
+  if isinstance(datasets, str):
+    names = (list(sentibench.DATASETS) if datasets.strip() == "all"
+             else [d.strip() for d in datasets.split(",") if d.strip()])
+  else:
+    names = [str(d) for d in datasets]
+  if not names:
+    raise ValueError("no SentiBench datasets selected (eval.datasets is empty)")
+  unknown = [n for n in names if n not in sentibench.CATEGORIES]
+  if unknown:
+    raise ValueError(f"unknown SentiBench dataset(s) {unknown}; known: "
+                     f"{', '.join(sentibench.DATASETS)}")
+  return list(dict.fromkeys(names))
+
+
+def parse_seeds(seeds: str | int | Sequence[int]) -> list[int]:
+  """'42,52,62' / 42 / (42, 52) -> [42, 52, 62]."""
+  if isinstance(seeds, (int, np.integer)):
+    return [int(seeds)]
+  if isinstance(seeds, str):
+    parts = [s.strip() for s in seeds.split(",") if s.strip()]
+  else:
+    parts = list(seeds)
+  try:
+    out = [int(s) for s in parts]
+  except ValueError:
+    raise ValueError(f"eval.seeds must be integers like '42,52,62', got {seeds!r}") from None
+  if not out:
+    raise ValueError("eval.seeds is empty")
+  return out
+
+
+def check_data(data_dir: str | os.PathLike, datasets: Sequence[str]) -> None:
+  """Raises FileNotFoundError naming the first missing data dir / split file."""
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"SentiBench data directory not found: {data_dir} "
+                            "(set --config.eval.data_dir=.../sentibench)")
+  for name in datasets:
+    for split in ("train", "test"):
+      path = os.path.join(os.fspath(data_dir), name, f"{split}.json")
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f"SentiBench dataset {name!r}: {path} not found")
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  return x
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+  """Atomic JSONL write (tmp file + os.replace)."""
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Atomic JSON write (tmp file + os.replace)."""
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, ensure_ascii=False)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def predictions_path(predictions_dir: str | os.PathLike, dataset: str, seed: int) -> str:
+  return os.path.join(os.fspath(predictions_dir), f"{dataset.replace('/', '_')}_{seed}.jsonl")
+
+
+def score_run(cfg: models.ModelConfig, params: PyTree, tokenizer, task: sentibench.Task,
+              templates: dict, seed: int, max_examples: int, batch_size: int,
+              mesh: Mesh | None = None, max_new_tokens: int = 150, progress: bool = True,
+              stops: StopTokens | None = None) -> tuple[float, list[dict]]:
+  """One (dataset, seed) run: (score x100, prediction rows in file order)."""
+  prompts = sentibench.build_prompts(task, templates, seed, max_examples=max_examples)
+  texts = [p.text for p in prompts]
+  desc = f"{task.name} seed {seed}"
+  rows = []
+  if task.kind == "classification":
+    labels = sentibench.label_names(templates, task.name)
+    scores_NxC = classify(cfg, params, tokenizer, texts, sentibench.verbalizers(templates,
+                                                                                task.name),
+                          batch_size, mesh, progress, desc)
+    preds = [labels[int(j)] for j in np.argmax(scores_NxC, axis=-1)]
+    golds = [p.gold for p in prompts]
+    for p, pred, s in zip(prompts, preds, scores_NxC):
+      rows.append({"index": p.index, "gold": p.gold, "prediction": pred,
+                   "scores": [float(x) for x in s]})
+    return metrics.score_dataset(task.name, golds, preds), rows
+
+  outputs = generate(cfg, params, tokenizer, texts, max_new_tokens, batch_size, mesh, progress,
+                     desc, stops)
+  examples = [task.test[p.index] for p in prompts]
+  golds = [list(p.gold) for p in prompts]
+  preds = []
+  for p, ex, out in zip(prompts, examples, outputs):
+    answer = parsers.extract_answer(out)
+    pred = parsers.parse_tuples(answer, task.name, sentence=ex.sentence)
+    preds.append(pred)
+    rows.append({"index": p.index, "gold": _jsonable(p.gold), "prediction": _jsonable(pred),
+                 "scores": [], "output": out})
+  kw = {}
+  if task.name == "absa/opener":
+    kw = dict(sentences=[ex.sentence for ex in examples],
+              gold_opinions=[ex.raw.get("opinions", []) for ex in examples])
+  return metrics.score_dataset(task.name, golds, preds, **kw), rows
+
+
+def score(model_cfg: models.ModelConfig, params: PyTree, tokenizer, data_dir: str | os.PathLike,
+          templates: dict | str | None, datasets: str | Sequence[str],
+          seeds: str | int | Sequence[int], max_examples: int = 0, batch_size: int = 16,
+          mesh: Mesh | None = None, predictions_dir: str | os.PathLike | None = None,
+          progress: bool = True, max_new_tokens: int = 150) -> dict:
+  """Scores `datasets` x `seeds` and returns the results dict (scores x100).
+
+  {"datasets": {"sc/sst2": {"seeds": {"42": 91.3}, "mean": 91.3}, ...}, "average": 91.3}
+  "average" is the plain mean over the datasets scored here. With `predictions_dir`, writes
+  `<dataset with / -> _>_<seed>.jsonl` (one {"index", "gold", "prediction", "scores"} per item).
+  """
+  if not isinstance(templates, dict):
+    templates = sentibench.load_templates(templates or None)
+  names = parse_datasets(datasets)
+  seed_list = parse_seeds(seeds)
+  check_data(data_dir, names)
+  if batch_size < 1:
+    raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
+  stops = None
+  if any(n in sentibench.EXTRACTION_DATASETS for n in names):
+    stops = stop_tokens(tokenizer, model_cfg)
+  results: dict[str, Any] = {"datasets": {}}
+  for name in names:
+    task = sentibench.load_task(data_dir, name)
+    per_seed = {}
+    for seed in seed_list:
+      value, rows = score_run(model_cfg, params, tokenizer, task, templates, seed, max_examples,
+                              batch_size, mesh, max_new_tokens, progress, stops)
+      per_seed[str(seed)] = float(value)
+      if predictions_dir is not None and jax.process_index() == 0:
+        write_jsonl(predictions_path(predictions_dir, name, seed), rows)
+      if progress and jax.process_index() == 0:
+        log.info("%s seed %d: %.2f", name, seed, value)
+    results["datasets"][name] = {"seeds": per_seed,
+                                 "mean": float(np.mean(list(per_seed.values())))}
+  results["average"] = float(np.mean([d["mean"] for d in results["datasets"].values()]))
+  return results

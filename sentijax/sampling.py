@@ -1,0 +1,229 @@
+"""KV-cache decoding shared by the SentiBench scorer and the local teacher.
+
+One jitted function per (model config, bucketed batch, bucketed prompt length, max_new_tokens):
+prefill the left-padded prompts with `models.forward_with_cache(..., last_only=True)`, then a
+`jax.lax.while_loop` feeds one token per step and exits as soon as every row has stopped. Each
+row's positions continue from its own real length, so left padding is invisible to the model
+(the same positions transformers' `generate` uses).
+
+    out = sampling.greedy_decode(cfg, params, ids_BxT, mask_BxT, max_new_tokens=150,
+                                 stop_ids=[eos_id, newline_id], pad_id=eos_id)
+    out.tokens_BxN, out.lengths_B   # numpy; tokens after a row's stop token are pad_id
+
+Stop rules: a row ends at the first token in `stop_ids` (the stop token is kept and counted in
+`lengths_B`). `soft_stop_ids` end a row only once it has produced some text, i.e. a token that is
+not in `blank_ids` (the scorer uses this for newlines: SentiBench's answer regex skips leading
+whitespace after `Label:`, so a newline before any answer text must not end the answer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sentijax import models, sharding
+
+Array = jax.Array
+PyTree = Any
+
+_NOT_STOP, _STOP, _SOFT_STOP = 0, 1, 2
+
+
+class DecodeOutput(NamedTuple):
+  """Host results of a decode: new tokens [B, N] (pad_id after each row's end) and lengths [B]."""
+  tokens_BxN: np.ndarray
+  lengths_B: np.ndarray
+
+
+# --------------------------------------------------------------------------------------------
+# Shape bucketing (one compile per bucket, not per batch).
+
+
+def bucket_length(n: int, min_multiple: int = 64) -> int:
+  """Rounds a length up to a coarse grid: multiples of 64 up to 512, then ~1/8 of its octave.
+
+  300 -> 320, 700 -> 768, 4500 -> 5120: at most ~25% padding and a handful of distinct shapes.
+  """
+  n = max(int(n), 1)
+  step = max(min_multiple, 1 << max(0, (n - 1).bit_length() - 3))
+  return -(-n // step) * step
+
+
+def bucket_batch(n: int, divisor: int = 1) -> int:
+  """Rounds a row count up to divisor * a power of two (shardable, few distinct shapes)."""
+  per_shard = -(-max(int(n), 1) // divisor)
+  return divisor * (1 << (per_shard - 1).bit_length())
+
+
+def left_pad(seqs: Sequence[Sequence[int]], length: int, rows: int,
+             pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded ids and 0/1 mask [rows, length]; filler rows hold one pad token (mask 1)."""
+  ids_BxT = np.full((rows, length), pad_id, np.int32)
+  mask_BxT = np.zeros((rows, length), np.int32)
+  for i, s in enumerate(seqs):
+    if len(s) > length:
+      raise ValueError(f"sequence {i} has {len(s)} tokens, more than the padded length {length}")
+    if len(s):
+      ids_BxT[i, length - len(s):] = s
+      mask_BxT[i, length - len(s):] = 1
+  mask_BxT[len(seqs):, -1] = 1  # filler rows: a real (pad) token keeps every softmax well-posed
+  return ids_BxT, mask_BxT
+
+
+def to_host(x: Array) -> np.ndarray:
+  """numpy copy of a (possibly sharded, possibly multi-host) array."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# --------------------------------------------------------------------------------------------
+# The jitted decode loop.
+
+
+def _select(logits_BxV: Array, key: Array | None, temperature: Array, top_p: Array) -> Array:
+  """Greedy argmax (key None) or temperature + nucleus sampling."""
+  if key is None:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
+  sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+  before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # mass strictly above each entry
+  kept_BxV = before_BxV < top_p
+  kept_BxV = kept_BxV.at[:, 0].set(True)
+  cutoff_Bx1 = jnp.min(jnp.where(kept_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+  logits_BxV = jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
+  return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sample", "cache_sharding"))
+def _decode(cfg: models.ModelConfig, params: PyTree, ids_BxT: Array, mask_BxT: Array,
+            stop_kind_V: Array, blank_V: Array, pad_id: Array, key: Array, temperature: Array,
+            top_p: Array, *, max_new_tokens: int, sample: bool,
+            cache_sharding: NamedSharding | None) -> tuple[Array, Array]:
+  b, t = ids_BxT.shape
+  cache = models.init_cache(cfg, b, t + max_new_tokens)
+  if cache_sharding is not None:
+    cache = dataclasses.replace(
+        cache, k=jax.lax.with_sharding_constraint(cache.k, cache_sharding),
+        v=jax.lax.with_sharding_constraint(cache.v, cache_sharding))
+  positions_BxT = models.default_positions(mask_BxT)
+  logits_Bx1xV, cache = models.forward_with_cache(cfg, params, ids_BxT, positions_BxT, mask_BxT,
+                                                  cache, last_only=True)
+  next_pos_B = jnp.sum(mask_BxT, axis=1).astype(jnp.int32)
+
+  def choose(logits_Bx1xV, step):
+    step_key = jax.random.fold_in(key, step) if sample else None
+    return _select(logits_Bx1xV[:, 0].astype(jnp.float32), step_key, temperature, top_p)
+
+  def write(state, tok_B, step):
+    out_BxN, done_B, seen_B, len_B = state
+    live_B = ~done_B
+    out_BxN = out_BxN.at[:, step].set(jnp.where(live_B, tok_B, pad_id))
+    kind_B = stop_kind_V[tok_B]
+    stop_B = (kind_B == _STOP) | ((kind_B == _SOFT_STOP) & seen_B)
+    return (out_BxN, done_B | stop_B, seen_B | ~blank_V[tok_B], len_B + live_B.astype(jnp.int32))
+
+  tok_B = choose(logits_Bx1xV, 0)
+  init = (jnp.full((b, max_new_tokens), pad_id, jnp.int32), jnp.zeros((b,), bool),
+          jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
+  state = write(init, tok_B, 0)
+
+  def cond(carry):
+    step, _, _, _, (_, done_B, _, _) = carry
+    return (step < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    step, tok_B, pos_B, cache, state = carry
+    seg_Bx1 = jnp.ones((b, 1), jnp.int32)
+    logits_Bx1xV, cache = models.forward_with_cache(cfg, params, tok_B[:, None], pos_B[:, None],
+                                                    seg_Bx1, cache, last_only=True)
+    tok_B = choose(logits_Bx1xV, step)
+    return step + 1, tok_B, pos_B + 1, cache, write(state, tok_B, step)
+
+  carry = (jnp.asarray(1, jnp.int32), tok_B, next_pos_B, cache, state)
+  _, _, _, _, (out_BxN, _, _, len_B) = jax.lax.while_loop(cond, body, carry)
+  return out_BxN, len_B
+
+
+def stop_table(vocab_size: int, stop_ids: Sequence[int], soft_stop_ids: Sequence[int] = (),
+               ) -> np.ndarray:
+  """int32 [V]: 0 = continue, 1 = stop, 2 = stop once the row has produced text."""
+  table_V = np.zeros((vocab_size,), np.int32)
+  for ids, kind in ((soft_stop_ids, _SOFT_STOP), (stop_ids, _STOP)):
+    ids = np.asarray([i for i in ids if i is not None], np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+      raise ValueError(f"stop ids {ids.tolist()} outside the vocabulary [0, {vocab_size})")
+    table_V[ids] = kind
+  return table_V
+
+
+def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
+           prompt_mask_BxT: np.ndarray, max_new_tokens: int, stop_ids: Sequence[int],
+           pad_id: int, *, soft_stop_ids: Sequence[int] = (), blank_ids: Sequence[int] = (),
+           rng: Array | int | None = None, temperature: float = 1.0, top_p: float = 1.0,
+           mesh: Mesh | None = None, bucket: bool = True) -> DecodeOutput:
+  """Decodes up to `max_new_tokens` per left-padded prompt row: greedy, or sampled with `rng`.
+
+  Args:
+    prompt_ids_BxT / prompt_mask_BxT: left-padded prompts and their 0/1 mask.
+    stop_ids: tokens that end a row (e.g. eos ids); kept in the output and counted in lengths.
+    pad_id: written after a row's end.
+    soft_stop_ids / blank_ids: see the module docstring.
+    rng: PRNG key (or int seed) for temperature/top-p sampling; None = greedy.
+    mesh: shard the batch over ('data', 'fsdp') of this mesh (params already placed on it).
+    bucket: pad T and B up to `bucket_length` / `bucket_batch` to share compilations.
+  Returns:
+    DecodeOutput(tokens_BxN [B, max_new_tokens] int32, lengths_B int32) as numpy.
+  """
+  ids_BxT = np.asarray(prompt_ids_BxT, np.int32)
+  mask_BxT = np.asarray(prompt_mask_BxT, np.int32)
+  if ids_BxT.ndim != 2 or ids_BxT.shape != mask_BxT.shape:
+    raise ValueError(f"prompt ids {ids_BxT.shape} and mask {mask_BxT.shape} must be equal [B, T]")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if (mask_BxT[:, 1:] < mask_BxT[:, :-1]).any():
+    raise ValueError("prompts must be left-padded (mask 0...0 1...1 per row)")
+  b, t = ids_BxT.shape
+  divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
+  rows = bucket_batch(b, divisor) if bucket else -(-b // divisor) * divisor
+  length = bucket_length(t) if bucket else t
+  if (rows, length) != (b, t):
+    seqs = [row[m.astype(bool)] for row, m in zip(ids_BxT, mask_BxT)]
+    ids_BxT, mask_BxT = left_pad(seqs, length, rows, pad_id)
+  stop_kind_V = stop_table(cfg.vocab_size, stop_ids, soft_stop_ids)
+  blank_V = np.zeros((cfg.vocab_size,), bool)
+  blank_V[np.asarray(list(blank_ids), np.int64)] = True
+
+  sample = rng is not None
+  key = jax.random.key(rng) if isinstance(rng, int) else rng
+  if key is None:
+    key = jax.random.key(0)
+  cache_sharding = None
+  ids, mask = jnp.asarray(ids_BxT), jnp.asarray(mask_BxT)
+  if mesh is not None:
+    ids = jax.device_put(ids_BxT, sharding.batch_sharding(mesh))
+    mask = jax.device_put(mask_BxT, sharding.batch_sharding(mesh))
+    cache_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+  out_BxN, len_B = _decode(cfg, params, ids, mask, jnp.asarray(stop_kind_V),
+                           jnp.asarray(blank_V), jnp.asarray(pad_id, jnp.int32), key,
+                           jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
+                           max_new_tokens=int(max_new_tokens), sample=sample,
+                           cache_sharding=cache_sharding)
+  return DecodeOutput(to_host(out_BxN)[:b], to_host(len_B)[:b])
+
+
+def greedy_decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
+                  prompt_mask_BxT: np.ndarray, max_new_tokens: int, stop_ids: Sequence[int],
+                  pad_id: int, **kw) -> DecodeOutput:
+  """Greedy KV-cache decoding (argmax each step); see `decode` for the arguments."""
+  kw.pop("rng", None)
+  return decode(cfg, params, prompt_ids_BxT, prompt_mask_BxT, max_new_tokens, stop_ids, pad_id,
+                **kw)

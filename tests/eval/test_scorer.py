@@ -1,0 +1,147 @@
+"""SentiBench classification scoring: parity with an independent transformers reference."""
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+import hf_fixtures
+from sentijax import models, sampling, sharding
+from sentijax.data import sentibench
+from sentijax.eval import scorer
+
+torch = pytest.importorskip("torch")
+
+DATASETS = ("sc/sst2", "multifaced/tweeteval")
+N_ITEMS = 200
+
+
+def reference_scores(model, tok, protocol: dict, name: str, texts: list[str]) -> np.ndarray:
+  """The protocol in plain transformers: left pad with eos, last-position verbalizer logits."""
+  verb_ids = [tok(v, add_special_tokens=False).input_ids[0]
+              for v in protocol["classification"]["verbalizers"][name]]
+  out = []
+  for start in range(0, len(texts), 50):
+    enc = [tok(t).input_ids for t in texts[start:start + 50]]
+    width = max(map(len, enc))
+    ids = torch.full((len(enc), width), tok.eos_token_id, dtype=torch.long)
+    mask = torch.zeros((len(enc), width), dtype=torch.long)
+    for i, e in enumerate(enc):
+      ids[i, width - len(e):] = torch.tensor(e)
+      mask[i, width - len(e):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+      logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    out.append(logits[:, -1, verb_ids].float().numpy())
+  return np.concatenate(out)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, sentibench_dir):
+  root = tmp_path_factory.mktemp("scorer")
+  tok = hf_fixtures.make_sentibench_tokenizer(sentibench_dir, root)
+  model = hf_fixtures.make_llama(root, vocab_size=512, weight_std=0.3)
+  cfg, params = models.load_hf(root, dtype="float32")
+  protocol_path = sentibench_dir / "protocol.json"
+  protocol = json.loads(protocol_path.read_text(encoding="utf-8-sig"))
+  for name in DATASETS:
+    ids = scorer.verbalizer_token_ids(tok, protocol["classification"]["verbalizers"][name])
+    assert len(set(ids)) == len(ids), f"{name}: verbalizer first tokens collide: {ids}"
+  pred_dir = root / "predictions"
+  results = scorer.score(cfg, params, tok, sentibench_dir, str(protocol_path), list(DATASETS),
+                         "42", max_examples=N_ITEMS, batch_size=16, predictions_dir=pred_dir,
+                         progress=False)
+  return dict(root=root, tok=tok, model=model, cfg=cfg, params=params, protocol=protocol,
+              protocol_path=protocol_path, results=results, pred_dir=pred_dir)
+
+
+def _rows(pred_dir: pathlib.Path, name: str, seed: int) -> list[dict]:
+  path = pred_dir / f"{name.replace('/', '_')}_{seed}.jsonl"
+  return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_classification_matches_transformers(setup, sentibench_dir, name):
+  s = setup
+  task = sentibench.load_task(sentibench_dir, name)
+  templates = sentibench.load_templates(s["protocol_path"])
+  prompts = sentibench.build_prompts(task, templates, 42, max_examples=N_ITEMS)
+  ref_NxC = reference_scores(s["model"], s["tok"], s["protocol"], name, [p.text for p in prompts])
+  rows = _rows(s["pred_dir"], name, 42)
+  assert [r["index"] for r in rows] == list(range(N_ITEMS))
+  ours_NxC = np.asarray([r["scores"] for r in rows])
+  np.testing.assert_allclose(ours_NxC, ref_NxC, atol=1e-3, rtol=0)
+  labels = [v.strip() for v in s["protocol"]["classification"]["verbalizers"][name]]
+  assert [r["prediction"] for r in rows] == [labels[j] for j in ref_NxC.argmax(-1)]
+  assert len({r["prediction"] for r in rows}) > 1  # the random model is not constant
+  golds = [t.gold for t in task.test[:N_ITEMS]]
+  assert [r["gold"] for r in rows] == golds
+  from sklearn.metrics import f1_score
+  want = 100 * f1_score(golds, [r["prediction"] for r in rows], average="macro")
+  assert s["results"]["datasets"][name]["seeds"]["42"] == pytest.approx(want, abs=1e-9)
+
+
+def test_results_schema(setup):
+  r = setup["results"]
+  assert set(r) == {"datasets", "average"}
+  assert list(r["datasets"]) == list(DATASETS)
+  for name, entry in r["datasets"].items():
+    assert set(entry) == {"seeds", "mean"} and list(entry["seeds"]) == ["42"]
+    assert entry["mean"] == entry["seeds"]["42"] and 0 <= entry["mean"] <= 100
+  assert r["average"] == pytest.approx(np.mean([e["mean"] for e in r["datasets"].values()]))
+  json.dumps(r)
+  for name in DATASETS:
+    for row in _rows(setup["pred_dir"], name, 42):
+      assert set(row) == {"index", "gold", "prediction", "scores"}
+
+
+def test_sharded_scoring_matches_single_device(setup, sentibench_dir):
+  s = setup
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  from sentijax import config as config_lib
+  cfg, params = models.load_hf(s["root"], dtype="float32", mesh=mesh,
+                               rules=config_lib.base().sharding_rules)
+  n = 40
+  pred_dir = s["root"] / "sharded"
+  results = scorer.score(cfg, params, s["tok"], sentibench_dir, s["protocol_path"],
+                         "sc/sst2,multifaced/tweeteval", 42, max_examples=n, batch_size=16,
+                         mesh=mesh, predictions_dir=pred_dir, progress=False)
+  assert list(results["datasets"]) == list(DATASETS)
+  for name in DATASETS:
+    sharded, single = _rows(pred_dir, name, 42), _rows(s["pred_dir"], name, 42)[:n]
+    assert [r["prediction"] for r in sharded] == [r["prediction"] for r in single]
+    np.testing.assert_allclose([r["scores"] for r in sharded], [r["scores"] for r in single],
+                               atol=1e-4, rtol=0)
+
+
+def test_batches_adapt_to_length():
+  assert scorer.rows_for_length(448, 16) == 16
+  assert scorer.rows_for_length(5120, 16) == 1  # IMDb-length prompts: one row per batch
+  assert scorer.rows_for_length(5120, 16, divisor=4) == 4
+  assert scorer.rows_for_length(1024, 16, divisor=4) == 4
+  lengths = [5000, 30, 700, 12, 300, 310, 4100]
+  seqs = [[7] * n for n in lengths]
+  batches = list(scorer.make_batches(seqs, 4, pad_id=0, divisor=2))
+  assert sorted(i for b in batches for i in b.order) == list(range(len(seqs)))
+  for b in batches:
+    rows, width = b.ids_BxT.shape
+    assert rows % 2 == 0 and width == sampling.bucket_length(width)
+    assert rows * width <= max(2 * width, 4 * 512)
+    for row, i in enumerate(b.order):
+      assert b.mask_BxT[row].sum() == lengths[i] and b.mask_BxT[row, -1] == 1
+
+
+def test_parse_config_values(sentibench_dir, tmp_path):
+  assert scorer.parse_seeds("42, 52,62") == [42, 52, 62]
+  assert scorer.parse_seeds(7) == [7] and scorer.parse_seeds((1, 2)) == [1, 2]
+  assert scorer.parse_datasets("all") == list(sentibench.DATASETS)
+  assert scorer.parse_datasets("sc/sst2, absa/opener") == ["sc/sst2", "absa/opener"]
+  with pytest.raises(ValueError, match="unknown SentiBench dataset"):
+    scorer.parse_datasets("sc/nope")
+  with pytest.raises(ValueError, match="seeds"):
+    scorer.parse_seeds("a,b")
+  with pytest.raises(FileNotFoundError, match="data directory"):
+    scorer.check_data(tmp_path / "missing", ["sc/sst2"])
+  with pytest.raises(FileNotFoundError, match="sc/sst2"):
+    scorer.check_data(tmp_path, ["sc/sst2"])
+  scorer.check_data(sentibench_dir, list(sentibench.DATASETS))

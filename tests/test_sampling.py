@@ -1,0 +1,142 @@
+"""KV-cache decoding: greedy parity with transformers `generate`, stop rules, sampling, sharding."""
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+import hf_fixtures
+from sentijax import models, sampling, sharding
+from sentijax.data import sentibench
+from sentijax.eval import scorer
+
+torch = pytest.importorskip("torch")
+
+MAX_NEW = 30
+N_PROMPTS = 50
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, sentibench_dir):
+  root = tmp_path_factory.mktemp("sampling")
+  tok = hf_fixtures.make_sentibench_tokenizer(sentibench_dir, root)
+  model = hf_fixtures.make_llama(root, vocab_size=512, weight_std=0.3)
+  cfg, params = models.load_hf(root, dtype="float32")
+  templates = sentibench.load_templates(sentibench_dir / "protocol.json")
+  task = sentibench.load_task(sentibench_dir, "absa/asqp_rest16")
+  prompts = sentibench.build_prompts(task, templates, 42, max_examples=N_PROMPTS)
+  seqs = scorer.tokenize_prompts(tok, [p.text for p in prompts])
+  assert all(s[0] == tok.bos_token_id for s in seqs)
+  width = max(map(len, seqs))
+  ids, mask = sampling.left_pad(seqs, width, len(seqs), tok.eos_token_id)
+  eos = [tok.eos_token_id, model.config.eos_token_id]
+  with torch.no_grad():
+    ref = model.generate(input_ids=torch.tensor(ids, dtype=torch.long),
+                         attention_mask=torch.tensor(mask, dtype=torch.long), do_sample=False,
+                         max_new_tokens=MAX_NEW, pad_token_id=tok.eos_token_id,
+                         eos_token_id=eos)[:, width:].numpy()
+  ref = np.pad(ref, ((0, 0), (0, MAX_NEW - ref.shape[1])), constant_values=tok.eos_token_id)
+  return dict(tok=tok, cfg=cfg, params=params, ids=ids, mask=mask, eos=eos, ref=ref)
+
+
+def _truncate(ref_N: np.ndarray, stops: set, pad: int) -> tuple[np.ndarray, int]:
+  out = np.full_like(ref_N, pad)
+  for n, t in enumerate(ref_N):
+    out[n] = t
+    if int(t) in stops:
+      return out, n + 1
+  return out, len(ref_N)
+
+
+def test_greedy_matches_transformers_generate(setup):
+  s = setup
+  out = sampling.greedy_decode(s["cfg"], s["params"], s["ids"], s["mask"], MAX_NEW, s["eos"],
+                               s["tok"].eos_token_id)
+  assert out.tokens_BxN.shape == (N_PROMPTS, MAX_NEW)
+  np.testing.assert_array_equal(out.tokens_BxN, s["ref"])
+  for row, n in zip(s["ref"], out.lengths_B):
+    assert n == _truncate(row, set(s["eos"]), 0)[1]
+
+
+def test_stops_at_newline_and_eos(setup):
+  s = setup
+  stops = scorer.stop_tokens(s["tok"], s["cfg"])
+  newline = {i for i in range(len(s["tok"])) if "\n" in s["tok"].decode([i])}
+  assert newline and set(stops.soft_stop_ids) | set(stops.stop_ids) >= newline
+  assert set(s["eos"]) <= set(stops.stop_ids)
+  ids, mask, ref, pad = s["ids"][:16], s["mask"][:16], s["ref"][:16], s["tok"].eos_token_id
+  # The random model rarely emits newlines: also stop at tokens it does emit at step 3.
+  hard = set(s["eos"]) | newline | set(ref[:8, 3].tolist())
+  out = sampling.greedy_decode(s["cfg"], s["params"], ids, mask, MAX_NEW, sorted(hard), pad)
+  for row, toks, n in zip(ref, out.tokens_BxN, out.lengths_B):
+    want, want_n = _truncate(row, hard, pad)
+    np.testing.assert_array_equal(toks, want)
+    assert n == want_n
+  assert (out.lengths_B < MAX_NEW).sum() >= 8
+
+  # Soft stops end a row only after a non-blank token (leading newlines do not end answers).
+  soft = set(stops.soft_stop_ids) | set(ref[:, 0].tolist()) | set(ref[:, 4].tolist())
+  blank = set(stops.blank_ids) | set(ref[:, 0].tolist())
+  out = sampling.greedy_decode(s["cfg"], s["params"], ids, mask, MAX_NEW, stops.stop_ids, pad,
+                               soft_stop_ids=sorted(soft), blank_ids=sorted(blank))
+  hard_ids = set(stops.stop_ids)
+  for row, toks, n in zip(ref, out.tokens_BxN, out.lengths_B):
+    seen, want_n = False, MAX_NEW
+    for j, t in enumerate(row.tolist()):
+      if t in hard_ids or (t in soft and seen):
+        want_n = j + 1
+        break
+      seen |= t not in blank
+    assert n == want_n
+    np.testing.assert_array_equal(toks[:n], row[:n])
+    assert (toks[n:] == pad).all()
+  assert (out.lengths_B > 1).all() and (out.lengths_B < MAX_NEW).any()
+
+
+def test_every_token_stops_after_one_step(setup):
+  s = setup
+  out = sampling.greedy_decode(s["cfg"], s["params"], s["ids"][:16], s["mask"][:16], MAX_NEW,
+                               list(range(s["cfg"].vocab_size)), 7)
+  np.testing.assert_array_equal(out.lengths_B, 1)
+  np.testing.assert_array_equal(out.tokens_BxN[:, 0], s["ref"][:16, 0])
+  assert (out.tokens_BxN[:, 1:] == 7).all()
+
+
+def test_nucleus_sampling(setup):
+  s = setup
+  ids, mask = s["ids"][:8], s["mask"][:8]
+  # A tiny top_p keeps only the argmax: sampling reduces to greedy.
+  out = sampling.decode(s["cfg"], s["params"], ids, mask, 10, s["eos"], s["tok"].eos_token_id,
+                        rng=0, top_p=1e-6)
+  np.testing.assert_array_equal(out.tokens_BxN, s["ref"][:8, :10])
+  a = sampling.decode(s["cfg"], s["params"], ids, mask, 10, [], 0, rng=1, temperature=2.0)
+  b = sampling.decode(s["cfg"], s["params"], ids, mask, 10, [], 0, rng=1, temperature=2.0)
+  np.testing.assert_array_equal(a.tokens_BxN, b.tokens_BxN)
+  assert (a.tokens_BxN != s["ref"][:8, :10]).any()
+
+
+def test_sharded_decode_matches(setup, tmp_path):
+  s = setup
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = sharding.rules_from_config(
+      (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+       ("kv_heads", "tensor"), ("vocab", "tensor"), ("head_dim", None), ("layers", None),
+       ("norm", None)))
+  params = jax.device_put(s["params"], models.shardings_for(s["cfg"], mesh, rules))
+  out = sampling.greedy_decode(s["cfg"], params, s["ids"][:12], s["mask"][:12], MAX_NEW,
+                               s["eos"], s["tok"].eos_token_id, mesh=mesh)
+  np.testing.assert_array_equal(out.tokens_BxN, s["ref"][:12])
+
+
+def test_bucketing_helpers():
+  assert sampling.bucket_length(1) == 64 and sampling.bucket_length(300) == 320
+  assert sampling.bucket_length(4500) == 5120 and sampling.bucket_length(512) == 512
+  assert sampling.bucket_batch(5) == 8 and sampling.bucket_batch(5, 4) == 8
+  assert sampling.bucket_batch(9, 4) == 16 and sampling.bucket_batch(1, 4) == 4
+  ids, mask = sampling.left_pad([[5, 6], [7]], 4, 3, 0)
+  np.testing.assert_array_equal(ids, [[0, 0, 5, 6], [0, 0, 0, 7], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 0, 1]])
+  with pytest.raises(ValueError, match="left-padded"):
+    sampling.greedy_decode(None, None, ids, mask[:, ::-1], 4, [], 0)
+
