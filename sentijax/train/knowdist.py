@@ -9,7 +9,7 @@ import jax
 
 from sentijax.data import corpus as corpus_lib
 from sentijax.data import pipeline
-from sentijax.train import loop, student
+from sentijax.train import export, loop, student
 
 log = logging.getLogger("sentijax")
 
@@ -29,6 +29,7 @@ def run(config) -> loop.Result:
                                                      show_progress=jax.process_index() == 0)
   if jax.process_index() == 0:
     (workdir / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
+    export.save_student_spec(model_cfg, tok, workdir)
   log.info("KnowDist: %s, %d params, %d train rows x %d tokens", model_cfg.architecture,
            model_cfg.num_params, train_ds.num_rows, train_ds.seq_len)
   hooks = ()

@@ -180,3 +180,26 @@ def test_sentibench_scored_during_training(sentibench_dir, tmp_path):
   for tag in (b"eval/sentibench/average", b"eval/sentibench/sc/sst2", b"eval/loss",
               b"train/loss", b"train/mfu"):
     assert tag in events, tag
+
+
+def test_export_job_writes_any_kept_checkpoint(tmp_path):
+  import ml_collections
+  from sentijax import models
+  from sentijax.train import export
+  cfg = _config(tmp_path, **{"train.steps": 6, "train.eval_every": 0, "checkpoint.every": 3,
+                             "checkpoint.keep": 3})
+  result = knowdist.run(cfg)
+  assert not (tmp_path / "hf").exists()  # export_hf is off: the export job does it
+  cfg.export = ml_collections.ConfigDict({"step": 0, "dir": "", "dtype": ""})
+  out = export.run(cfg)
+  cfg_hf, params = models.load_hf(out)
+  assert cfg_hf.vocab_size == models.presets.get("tiny").vocab_size
+  np.testing.assert_array_equal(np.asarray(params["embedding"]),
+                                np.asarray(result.params["embedding"]))
+  cfg.export.update(step=3, dir=str(tmp_path / "step3"), dtype="bfloat16")
+  _, params3 = models.load_hf(export.run(cfg), dtype="bfloat16")
+  assert not np.array_equal(np.asarray(params3["embedding"], np.float32),
+                            np.asarray(params["embedding"]).astype(np.float32))
+  cfg.workdir = str(tmp_path / "nothing")
+  with pytest.raises(FileNotFoundError, match="training run directory"):
+    export.run(cfg)
