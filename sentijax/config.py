@@ -74,6 +74,7 @@ def base() -> ml_collections.ConfigDict:
   c.train.b1 = 0.9
   c.train.b2 = 0.95
   c.train.grad_clip = 1.0
+  c.train.loss_chunk = 512  # positions per output-projection chunk (0 = full [B, L, V] logits)
   c.train.log_every = 10
   c.train.eval_every = 50
   c.train.eval_batches = 4

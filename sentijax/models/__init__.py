@@ -18,14 +18,15 @@ import numpy as np
 
 from sentijax.models import hf, presets
 from sentijax.models.decoder import (KVCache, ModelConfig, RopeScaling, default_positions,
-                                     forward, forward_with_cache, init_cache, init_params,
-                                     logical_axes, param_shapes)
+                                     forward, forward_hidden, forward_with_cache, init_cache,
+                                     init_params, logical_axes, output_kernel, param_shapes)
 from sentijax.models.hf import CheckpointError
 
 __all__ = [
     "CheckpointError", "KVCache", "ModelConfig", "RopeScaling", "apply", "check_tokenizer",
-    "default_positions", "forward", "forward_with_cache", "init", "init_cache", "init_params",
-    "load_hf", "logical_axes", "param_shapes", "presets", "save_hf", "shardings_for",
+    "default_positions", "forward", "forward_hidden", "forward_with_cache", "init", "init_cache",
+    "init_params", "load_hf", "logical_axes", "output_kernel", "param_shapes", "presets",
+    "save_hf", "shardings_for",
 ]
 
 

@@ -233,7 +233,7 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache_index=0, cache_kv=None,
-               last_only=False):
+               last_only=False, return_hidden=False):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     embedding_VxE = _param(self, "embedding", nn.initializers.normal(0.02),
@@ -257,6 +257,8 @@ class Decoder(nn.Module):
     if last_only:  # scoring/prefill need only the last position: skip the [B, T, V] logits
       x_BxTxE = x_BxTxE[:, -1:]
     x_BxTxE = RMSNorm(cfg.rms_norm_eps, pdt, name="final_norm")(x_BxTxE)
+    if return_hidden:  # the caller applies output_kernel() itself (chunked loss)
+      return x_BxTxE, new_cache_kv
     if cfg.tie_embeddings:
       out_ExV = embedding_VxE.T
     else:
@@ -330,6 +332,20 @@ def forward(cfg: ModelConfig, params: PyTree, tokens_BxT: Array, *,
   logits, _ = Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, mask_BxTxS,
                                  last_only=last_only)
   return logits
+
+
+def forward_hidden(cfg: ModelConfig, params: PyTree, tokens_BxT: Array, *,
+                   segment_ids_BxT: Array, positions_BxT: Array) -> Array:
+  """Final-normed hidden states [B, T, E] (compute dtype): logits = hidden @ output_kernel."""
+  mask_BxTxS = attention_mask(segment_ids_BxT)
+  hidden, _ = Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, mask_BxTxS,
+                                 return_hidden=True)
+  return hidden
+
+
+def output_kernel(cfg: ModelConfig, params: PyTree) -> Array:
+  """The [E, V] output projection (the embedding table, transposed, when tied)."""
+  return params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
 
 
 @dataclasses.dataclass

@@ -100,8 +100,10 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
     start = 0
   start = int(jax.device_get(state.step))
 
-  train_fn = step_lib.jit_train_step(model_cfg, tx, state_sh, batch_sh, num_micro, schedule, mesh)
-  eval_fn = step_lib.jit_eval_step(model_cfg, state_sh.params, batch_sh)
+  loss_chunk = int(tc.loss_chunk)
+  train_fn = step_lib.jit_train_step(model_cfg, tx, state_sh, batch_sh, num_micro, schedule, mesh,
+                                     loss_chunk)
+  eval_fn = step_lib.jit_eval_step(model_cfg, state_sh.params, batch_sh, loss_chunk)
   writer = metrics.MetricWriter(workdir / "tensorboard")
   flops_per_token = model_cfg.flops_per_token(int(config.data.seq_len))
   peak = metrics.peak_tflops_per_device(tc.peak_tflops)

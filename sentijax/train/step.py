@@ -22,13 +22,26 @@ from sentijax.train.state import TrainState
 Batch = dict[str, jax.Array]
 
 
-def loss_sums(model_cfg: models.ModelConfig, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """(sum of weighted token NLL, sum of weights) for one batch."""
+def loss_sums(model_cfg: models.ModelConfig, params: Any, batch: Batch,
+              loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+  """(sum of weighted token NLL, sum of weights) for one batch.
+
+  `loss_chunk` > 0 computes the output projection and CE in chunks of that many positions,
+  never holding the full [B, L, V] logits (see losses.chunked_cross_entropy_sum).
+  """
+  weights_BxL = batch["weights"].astype(jnp.float32)
+  if loss_chunk:
+    hidden_BxLxE = models.forward_hidden(model_cfg, params, batch["inputs"],
+                                         segment_ids_BxT=batch["segment_ids"],
+                                         positions_BxT=batch["positions"])
+    nll_sum = losses.chunked_cross_entropy_sum(
+        hidden_BxLxE, models.output_kernel(model_cfg, params), batch["targets"], weights_BxL,
+        loss_chunk)
+    return nll_sum, jnp.sum(weights_BxL)
   logits_BxLxV = models.forward(model_cfg, params, batch["inputs"],
                                 segment_ids_BxT=batch["segment_ids"],
                                 positions_BxT=batch["positions"])
   nll_BxL = losses.cross_entropy(logits_BxLxV, batch["targets"])
-  weights_BxL = batch["weights"].astype(jnp.float32)
   return jnp.sum(nll_BxL * weights_BxL), jnp.sum(weights_BxL)
 
 
@@ -46,13 +59,15 @@ def _split_microbatches(batch: Batch, num_micro: int, mesh) -> Batch:
 
 def train_step(state: TrainState, batch: Batch, *, model_cfg: models.ModelConfig,
                tx: optax.GradientTransformation, num_micro: int = 1,
-               schedule: optax.Schedule | None = None, mesh=None) -> tuple[TrainState, dict]:
+               schedule: optax.Schedule | None = None, mesh=None,
+               loss_chunk: int = 0) -> tuple[TrainState, dict]:
   """Accumulates grads over `num_micro` microbatches, applies one update.
 
   A non-finite loss or gradient leaves the state unchanged and reports `nonfinite=1`, so the loop
   can stop with the last good params (and checkpoint) intact.
   """
-  grad_fn = jax.value_and_grad(functools.partial(loss_sums, model_cfg), has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(loss_sums, model_cfg, loss_chunk=loss_chunk),
+                               has_aux=True)
 
   def micro(carry, mb):
     grads_acc, nll_acc, w_acc = carry
@@ -83,20 +98,21 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: models.ModelConfig
   return new_state, metrics
 
 
-def eval_step(params: Any, batch: Batch, *, model_cfg: models.ModelConfig) -> dict:
-  nll_sum, w_sum = loss_sums(model_cfg, params, batch)
+def eval_step(params: Any, batch: Batch, *, model_cfg: models.ModelConfig,
+              loss_chunk: int = 0) -> dict:
+  nll_sum, w_sum = loss_sums(model_cfg, params, batch, loss_chunk)
   return {"nll_sum": nll_sum, "tokens": w_sum}
 
 
 def jit_train_step(model_cfg, tx, state_sh: TrainState, batch_sh, num_micro: int, schedule,
-                   mesh):
+                   mesh, loss_chunk: int = 0):
   """The jitted step: explicit in/out shardings, the old state donated."""
   fn = functools.partial(train_step, model_cfg=model_cfg, tx=tx, num_micro=num_micro,
-                         schedule=schedule, mesh=mesh)
+                         schedule=schedule, mesh=mesh, loss_chunk=loss_chunk)
   return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                  donate_argnums=0)
 
 
-def jit_eval_step(model_cfg, param_sh, batch_sh):
-  fn = functools.partial(eval_step, model_cfg=model_cfg)
+def jit_eval_step(model_cfg, param_sh, batch_sh, loss_chunk: int = 0):
+  fn = functools.partial(eval_step, model_cfg=model_cfg, loss_chunk=loss_chunk)
   return jax.jit(fn, in_shardings=(param_sh, batch_sh))

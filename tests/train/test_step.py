@@ -81,13 +81,14 @@ def test_packed_row_equals_sequences_run_unpacked():
     offset += n
 
 
-def _one_step(batch, num_micro, mesh=None, params=None):
+def _one_step(batch, num_micro, mesh=None, params=None, loss_chunk=0):
   tc = _train_cfg()
   tx = state_lib.make_optimizer(tc)
   params = models.init(CFG, 2) if params is None else params
   st = state_lib.create_state(params, tx)
   fn = functools.partial(step_lib.train_step, model_cfg=CFG, tx=tx, num_micro=num_micro,
-                         schedule=state_lib.learning_rate_schedule(tc), mesh=mesh)
+                         schedule=state_lib.learning_rate_schedule(tc), mesh=mesh,
+                         loss_chunk=loss_chunk)
   if mesh is None:
     return jax.jit(fn)(st, batch)
   rules = config_lib.base().sharding_rules
@@ -116,7 +117,7 @@ def test_sharded_step_matches_single_device():
   batch = _packed_batch(np.random.default_rng(4), rows=8)
   single, m1 = _one_step(batch, 1)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  sharded, m8 = _one_step(batch, 2, mesh=mesh)
+  sharded, m8 = _one_step(batch, 2, mesh=mesh, loss_chunk=8)  # + accumulation + chunked loss
   np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
                sharded.params, single.params)
@@ -161,3 +162,13 @@ def test_kl_divergences():
     np.testing.assert_allclose(np.asarray(losses.kl_divergence(s, t, kind=kind)), want, rtol=1e-4,
                                atol=1e-6)
   assert float(jnp.abs(losses.kl_divergence(s, s)).max()) < 1e-6
+
+
+@pytest.mark.parametrize("chunk", [8, 12])  # 12 does not divide 32: the tail is padded
+def test_chunked_loss_equals_full_logits_loss_and_grads(chunk):
+  params = models.init(CFG, 6)
+  batch = _packed_batch(np.random.default_rng(6), rows=4)
+  full = jax.value_and_grad(lambda p: step_lib.loss_sums(CFG, p, batch)[0])(params)
+  chunked = jax.value_and_grad(lambda p: step_lib.loss_sums(CFG, p, batch, chunk)[0])(params)
+  np.testing.assert_allclose(float(chunked[0]), float(full[0]), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), chunked[1], full[1])
