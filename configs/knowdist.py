@@ -1,12 +1,15 @@
 """KnowDist (stage 1): next-token loss on teacher analyses of user texts, prompt masked.
 
-Default (offline, any CPU machine, ~2 min): the `tiny` preset from scratch on the demo corpus that
-ships in the package, with a BPE tokenizer trained on it:
+Default (offline, any CPU machine, ~40 s on 2 cores): the `tiny` preset (164k params) from
+scratch on the demo corpus that ships in the package, with a BPE tokenizer trained on it:
 
   python -m sentijax.main --config=configs/knowdist.py
 
-prints the train loss falling (about 6.9 -> below 5 in 200 steps) and writes checkpoints,
-TensorBoard events, the trained tokenizer and an HF export (runs/knowdist/hf) into the workdir.
+prints the train loss falling (6.95 -> ~1.7 in 200 steps; the 49-record demo corpus is
+memorised, held-out loss ~5.7) and writes checkpoints, TensorBoard events, the trained tokenizer
+and an HF export (runs/knowdist/hf) into the workdir. Rerunning resumes from the last checkpoint.
+On the real teacher sample (`--config.data.corpus=../shared/teacher_corpus/
+mixtral_reviews_500.jsonl`) the same model goes 6.93 -> ~5.3 in 60 steps, held-out too.
 
 Real run (Llama-3.2-1B-Instruct student on a teacher corpus, one GPU/TPU host or more):
 
