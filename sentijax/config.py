@@ -60,6 +60,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.seq_len = 512
   c.data.truncation = "left_prompt"  # left_prompt | drop
   c.data.shuffle = True
+  c.data.prefetch = 2  # batches read ahead by grain threads (0 = read in the training thread)
   c.data.cache_dir = ""  # "" = <workdir>/data
 
   c.train = ml_collections.ConfigDict()

@@ -88,17 +88,23 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
                                  async_save=config.checkpoint.async_save)
   abstract = jax.eval_shape(lambda: state_lib.create_state(models.param_shapes(model_cfg), tx))
   abstract = checkpoint.abstract_like(abstract, state_sh)
+  restored_data = None
   if ckpt.latest_step() is not None:
-    state, data_state, start = ckpt.restore(abstract)
+    state, restored_data, start = ckpt.restore(abstract)
     log.info("resumed from %s at step %d", ckpt.directory, start)
-    if data_state.get("fingerprint") not in (None, train_ds.stats.get("cache_key")):
+    if restored_data.get("fingerprint") not in (None, train_ds.stats.get("cache_key")):
       raise TrainingError(f"{ckpt.directory}: the checkpoint was trained on a different corpus "
                           f"or tokenisation; use a new workdir or the original data")
   else:
     params = init_params(mesh, rules)
     state = jax.jit(lambda p: state_lib.create_state(p, tx), out_shardings=state_sh)(params)
-    start = 0
   start = int(jax.device_get(state.step))
+  batches = train_ds.batches(batch_size, start_step=start, prefetch=int(config.data.prefetch))
+  if restored_data is not None:
+    try:  # the data position saved with the state; refuses a changed batch size / seed / order
+      batches.set_state({**restored_data, "step": start})
+    except ValueError as e:
+      raise TrainingError(f"{ckpt.directory}: {e}") from None
 
   loss_chunk = int(tc.loss_chunk)
   train_fn = step_lib.jit_train_step(model_cfg, tx, state_sh, batch_sh, num_micro, schedule, mesh,
@@ -109,13 +115,12 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
   peak = metrics.peak_tflops_per_device(tc.peak_tflops)
   fingerprint = train_ds.stats.get("cache_key")
 
-  def data_state(step: int) -> dict:
-    return {"step": step, "fingerprint": fingerprint}
+  def data_state() -> dict:
+    return {**batches.get_state(), "fingerprint": fingerprint}
 
   # ---- Loop ----------------------------------------------------------------------------------
   ckpt.install_sigterm_handler()
   train_losses, val_losses = [], []
-  batches = train_ds.batches(batch_size, start_step=start)
   pending = None  # metrics of the previous step, read after the next step is dispatched
   window_tokens, window_start = 0, time.perf_counter()
   preempted = False
@@ -173,7 +178,7 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
         if pending is not None:
           finish_step(*pending)  # never checkpoint a state we have not checked for NaN
           pending = None
-        ckpt.save(step, state, data_state(step), force=True)
+        ckpt.save(step, state, data_state(), force=True)
         if ckpt.preempted(step):
           log.warning("preemption signal: saved step %d, exiting", step)
           preempted = True
@@ -184,7 +189,7 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
       vl = held_out_loss(eval_fn, state.params, val_ds, batch_size, int(tc.eval_batches), batch_sh)
       val_losses.append((step, vl))
       writer.write(step, {"loss": vl}, prefix="eval/")
-    ckpt.save(step, state, data_state(step), force=True)
+    ckpt.save(step, state, data_state(), force=True)
   finally:
     bar.close()
     ckpt.close()

@@ -49,15 +49,26 @@ class _PoisonedData:
   def __init__(self, ds, bad_step):
     self.ds, self.bad_step, self.stats = ds, bad_step, ds.stats
 
-  def batches(self, batch_size, start_step=0):
-    for i, batch in enumerate(self.ds.batches(batch_size, start_step=start_step), start_step):
-      if i == self.bad_step:
-        batch = dict(batch, weights=batch["weights"].copy())
-        batch["weights"][0, 0] = np.nan
-      yield batch
+  def batches(self, batch_size, **kw):
+    return _PoisonedIterator(self.ds.batches(batch_size, **kw), self.bad_step)
 
   def batch_at(self, *a, **kw):
     return self.ds.batch_at(*a, **kw)
+
+
+class _PoisonedIterator:
+
+  def __init__(self, inner, bad_step):
+    self.inner, self.bad_step = inner, bad_step
+    self.get_state, self.set_state = inner.get_state, inner.set_state
+
+  def __next__(self):
+    step = self.inner.step
+    batch = next(self.inner)
+    if step == self.bad_step:
+      batch = dict(batch, weights=batch["weights"].copy())
+      batch["weights"][0, 0] = np.nan
+    return batch
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -203,3 +214,11 @@ def test_export_job_writes_any_kept_checkpoint(tmp_path):
   cfg.workdir = str(tmp_path / "nothing")
   with pytest.raises(FileNotFoundError, match="training run directory"):
     export.run(cfg)
+
+
+def test_resume_refuses_changed_batch_size(tmp_path):
+  knowdist.run(_config(tmp_path, **{"train.steps": 2, "train.eval_every": 0,
+                                    "checkpoint.every": 2}))
+  cfg = _config(tmp_path, **{"train.steps": 4, "train.eval_every": 0, "train.batch_size": 16})
+  with pytest.raises(loop.TrainingError, match="batch_size=8.*16"):
+    knowdist.run(cfg)
