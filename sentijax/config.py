@@ -8,7 +8,7 @@ import ml_collections
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.job = "knowdist"  # knowdist | icldist | sentibench | export | smoke
+  c.job = "knowdist"  # knowdist | sentibench | export (see sentijax/main.py)
   c.workdir = "runs/default"
   c.seed = 0
 
