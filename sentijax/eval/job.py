@@ -23,12 +23,17 @@ from sentijax.eval import report, scorer
 log = logging.getLogger(__name__)
 
 
-def load_model(config: Any, mesh) -> tuple[models.ModelConfig, Any, Any]:
-  """(model cfg, params, tokenizer) from config.model.init / .tokenizer / .dtype on `mesh`."""
+def _model_dir(config: Any) -> str:
   init = str(config.model.init or "")
   if not init:
     raise ValueError("the sentibench job needs a model: set --config.model.init=DIR "
                      "(a local HF directory with config.json + *.safetensors)")
+  return init
+
+
+def load_model(config: Any, mesh) -> tuple[models.ModelConfig, Any, Any]:
+  """(model cfg, params, tokenizer) from config.model.init / .tokenizer / .dtype on `mesh`."""
+  init = _model_dir(config)
   if not os.path.isdir(init):
     raise FileNotFoundError(f"model.init directory not found: {init}")
   dtype = str(config.model.dtype or "float32")
@@ -42,9 +47,7 @@ def load_model(config: Any, mesh) -> tuple[models.ModelConfig, Any, Any]:
 def run(config: Any) -> dict:
   """Runs the job described by `config` (see configs/sentibench.py); returns the results dict."""
   ev = config.eval
-  if not str(config.model.init or ""):
-    raise ValueError("the sentibench job needs a model: set --config.model.init=DIR "
-                     "(a local HF directory with config.json + *.safetensors)")
+  _model_dir(config)  # fail before reading any data
   datasets = scorer.parse_datasets(ev.datasets)
   seeds = scorer.parse_seeds(ev.seeds)
   scorer.check_data(ev.data_dir, datasets)  # fail before the (slow) model load
@@ -58,7 +61,7 @@ def run(config: Any) -> dict:
   t0 = time.time()
   cfg, params, tokenizer = load_model(config, mesh)
   log.info("loaded %s (%.1fM params, %s) in %.1fs on mesh %s", config.model.init,
-               cfg.num_params / 1e6, cfg.dtype, time.time() - t0, dict(mesh.shape))
+           cfg.num_params / 1e6, cfg.dtype, time.time() - t0, dict(mesh.shape))
 
   workdir = str(config.workdir)
   t0 = time.time()
