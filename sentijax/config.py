@@ -25,6 +25,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.tokenizer = ""  # tokenizer dir; "" = model.init, or a demo tokenizer for presets
   c.model.dtype = "bfloat16"  # compute dtype; params stay float32
   c.model.remat = False  # rematerialise each layer in the backward pass
+  c.model.attention_chunk = 1024  # query block for long sequences (memory ~ block x length)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = all remaining devices

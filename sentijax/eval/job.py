@@ -39,6 +39,7 @@ def load_model(config: Any, mesh) -> tuple[models.ModelConfig, Any, Any]:
   dtype = str(config.model.dtype or "float32")
   cfg, params = models.load_hf(init, dtype=dtype, compute_dtype=dtype, mesh=mesh,
                                rules=config.sharding_rules)
+  cfg = cfg.replace(attention_chunk=int(config.model.attention_chunk))
   tokenizer = tokenizer_lib.load_tokenizer(str(config.model.tokenizer or init))
   models.check_tokenizer(cfg, tokenizer, where=str(config.model.tokenizer or init))
   return cfg, params, tokenizer

@@ -59,6 +59,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: bool = False
+  attention_chunk: int = 1024  # query block size for long sequences (0 = whole sequence)
 
   def __post_init__(self):
     if self.architecture not in ("llama", "qwen2"):
@@ -143,6 +144,18 @@ class RMSNorm(nn.Module):
     return scale.astype(x.dtype) * x32.astype(x.dtype)
 
 
+def _attend(q_BxTxKxGxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, mask_BxTxS: Array,
+            dt) -> Array:
+  """Grouped-query softmax attention with float32 scores; masked keys get no weight."""
+  scores_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+                                preferred_element_type=jnp.float32)
+  scores_BxKxGxTxS = scores_BxKxGxTxS / math.sqrt(q_BxTxKxGxD.shape[-1])
+  neg = jnp.finfo(jnp.float32).min
+  scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, neg)
+  probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dt)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -183,12 +196,18 @@ class Attention(nn.Module):
 
     b, t = q_BxTxHxD.shape[:2]
     q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, k, h // k, d)
-    scores_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
-                                  preferred_element_type=jnp.float32) / math.sqrt(d)
-    neg = jnp.finfo(jnp.float32).min
-    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, neg)
-    probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dt)
-    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+    chunk = cfg.attention_chunk
+    if chunk and t > chunk and t % chunk == 0:
+      # Query blocks one at a time (recomputed in the backward pass): peak score memory
+      # [B, H, chunk, S] instead of [B, H, T, S]; the same math row by row.
+      n = t // chunk
+      q_NxBxCxKxGxD = q_BxTxKxGxD.reshape(b, n, chunk, k, h // k, d).swapaxes(0, 1)
+      mask_NxBxCxS = mask_BxTxS.reshape(b, n, chunk, -1).swapaxes(0, 1)
+      block = jax.checkpoint(lambda qm: _attend(qm[0], k_BxSxKxD, v_BxSxKxD, qm[1], dt))
+      out_NxBxCxKxGxD = jax.lax.map(block, (q_NxBxCxKxGxD, mask_NxBxCxS))
+      out_BxTxKxGxD = out_NxBxCxKxGxD.swapaxes(0, 1).reshape(b, t, k, h // k, d)
+    else:
+      out_BxTxKxGxD = _attend(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, dt)
     out_BxTxE = jnp.einsum("bthd,hde->bte", out_BxTxKxGxD.reshape(b, t, h, d),
                            o_kernel.astype(dt))
     return out_BxTxE, new_cache_kv

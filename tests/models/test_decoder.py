@@ -1,4 +1,6 @@
 """Decoder internals: presets, remat, bf16 compute, KV cache, masking."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,3 +94,24 @@ def test_flops_per_token_matches_6n_rule_of_thumb():
   cfg = models.presets.get("llama-3.1-8b")
   f = cfg.flops_per_token(seq_len=1)
   assert 0.9 < f / (6 * cfg.num_params) < 1.0  # 6N minus the embedding lookup
+
+
+def test_query_chunked_attention_equals_full_attention():
+  params = models.init(CFG, 4)
+  ids = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 32)))
+  seg = jnp.asarray([[0] * 5 + [1] * 27, [1] * 12 + [2] * 20])
+  full_cfg, chunked_cfg = CFG.replace(attention_chunk=0), CFG.replace(attention_chunk=8)
+
+  def loss(cfg, p):
+    logits = models.forward(cfg, p, ids, segment_ids_BxT=seg)
+    return jnp.sum(jnp.where(seg[..., None] > 0, jax.nn.log_softmax(logits), 0.0)[..., 7])
+
+  (l_full, g_full) = jax.value_and_grad(functools.partial(loss, full_cfg))(params)
+  (l_chunk, g_chunk) = jax.value_and_grad(functools.partial(loss, chunked_cfg))(params)
+  np.testing.assert_allclose(float(l_chunk), float(l_full), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_chunk, g_full)
+  real = np.asarray(seg) > 0
+  np.testing.assert_allclose(np.asarray(models.forward(chunked_cfg, params, ids,
+                                                       segment_ids_BxT=seg))[real],
+                             np.asarray(models.forward(full_cfg, params, ids,
+                                                       segment_ids_BxT=seg))[real], atol=1e-6)
