@@ -347,7 +347,7 @@ def score_run(cfg: models.ModelConfig, params: PyTree, tokenizer, task: sentiben
     pred = parsers.parse_tuples(answer, task.name, sentence=ex.sentence)
     preds.append(pred)
     rows.append({"index": p.index, "gold": _jsonable(p.gold), "prediction": _jsonable(pred),
-                 "scores": [], "output": out})
+                 "scores": []})
   kw = {}
   if task.name == "absa/opener":
     kw = dict(sentences=[ex.sentence for ex in examples],

@@ -65,7 +65,7 @@ def test_job_end_to_end(model_dir, sentibench_dir, tmp_path, capsys):
   ext = [json.loads(l) for l in ext_path.read_text().splitlines()]
   assert [r["index"] for r in ext] == list(range(N))
   for r in ext:
-    assert {"index", "gold", "prediction", "scores"} <= set(r) and r["scores"] == []
+    assert set(r) == {"index", "gold", "prediction", "scores"} and r["scores"] == []
     assert r["gold"] and all(isinstance(t, list) and len(t) == 4 for t in r["gold"])
     assert isinstance(r["prediction"], list)
     assert all(isinstance(t, list) for t in r["prediction"])
