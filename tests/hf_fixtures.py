@@ -101,3 +101,12 @@ def make_sentibench_tokenizer(sentibench_dir: pathlib.Path, out_dir: pathlib.Pat
   texts += [" ".join(verbs)] * 200 + ["Sentence: x\nLabel: y\n"] * 200
   tok_lib.train_tokenizer(texts, 512, out_dir)
   return tok_lib.load_tokenizer(out_dir)
+
+
+def make_sentibench_model(sentibench_dir: pathlib.Path, root: pathlib.Path):
+  """(tokenizer, torch model, sentijax cfg, params): a tiny Llama whose predictions vary."""
+  from sentijax import models
+  tok = make_sentibench_tokenizer(sentibench_dir, root)
+  model = make_llama(root, vocab_size=512, weight_std=0.3)
+  cfg, params = models.load_hf(root, dtype="float32")
+  return tok, model, cfg, params

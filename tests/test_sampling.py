@@ -1,7 +1,4 @@
 """KV-cache decoding: greedy parity with transformers `generate`, stop rules, sampling, sharding."""
-import json
-import pathlib
-
 import jax
 import numpy as np
 import pytest
@@ -20,9 +17,7 @@ N_PROMPTS = 50
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, sentibench_dir):
   root = tmp_path_factory.mktemp("sampling")
-  tok = hf_fixtures.make_sentibench_tokenizer(sentibench_dir, root)
-  model = hf_fixtures.make_llama(root, vocab_size=512, weight_std=0.3)
-  cfg, params = models.load_hf(root, dtype="float32")
+  tok, model, cfg, params = hf_fixtures.make_sentibench_model(sentibench_dir, root)
   templates = sentibench.load_templates(sentibench_dir / "protocol.json")
   task = sentibench.load_task(sentibench_dir, "absa/asqp_rest16")
   prompts = sentibench.build_prompts(task, templates, 42, max_examples=N_PROMPTS)

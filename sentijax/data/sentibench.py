@@ -33,7 +33,7 @@ import importlib.resources
 import json
 import os
 import random
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 DATASETS: tuple[str, ...] = (
     "sc/imdb",
@@ -232,24 +232,21 @@ def atsa_tuples(record: Mapping[str, Any]) -> list[tuple[str, str]]:
   return [(term, pol) for term, pol, _ in items]
 
 
+def _unique(tuples: Iterable[tuple]) -> list[tuple]:
+  """The tuples in first-occurrence order, duplicates dropped."""
+  return list(dict.fromkeys(tuples))
+
+
 def acsa_tuples(record: Mapping[str, Any]) -> list[tuple[str, str]]:
   """(category lower-cased with '#' -> ' ', polarity) tuples, first occurrence kept."""
-  out: list[tuple[str, str]] = []
-  for aspect in record["aspects"]:
-    pair = (aspect["category"].lower().replace("#", " "), aspect["polarity"])
-    if pair not in out:
-      out.append(pair)
-  return out
+  return _unique((a["category"].lower().replace("#", " "), a["polarity"])
+                 for a in record["aspects"])
 
 
 def asqp_tuples(record: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
   """(category, aspect, opinion, sentiment) tuples from `quards`, first occurrence kept."""
-  out: list[tuple[str, str, str, str]] = []
-  for q in record["quards"]:
-    quad = (q["category"], q["aspect"], q["opinion"], q["sentiment"])
-    if quad not in out:
-      out.append(quad)
-  return out
+  return _unique((q["category"], q["aspect"], q["opinion"], q["sentiment"])
+                 for q in record["quards"])
 
 
 def opener_tuples(record: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:

@@ -39,9 +39,7 @@ def reference_scores(model, tok, protocol: dict, name: str, texts: list[str]) ->
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, sentibench_dir):
   root = tmp_path_factory.mktemp("scorer")
-  tok = hf_fixtures.make_sentibench_tokenizer(sentibench_dir, root)
-  model = hf_fixtures.make_llama(root, vocab_size=512, weight_std=0.3)
-  cfg, params = models.load_hf(root, dtype="float32")
+  tok, model, cfg, params = hf_fixtures.make_sentibench_model(sentibench_dir, root)
   protocol_path = sentibench_dir / "protocol.json"
   protocol = json.loads(protocol_path.read_text(encoding="utf-8-sig"))
   for name in DATASETS:

@@ -8,7 +8,6 @@ import pytest
 
 import hf_fixtures
 from sentijax import models
-from sentijax.models import hf
 
 torch = pytest.importorskip("torch")
 
