@@ -502,11 +502,13 @@ def _prepare(records: Sequence[Record], tokenizer: Any, seq_len: int, chat_templ
       "fill_ratio": num_tokens / (len(rows) * seq_len)}
 
 
-def build_train_val(cfg: Any, tokenizer: Any, show_progress: bool = True
+def build_train_val(cfg: Any, tokenizer: Any, show_progress: bool = True,
+                    corpus: tuple[list[Record], list[Record], dict] | None = None
                     ) -> tuple[PackedDataset, PackedDataset | None, dict]:
-  """Loads the corpus from `cfg.data` and builds train and val datasets under
-  `cfg.data.cache_dir` (default <workdir>/data). Val is None when there are no val records."""
-  train_records, val_records, corpus_stats = corpus_lib.load_corpus(cfg.data)
+  """Builds train and val datasets under `cfg.data.cache_dir` (default <workdir>/data) from
+  `corpus` = `corpus.load_corpus(cfg.data)` (loaded here when None). Val is None when there are
+  no val records."""
+  train_records, val_records, corpus_stats = corpus or corpus_lib.load_corpus(cfg.data)
   cache_dir = cfg.data.cache_dir or os.path.join(cfg.workdir, "data")
   train = build_dataset(train_records, tokenizer, cfg.data, cache_dir, cfg.seed, "train",
                         show_progress)

@@ -20,13 +20,11 @@ def run(config) -> loop.Result:
   workdir.mkdir(parents=True, exist_ok=True)
   model_cfg = student.model_config(config)
 
-  def corpus_texts():
-    train, _, _ = corpus_lib.load_corpus(config.data)
-    return [t for r in train for t in (r.prompt, r.response)]
-
-  tok = student.tokenizer(config, model_cfg, corpus_texts)
-  train_ds, val_ds, stats = pipeline.build_train_val(config, tok,
-                                                     show_progress=jax.process_index() == 0)
+  corpus = corpus_lib.load_corpus(config.data)
+  tok = student.tokenizer(config, model_cfg,
+                          lambda: [t for r in corpus[0] for t in (r.prompt, r.response)])
+  train_ds, val_ds, stats = pipeline.build_train_val(
+      config, tok, show_progress=jax.process_index() == 0, corpus=corpus)
   if jax.process_index() == 0:
     (workdir / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
     export.save_student_spec(model_cfg, tok, workdir)
