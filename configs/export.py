@@ -16,7 +16,6 @@ def get_config():
   c = base_config.base()
   c.job = "export"
   c.workdir = "runs/knowdist"
-  c.model.dtype = "float32"
   c.export = ml_collections.ConfigDict()
   c.export.step = 0  # 0 = the latest checkpoint
   c.export.dir = ""  # "" = <workdir>/hf

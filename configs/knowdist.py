@@ -30,7 +30,6 @@ def get_config():
   c.job = "knowdist"
   c.workdir = "runs/knowdist"
   c.model.preset = "tiny"
-  c.model.dtype = "float32"  # the demo runs on CPU; use bfloat16 on GPU/TPU
   c.data.seq_len = 256
   c.train.steps = 200
   c.train.batch_size = 8

@@ -8,7 +8,8 @@ Command (from the repo root):
 Useful overrides:
   --config.eval.templates=../shared/sentibench/protocol.json   official instruction strings
   --config.eval.datasets=sc/sst2,absa/opener  --config.eval.seeds=42  --config.eval.max_examples=100
-  --config.model.dtype=float32   (CPU)      --config.eval.batch_size=32   (rows of <=512 tokens)
+  --config.model.dtype=float32   (exact parity runs; "auto" = bf16 on GPU/TPU, fp32 on CPU)
+  --config.eval.batch_size=32   (rows of <=512 tokens)
 
 Work per seed: 11,974 prompts (9,579 classification: one forward each, no decoding; 2,395
 extraction: greedy decoding up to 150 tokens), ~5M prompt tokens (IMDb prompts average ~1.7k
@@ -30,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.job = "sentibench"
   c.workdir = "runs/sentibench"
   c.model.init = ""  # required: local HF directory (config.json + safetensors + tokenizer)
-  c.model.dtype = "bfloat16"  # params and activations for inference; float32 on CPU
+  c.model.dtype = "auto"  # params + activations: bfloat16 on GPU/TPU, float32 on CPU
   c.eval.datasets = "all"
   c.eval.seeds = "42,52,62"
   c.eval.max_examples = 0

@@ -23,7 +23,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.preset = "tiny"  # used when init == "" (random init); see sentijax/models/presets.py
   c.model.init = ""  # local HF directory (config.json + safetensors) to start from
   c.model.tokenizer = ""  # tokenizer dir; "" = model.init, or a demo tokenizer for presets
-  c.model.dtype = "bfloat16"  # compute dtype; params stay float32
+  c.model.dtype = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
   c.model.remat = False  # rematerialise each layer in the backward pass
   c.model.attention_chunk = 1024  # query block for long sequences (memory ~ block x length)
 

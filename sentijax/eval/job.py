@@ -36,7 +36,7 @@ def load_model(config: Any, mesh) -> tuple[models.ModelConfig, Any, Any]:
   init = _model_dir(config)
   if not os.path.isdir(init):
     raise FileNotFoundError(f"model.init directory not found: {init}")
-  dtype = str(config.model.dtype or "float32")
+  dtype = models.resolve_dtype(config.model.dtype)
   cfg, params = models.load_hf(init, dtype=dtype, compute_dtype=dtype, mesh=mesh,
                                rules=config.sharding_rules)
   cfg = cfg.replace(attention_chunk=int(config.model.attention_chunk))

@@ -26,8 +26,15 @@ __all__ = [
     "CheckpointError", "KVCache", "ModelConfig", "RopeScaling", "apply", "check_tokenizer",
     "default_positions", "forward", "forward_hidden", "forward_with_cache", "init", "init_cache",
     "init_params", "load_hf", "logical_axes", "output_kernel", "param_shapes", "presets",
-    "save_hf", "shardings_for",
+    "resolve_dtype", "save_hf", "shardings_for",
 ]
+
+
+def resolve_dtype(name: str) -> str:
+  """"auto" -> bfloat16 on accelerators, float32 on CPU (where XLA has no fast bf16 matmuls)."""
+  if name in ("", "auto"):
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  return str(jnp.dtype(name))
 
 
 def shardings_for(cfg: ModelConfig, mesh, rules) -> Any:

@@ -37,7 +37,8 @@ def run(config) -> Path:
   if not (spec / "config.json").is_file():
     raise FileNotFoundError(f"{spec / 'config.json'}: not found; --config.workdir must be a "
                             f"training run directory (KnowDist writes it when it starts)")
-  model_cfg = hf.read_config(spec).replace(dtype=config.model.dtype, param_dtype="float32")
+  model_cfg = hf.read_config(spec).replace(dtype=models.resolve_dtype(config.model.dtype),
+                                           param_dtype="float32")
   tok = tokenizer_lib.load_tokenizer(spec)
   mesh = sharding.make_mesh(config.mesh)
   tx = state_lib.make_optimizer(config.train)  # only its state structure matters here

@@ -19,7 +19,7 @@ def model_config(config) -> models.ModelConfig:
   """From `model.init` (an HF dir) or `model.preset`, with dtype and remat from the config."""
   mc = config.model
   cfg = models.hf.read_config(mc.init) if mc.init else models.presets.get(mc.preset)
-  return cfg.replace(dtype=mc.dtype, param_dtype="float32", remat=bool(mc.remat),
+  return cfg.replace(dtype=models.resolve_dtype(mc.dtype), param_dtype="float32", remat=bool(mc.remat),
                      attention_chunk=int(mc.attention_chunk))
 
 
