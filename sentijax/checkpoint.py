@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -72,9 +71,6 @@ class Checkpointer:
                                       data=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["data"] or {}), step
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
@@ -82,8 +78,3 @@ class Checkpointer:
       signal.signal(signal.SIGTERM, self._old_handler)
       self._old_handler = None
 
-
-def abstract_like(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs with the given shardings: the restore target."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)

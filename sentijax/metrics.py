@@ -57,10 +57,6 @@ class MetricWriter:
     log.info("step %d %s", step, " ".join(
         f"{prefix}{k}={_fmt(v)}" for k, v in clean.items()))
 
-  def flush(self) -> None:
-    if self._tb is not None:
-      self._tb.flush()
-
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

@@ -192,7 +192,7 @@ def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
   if (mask_BxT[:, 1:] < mask_BxT[:, :-1]).any():
     raise ValueError("prompts must be left-padded (mask 0...0 1...1 per row)")
   b, t = ids_BxT.shape
-  divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
+  divisor = sharding.batch_divisor(mesh)
   rows = bucket_batch(b, divisor) if bucket else -(-b // divisor) * divisor
   length = bucket_length(t) if bucket else t
   if (rows, length) != (b, t):

@@ -55,10 +55,6 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
-def single_device_mesh() -> Mesh:
-  return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-
-
 def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
   """Config rules (tuples or lists, lists for multi-axis) -> flax logical rules."""
   out = []
@@ -86,5 +82,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_divisor(mesh: Mesh) -> int:
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+def batch_divisor(mesh: Mesh | None) -> int:
+  """Rows a batch must be a multiple of to shard over ('data', 'fsdp'); 1 without a mesh."""
+  return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]

@@ -31,8 +31,8 @@ def test_keep_n_restore_sharded_and_ignore_partial_save(tmp_path):
 
   ckpt = checkpoint.Checkpointer(tmp_path, every=1, keep=2)
   assert ckpt.latest_step() == 3
-  target = jax.eval_shape(lambda: _state(mesh, 0))
-  target = checkpoint.abstract_like(target, jax.tree.map(lambda x: x.sharding, _state(mesh, 0)))
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        _state(mesh, 0))
   state, data, step = ckpt.restore(target)
   assert step == 3 and data == {"step": 3}
   np.testing.assert_array_equal(np.asarray(state["w"]), np.full((8, 4), 3.0))

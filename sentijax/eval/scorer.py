@@ -187,7 +187,7 @@ def classify(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
     raise ValueError(f"verbalizer token ids {verb_ids_C.tolist()} exceed the model's vocab_size "
                      f"{cfg.vocab_size}: tokenizer and model do not match")
   seqs = tokenize_prompts(tokenizer, texts)
-  divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
+  divisor = sharding.batch_divisor(mesh)
   scores_NxC = np.zeros((len(seqs), n_classes), np.float32)
   bar = _bar(len(seqs), desc, progress)
   for batch in make_batches(seqs, batch_size, pad_id_of(tokenizer, cfg), divisor):
@@ -212,7 +212,7 @@ def generate(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
   `stops`: from `stop_tokens(tokenizer, cfg)` (computed here when None).
   """
   seqs = tokenize_prompts(tokenizer, texts)
-  divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
+  divisor = sharding.batch_divisor(mesh)
   pad_id = pad_id_of(tokenizer, cfg)
   stops = stops if stops is not None else stop_tokens(tokenizer, cfg)
   outputs: list[str] = [""] * len(seqs)

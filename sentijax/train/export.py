@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import jax
-
 from sentijax import checkpoint, models, sharding
 from sentijax.data import tokenizer as tokenizer_lib
 from sentijax.models import hf
@@ -42,13 +40,11 @@ def run(config) -> Path:
   tok = tokenizer_lib.load_tokenizer(spec)
   mesh = sharding.make_mesh(config.mesh)
   tx = state_lib.make_optimizer(config.train)  # only its state structure matters here
-  state_sh = state_lib.state_shardings(model_cfg, tx, mesh, config.sharding_rules)
-  abstract = jax.eval_shape(lambda: state_lib.create_state(models.param_shapes(model_cfg), tx))
+  target, _ = state_lib.abstract_state(model_cfg, tx, mesh, config.sharding_rules)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=1, keep=1_000_000,
                                  async_save=False)
   try:
-    state, _, step = ckpt.restore(checkpoint.abstract_like(abstract, state_sh),
-                                  step=int(config.export.step) or None)
+    state, _, step = ckpt.restore(target, step=int(config.export.step) or None)
   finally:
     ckpt.close()
   out = Path(config.export.dir or workdir / "hf")

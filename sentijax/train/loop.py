@@ -78,18 +78,16 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
                         f"{jax.process_count()} processes")
   tx = state_lib.make_optimizer(tc)
   schedule = state_lib.learning_rate_schedule(tc)
-  state_sh = state_lib.state_shardings(model_cfg, tx, mesh, rules)
+  target, state_sh = state_lib.abstract_state(model_cfg, tx, mesh, rules)
   batch_sh = sharding.batch_sharding(mesh)
 
   # ---- State: resume or start ----------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=config.checkpoint.every,
                                  keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
-  abstract = jax.eval_shape(lambda: state_lib.create_state(models.param_shapes(model_cfg), tx))
-  abstract = checkpoint.abstract_like(abstract, state_sh)
   restored_data = None
   if ckpt.latest_step() is not None:
-    state, restored_data, start = ckpt.restore(abstract)
+    state, restored_data, start = ckpt.restore(target)
     log.info("resumed from %s at step %d", ckpt.directory, start)
     if restored_data.get("fingerprint") not in (None, train_ds.stats.get("cache_key")):
       raise TrainingError(f"{ckpt.directory}: the checkpoint was trained on a different corpus "
@@ -126,6 +124,15 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
   bar = tqdm(total=int(tc.steps), initial=start, desc=f"train {config.job}",
              disable=jax.process_index() != 0, dynamic_ncols=True)
 
+  def evaluate(step: int, hooks: tuple[EvalHook, ...] = ()) -> None:
+    loss = held_out_loss(eval_fn, state.params, val_ds, batch_size, int(tc.eval_batches),
+                         batch_sh)
+    val_losses.append((step, loss))
+    scalars = {"loss": loss}
+    for hook in hooks:
+      scalars.update(hook(step, state.params))
+    writer.write(step, scalars, prefix="eval/")
+
   def finish_step(step: int, m: dict) -> None:
     nonlocal window_tokens, window_start
     m = jax.device_get(m)
@@ -150,9 +157,7 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
   step = start
   try:
     if val_ds is not None and tc.eval_every and start == 0:  # the baseline the curve falls from
-      val_losses.append((0, held_out_loss(eval_fn, state.params, val_ds, batch_size,
-                                          int(tc.eval_batches), batch_sh)))
-      writer.write(0, {"loss": val_losses[-1][1]}, prefix="eval/")
+      evaluate(0)
     while step < int(tc.steps):
       local = next(batches)
       window_tokens += int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
@@ -166,28 +171,20 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
       if val_ds is not None and tc.eval_every and step % int(tc.eval_every) == 0:
         finish_step(*pending)
         pending = None
-        vl = held_out_loss(eval_fn, state.params, val_ds, batch_size, int(tc.eval_batches),
-                           batch_sh)
-        val_losses.append((step, vl))
-        scalars = {"loss": vl}
-        for hook in eval_hooks:
-          scalars.update(hook(step, state.params))
-        writer.write(step, scalars, prefix="eval/")
-      if step % ckpt.every == 0 or ckpt.preempted(step):
+        evaluate(step, eval_hooks)
+      preempted = ckpt.preempted(step)
+      if step % ckpt.every == 0 or preempted:
         if pending is not None:
           finish_step(*pending)  # never checkpoint a state we have not checked for NaN
           pending = None
         ckpt.save(step, state, data_state(), force=True)
-        if ckpt.preempted(step):
+        if preempted:
           log.warning("preemption signal: saved step %d, exiting", step)
-          preempted = True
           break
     if pending is not None:
       finish_step(*pending)
     if val_ds is not None and not preempted and (not val_losses or val_losses[-1][0] != step):
-      vl = held_out_loss(eval_fn, state.params, val_ds, batch_size, int(tc.eval_batches), batch_sh)
-      val_losses.append((step, vl))
-      writer.write(step, {"loss": vl}, prefix="eval/")
+      evaluate(step)
     ckpt.save(step, state, data_state(), force=True)
   finally:
     bar.close()

@@ -71,3 +71,13 @@ def state_shardings(model_cfg: models.ModelConfig, tx: optax.GradientTransformat
 
 def create_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def abstract_state(model_cfg: models.ModelConfig, tx: optax.GradientTransformation, mesh,
+                   rules) -> tuple[TrainState, TrainState]:
+  """(restore target: ShapeDtypeStructs carrying their shardings, the shardings themselves)."""
+  state_sh = state_shardings(model_cfg, tx, mesh, rules)
+  shapes = jax.eval_shape(lambda: create_state(models.param_shapes(model_cfg), tx))
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, state_sh)
+  return target, state_sh
