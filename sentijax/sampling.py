@@ -76,14 +76,6 @@ def left_pad(seqs: Sequence[Sequence[int]], length: int, rows: int,
   return ids_BxT, mask_BxT
 
 
-def to_host(x: Array) -> np.ndarray:
-  """numpy copy of a (possibly sharded, possibly multi-host) array."""
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 # --------------------------------------------------------------------------------------------
 # The jitted decode loop.
 
@@ -217,7 +209,7 @@ def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
                            jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
                            max_new_tokens=int(max_new_tokens), sample=sample,
                            cache_sharding=cache_sharding)
-  return DecodeOutput(to_host(out_BxN)[:b], to_host(len_B)[:b])
+  return DecodeOutput(sharding.to_host(out_BxN)[:b], sharding.to_host(len_B)[:b])
 
 
 def greedy_decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,

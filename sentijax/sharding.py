@@ -82,6 +82,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def to_host(x: Any) -> np.ndarray:
+  """numpy copy of a (possibly sharded, possibly multi-host) array; all processes must call."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
 def batch_divisor(mesh: Mesh | None) -> int:
   """Rows a batch must be a multiple of to shard over ('data', 'fsdp'); 1 without a mesh."""
   return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]

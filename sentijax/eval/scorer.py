@@ -193,7 +193,7 @@ def classify(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
   for batch in make_batches(seqs, batch_size, pad_id_of(tokenizer, cfg), divisor):
     ids, mask = _place(mesh, batch.ids_BxT, batch.mask_BxT)
     out_BxC = _verbalizer_logits(cfg, params, ids, mask, jnp.asarray(verb_ids_C))
-    scores_NxC[batch.order] = sampling.to_host(out_BxC)[:len(batch.order), :n_classes]
+    scores_NxC[batch.order] = sharding.to_host(out_BxC)[:len(batch.order), :n_classes]
     bar.update(len(batch.order))
   bar.close()
   return scores_NxC

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from sentijax import sharding
 from sentijax.models import decoder
 from sentijax.models.decoder import ModelConfig, RopeScaling
 
@@ -364,13 +365,6 @@ def load_params(cfg: ModelConfig, directory: str | os.PathLike, shardings: Any =
   return params
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
-
-
 def save_params(cfg: ModelConfig, params: dict, directory: str | os.PathLike,
                 dtype: str = "float32", max_shard_bytes: int = 4 << 30) -> list[Path]:
   """Writes params as HF safetensors (sharded with an index.json above max_shard_bytes)."""
@@ -380,10 +374,10 @@ def save_params(cfg: ModelConfig, params: dict, directory: str | os.PathLike,
   top, per_layer = _spec(cfg)
   tensors: dict[str, np.ndarray] = {}
   for path, name, _, _, to_hf in top:
-    w = _to_host(_get_path(params, path))
+    w = sharding.to_host(_get_path(params, path))
     tensors[name] = np.ascontiguousarray((to_hf(w) if to_hf else w).astype(np_dtype))
   for path, name, _, _, to_hf in per_layer:
-    stacked = _to_host(_get_path(params, path))
+    stacked = sharding.to_host(_get_path(params, path))
     for i in range(cfg.num_layers):
       w = stacked[i]
       tensors[name.format(i=i)] = np.ascontiguousarray((to_hf(w) if to_hf else w).astype(np_dtype))
