@@ -77,6 +77,19 @@ TUPLE_ARITY: dict[str, int] = {
     "absa/opener": 4,
 }
 
+# Record layout of each dataset: which keys hold the label and how its label sequence is built.
+# Other labelled tasks in the same JSON layouts (see sentijax.data.tasks) name one of these.
+LAYOUTS: tuple[str, ...] = ("classification", "pstance", "atsa", "acsa", "asqp", "opener")
+LAYOUT: dict[str, str] = {
+    **{name: "classification" for name in CLASSIFICATION_DATASETS},
+    PSTANCE: "pstance",
+    "absa/atsa_rest16": "atsa",
+    "absa/acsa_rest16": "acsa",
+    "absa/asqp_rest16": "asqp",
+    "absa/opener": "opener",
+}
+LAYOUT_ARITY: dict[str, int] = {"atsa": 2, "acsa": 2, "asqp": 4, "opener": 4}
+
 NULL = "NULL"
 NO_OPINION: tuple[str, str, str, str] = (NULL, NULL, NULL, NULL)
 
@@ -97,11 +110,12 @@ _REQUIRED_TEMPLATE_KEYS: tuple[str, ...] = (
 )
 
 _RECORD_KEYS: dict[str, tuple[str, ...]] = {
-    "absa/atsa_rest16": ("sentence", "aspects"),
-    "absa/acsa_rest16": ("sentence", "aspects"),
-    "absa/asqp_rest16": ("sentence", "quards"),
-    "absa/opener": ("sentence", "opinions"),
-    PSTANCE: ("sentence", "label", "target"),
+    "classification": ("sentence", "label"),
+    "pstance": ("sentence", "label", "target"),
+    "atsa": ("sentence", "aspects"),
+    "acsa": ("sentence", "aspects"),
+    "asqp": ("sentence", "quards"),
+    "opener": ("sentence", "opinions"),
 }
 
 
@@ -264,17 +278,13 @@ def opener_tuples(record: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
   return out
 
 
-_TUPLE_BUILDERS = {
-    "absa/atsa_rest16": atsa_tuples,
-    "absa/acsa_rest16": acsa_tuples,
-    "absa/asqp_rest16": asqp_tuples,
-    "absa/opener": opener_tuples,
-}
+_TUPLE_BUILDERS = {"atsa": atsa_tuples, "acsa": acsa_tuples, "asqp": asqp_tuples,
+                   "opener": opener_tuples}
 
 
 def label_tuples(name: str, record: Mapping[str, Any]) -> list[tuple[str, ...]]:
-  """Gold tuples of an extraction record of dataset `name`."""
-  return _TUPLE_BUILDERS[name](record)
+  """Gold tuples of an extraction record of dataset `name` (or of a layout, e.g. 'atsa')."""
+  return _TUPLE_BUILDERS[LAYOUT.get(name, name)](record)
 
 
 def label_string(label: str | Sequence[tuple[str, ...]]) -> str:
@@ -314,6 +324,7 @@ class Task:
   train: list[Example]
   test: list[Example]
   split: str = "test"
+  layout: str = ""  # one of LAYOUTS ("" = the SentiBench dataset's)
 
 
 def _read_json_list(path: str) -> list[Any]:
@@ -332,46 +343,62 @@ def _read_json_list(path: str) -> list[Any]:
   return data
 
 
-def _make_example(name: str, index: int, rec: Any, path: str) -> Example:
+def _make_example(layout: str, index: int, rec: Any, path: str) -> Example:
   if not isinstance(rec, dict):
     raise ValueError(f"{path}: record {index}: expected an object, got {type(rec).__name__}")
-  for key in _RECORD_KEYS.get(name, ("sentence", "label")):
+  for key in _RECORD_KEYS[layout]:
     if key not in rec:
       raise ValueError(f"{path}: record {index}: missing key '{key}'")
   if not isinstance(rec["sentence"], str):
     raise ValueError(f"{path}: record {index}: 'sentence' must be a string")
   try:
-    if name in TUPLE_ARITY:
-      gold: Any = label_tuples(name, rec)
+    if layout in LAYOUT_ARITY:
+      gold: Any = label_tuples(layout, rec)
     else:
       if not isinstance(rec["label"], str):
         raise TypeError("'label' must be a string")
       gold = classification_label(rec)
   except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
     raise ValueError(f"{path}: record {index}: malformed label fields: {e!r}") from None
-  target = rec.get("target") if name == PSTANCE else None
+  target = rec.get("target") if layout == "pstance" else None
   return Example(index=index, sentence=rec["sentence"], gold=gold, target=target,
                  label=label_string(gold), raw=rec)
 
 
-def load_split(data_dir: str | os.PathLike, name: str, split: str) -> list[Example]:
-  """Loads `<data_dir>/<name>/<split>.json` as Examples."""
-  if name not in CATEGORIES:
-    raise ValueError(f"unknown SentiBench dataset {name!r}; known: {', '.join(DATASETS)}")
+def _layout_of(name: str, layout: str | None) -> str:
+  if layout is None:
+    if name not in CATEGORIES:
+      raise ValueError(f"unknown SentiBench dataset {name!r}; known: {', '.join(DATASETS)} "
+                       "(other tasks: pass layout=, see sentijax.data.tasks)")
+    return LAYOUT[name]
+  if layout not in LAYOUTS:
+    raise ValueError(f"task {name!r}: unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+  return layout
+
+
+def load_split(data_dir: str | os.PathLike, name: str, split: str,
+               layout: str | None = None) -> list[Example]:
+  """Loads `<data_dir>/<name>/<split>.json` as Examples.
+
+  `layout`: one of LAYOUTS for a task outside SentiBench (None = the SentiBench dataset's).
+  """
+  layout = _layout_of(name, layout)
   d = os.path.join(os.fspath(data_dir), name)
   if not os.path.isdir(d):
-    raise FileNotFoundError(f"SentiBench dataset directory not found: {d}")
+    raise FileNotFoundError(f"dataset directory not found: {d}")
   path = os.path.join(d, f"{split}.json")
-  return [_make_example(name, i, r, path) for i, r in enumerate(_read_json_list(path))]
+  return [_make_example(layout, i, r, path) for i, r in enumerate(_read_json_list(path))]
 
 
-def load_task(data_dir: str | os.PathLike, name: str, split: str = "test") -> Task:
+def load_task(data_dir: str | os.PathLike, name: str, split: str = "test",
+              layout: str | None = None) -> Task:
   """Loads a dataset: demo pool from train.json and the `split` file (default test.json)."""
-  test = load_split(data_dir, name, split)
-  train = load_split(data_dir, name, "train")
-  kind = "extraction" if name in TUPLE_ARITY else "classification"
-  return Task(name=name, kind=kind, category=CATEGORIES[name], train=train, test=test,
-              split=split)
+  layout = _layout_of(name, layout)
+  test = load_split(data_dir, name, split, layout)
+  train = load_split(data_dir, name, "train", layout)
+  kind = "extraction" if layout in LAYOUT_ARITY else "classification"
+  return Task(name=name, kind=kind, category=CATEGORIES.get(name, "other"), train=train,
+              test=test, split=split, layout=layout)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -400,7 +427,8 @@ def build_prompt_text(task: Task, templates: Mapping[str, Any], item: Example,
   """Instruction, empty line, demos, query joined with the template `join` string."""
   fmt = templates["prompt_format"]
   instruction = templates["instructions"][task.name]
-  if task.name == PSTANCE:
+  pstance = (task.layout or LAYOUT.get(task.name)) == "pstance"
+  if pstance:
     try:
       instruction = instruction % item.target
     except TypeError as e:
@@ -408,7 +436,7 @@ def build_prompt_text(task: Task, templates: Mapping[str, Any], item: Example,
   parts = [instruction, ""]
   for i in demo_ids:
     demo = task.train[i]
-    if task.name == PSTANCE:
+    if pstance:
       parts.append(fmt["pstance_demo"].format(sentence=demo.sentence, label=demo.label,
                                               target=demo.target))
     else:

@@ -301,24 +301,42 @@ def sentiment_graph_f1(gold_lists: Sequence[Sequence[Sequence[Any]]],
 # --------------------------------------------------------------------------- dispatch
 
 
+METRICS = ("macro_f1", "micro_f1", "graph_f1")
+
+
+def metric_of(name: str) -> str:
+  """The metric of a SentiBench dataset (ValueError for other names)."""
+  if name in CLASSIFICATION:
+    return "macro_f1"
+  if name in TUPLE_MICRO:
+    return "micro_f1"
+  if name == OPENER:
+    return "graph_f1"
+  raise ValueError(f"unknown SentiBench dataset {name!r}; for another task pass metric= "
+                   f"(one of {', '.join(METRICS)}; sentijax.data.tasks.TaskSpec.metric)")
+
+
 def score_dataset(name: str, golds: Sequence[Any], preds: Sequence[Any], *,
                   sentences: Sequence[str] | None = None,
-                  gold_opinions: Sequence[Sequence[Mapping[str, Any]]] | None = None) -> float:
-  """The SentiBench score (x100) of one dataset run.
+                  gold_opinions: Sequence[Sequence[Mapping[str, Any]]] | None = None,
+                  metric: str | None = None) -> float:
+  """The SentiBench score (x100) of one dataset run, or of any registered task given `metric`.
 
   Args:
-    name: dataset name, e.g. 'sc/sst2' or 'absa/opener'.
+    name: dataset name, e.g. 'sc/sst2' or 'absa/opener' (any name when `metric` is given).
+    metric: 'macro_f1' | 'micro_f1' | 'graph_f1'; None = the SentiBench dataset's.
     golds: gold labels (strings) or gold tuple lists, one per test item.
     preds: predicted labels or tuple lists, same length.
     sentences, gold_opinions: opener only, see `sentiment_graph_f1` (pass both -- from
       `Example.sentence` and `Example.raw['opinions']` -- for the exact official score).
   """
+  metric = metric_of(name) if metric is None else metric
+  if metric not in METRICS:
+    raise ValueError(f"{name}: unknown metric {metric!r}; known: {', '.join(METRICS)}")
   if len(golds) != len(preds):
     raise ValueError(f"{name}: {len(golds)} gold items vs {len(preds)} predictions")
-  if name in CLASSIFICATION:
+  if metric == "macro_f1":
     return 100.0 * macro_f1([str(g).lower() for g in golds], list(preds))
-  if name in TUPLE_MICRO:
+  if metric == "micro_f1":
     return 100.0 * micro_f1_tuples(golds, preds)
-  if name == OPENER:
-    return 100.0 * sentiment_graph_f1(golds, preds, sentences, gold_opinions)
-  raise ValueError(f"unknown SentiBench dataset {name!r}")
+  return 100.0 * sentiment_graph_f1(golds, preds, sentences, gold_opinions)
