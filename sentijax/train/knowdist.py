@@ -7,8 +7,8 @@ from pathlib import Path
 
 import jax
 
-from sentijax.data import corpus as corpus_lib
-from sentijax.data import pipeline
+from sentijax.data import dataset, readers
+from sentijax.data.spec import DataSpec
 from sentijax.train import export, loop, student
 
 log = logging.getLogger("sentijax")
@@ -20,11 +20,13 @@ def run(config) -> loop.Result:
   workdir.mkdir(parents=True, exist_ok=True)
   model_cfg = student.model_config(config)
 
-  corpus = corpus_lib.load_corpus(config.data)
+  spec = DataSpec.from_config(config.data, workdir=config.workdir, seed=config.seed)
+  train_records, val_records, corpus_stats = readers.load_corpus(spec)
   tok = student.tokenizer(config, model_cfg,
-                          lambda: [t for r in corpus[0] for t in (r.prompt, r.response)])
-  train_ds, val_ds, stats = pipeline.build_train_val(
-      config, tok, show_progress=jax.process_index() == 0, corpus=corpus)
+                          lambda: [t for r in train_records for t in (r.prompt, r.response)])
+  train_ds, val_ds, stats = dataset.build_train_val(
+      train_records, val_records, tok, spec, show_progress=jax.process_index() == 0)
+  stats = {"corpus": corpus_stats} | stats
   if jax.process_index() == 0:
     (workdir / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
     export.save_student_spec(model_cfg, tok, workdir)

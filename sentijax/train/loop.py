@@ -58,7 +58,7 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
   """Runs (or resumes) training in `config.workdir`.
 
   `init_params(mesh, rules)` returns sharded fp32 params for a fresh run (HF import or random).
-  `train_ds` / `val_ds` are `sentijax.data.pipeline.PackedDataset`s.
+  `train_ds` / `val_ds` are `sentijax.data.dataset.PackedDataset`s.
   """
   tc = config.train
   workdir = Path(config.workdir)
@@ -96,7 +96,7 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
     params = init_params(mesh, rules)
     state = jax.jit(lambda p: state_lib.create_state(p, tx), out_shardings=state_sh)(params)
   start = int(jax.device_get(state.step))
-  batches = train_ds.batches(batch_size, start_step=start, prefetch=int(config.data.prefetch))
+  batches = train_ds.batches(batch_size, start_step=start, prefetch=train_ds.prefetch)
   if restored_data is not None:
     try:  # the data position saved with the state; refuses a changed batch size / seed / order
       batches.set_state({**restored_data, "step": start})
@@ -108,7 +108,7 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
                                      loss_chunk)
   eval_fn = step_lib.jit_eval_step(model_cfg, state_sh.params, batch_sh, loss_chunk)
   writer = metrics.MetricWriter(workdir / "tensorboard")
-  flops_per_token = model_cfg.flops_per_token(int(config.data.seq_len))
+  flops_per_token = model_cfg.flops_per_token(train_ds.seq_len)
   peak = metrics.peak_tflops_per_device(tc.peak_tflops)
   fingerprint = train_ds.stats.get("cache_key")
 

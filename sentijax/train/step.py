@@ -1,6 +1,6 @@
 """One optimizer step (with gradient accumulation) and one eval step: pure functions to jit.
 
-Batches are dicts of [B, L] arrays (see `sentijax.data.pipeline`): `inputs`, `targets`,
+Batches are dicts of [B, L] arrays (see `sentijax.data.packing`): `inputs`, `targets`,
 `weights` (1 on completion tokens), `segment_ids`, `positions`. The loss is the sum of weighted
 token NLLs over all microbatches divided by the total weight, so accumulation over M microbatches
 equals one large batch exactly.

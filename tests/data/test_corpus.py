@@ -1,4 +1,5 @@
 """Corpus records: validation, adapters, atomic and resumable writing, train/val split."""
+import dataclasses
 import json
 import os
 import re
@@ -9,8 +10,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import ml_collections  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
-from sentijax.data import corpus, prompts  # pylint: disable=wrong-import-position
-from sentijax.data.corpus import CorpusError, Record  # pylint: disable=wrong-import-position
+from sentijax.data import prompts, readers, writers  # pylint: disable=wrong-import-position
+from sentijax.data import records as records_lib  # pylint: disable=wrong-import-position
+from sentijax.data.records import CorpusError, Record  # pylint: disable=wrong-import-position
+from sentijax.data.spec import DataSpec  # pylint: disable=wrong-import-position
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 MIXTRAL = SHARED / "teacher_corpus" / "mixtral_reviews_500.jsonl"
@@ -29,7 +32,7 @@ def _write(path: Path, lines: list[str]) -> Path:
 
 
 def test_demo_corpus_is_valid_and_varied():
-  records, stats = corpus.read_records(corpus.demo_corpus_path())
+  records, stats = readers.read_records(records_lib.demo_corpus_path())
   assert 40 <= len(records) <= 60 and stats.num_skipped == 0
   assert len({r.id for r in records}) == len(records)
   perspectives = {r.meta["perspective"] for r in records}
@@ -38,7 +41,7 @@ def test_demo_corpus_is_valid_and_varied():
     sentences = re.findall(r"[.!?](?:\s|$)", r.response)
     assert 2 <= len(sentences) <= 6, r.id
     assert r.prompt == prompts.knowdist_prompt(r.meta["text"], r.meta["perspective"])
-  assert corpus.detect_format(corpus.demo_corpus_path()) == "records"
+  assert readers.detect_format(records_lib.demo_corpus_path()) == "records"
 
 
 @pytest.mark.parametrize("bad_line, key, reason", [
@@ -54,11 +57,11 @@ def test_demo_corpus_is_valid_and_varied():
 def test_bad_line_names_file_line_and_key(tmp_path, bad_line, key, reason):
   path = _write(tmp_path / "c.jsonl", [_line("a"), bad_line, _line("c")])
   with pytest.raises(CorpusError) as error:
-    corpus.read_records(path)
+    readers.read_records(path)
   message = str(error.value)
   assert str(path) in message and "line 2" in message and key in message
   assert "skip_bad_records" in message  # says how to proceed
-  records, stats = corpus.read_records(path, skip_bad_records=True)
+  records, stats = readers.read_records(path, skip_bad_records=True)
   assert [r.id for r in records] == ["a", "c"]
   assert stats.skipped == {reason: 1} and stats.num_skipped == 1 and stats.records == 2
   assert "line 2" in stats.first_errors[0]
@@ -68,7 +71,7 @@ def test_blank_lines_messages_and_meta_are_read(tmp_path):
   messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
   path = _write(tmp_path / "c.jsonl", [_line("a", meta={"k": 1}), "\n",
                                        _line("b", messages=messages)])
-  records, stats = corpus.read_corpus(path)
+  records, stats = readers.read_corpus(path)
   assert stats.format == "records" and stats.blank_lines == 1
   assert records[0].meta == {"k": 1} and records[0].messages is None
   assert records[1].messages == messages
@@ -79,8 +82,8 @@ def test_blank_lines_messages_and_meta_are_read(tmp_path):
 
 @pytest.mark.skipif(not MIXTRAL.is_file(), reason="../shared/teacher_corpus not present")
 def test_mixtral_adapter_on_real_teacher_sample():
-  assert corpus.detect_format(MIXTRAL) == "mixtral"
-  records, stats = corpus.read_corpus(MIXTRAL)
+  assert readers.detect_format(MIXTRAL) == "mixtral"
+  records, stats = readers.read_corpus(MIXTRAL)
   raw = [json.loads(line) for line in MIXTRAL.read_text(encoding="utf-8").splitlines() if line]
   assert len(records) == len(raw) == stats.records and stats.num_skipped == 0
   assert len({r.id for r in records}) == len(records)  # the file repeats one ID
@@ -92,7 +95,7 @@ def test_mixtral_adapter_on_real_teacher_sample():
     assert record.prompt == prompts.knowdist_prompt(row["Text"], record.meta["perspective"])
     expected = "aspects" if record.response.startswith("Opinion Target") else "rewrite"
     assert record.meta["perspective"] == expected
-  again, _ = corpus.read_corpus(MIXTRAL, format="mixtral")
+  again, _ = readers.read_corpus(MIXTRAL, format="mixtral")
   assert again == records
 
 
@@ -104,8 +107,8 @@ def test_mixtral_adapter_validates_lines(tmp_path):
            json.dumps(good) + "\n"]
   path = _write(tmp_path / "m.jsonl", lines)
   with pytest.raises(CorpusError, match=r"m\.jsonl, line 2: key 'mixtral_response' is empty"):
-    corpus.read_corpus(path)
-  records, stats = corpus.read_corpus(path, skip_bad_records=True)
+    readers.read_corpus(path)
+  records, stats = readers.read_corpus(path, skip_bad_records=True)
   assert [r.id for r in records] == ["1"]
   assert stats.skipped == {"empty_value": 1, "missing_key": 1, "duplicate_id": 1}
 
@@ -121,10 +124,10 @@ def test_hf_adapter_json_and_parquet(tmp_path):
   json_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   parquet_path = tmp_path / "c.parquet"
   pd.DataFrame(rows).to_parquet(parquet_path)
-  columns = corpus.HFColumns(id="uid", prompt="question", response="answer")
-  assert corpus.detect_format(json_path) == "hf" and corpus.detect_format(parquet_path) == "hf"
-  from_json, _ = corpus.read_corpus(json_path, columns=columns)
-  from_parquet, stats = corpus.read_corpus(parquet_path, columns=columns)
+  columns = readers.HFColumns(id="uid", prompt="question", response="answer")
+  assert readers.detect_format(json_path) == "hf" and readers.detect_format(parquet_path) == "hf"
+  from_json, _ = readers.read_corpus(json_path, columns=columns)
+  from_parquet, stats = readers.read_corpus(parquet_path, columns=columns)
   assert from_json == from_parquet and stats.format == "hf" and len(from_json) == 5
   assert from_json[2] == Record(id="u2", prompt="Rate review 2", response="Positive 2.",
                                 meta={"stars": 2})
@@ -135,16 +138,16 @@ def test_hf_adapter_text_column_and_errors(tmp_path):
   path = tmp_path / "t.parquet"
   pd.DataFrame({"review": ["Loved it", "Meh", "Bad"],
                 "analysis": ["Positive.", "", "Negative."]}).to_parquet(path)
-  columns = corpus.HFColumns(response="analysis", text="review")
+  columns = readers.HFColumns(response="analysis", text="review")
   with pytest.raises(CorpusError, match=r"t\.parquet, row 2: key 'analysis' is empty"):
-    corpus.read_corpus(path, columns=columns)
-  records, stats = corpus.read_corpus(path, columns=columns, skip_bad_records=True)
+    readers.read_corpus(path, columns=columns)
+  records, stats = readers.read_corpus(path, columns=columns, skip_bad_records=True)
   assert stats.skipped == {"empty_value": 1} and len(records) == 2
   first = records[0]
   assert first.prompt == prompts.knowdist_prompt("Loved it", prompts.perspective_for(first.id))
   assert first.meta["perspective"] in prompts.PERSPECTIVES
   with pytest.raises(CorpusError, match="missing column.*available columns"):
-    corpus.read_corpus(path)
+    readers.read_corpus(path)
 
 
 # --------------------------------------------------------------------------- writing
@@ -157,14 +160,14 @@ def _records(n: int, start: int = 0) -> list[Record]:
 
 def test_write_records_round_trip_without_leftovers(tmp_path):
   path = tmp_path / "sub" / "out.jsonl"
-  assert corpus.write_records(path, _records(3)) == 3
-  assert corpus.read_records(path)[0] == _records(3)
+  assert writers.write_records(path, _records(3)) == 3
+  assert readers.read_records(path)[0] == _records(3)
   assert sorted(p.name for p in path.parent.iterdir()) == ["out.jsonl"]
 
 
 def test_write_records_keeps_old_file_when_interrupted(tmp_path):
   path = tmp_path / "out.jsonl"
-  corpus.write_records(path, _records(2))
+  writers.write_records(path, _records(2))
   before = path.read_bytes()
 
   def failing():
@@ -172,74 +175,94 @@ def test_write_records_keeps_old_file_when_interrupted(tmp_path):
     raise RuntimeError("generator died")
 
   with pytest.raises(RuntimeError, match="generator died"):
-    corpus.write_records(path, failing())
+    writers.write_records(path, failing())
   with pytest.raises(CorpusError, match="duplicate id"):
-    corpus.write_records(path, _records(2) + _records(1))
+    writers.write_records(path, _records(2) + _records(1))
   with pytest.raises(CorpusError, match="'response' is empty"):
-    corpus.write_records(path, [{"id": "x", "prompt": "p", "response": ""}])
+    writers.write_records(path, [{"id": "x", "prompt": "p", "response": ""}])
   assert path.read_bytes() == before
   assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
 def test_resumable_writer_skips_done_ids(tmp_path):
   path = tmp_path / "gen.jsonl"
-  with corpus.ResumableWriter(path) as writer:
+  with writers.ResumableWriter(path) as writer:
     assert [writer.write(r) for r in _records(3)] == [True, True, True]
     assert not writer.write(_records(1)[0])
-  with corpus.ResumableWriter(path) as writer:
+  with writers.ResumableWriter(path) as writer:
     assert writer.done_ids == {"r0", "r1", "r2"} and len(writer) == 3
     todo = list(writer.pending(_records(5)))
     assert [r.id for r in todo] == ["r3", "r4"]
     for record in todo:
       writer.write(record)
-  assert corpus.read_records(path)[0] == _records(5)
+  assert readers.read_records(path)[0] == _records(5)
 
 
 def test_resumable_writer_repairs_truncated_last_line(tmp_path):
   path = tmp_path / "gen.jsonl"
-  corpus.write_records(path, _records(2))
+  writers.write_records(path, _records(2))
   with open(path, "ab") as f:
     f.write(_records(1, start=2)[0].to_line().encode()[:-9])  # crash mid-record
-  with corpus.ResumableWriter(path) as writer:
+  with writers.ResumableWriter(path) as writer:
     assert writer.repaired_bytes > 0 and writer.done_ids == {"r0", "r1"}
     writer.write(_records(1, start=2)[0])
-  assert corpus.read_records(path)[0] == _records(3)
+  assert readers.read_records(path)[0] == _records(3)
   # A complete last record that only lost its newline is kept.
   path.write_bytes(path.read_bytes().rstrip(b"\n"))
-  with corpus.ResumableWriter(path) as writer:
+  with writers.ResumableWriter(path) as writer:
     assert writer.repaired_bytes == 0 and len(writer) == 3
     writer.write(_records(1, start=3)[0])
-  assert corpus.read_records(path)[0] == _records(4)
+  assert readers.read_records(path)[0] == _records(4)
 
 
 def test_resumable_writer_refuses_corrupt_middle_line(tmp_path):
   path = _write(tmp_path / "gen.jsonl", [_line("a"), "{oops\n", _line("b")])
   with pytest.raises(CorpusError, match=r"gen\.jsonl, line 2: cannot resume"):
-    corpus.ResumableWriter(path)
+    writers.ResumableWriter(path)
 
 
 # --------------------------------------------------------------------------- load_corpus
 
 
-def _data_cfg(**overrides) -> ml_collections.ConfigDict:
+def _spec(**overrides) -> DataSpec:
   cfg = ml_collections.ConfigDict({"corpus": "", "format": "auto", "val_corpus": "",
                                    "val_fraction": 0.05, "skip_bad_records": False})
   cfg.update(overrides)
-  return cfg
+  return DataSpec.from_config(cfg)
+
+
+def test_data_spec_reads_the_config_once_and_names_bad_keys(tmp_path):
+  from sentijax import config as config_lib  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.base()
+  cfg.data.text_column = "review"
+  cfg.data.seq_len = 64
+  spec = DataSpec.from_config(cfg.data, workdir=str(tmp_path), seed=3)
+  assert spec.cache_dir == str(tmp_path / "data") and spec.seed == 3 and spec.seq_len == 64
+  assert spec.columns == readers.HFColumns(text="review")
+  assert spec.corpus_path == records_lib.demo_corpus_path()
+  # Every config.data key the data layer uses is a DataSpec field or an HFColumns column key.
+  assert DataSpec.from_config({}) == DataSpec()
+  defaults = DataSpec.from_config(config_lib.base().data)
+  assert dataclasses.replace(defaults, cache_dir="") == DataSpec()
+  for key, value, why in [("truncation", "cut", "expected one of"), ("seq_len", 1, ">= 2"),
+                          ("val_fraction", 1.0, r"\[0, 1\)"), ("format", "csv", "expected one of"),
+                          ("seq_len", "long", "expected int"), ("shuffle", "no", "bool")]:
+    with pytest.raises(records_lib.DataError, match=f"data.{key}=.*{why}"):
+      DataSpec.from_config({key: value})
 
 
 def test_load_corpus_demo_default_split_is_deterministic():
-  train, val, stats = corpus.load_corpus(_data_cfg())
-  records, _ = corpus.read_records(corpus.demo_corpus_path())
+  train, val, stats = readers.load_corpus(_spec())
+  records, _ = readers.read_records(records_lib.demo_corpus_path())
   assert len(train) + len(val) == len(records) and val
   assert {r.id for r in train}.isdisjoint({r.id for r in val})
   assert stats["num_train"] == len(train) and stats["val_source"] == "hash_split"
   json.dumps(stats)
-  train2, val2, _ = corpus.load_corpus(_data_cfg())
+  train2, val2, _ = readers.load_corpus(_spec())
   assert (train2, val2) == (train, val)
   # The split of a record depends only on its id, not on the rest of the corpus.
   subset = records[::-1][:30]
-  _, sub_val = corpus.split_train_val(subset, 0.05)
+  _, sub_val = records_lib.split_train_val(subset, 0.05)
   expected_val = [r for r in subset if r.id in {v.id for v in val}]
   assert sub_val == expected_val or (not expected_val and len(sub_val) == 1)
 
@@ -247,22 +270,22 @@ def test_load_corpus_demo_default_split_is_deterministic():
 def test_split_keeps_source_groups_together():
   records = [Record(id=f"{i}#{k}", prompt="p", response="r", meta={"source_id": str(i)})
              for i in range(200) for k in range(2)]
-  train, val = corpus.split_train_val(records, 0.2)
+  train, val = records_lib.split_train_val(records, 0.2)
   train_groups = {r.meta["source_id"] for r in train}
   val_groups = {r.meta["source_id"] for r in val}
   assert train_groups.isdisjoint(val_groups) and 15 < len(val_groups) < 70
-  assert corpus.split_train_val(records, 0.0) == (records, [])
+  assert records_lib.split_train_val(records, 0.0) == (records, [])
   with pytest.raises(CorpusError, match="val_fraction"):
-    corpus.split_train_val(records, 1.0)
+    records_lib.split_train_val(records, 1.0)
 
 
 def test_load_corpus_with_val_file_drops_overlap(tmp_path):
   train_path = tmp_path / "train.jsonl"
   val_path = tmp_path / "val.jsonl"
-  corpus.write_records(train_path, _records(6))
-  corpus.write_records(val_path, _records(2, start=4) + _records(1, start=9))
-  train, val, stats = corpus.load_corpus(
-      _data_cfg(corpus=str(train_path), val_corpus=str(val_path)))
+  writers.write_records(train_path, _records(6))
+  writers.write_records(val_path, _records(2, start=4) + _records(1, start=9))
+  train, val, stats = readers.load_corpus(
+      _spec(corpus=str(train_path), val_corpus=str(val_path)))
   assert [r.id for r in train] == ["r0", "r1", "r2", "r3"]
   assert [r.id for r in val] == ["r4", "r5", "r9"]
   assert stats["dropped_overlapping_val"] == 2 and stats["val_source"] == "val_corpus"

@@ -1,25 +1,26 @@
-"""Tokenise, mask, pack, store (array_record via tfds) and read (grain) KnowDist data."""
+"""Tokenise, mask, pack (packing.py), store (array_record via tfds) and read (grain) (dataset.py)."""
 import collections
 import copy
 import json
 import random
 
-import ml_collections
 import numpy as np
 import pytest
 
 from sentijax import config as config_lib
-from sentijax.data import corpus, pipeline
+from sentijax.data import dataset, packing, readers
+from sentijax.data import records as records_lib
 from sentijax.data import tokenizer as tokenizer_lib
-from sentijax.data.corpus import Record
+from sentijax.data.records import DataError, Record
+from sentijax.data.spec import DataSpec
 
 SEQ_LEN = 256
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  records, _ = corpus.read_records(corpus.demo_corpus_path())
-  texts = [t for r in records for t in (r.prompt, r.response)]
+  demo, _ = readers.read_records(records_lib.demo_corpus_path())
+  texts = [t for r in demo for t in (r.prompt, r.response)]
   return tokenizer_lib.train_tokenizer(texts, 800, tmp_path_factory.mktemp("tok"))
 
 
@@ -27,24 +28,21 @@ def tokenizer(tmp_path_factory):
 def records():
   """The demo corpus (~200 tokens per record here) plus short records, so rows hold several
   sequences, and one over-long record, so left_prompt truncation happens."""
-  demo = corpus.read_records(corpus.demo_corpus_path())[0]
+  demo = readers.read_records(records_lib.demo_corpus_path())[0]
   short = [Record(id=f"short-{i}", prompt=f"Rate review {i}: " + "good " * (i % 7),
                   response="Positive. " * (1 + i % 4)) for i in range(30)]
   long = Record(id="long", prompt="Summarise: " + "very long text " * 200, response="Neutral.")
   return demo[:20] + short[:15] + [long] + demo[20:] + short[15:]
 
 
-def _cfg(**overrides) -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict({"seq_len": SEQ_LEN, "chat_template": False,
-                                   "truncation": "left_prompt", "shuffle": True})
-  cfg.update(overrides)
-  return cfg
+def _spec(cache_dir, **overrides) -> DataSpec:
+  return DataSpec(**({"seq_len": SEQ_LEN} | overrides), cache_dir=str(cache_dir))
 
 
 @pytest.fixture(scope="module")
 def packed(tokenizer, records, tmp_path_factory):
   cache = tmp_path_factory.mktemp("cache")
-  return pipeline.build_dataset(records, tokenizer, _cfg(), cache, seed=0, show_progress=False)
+  return dataset.build_dataset(records, tokenizer, _spec(cache), show_progress=False)
 
 
 def _enc(tokenizer, text):
@@ -56,7 +54,7 @@ def _enc(tokenizer, text):
 
 def test_raw_mode_masks_only_response_and_eos(tokenizer):
   record = Record(id="x", prompt="Is this good?\n", response="Yes, very good.")
-  (seq,), stats = pipeline.tokenize_records([record], tokenizer, chat_template=False,
+  (seq,), stats = packing.tokenize_records([record], tokenizer, chat_template=False,
                                             show_progress=False)
   prompt_ids = [tokenizer.bos_token_id] + _enc(tokenizer, record.prompt)
   response_ids = _enc(tokenizer, record.response) + [tokenizer.eos_token_id]
@@ -67,7 +65,7 @@ def test_raw_mode_masks_only_response_and_eos(tokenizer):
 
 def test_chat_mode_masks_only_assistant_turn(tokenizer):
   record = Record(id="x", prompt="Is this good?", response="Yes, very good.")
-  (seq,), stats = pipeline.tokenize_records([record], tokenizer, chat_template=True,
+  (seq,), stats = packing.tokenize_records([record], tokenizer, chat_template=True,
                                             show_progress=False)
   assert stats["mode"] == "chat" and stats["chat_boundary_fallback"] == 0
   prompt_text = tokenizer.apply_chat_template([{"role": "user", "content": record.prompt}],
@@ -81,53 +79,53 @@ def test_chat_mode_masks_only_assistant_turn(tokenizer):
 def test_chat_mode_uses_messages_and_falls_back_to_raw(tokenizer):
   messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
   record = Record(id="x", prompt="unused", response="Hello.", messages=messages)
-  (seq,), _ = pipeline.tokenize_records([record], tokenizer, True, show_progress=False)
+  (seq,), _ = packing.tokenize_records([record], tokenizer, True, show_progress=False)
   prompt_part = tokenizer.decode(seq.tokens[seq.loss_mask == 0])
   assert "Be brief." in prompt_part and "unused" not in prompt_part
   no_template = copy.deepcopy(tokenizer)
   no_template.chat_template = None
-  (raw,), stats = pipeline.tokenize_records([record], no_template, True, show_progress=False)
+  (raw,), stats = packing.tokenize_records([record], no_template, True, show_progress=False)
   assert stats["mode"] == "raw" and raw.tokens[0] == tokenizer.bos_token_id
 
 
 # --------------------------------------------------------------------------- truncation
 
 
-def _seq(num_prompt: int, num_response: int) -> pipeline.TokenizedSequence:
+def _seq(num_prompt: int, num_response: int) -> packing.TokenizedSequence:
   tokens = np.concatenate([[0], np.arange(10, 9 + num_prompt),
                            np.arange(1000, 1000 + num_response)])
   mask = np.array([0] * num_prompt + [1] * num_response)
-  return pipeline.TokenizedSequence(tokens.astype(np.int32), mask.astype(np.int32))
+  return packing.TokenizedSequence(tokens.astype(np.int32), mask.astype(np.int32))
 
 
 def test_left_prompt_truncation_keeps_bos_and_response():
-  fitted, outcome = pipeline.fit_sequence(_seq(20, 5), seq_len=15, truncation="left_prompt",
+  fitted, outcome = packing.fit_sequence(_seq(20, 5), seq_len=15, truncation="left_prompt",
                                           bos_id=0)
   assert outcome == "truncated_prompt" and len(fitted.tokens) == 16
   assert fitted.tokens[0] == 0 and fitted.tokens[-5:].tolist() == list(range(1000, 1005))
   assert fitted.tokens[1:11].tolist() == list(range(19, 29))  # the prompt's tail survives
-  fitted, outcome = pipeline.fit_sequence(_seq(4, 30), 15, "left_prompt", bos_id=0)
+  fitted, outcome = packing.fit_sequence(_seq(4, 30), 15, "left_prompt", bos_id=0)
   assert outcome == "truncated_response" and fitted.tokens.tolist() == [0] + list(
       range(1000, 1015))
-  assert pipeline.fit_sequence(_seq(4, 30), 15, "drop", 0) == (None, "dropped_too_long")
-  kept, outcome = pipeline.fit_sequence(_seq(4, 5), 15, "drop", 0)
+  assert packing.fit_sequence(_seq(4, 30), 15, "drop", 0) == (None, "dropped_too_long")
+  kept, outcome = packing.fit_sequence(_seq(4, 5), 15, "drop", 0)
   assert outcome == "kept" and len(kept.tokens) == 9
-  assert pipeline.fit_sequence(_seq(4, 0), 15, "left_prompt", 0) == (
+  assert packing.fit_sequence(_seq(4, 0), 15, "left_prompt", 0) == (
       None, "dropped_empty_response")
 
 
 def test_drop_truncation_counts(tokenizer, records, tmp_path):
-  sequences, _ = pipeline.tokenize_records(records, tokenizer, False, show_progress=False)
+  sequences, _ = packing.tokenize_records(records, tokenizer, False, show_progress=False)
   lengths = sorted(len(s.tokens) - 1 for s in sequences)
   seq_len = lengths[len(lengths) // 2]
-  ds = pipeline.build_dataset(records, tokenizer, _cfg(seq_len=seq_len, truncation="drop"),
-                              tmp_path, show_progress=False)
+  ds = dataset.build_dataset(records, tokenizer, _spec(tmp_path, seq_len=seq_len,
+                                                       truncation="drop"), show_progress=False)
   stats = ds.stats
   assert stats["dropped_too_long"] == sum(n > seq_len for n in lengths) > 0
   assert stats["records_used"] + stats["dropped_too_long"] == len(records) == stats["records_in"]
-  with pytest.raises(pipeline.DataError, match=f"All {len(records)} records were dropped"):
-    pipeline.build_dataset(records, tokenizer, _cfg(seq_len=8, truncation="drop"), tmp_path,
-                           show_progress=False)
+  with pytest.raises(DataError, match=f"All {len(records)} records were dropped"):
+    dataset.build_dataset(records, tokenizer, _spec(tmp_path, seq_len=8, truncation="drop"),
+                          show_progress=False)
 
 
 # --------------------------------------------------------------------------- packing
@@ -151,7 +149,7 @@ def test_first_fit_matches_naive():
   rng = random.Random(0)
   for _ in range(20):
     lengths = [rng.randint(1, 64) for _ in range(rng.randint(1, 200))]
-    assert pipeline.first_fit(lengths, 64) == _naive_first_fit(lengths, 64)
+    assert packing.first_fit(lengths, 64) == _naive_first_fit(lengths, 64)
 
 
 def _all_rows(ds) -> list[dict]:
@@ -159,17 +157,17 @@ def _all_rows(ds) -> list[dict]:
 
 
 def test_packing_invariants(tokenizer, records, packed):
-  sequences, _ = pipeline.tokenize_records(records, tokenizer, False, show_progress=False)
+  sequences, _ = packing.tokenize_records(records, tokenizer, False, show_progress=False)
   expected = []
   for sequence in sequences:
-    fitted, _ = pipeline.fit_sequence(sequence, SEQ_LEN, "left_prompt", tokenizer.bos_token_id)
+    fitted, _ = packing.fit_sequence(sequence, SEQ_LEN, "left_prompt", tokenizer.bos_token_id)
     expected.append((tuple(fitted.tokens.tolist()), tuple(fitted.loss_mask[1:].tolist())))
   rows = _all_rows(packed)
   assert len(rows) == packed.num_rows and packed.num_rows < len(records) - 20  # packing happened
   assert packed.stats["truncated_prompt"] == 1
   found = []
   for row in rows:
-    assert set(row) == set(pipeline.FIELDS)
+    assert set(row) == set(packing.FIELDS)
     assert row["inputs"].shape == (SEQ_LEN,) and row["weights"].dtype == np.float32
     seg = row["segment_ids"]
     k = seg.max()
@@ -203,11 +201,11 @@ def test_weights_zero_on_prompt_tokens(tokenizer, records, packed):
 
 def test_cache_hit_reuses_rows(tokenizer, records, packed):
   cache_dir = packed.data_dir.rsplit("/", 1)[0]
-  again = pipeline.build_dataset(records, tokenizer, _cfg(), cache_dir, show_progress=False)
+  again = dataset.build_dataset(records, tokenizer, _spec(cache_dir), show_progress=False)
   assert again.stats["cache_hit"] and not packed.stats["cache_hit"]
   assert again.data_dir == packed.data_dir
-  changed = pipeline.build_dataset(records[:-1], tokenizer, _cfg(), cache_dir,
-                                   show_progress=False)
+  changed = dataset.build_dataset(records[:-1], tokenizer, _spec(cache_dir),
+                                  show_progress=False)
   assert changed.data_dir != packed.data_dir and not changed.stats["cache_hit"]
 
 
@@ -272,7 +270,7 @@ def test_host_shards_partition_the_global_batch(packed):
   for step, full in enumerate(global_batches):
     a, b = shards[0][step], shards[1][step]
     assert a["inputs"].shape == (3, SEQ_LEN)
-    for key in pipeline.FIELDS:
+    for key in packing.FIELDS:
       assert np.array_equal(np.concatenate([a[key], b[key]]), full[key])
   # Resuming the 2-process run from a 1-process state gives the same rows.
   iterator = packed.batches(6, process_index=1, process_count=2)
@@ -299,11 +297,149 @@ def test_build_train_val_from_config(tokenizer, tmp_path):
   cfg.workdir = str(tmp_path / "run")
   cfg.data.seq_len = SEQ_LEN
   cfg.data.chat_template = True
-  train, val, stats = pipeline.build_train_val(cfg, tokenizer, show_progress=False)
+  cfg.data.prefetch = 3
+  spec = DataSpec.from_config(cfg.data, workdir=cfg.workdir, seed=cfg.seed)
+  train_records, val_records, corpus_stats = readers.load_corpus(spec)
+  train, val, stats = dataset.build_train_val(train_records, val_records, tokenizer, spec,
+                                              show_progress=False)
   assert train.stats["mode"] == "chat" and train.shuffle and not val.shuffle
-  assert stats["corpus"]["num_train"] == train.stats["records_in"]
-  assert stats["corpus"]["num_val"] == val.stats["records_in"] > 0
+  assert corpus_stats["num_train"] == train.stats["records_in"] == stats["train"]["records_in"]
+  assert corpus_stats["num_val"] == val.stats["records_in"] > 0
   assert train.data_dir.startswith(str(tmp_path / "run" / "data"))
+  assert (train.prefetch, train.seed, train.soft_width) == (3, cfg.seed, 0)
+  assert train.fields == packing.FIELDS
   json.dumps(stats)
   batch = next(train.batches(2, process_index=0, process_count=1))
   assert batch["weights"].sum() > 0
+
+
+# --------------------------------------------------------------------------- soft targets
+
+SOFT_K = 3
+
+
+def _every_token_soft(record, sequence):
+  """Soft targets naming each token itself: ids [tok, tok + 1, 0], probs [0.75, 0.25, 0]."""
+  del record
+  n = len(sequence.tokens)
+  ids = np.stack([sequence.tokens, sequence.tokens + 1, np.zeros(n, np.int32)], -1)
+  return ids, np.tile(np.float32([0.75, 0.25, 0.0]), (n, 1))
+
+
+def _first_response_soft(record, sequence):
+  """One distribution at the first response token; none for records whose id ends in 0."""
+  if record.id.endswith("0"):
+    return None
+  index = packing.first_response_index(sequence)
+  return packing.soft_targets_at(len(sequence.tokens), SOFT_K, index,
+                                 [int(sequence.tokens[index]), 5], [0.6, 0.4])
+
+
+EVERY_TOKEN = packing.SoftTargets(SOFT_K, _every_token_soft, "every-token-v1")
+FIRST_RESPONSE = packing.SoftTargets(SOFT_K, _first_response_soft, "first-response-v1")
+
+
+def test_soft_targets_stay_aligned_with_targets_through_truncation_and_packing(tokenizer,
+                                                                              records):
+  packed = packing.pack_records(records, tokenizer, DataSpec(seq_len=SEQ_LEN), EVERY_TOKEN,
+                                show_progress=False)
+  assert packed.stats["truncated_prompt"] == 1 and packed.soft_width == SOFT_K
+  for row in packed.iter_rows():
+    assert set(row) == set(packing.FIELDS + packing.SOFT_FIELDS)
+    assert row["soft_ids"].shape == (SEQ_LEN, SOFT_K) and row["soft_probs"].dtype == np.float32
+    used = row["segment_ids"] > 0
+    # Every real position's soft target names the token that `targets` holds there.
+    assert np.array_equal(row["soft_ids"][used, 0], row["targets"][used])
+    assert np.array_equal(row["soft_ids"][used, 1], row["targets"][used] + 1)
+    assert np.array_equal(row["soft_probs"][used], np.tile([0.75, 0.25, 0.0], (used.sum(), 1)))
+    assert not row["soft_ids"][~used].any() and not row["soft_probs"][~used].any()
+  assert packed.stats["num_soft_targets"] == packed.stats["num_tokens"]
+
+
+def test_soft_target_at_first_response_token(tokenizer, records):
+  packed = packing.pack_records(records, tokenizer, DataSpec(seq_len=SEQ_LEN), FIRST_RESPONSE,
+                                show_progress=False)
+  with_soft = 0
+  for row in packed.iter_rows():
+    for s in range(1, row["segment_ids"].max() + 1):
+      where = np.flatnonzero(row["segment_ids"] == s)
+      marked = where[row["soft_probs"][where].sum(-1) > 0]
+      if not marked.size:
+        continue
+      with_soft += 1
+      first_loss = where[np.argmax(row["weights"][where])]
+      assert marked.tolist() == [first_loss]  # the position whose target is the first answer token
+      assert row["soft_ids"][first_loss].tolist() == [row["targets"][first_loss], 5, 0]
+      np.testing.assert_array_equal(row["soft_probs"][first_loss], np.float32([0.6, 0.4, 0]))
+  assert with_soft == sum(not r.id.endswith("0") for r in records)
+  assert packed.stats["num_soft_targets"] == with_soft
+
+
+def _row_multiset(rows):
+  return collections.Counter(tuple((k, r[k].dtype.str, r[k].tobytes()) for k in sorted(r))
+                             for r in rows)
+
+
+def test_soft_targets_cache_round_trip_batches_and_shards(tokenizer, records, packed, tmp_path):
+  import jax  # pylint: disable=import-outside-toplevel
+  from sentijax import sharding  # pylint: disable=import-outside-toplevel
+  spec = _spec(tmp_path)
+  soft = dataset.build_dataset(records, tokenizer, spec, soft_targets=FIRST_RESPONSE,
+                               show_progress=False)
+  assert soft.soft_width == SOFT_K and not soft.stats["cache_hit"]
+  assert soft.fields == packing.FIELDS + packing.SOFT_FIELDS
+  expected = list(packing.pack_records(records, tokenizer, spec, FIRST_RESPONSE,
+                                       show_progress=False).iter_rows())
+  # Stored rows == packed rows (tfds shuffles on write: compare as multisets), soft fields too;
+  # the KnowDist rows of the same records are the same rows without the soft fields.
+  assert _row_multiset(_all_rows(soft)) == _row_multiset(expected)
+  assert _row_multiset(_all_rows(packed)) == _row_multiset(
+      [{k: r[k] for k in packing.FIELDS} for r in expected])
+  again = dataset.build_dataset(records, tokenizer, spec, soft_targets=FIRST_RESPONSE,
+                                show_progress=False)
+  assert again.stats["cache_hit"] and again.soft_width == SOFT_K and again.data_dir == soft.data_dir
+  other = packing.SoftTargets(SOFT_K, _first_response_soft, "first-response-v2")
+  keys = {dataset.cache_key(records, tokenizer, spec, s) for s in (None, FIRST_RESPONSE, other)}
+  assert len(keys) == 3
+  batch = next(soft.batches(8, process_index=0, process_count=1))
+  assert {k: (v.shape, v.dtype.name) for k, v in batch.items() if k.startswith("soft")} == {
+      "soft_ids": ((8, SEQ_LEN, SOFT_K), "int32"), "soft_probs": ((8, SEQ_LEN, SOFT_K), "float32")}
+  halves = [next(soft.batches(8, process_index=p, process_count=2)) for p in range(2)]
+  for key in packing.SOFT_FIELDS:
+    assert np.array_equal(np.concatenate([h[key] for h in halves]), batch[key])
+  tail = list(soft.batches(8, process_index=0, process_count=1, shuffle=False, repeat=False))[-1]
+  assert tail["soft_probs"].shape == (8, SEQ_LEN, SOFT_K)
+  # On the training mesh the soft fields shard like the others: batch axis split, rest whole.
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  batch_sh = sharding.batch_sharding(mesh)
+  arrays = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
+  n = mesh.shape["data"]
+  assert arrays["soft_ids"].sharding.shard_shape(arrays["soft_ids"].shape) == (
+      8 // n, SEQ_LEN, SOFT_K)
+  assert arrays["inputs"].sharding.shard_shape(arrays["inputs"].shape) == (8 // n, SEQ_LEN)
+  np.testing.assert_array_equal(np.asarray(arrays["soft_probs"]), batch["soft_probs"])
+
+
+@pytest.mark.parametrize("result, match", [
+    ((np.zeros((2, SOFT_K), np.int32), np.zeros((2, SOFT_K), np.float32)), r"shapes \(2, 3\)"),
+    ("neg_ids", "non-negative integers"),
+    ("too_much", "sum to more than 1"),
+    ("nan", "finite"),
+])
+def test_bad_soft_targets_name_the_record(result, match):
+  sequence = packing.TokenizedSequence(np.arange(6, dtype=np.int32),
+                                       np.int32([0, 0, 0, 1, 1, 1]))
+  ids, probs = packing.soft_targets_at(6, SOFT_K, 3, [4, 5], [0.5, 0.5])
+  if result == "neg_ids":
+    ids[3, 0] = -1
+  elif result == "too_much":
+    probs[3, 1] = 0.6
+  elif result == "nan":
+    probs[3, 0] = np.nan
+  else:
+    ids, probs = result
+  bad = packing.SoftTargets(SOFT_K, lambda r, s: (ids, probs), "bad")
+  with pytest.raises(DataError, match=f"record 'r7'.*{match}"):
+    bad.attach(Record(id="r7", prompt="p", response="r"), sequence)
+  with pytest.raises(ValueError, match="width"):
+    packing.pack_row([sequence], 16, soft_width=SOFT_K)

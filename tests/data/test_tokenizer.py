@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sentijax.data import corpus
+from sentijax.data import readers, records
 from sentijax.data import tokenizer as tokenizer_lib
 
 VOCAB_SIZE = 700
@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _demo_texts() -> list[str]:
-  records, _ = corpus.read_records(corpus.demo_corpus_path())
-  return [t for r in records for t in (r.prompt, r.response)]
+  demo, _ = readers.read_records(records.demo_corpus_path())
+  return [t for r in demo for t in (r.prompt, r.response)]
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,8 @@ def test_training_is_deterministic(trained, tmp_path):
   tokenizer_lib.train_tokenizer(_demo_texts(), VOCAB_SIZE, tmp_path)
   assert (tmp_path / "tokenizer.json").read_bytes() == (out_dir / "tokenizer.json").read_bytes()
   # ... also in a fresh process with a different hash seed.
-  code = ("import sys; from sentijax.data import corpus, tokenizer as t; "
-          "rs = corpus.read_records(corpus.demo_corpus_path())[0]; "
+  code = ("import sys; from sentijax.data import readers, records, tokenizer as t; "
+          "rs = readers.read_records(records.demo_corpus_path())[0]; "
           f"t.train_tokenizer([x for r in rs for x in (r.prompt, r.response)], {VOCAB_SIZE}, "
           "sys.argv[1])")
   env = os.environ | {"PYTHONHASHSEED": "123", "PYTHONPATH": str(REPO)}

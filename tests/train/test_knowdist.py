@@ -55,6 +55,9 @@ class _PoisonedData:
   def batch_at(self, *a, **kw):
     return self.ds.batch_at(*a, **kw)
 
+  def __getattr__(self, name):  # seq_len, prefetch, ...
+    return getattr(self.ds, name)
+
 
 class _PoisonedIterator:
 
@@ -154,10 +157,10 @@ def test_student_initialised_from_hf_dir_and_exported(tmp_path):
   """model.init = an HF directory (weights + tokenizer): training starts from those weights."""
   import hf_fixtures
   from sentijax import models
-  from sentijax.data import corpus, tokenizer
+  from sentijax.data import readers, records, tokenizer
   model_dir = tmp_path / "student"
   hf_fixtures.make_llama(model_dir, vocab_size=512)
-  texts = [t for r in corpus.read_corpus(corpus.demo_corpus_path())[0] for t in (r.prompt,
+  texts = [t for r in readers.read_corpus(records.demo_corpus_path())[0] for t in (r.prompt,
                                                                                r.response)]
   tokenizer.train_tokenizer(texts, 512, model_dir)
   cfg = _config(tmp_path / "run", **{"model.init": str(model_dir), "train.steps": 4,

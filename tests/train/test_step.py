@@ -8,7 +8,7 @@ import pytest
 
 from sentijax import config as config_lib
 from sentijax import models, sharding
-from sentijax.data import pipeline
+from sentijax.data import packing
 from sentijax.train import losses, state as state_lib, step as step_lib
 
 CFG = models.presets.get("tiny")
@@ -29,12 +29,12 @@ def _sequences(rng, n):
     p, r = rng.integers(2, 8), rng.integers(2, 7)
     tokens = rng.integers(5, CFG.vocab_size, size=p + r).astype(np.int32)
     mask = np.r_[np.zeros(p), np.ones(r)].astype(np.int32)
-    out.append(pipeline.TokenizedSequence(tokens, mask))
+    out.append(packing.TokenizedSequence(tokens, mask))
   return out
 
 
 def _packed_batch(rng, rows, per_row=3):
-  packed = [pipeline.pack_row(_sequences(rng, per_row), SEQ) for _ in range(rows)]
+  packed = [packing.pack_row(_sequences(rng, per_row), SEQ) for _ in range(rows)]
   return {k: np.stack([r[k] for r in packed]) for k in packed[0]}
 
 
@@ -67,7 +67,7 @@ def test_loss_is_mean_nll_over_response_tokens_only():
 def test_packed_row_equals_sequences_run_unpacked():
   params = models.init(CFG, 1)
   seqs = _sequences(np.random.default_rng(1), 3)
-  row = pipeline.pack_row(seqs, SEQ)
+  row = packing.pack_row(seqs, SEQ)
   packed = np.asarray(losses.cross_entropy(
       models.forward(CFG, params, row["inputs"][None], segment_ids_BxT=row["segment_ids"][None],
                      positions_BxT=row["positions"][None]), row["targets"][None]))[0]

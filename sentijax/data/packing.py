@@ -1,0 +1,363 @@
+"""Tokenise -> mask -> fit -> pack: records become fixed-length training rows (in memory).
+
+Row schema (`pack_row`; the batches of dataset.py stack rows to [B, seq_len, ...]):
+
+  inputs       int32    [L]     token ids fed to the model (0 on padding)
+  targets      int32    [L]     next-token ids: targets[t] is the token after inputs[t] (0 on padding)
+  weights      float32  [L]     1.0 where targets[t] is a response token (incl. the final eos / end
+                                of turn) and counts in the loss; 0.0 on prompt tokens and padding
+  segment_ids  int32    [L]     1..k for the k sequences packed into a row, 0 on padding; attention
+                                must stay within a segment (causal AND segment_ids[q] == segment_ids[k])
+  positions    int32    [L]     position of each token within its own sequence (restarts at 0 per
+                                segment; 0 on padding), for RoPE
+  soft_ids     int32    [L, K]  ONLY when soft targets are used (K = `SoftTargets.width` > 0): K
+                                candidate ids for targets[t] ...
+  soft_probs   float32  [L, K]  ... and their probabilities (a teacher's distribution, e.g. over the
+                                verbalizers' first tokens). All K zero = no soft target at t.
+
+The loss is sum(weights * CE(logits, targets)) / sum(weights); a soft-target term uses the positions
+where soft_probs.sum(-1) > 0.
+
+Soft-target contract. `TokenizedSequence.soft_ids` / `.soft_probs` ([n, K], optional) are aligned
+with `tokens`: row t is the distribution for tokens[t] (like loss_mask[t]). Packing shifts them with
+the tokens, so in a packed row soft_*[p] belongs to targets[p] (= tokens[t] at p = offset + t - 1);
+truncation drops the same token positions from them. A `SoftTargets(width, fn, key)` given to
+`pack_records` attaches them: `fn(record, sequence)` returns ([n, K] ids, [n, K] probs) or None (no
+soft target for that record: zeros); `key` names fn's logic and settings and joins the cache key.
+`soft_targets_at` builds the arrays for one distribution at one token (e.g. the first response
+token, `first_response_index`). Probabilities must be finite, >= 0, and sum to <= 1 per position
+(a top-K truncation may leave mass out). Without soft targets rows and batches carry only the five
+fields above.
+
+Per record: with `chat_template=True` and a tokenizer that has one, the conversation
+[user: prompt (or record.messages), assistant: response] is rendered with the chat template; the
+prompt rendering with add_generation_prompt=True marks where the loss starts (prompt and response
+strings are tokenised separately, exactly as the student sees them at generation time). Otherwise
+raw: [bos] + tok(prompt) + tok(response) + [eos], loss on the response tokens and eos. A sequence
+of n tokens becomes one example of n - 1 positions (inputs = tokens[:-1], targets = tokens[1:],
+weights = loss_mask[1:]), so a sequence fits a row when n - 1 <= seq_len.
+
+Truncation (`spec.truncation`): `left_prompt` drops prompt tokens from the left (after bos) and
+then the response's tail; `drop` skips over-long records. Records with no loss token left are
+dropped. Both are counted in the stats. Packing is greedy first-fit in corpus order into rows of
+seq_len; no sequence is split across rows.
+"""
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from sentijax.data.records import DataError, Record
+from sentijax.data.spec import DataSpec
+
+logger = logging.getLogger("sentijax")
+
+FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions")
+SOFT_FIELDS = ("soft_ids", "soft_probs")
+_FIELD_DTYPES = {"inputs": np.int32, "targets": np.int32, "weights": np.float32,
+                 "segment_ids": np.int32, "positions": np.int32, "soft_ids": np.int32,
+                 "soft_probs": np.float32}
+_TOKENIZE_CHUNK = 1024
+_PROB_SUM_SLACK = 1e-4  # fp32 rounding of probabilities that sum to 1
+
+
+def row_spec(seq_len: int, soft_width: int = 0) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """name -> (shape, dtype) of one packed row; soft fields only when soft_width > 0."""
+  spec = {name: ((seq_len,), _FIELD_DTYPES[name]) for name in FIELDS}
+  if soft_width:
+    spec |= {name: ((seq_len, soft_width), _FIELD_DTYPES[name]) for name in SOFT_FIELDS}
+  return spec
+
+
+def empty_row(seq_len: int, soft_width: int = 0) -> dict[str, np.ndarray]:
+  """An all-padding row (zeros everywhere)."""
+  return {name: np.zeros(shape, dtype) for name, (shape, dtype) in
+          row_spec(seq_len, soft_width).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedSequence:
+  """One tokenised record before packing; soft_* (optional) are aligned with `tokens`."""
+  tokens: np.ndarray  # int32 [n]
+  loss_mask: np.ndarray  # int32 [n], 1 on response tokens
+  soft_ids: np.ndarray | None = None  # int32 [n, K]
+  soft_probs: np.ndarray | None = None  # float32 [n, K], 0 where absent
+
+  @property
+  def soft_width(self) -> int:
+    return 0 if self.soft_ids is None else int(self.soft_ids.shape[1])
+
+  def keep(self, mask: np.ndarray) -> "TokenizedSequence":
+    """The sequence with only the token positions where `mask` is True."""
+    if self.soft_ids is None:
+      return TokenizedSequence(self.tokens[mask], self.loss_mask[mask])
+    return TokenizedSequence(self.tokens[mask], self.loss_mask[mask], self.soft_ids[mask],
+                             self.soft_probs[mask])
+
+
+SoftTargetFn = Callable[[Record, TokenizedSequence], "tuple[np.ndarray, np.ndarray] | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftTargets:
+  """Per-token soft targets for `pack_records`: width K, the function, and its cache-key part."""
+  width: int
+  fn: SoftTargetFn
+  key: str
+
+  def __post_init__(self):
+    if self.width <= 0:
+      raise DataError(f"SoftTargets.width must be > 0, got {self.width}.")
+    if not self.key:
+      raise DataError("SoftTargets.key must name the soft-target logic (it joins the cache key).")
+
+  def attach(self, record: Record, sequence: TokenizedSequence) -> TokenizedSequence:
+    """`sequence` with fn's soft targets (zeros when fn returns None), checked."""
+    n, k = len(sequence.tokens), self.width
+    out = self.fn(record, sequence)
+    if out is None:
+      ids, probs = np.zeros((n, k), np.int32), np.zeros((n, k), np.float32)
+    else:
+      ids, probs = np.asarray(out[0]), np.asarray(out[1])
+      where = f"soft targets of record {record.id!r}"
+      if ids.shape != (n, k) or probs.shape != (n, k):
+        raise DataError(f"{where}: shapes {ids.shape} / {probs.shape}, expected ({n}, {k}) "
+                        "(tokens x SoftTargets.width).")
+      if not np.issubdtype(ids.dtype, np.integer) or (ids < 0).any():
+        raise DataError(f"{where}: soft_ids must be non-negative integers.")
+      probs = probs.astype(np.float32)
+      if not np.isfinite(probs).all() or (probs < 0).any():
+        raise DataError(f"{where}: soft_probs must be finite and >= 0.")
+      if (probs.sum(-1) > 1 + _PROB_SUM_SLACK).any():
+        raise DataError(f"{where}: soft_probs sum to more than 1 at a position.")
+      ids = ids.astype(np.int32)
+    return dataclasses.replace(sequence, soft_ids=ids, soft_probs=probs)
+
+
+def first_response_index(sequence: TokenizedSequence) -> int:
+  """Index into `tokens` of the first loss (response) token."""
+  if not sequence.loss_mask.any():
+    raise DataError("The sequence has no response token.")
+  return int(np.argmax(sequence.loss_mask))
+
+
+def soft_targets_at(num_tokens: int, width: int, index: int, ids: Sequence[int],
+                    probs: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+  """([n, K] ids, [n, K] probs): one distribution (<= K entries) at token `index`, zeros elsewhere."""
+  if len(ids) != len(probs) or len(ids) > width:
+    raise DataError(f"soft_targets_at: {len(ids)} ids and {len(probs)} probs for width {width}.")
+  soft_ids = np.zeros((num_tokens, width), np.int32)
+  soft_probs = np.zeros((num_tokens, width), np.float32)
+  soft_ids[index, :len(ids)] = ids
+  soft_probs[index, :len(probs)] = probs
+  return soft_ids, soft_probs
+
+
+# --------------------------------------------------------------------------- tokenisation
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+  return bool(getattr(tokenizer, "chat_template", None))
+
+
+def uses_chat_template(tokenizer: Any, chat_template: bool) -> bool:
+  """Whether records are rendered with the tokenizer's chat template."""
+  return bool(chat_template and _has_chat_template(tokenizer))
+
+
+def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+  if not texts:
+    return []
+  return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def _render_chat(tokenizer: Any, record: Record) -> tuple[str, str]:
+  """(prompt rendering with generation prompt, full rendering with the assistant turn)."""
+  conversation = record.messages or [{"role": "user", "content": record.prompt}]
+  prompt_text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                              add_generation_prompt=True)
+  full_text = tokenizer.apply_chat_template(
+      conversation + [{"role": "assistant", "content": record.response}], tokenize=False)
+  return prompt_text, full_text
+
+
+def _chat_sequence(p_ids: list[int], t_ids: list[int], split_ok: bool, stats: dict
+                  ) -> tuple[list[int], list[int]]:
+  if split_ok:
+    return p_ids + t_ids, [0] * len(p_ids) + [1] * len(t_ids)
+  # The template renders the prompt differently once answered: use the common token prefix.
+  stats["chat_boundary_fallback"] += 1
+  boundary = 0
+  while boundary < min(len(p_ids), len(t_ids)) and p_ids[boundary] == t_ids[boundary]:
+    boundary += 1
+  return t_ids, [0] * boundary + [1] * (len(t_ids) - boundary)
+
+
+def tokenize_records(records: Sequence[Record], tokenizer: Any, chat_template: bool,
+                     show_progress: bool = True) -> tuple[list[TokenizedSequence], dict]:
+  """Tokenises every record into (tokens, loss_mask); returns the sequences and stats."""
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  use_chat = uses_chat_template(tokenizer, chat_template)
+  if chat_template and not use_chat:
+    logger.warning("data.chat_template=True but the tokenizer has no chat template: using the "
+                   "raw [bos] prompt response [eos] format.")
+  eos_id = tokenizer.eos_token_id
+  if not use_chat and eos_id is None:
+    raise DataError("The tokenizer has no eos token; the raw format needs one to end responses.")
+  bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+  stats = {"mode": "chat" if use_chat else "raw", "chat_boundary_fallback": 0}
+  sequences: list[TokenizedSequence] = []
+  progress = tqdm(total=len(records), desc="Tokenising", unit="rec", disable=not show_progress)
+  for start in range(0, len(records), _TOKENIZE_CHUNK):
+    chunk = records[start:start + _TOKENIZE_CHUNK]
+    if use_chat:
+      rendered = [_render_chat(tokenizer, r) for r in chunk]
+      split_ok = [full.startswith(p) for p, full in rendered]
+      tails = [full[len(p):] if ok else full for (p, full), ok in zip(rendered, split_ok)]
+      pairs = [_chat_sequence(p_ids, t_ids, ok, stats) for p_ids, t_ids, ok in zip(
+          _encode_batch(tokenizer, [p for p, _ in rendered]), _encode_batch(tokenizer, tails),
+          split_ok)]
+    else:
+      pairs = [(bos + p_ids + r_ids + [eos_id],
+                [0] * (len(bos) + len(p_ids)) + [1] * (len(r_ids) + 1))
+               for p_ids, r_ids in zip(_encode_batch(tokenizer, [r.prompt for r in chunk]),
+                                       _encode_batch(tokenizer, [r.response for r in chunk]))]
+    sequences.extend(TokenizedSequence(np.asarray(tokens, np.int32), np.asarray(mask, np.int32))
+                     for tokens, mask in pairs)
+    progress.update(len(chunk))
+  progress.close()
+  return sequences, stats
+
+
+def fit_sequence(sequence: TokenizedSequence, seq_len: int, truncation: str, bos_id: int | None
+                 ) -> tuple[TokenizedSequence | None, str]:
+  """Fits a sequence to n - 1 <= seq_len. Returns (sequence or None, what happened)."""
+  max_tokens = seq_len + 1
+  tokens, mask = sequence.tokens, sequence.loss_mask
+  outcome = "kept"
+  if len(tokens) > max_tokens:
+    if truncation == "drop":
+      return None, "dropped_too_long"
+    excess = len(tokens) - max_tokens
+    num_prompt = int(np.argmax(mask)) if mask.any() else len(mask)
+    keep_head = 1 if num_prompt and bos_id is not None and tokens[0] == bos_id else 0
+    drop = min(excess, num_prompt - keep_head)
+    keep = np.ones(len(tokens), bool)
+    keep[keep_head:keep_head + drop] = False
+    excess -= drop
+    if excess:
+      keep[len(tokens) - excess:] = False
+      outcome = "truncated_response"
+    else:
+      outcome = "truncated_prompt"
+    sequence = sequence.keep(keep)
+  if len(sequence.tokens) < 2 or not sequence.loss_mask[1:].any():
+    return None, "dropped_empty_response"
+  return sequence, outcome
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+  """Greedy first-fit bin packing in order: each item goes to the first row with room.
+
+  A max-segment-tree over remaining row capacities makes each placement O(log n).
+  """
+  if any(length > capacity or length <= 0 for length in lengths):
+    raise ValueError(f"Every length must be in [1, {capacity}].")
+  size = 1
+  while size < max(len(lengths), 1):
+    size *= 2
+  tree = [capacity] * (2 * size)
+  rows: list[list[int]] = []
+  for item, length in enumerate(lengths):
+    node = 1
+    while node < size:
+      node = 2 * node if tree[2 * node] >= length else 2 * node + 1
+    row = node - size
+    tree[node] -= length
+    node //= 2
+    while node:
+      tree[node] = max(tree[2 * node], tree[2 * node + 1])
+      node //= 2
+    if row == len(rows):
+      rows.append([])
+    rows[row].append(item)
+  return rows
+
+
+def pack_row(sequences: Sequence[TokenizedSequence], seq_len: int, soft_width: int = 0
+             ) -> dict[str, np.ndarray]:
+  """One packed row (see the module docstring) from sequences with total n - 1 <= seq_len."""
+  row = empty_row(seq_len, soft_width)
+  offset = 0
+  for segment, sequence in enumerate(sequences, start=1):
+    if sequence.soft_width != soft_width:
+      raise ValueError(f"A sequence has soft targets of width {sequence.soft_width}; the row "
+                       f"expects width {soft_width}.")
+    length = len(sequence.tokens) - 1
+    end = offset + length
+    if end > seq_len:
+      raise ValueError(f"Sequences of total length {end} do not fit seq_len={seq_len}.")
+    row["inputs"][offset:end] = sequence.tokens[:-1]
+    row["targets"][offset:end] = sequence.tokens[1:]
+    row["weights"][offset:end] = sequence.loss_mask[1:]
+    row["segment_ids"][offset:end] = segment
+    row["positions"][offset:end] = np.arange(length)
+    if soft_width:  # aligned with targets: the distribution for tokens[t] sits at t - 1
+      row["soft_ids"][offset:end] = sequence.soft_ids[1:]
+      row["soft_probs"][offset:end] = sequence.soft_probs[1:]
+    offset = end
+  return row
+
+
+@dataclasses.dataclass
+class PackedRows:
+  """Fitted sequences and their first-fit assignment to rows; `iter_rows()` builds the rows."""
+  sequences: list[TokenizedSequence]
+  rows: list[list[int]]
+  seq_len: int
+  soft_width: int
+  stats: dict
+
+  def iter_rows(self) -> Iterator[dict[str, np.ndarray]]:
+    for row in self.rows:
+      yield pack_row([self.sequences[i] for i in row], self.seq_len, self.soft_width)
+
+
+def pack_records(records: Sequence[Record], tokenizer: Any, spec: DataSpec,
+                 soft_targets: SoftTargets | None = None, show_progress: bool = True
+                 ) -> PackedRows:
+  """Tokenise -> mask -> (soft targets) -> fit to `spec.seq_len` -> first-fit rows, with stats."""
+  if not records:
+    raise DataError("No records to pack.")
+  raw, token_stats = tokenize_records(records, tokenizer, spec.chat_template, show_progress)
+  if soft_targets is not None:
+    raw = [soft_targets.attach(r, s) for r, s in zip(records, raw)]
+  counts = {"kept": 0, "truncated_prompt": 0, "truncated_response": 0, "dropped_too_long": 0,
+            "dropped_empty_response": 0}
+  sequences = []
+  for sequence in raw:
+    fitted, outcome = fit_sequence(sequence, spec.seq_len, spec.truncation,
+                                   tokenizer.bos_token_id)
+    counts[outcome] += 1
+    if fitted is not None:
+      sequences.append(fitted)
+  if not sequences:
+    raise DataError(f"All {len(records)} records were dropped ({counts}); raise data.seq_len or "
+                    "use data.truncation='left_prompt'.")
+  rows = first_fit([len(s.tokens) - 1 for s in sequences], spec.seq_len)
+  num_tokens = sum(len(s.tokens) - 1 for s in sequences)
+  stats = token_stats | counts | {
+      "records_in": len(records), "records_used": len(sequences), "num_rows": len(rows),
+      "num_tokens": num_tokens, "seq_len": spec.seq_len, "truncation": spec.truncation,
+      "num_loss_tokens": int(sum(int(s.loss_mask[1:].sum()) for s in sequences)),
+      "fill_ratio": num_tokens / (len(rows) * spec.seq_len)}
+  soft_width = soft_targets.width if soft_targets is not None else 0
+  if soft_width:
+    stats |= {"soft_width": soft_width, "soft_key": soft_targets.key, "num_soft_targets": int(
+        sum(int((s.soft_probs[1:].sum(-1) > 0).sum()) for s in sequences))}
+  return PackedRows(sequences, rows, spec.seq_len, soft_width, stats)
