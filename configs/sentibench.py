@@ -37,4 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.max_examples = 0
   c.eval.batch_size = 16
   c.eval.max_new_tokens = 150
+  # Fidelity to the official harness (README "Fidelity"):
+  c.eval.generation_config = "auto"  # auto: apply the model dir's generation_config.json | ignore
+  c.eval.decode_cleanup = "auto"  # auto: as transformers 4.44 (tokenizer config) | on | off
+  c.eval.aggregation = "mean"  # mean over seeds | official (round to 4 dp, / 12, missing = 0)
+  # Persistent XLA compilation cache: auto (~/.cache/sentijax/xla) | off | a directory.
+  c.eval.compilation_cache = "auto"
   return c

@@ -14,6 +14,10 @@ Stop rules: a row ends at the first token in `stop_ids` (the stop token is kept 
 `lengths_B`). `soft_stop_ids` end a row only once it has produced some text, i.e. a token that is
 not in `blank_ids` (the scorer uses this for newlines: SentiBench's answer regex skips leading
 whitespace after `Label:`, so a newline before any answer text must not end the answer).
+
+`repetition_penalty` (transformers' processor: logits of ids already in the row, prompt without
+padding and generated tokens, divided by it when positive, multiplied when negative) is applied
+before each choice; at 1.0 the penalty code is not even compiled.
 """
 from __future__ import annotations
 
@@ -95,11 +99,27 @@ def _select(logits_BxV: Array, key: Array | None, temperature: Array, top_p: Arr
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sample", "cache_sharding"))
+def seen_tokens(ids_BxT: Array, mask_BxT: Array, vocab_size: int) -> Array:
+  """Bool [B, V]: which ids occur among each row's real (mask 1) tokens."""
+  b = ids_BxT.shape[0]
+  counts_BxV = jnp.zeros((b, vocab_size), jnp.int32).at[
+      jnp.arange(b)[:, None], ids_BxT].add(mask_BxT.astype(jnp.int32))
+  return counts_BxV > 0
+
+
+def repetition_penalty(logits_BxV: Array, seen_BxV: Array, penalty: Array) -> Array:
+  """transformers' RepetitionPenaltyLogitsProcessor: seen logits < 0 times the penalty, others
+  divided by it (penalty 1 leaves them bit-identical)."""
+  penalized_BxV = jnp.where(logits_BxV < 0, logits_BxV * penalty, logits_BxV / penalty)
+  return jnp.where(seen_BxV, penalized_BxV, logits_BxV)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sample", "cache_sharding",
+                                             "penalize"))
 def _decode(cfg: models.ModelConfig, params: PyTree, ids_BxT: Array, mask_BxT: Array,
             stop_kind_V: Array, blank_V: Array, pad_id: Array, key: Array, temperature: Array,
-            top_p: Array, *, max_new_tokens: int, sample: bool,
-            cache_sharding: NamedSharding | None) -> tuple[Array, Array]:
+            top_p: Array, penalty: Array, *, max_new_tokens: int, sample: bool,
+            cache_sharding: NamedSharding | None, penalize: bool) -> tuple[Array, Array]:
   b, t = ids_BxT.shape
   cache = models.init_cache(cfg, b, t + max_new_tokens)
   if cache_sharding is not None:
@@ -110,38 +130,48 @@ def _decode(cfg: models.ModelConfig, params: PyTree, ids_BxT: Array, mask_BxT: A
   logits_Bx1xV, cache = models.forward_with_cache(cfg, params, ids_BxT, positions_BxT, mask_BxT,
                                                   cache, last_only=True)
   next_pos_B = jnp.sum(mask_BxT, axis=1).astype(jnp.int32)
+  rows_B = jnp.arange(b)
+  # Tokens in each row so far (prompt without padding, then generated): repetition penalty.
+  seen_BxV = (seen_tokens(ids_BxT, mask_BxT, logits_Bx1xV.shape[-1]) if penalize
+              else jnp.zeros((b, 1), bool))
 
-  def choose(logits_Bx1xV, step):
+  def choose(logits_Bx1xV, seen_BxV, step):
+    logits_BxV = logits_Bx1xV[:, 0].astype(jnp.float32)
+    if penalize:
+      logits_BxV = repetition_penalty(logits_BxV, seen_BxV, penalty)
     step_key = jax.random.fold_in(key, step) if sample else None
-    return _select(logits_Bx1xV[:, 0].astype(jnp.float32), step_key, temperature, top_p)
+    return _select(logits_BxV, step_key, temperature, top_p)
 
   def write(state, tok_B, step):
-    out_BxN, done_B, seen_B, len_B = state
+    out_BxN, done_B, text_B, len_B, seen_BxV = state
     live_B = ~done_B
     out_BxN = out_BxN.at[:, step].set(jnp.where(live_B, tok_B, pad_id))
     kind_B = stop_kind_V[tok_B]
-    stop_B = (kind_B == _STOP) | ((kind_B == _SOFT_STOP) & seen_B)
-    return (out_BxN, done_B | stop_B, seen_B | ~blank_V[tok_B], len_B + live_B.astype(jnp.int32))
+    stop_B = (kind_B == _STOP) | ((kind_B == _SOFT_STOP) & text_B)
+    if penalize:
+      seen_BxV = seen_BxV.at[rows_B, tok_B].set(True)
+    return (out_BxN, done_B | stop_B, text_B | ~blank_V[tok_B], len_B + live_B.astype(jnp.int32),
+            seen_BxV)
 
-  tok_B = choose(logits_Bx1xV, 0)
+  tok_B = choose(logits_Bx1xV, seen_BxV, 0)
   init = (jnp.full((b, max_new_tokens), pad_id, jnp.int32), jnp.zeros((b,), bool),
-          jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
+          jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), seen_BxV)
   state = write(init, tok_B, 0)
 
   def cond(carry):
-    step, _, _, _, (_, done_B, _, _) = carry
-    return (step < max_new_tokens) & ~jnp.all(done_B)
+    step, _, _, _, state = carry
+    return (step < max_new_tokens) & ~jnp.all(state[1])
 
   def body(carry):
     step, tok_B, pos_B, cache, state = carry
     seg_Bx1 = jnp.ones((b, 1), jnp.int32)
     logits_Bx1xV, cache = models.forward_with_cache(cfg, params, tok_B[:, None], pos_B[:, None],
                                                     seg_Bx1, cache, last_only=True)
-    tok_B = choose(logits_Bx1xV, step)
+    tok_B = choose(logits_Bx1xV, state[4], step)
     return step + 1, tok_B, pos_B + 1, cache, write(state, tok_B, step)
 
   carry = (jnp.asarray(1, jnp.int32), tok_B, next_pos_B, cache, state)
-  _, _, _, _, (out_BxN, _, _, len_B) = jax.lax.while_loop(cond, body, carry)
+  _, _, _, _, (out_BxN, _, _, len_B, _) = jax.lax.while_loop(cond, body, carry)
   return out_BxN, len_B
 
 
@@ -161,7 +191,8 @@ def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
            prompt_mask_BxT: np.ndarray, max_new_tokens: int, stop_ids: Sequence[int],
            pad_id: int, *, soft_stop_ids: Sequence[int] = (), blank_ids: Sequence[int] = (),
            rng: Array | int | None = None, temperature: float = 1.0, top_p: float = 1.0,
-           mesh: Mesh | None = None, bucket: bool = True) -> DecodeOutput:
+           mesh: Mesh | None = None, bucket: bool = True, rules=None,
+           repetition_penalty: float = 1.0) -> DecodeOutput:
   """Decodes up to `max_new_tokens` per left-padded prompt row: greedy, or sampled with `rng`.
 
   Args:
@@ -170,8 +201,11 @@ def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
     pad_id: written after a row's end.
     soft_stop_ids / blank_ids: see the module docstring.
     rng: PRNG key (or int seed) for temperature/top-p sampling; None = greedy.
-    mesh: shard the batch over ('data', 'fsdp') of this mesh (params already placed on it).
+    mesh: shard the batch over this mesh (params already placed on it) by the `batch` rule of
+      `rules` (sharding rules; None = the base config's, ('data', 'fsdp')).
     bucket: pad T and B up to `bucket_length` / `bucket_batch` to share compilations.
+    repetition_penalty: transformers' repetition penalty over each row's prompt (padding
+      excluded) and the tokens generated so far; 1.0 = none.
   Returns:
     DecodeOutput(tokens_BxN [B, max_new_tokens] int32, lengths_B int32) as numpy.
   """
@@ -207,8 +241,10 @@ def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
   out_BxN, len_B = _decode(cfg, params, ids, mask, jnp.asarray(stop_kind_V),
                            jnp.asarray(blank_V), jnp.asarray(pad_id, jnp.int32), key,
                            jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
+                           jnp.asarray(repetition_penalty, jnp.float32),
                            max_new_tokens=int(max_new_tokens), sample=sample,
-                           cache_sharding=cache_sharding)
+                           cache_sharding=cache_sharding,
+                           penalize=float(repetition_penalty) != 1.0)
   return DecodeOutput(sharding.to_host(out_BxN)[:b], sharding.to_host(len_B)[:b])
 
 

@@ -4,7 +4,8 @@
         --config.eval.data_dir=../shared/sentibench --config.workdir=OUT
 
 Writes into `config.workdir`: results.json (scorer schema), predictions/<dataset>_<seed>.jsonl,
-results.md (table) and results.png (bar chart); prints the table.
+results.md (table) and results.png (bar chart); prints the table. Compiled XLA programs are kept
+in a persistent cache (`eval.compilation_cache`), so a second run compiles nothing.
 """
 from __future__ import annotations
 
@@ -18,9 +19,36 @@ import jax
 from sentijax import models, sharding
 from sentijax.data import sentibench
 from sentijax.data import tokenizer as tokenizer_lib
+from sentijax.eval import generation as gen_lib
 from sentijax.eval import report, scorer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sentijax")
+
+
+def default_cache_dir() -> str:
+  """$SENTIJAX_CACHE_DIR, else $XDG_CACHE_HOME/sentijax or ~/.cache/sentijax."""
+  return os.environ.get("SENTIJAX_CACHE_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+      "sentijax")
+
+
+def setup_compilation_cache(setting: str) -> str | None:
+  """Persistent XLA compilation cache: 'auto' = <default_cache_dir()>/xla, '' / 'off' = none,
+  else a directory. Every compiled program is kept (no minimum compile time or size).
+  Returns the directory used (None when off)."""
+  setting = str(setting or "").strip()
+  if setting.lower() in ("", "off", "none", "false"):
+    return None
+  path = os.path.join(default_cache_dir(), "xla") if setting == "auto" else setting
+  path = os.path.abspath(os.path.expanduser(path))
+  os.makedirs(path, exist_ok=True)
+  if jax.config.jax_compilation_cache_dir != path:
+    from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
+    compilation_cache.reset_cache()  # the cache decision is latched at the first compile
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
 
 
 def _model_dir(config: Any) -> str:
@@ -60,16 +88,24 @@ def run(config: Any) -> dict:
 
   mesh = sharding.make_mesh(config.mesh)
   t0 = time.time()
+  cache_dir = setup_compilation_cache(ev.get("compilation_cache", "auto"))
+  generation = gen_lib.load(_model_dir(config), str(ev.get("generation_config", "auto")))
   cfg, params, tokenizer = load_model(config, mesh)
   log.info("loaded %s (%.1fM params, %s) in %.1fs on mesh %s", config.model.init,
            cfg.num_params / 1e6, cfg.dtype, time.time() - t0, dict(mesh.shape))
+  log.info("generation config %s: repetition_penalty %g, eos %s; compilation cache %s",
+           generation.source, generation.repetition_penalty,
+           list(generation.eos_token_ids or ()) or "(model/tokenizer)", cache_dir or "off")
 
   workdir = str(config.workdir)
   t0 = time.time()
   results = scorer.score(cfg, params, tokenizer, ev.data_dir, templates, datasets, seeds,
                          max_examples=int(ev.max_examples), batch_size=int(ev.batch_size),
                          mesh=mesh, predictions_dir=os.path.join(workdir, "predictions"),
-                         progress=True, max_new_tokens=int(ev.max_new_tokens))
+                         progress=True, max_new_tokens=int(ev.max_new_tokens),
+                         rules=config.sharding_rules, generation=generation,
+                         decode_cleanup=str(ev.get("decode_cleanup", "auto")),
+                         aggregation=str(ev.get("aggregation", "mean")))
   if jax.process_index() == 0:
     scorer.write_json(os.path.join(workdir, "results.json"), results)
     md_path, png_path = report.write_report(results, workdir)

@@ -18,7 +18,11 @@ never executed). The result of `parse_tuples` is what the official scorer counts
     ')'), then parsed again. Official quirk: acsa and asqp then keep at most 3 distinct tuples
     (opener keeps all); acsa returns those recovered tuples without validation. The official
     code takes them from a `set` (hash-seed dependent order); we keep the first 3 in order of
-    appearance.
+    appearance. asqp / opener recover only when `literal_eval` fails: a list that parses but
+    holds an unhashable or non-iterable item gives [] (official).
+  * A `None` (or any non-string) inside an asqp tuple, or a non-string opener target /
+    expression / polarity, crashes the official parser; here the asqp tuple is dropped and the
+    opener field becomes 'NULL' (`INVALID_FIELD` for the polarity).
   * asqp / opener: items are de-duplicated first (official `set`, here order-preserving), so a
     bare tuple is treated as an iterable of strings (never correct, as in the official code).
     asqp keeps stripped 4-tuples of strings and drops the others. opener keeps raw values (the
@@ -126,11 +130,20 @@ def _recover(seq: str, cap: int | None) -> list[tuple[Any, ...]]:
 
 
 def _set_path(seq: str, cap_on_recovery: int | None) -> list[tuple[Any, ...]]:
-  """Official asqp/ssa parsing: literal_eval -> set -> tuples, else truncation recovery."""
+  """Official asqp/ssa parsing: literal_eval -> set -> tuples, else truncation recovery.
+
+  Recovery runs only when `literal_eval` itself fails: officially a list that parses but whose
+  items are unhashable or not iterable (e.g. `[('a', 'b', 'c', 'd'), 5]`) has already replaced
+  the text variable, so the recovery's `.rfind` raises and the prediction is [].
+  """
   try:
-    return _unique_tuples(seq)
-  except (ValueError, TypeError):
+    parsed = _literal(seq)
+  except ValueError:
     return _recover(seq, cap_on_recovery)
+  try:
+    return [tuple(x) for x in _ordered_unique(parsed)]
+  except TypeError:
+    return []
 
 
 def _pair_or_invalid(item: Any, arity: int) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
-"""SentiBench results -> markdown table (by category, per seed, mean, Average) and a bar chart.
+"""SentiBench results: aggregation, markdown table (by category, per seed, mean, Average), chart.
 
+    results = report.aggregate({"sc/sst2": {"42": 91.3}}, "mean")   # what scorer.score returns
     md = report.markdown_table(results)           # results: scorer.score(...) / results.json
     report.plot(results, "runs/x/results.png")
     report.write_report(results, "runs/x")        # results.md + results.png, returns both paths
@@ -14,6 +15,7 @@ from typing import Any, Mapping
 from sentijax.data import sentibench
 
 CATEGORY_ORDER = ("basic", "multifaceted", "fine-grained")
+AGGREGATIONS = ("mean", "official")
 _COLORS = {"basic": "#4C72B0", "multifaceted": "#55A868", "fine-grained": "#C44E52",
            "other": "#8172B2"}
 
@@ -21,6 +23,48 @@ _COLORS = {"basic": "#4C72B0", "multifaceted": "#55A868", "fine-grained": "#C44E
 def load_results(path: str | os.PathLike) -> dict:
   with open(path, encoding="utf-8") as f:
     return json.load(f)
+
+
+def aggregate(per_dataset: Mapping[str, Mapping[str, float]], aggregation: str = "mean") -> dict:
+  """Results dict from {dataset: {seed: score x100}}.
+
+  'mean': each dataset's mean over its seeds; "average" = mean over the datasets given.
+  'official' (the harness's utils.save_result + parse.py): each run's F1 rounded to 4 decimals
+  (x100: 2 decimals), each dataset's mean over its runs, "average" = sum over the 12 SentiBench
+  datasets / 12, a dataset not scored counting as 0.
+  """
+  if aggregation not in AGGREGATIONS:
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+  datasets = {}
+  for name, seeds in per_dataset.items():
+    if not seeds:
+      raise ValueError(f"dataset {name!r} has no scored seeds")
+    if aggregation == "official":
+      runs = {s: round(v / 100.0, 4) for s, v in seeds.items()}  # save_result: round(f1, 4)
+      mean = sum(runs.values()) / len(runs) * 100  # parse.py: sum(v) / len(v) * 100
+      seeds = {s: r * 100 for s, r in runs.items()}
+    else:
+      mean = sum(seeds.values()) / len(seeds)
+    datasets[name] = {"seeds": {str(s): float(v) for s, v in seeds.items()}, "mean": float(mean)}
+  if aggregation == "official":
+    average = sum(datasets[n]["mean"] if n in datasets else 0.0
+                  for n in sentibench.DATASETS) / len(sentibench.DATASETS)
+  else:
+    average = sum(d["mean"] for d in datasets.values()) / max(len(datasets), 1)
+  return {"datasets": datasets, "average": float(average), "aggregation": aggregation}
+
+
+def average_label(results: Mapping[str, Any]) -> str:
+  """'12 datasets', '2 of 12 datasets' or 'official: 12 datasets, 10 missing as 0'."""
+  names = list(results["datasets"])
+  total = len(sentibench.DATASETS)
+  n_bench = sum(n in sentibench.CATEGORIES for n in names)
+  if results.get("aggregation") == "official":
+    missing = total - n_bench
+    return f"official: {total} datasets" + (f", {missing} missing as 0" if missing else "")
+  if n_bench == len(names) and n_bench < total:
+    return f"{n_bench} of {total} datasets"
+  return f"{len(names)} datasets"
 
 
 def _grouped(results: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
@@ -62,8 +106,7 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     if len(names) > 1:
       mean = sum(results["datasets"][n]["mean"] for n in names) / len(names)
       lines.append("| " + " | ".join(["", f"*{cat} mean*"] + blank + [f"*{_fmt(mean)}*"]) + " |")
-  n = len(results["datasets"])
-  lines.append("| " + " | ".join([f"**Average** ({n} datasets)", ""] + blank
+  lines.append("| " + " | ".join([f"**Average** ({average_label(results)})", ""] + blank
                                  + [f"**{_fmt(results['average'])}**"]) + " |")
   return "\n".join(lines) + "\n"
 
@@ -96,7 +139,7 @@ def plot(results: Mapping[str, Any], path: str | os.PathLike, title: str = "Sent
   ax.set_xticklabels([n.split("/")[-1] for n in names], rotation=45, ha="right", fontsize=8)
   ax.set_ylim(0, 105)
   ax.set_ylabel("score (x100)")
-  ax.set_title(f"{title}: Average {results['average']:.2f}")
+  ax.set_title(f"{title}: Average {results['average']:.2f} ({average_label(results)})")
   handles = [Patch(color=_COLORS[c], label=c) for c, _ in groups]
   handles.append(Patch(facecolor="none", edgecolor="black", linestyle="--", label="Average"))
   ax.legend(handles=handles, fontsize=7, loc="upper right")

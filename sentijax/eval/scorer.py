@@ -4,12 +4,15 @@ Protocol (see ../shared/sentibench/PROTOCOL.md): no chat template, the tokenizer
 special tokens (BOS for Llama), left padding with pad = eos.
   * Classification: ONE forward per batch with `last_only=True`; the logits at the last prompt
     position restricted to the first token id of each verbalizer (tokenised with its leading
-    space, no special tokens) are the class scores; argmax -> label.
-  * Extraction: `sampling.greedy_decode` up to `max_new_tokens`, stopping at EOS or at a newline
-    once the answer has started; `parsers.extract_answer` + `parsers.parse_tuples`.
+    space, no special tokens), after the generation config's repetition penalty (as
+    `generate(...).scores[0]`), are the class scores; argmax -> label.
+  * Extraction: `sampling.greedy_decode` up to `max_new_tokens` (repetition penalty, the
+    generation config's eos ids), stopping at EOS or at a newline once the answer has started
+    (`decoding.stop_tokens`); decoded with special tokens skipped and transformers 4.44's
+    clean-up when the tokenizer asks for it; `parsers.extract_answer` + `parsers.parse_tuples`.
 
 Batches are formed longest-first from prompts sorted by token length, padded to a length bucket
-and to a row bucket that divides over the mesh's ('data', 'fsdp') axes; rows per batch shrink
+and to a row bucket that divides over the mesh axes of the `batch` sharding rule; rows shrink
 with length (a token budget of `batch_size * 512`, and attention memory of `batch_size` rows of
 512 tokens) so 5k-token IMDb prompts do not run out of memory. Results are restored to file order.
 
@@ -34,10 +37,11 @@ from jax.sharding import Mesh
 
 from sentijax import models, sampling, sharding
 from sentijax.data import sentibench
-from sentijax.eval import metrics, parsers
+from sentijax.eval import decoding, metrics, parsers, report
+from sentijax.eval import generation as gen_lib
 
 PyTree = Any
-log = logging.getLogger(__name__)
+log = logging.getLogger("sentijax")
 TOKENS_PER_ROW = 512  # token budget per batch = batch_size * TOKENS_PER_ROW
 
 
@@ -76,8 +80,12 @@ def pad_id_of(tokenizer, cfg: models.ModelConfig) -> int:
   return int(eos) if eos is not None else 0
 
 
-def eos_ids_of(tokenizer, cfg: models.ModelConfig) -> list[int]:
-  """Every id that ends generation: the tokenizer's eos and the model config's eos ids."""
+def eos_ids_of(tokenizer, cfg: models.ModelConfig,
+               generation: gen_lib.GenerationSettings | None = None) -> list[int]:
+  """Every id that ends generation: the generation config's eos list when it has one (what
+  `generate` stops at), else the tokenizer's eos and the model config's eos ids."""
+  if generation is not None and generation.eos_token_ids:
+    return sorted({i for i in generation.eos_token_ids if 0 <= i < cfg.vocab_size})
   ids = set()
   if tokenizer.eos_token_id is not None:
     ids.add(int(tokenizer.eos_token_id))
@@ -88,37 +96,13 @@ def eos_ids_of(tokenizer, cfg: models.ModelConfig) -> list[int]:
   return sorted(i for i in ids if 0 <= i < cfg.vocab_size)
 
 
-@dataclasses.dataclass(frozen=True)
-class StopTokens:
-  """Vocabulary classes for answer stopping (see `sampling` soft stops)."""
-  stop_ids: list[int]  # eos ids and tokens with text before a newline: end the answer
-  soft_stop_ids: list[int]  # tokens starting with (whitespace and) a newline
-  blank_ids: list[int]  # whitespace-only tokens (do not start the answer)
+StopTokens = decoding.StopTokens
 
 
-def stop_tokens(tokenizer, cfg: models.ModelConfig) -> StopTokens:
-  """Classifies the vocabulary by its decoded text for newline stopping.
-
-  SentiBench's answer is the text after `Label:` (leading whitespace skipped) up to the first
-  newline, so a newline ends the answer only once non-whitespace text was produced.
-  """
-  eos = eos_ids_of(tokenizer, cfg)
-  special = set(getattr(tokenizer, "all_special_ids", []) or [])
-  n = min(len(tokenizer), cfg.vocab_size)
-  texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
-                                 clean_up_tokenization_spaces=False)
-  stop, soft, blank = list(eos), [], []
-  for i, text in enumerate(texts):
-    if i in special:
-      if i not in eos:
-        blank.append(i)  # decoded with skip_special_tokens: contributes no text
-      continue
-    head, newline, _ = text.partition("\n")
-    if not text.strip():
-      blank.append(i)
-    if newline:
-      (soft if not head.strip() else stop).append(i)
-  return StopTokens(sorted(set(stop)), soft, blank)
+def stop_tokens(tokenizer, cfg: models.ModelConfig,
+                generation: gen_lib.GenerationSettings | None = None) -> StopTokens:
+  """`decoding.stop_tokens` with the eos ids of `eos_ids_of`."""
+  return decoding.stop_tokens(tokenizer, cfg.vocab_size, eos_ids_of(tokenizer, cfg, generation))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +125,9 @@ def make_batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, di
                  extra_len: int = 0) -> Iterator[Batch]:
   """Longest-first batches of left-padded rows; shapes bucketed (`sampling.bucket_*`).
 
+  At most a quarter of a batch's rows are filler (a short tail splits into power-of-two batches
+  instead), unless the batch is already at the mesh's minimum of `divisor` rows.
+
   `extra_len`: tokens each row grows by (decode cache) for the memory budget.
   """
   order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
@@ -149,8 +136,11 @@ def make_batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, di
     length = sampling.bucket_length(len(seqs[order[start]]))
     rows = rows_for_length(length + extra_len, batch_size, divisor)
     chunk = order[start:start + rows]
-    start += len(chunk)
     padded_rows = min(rows, sampling.bucket_batch(len(chunk), divisor))
+    if (padded_rows - len(chunk)) * 4 > padded_rows and padded_rows // 2 >= divisor:
+      chunk = chunk[:padded_rows // 2]  # > 25% filler rows: a smaller batch, the rest follows
+      padded_rows //= 2
+    start += len(chunk)
     ids_BxT, mask_BxT = sampling.left_pad([seqs[i] for i in chunk], length, padded_rows, pad_id)
     yield Batch(chunk, ids_BxT, mask_BxT)
 
@@ -161,15 +151,20 @@ def make_batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, di
 
 @functools.partial(jax.jit, static_argnums=0)
 def _verbalizer_logits(cfg: models.ModelConfig, params: PyTree, ids_BxT: jax.Array,
-                       mask_BxT: jax.Array, verb_ids_C: jax.Array) -> jax.Array:
-  """Float32 [B, C]: last-position logits at the verbalizer first tokens."""
+                       mask_BxT: jax.Array, verb_ids_C: jax.Array, penalty: jax.Array
+                       ) -> jax.Array:
+  """Float32 [B, C]: last-position logits at the verbalizer first tokens, after the repetition
+  penalty of verbalizer tokens present in the prompt (`generate(...).scores[0]`)."""
   positions_BxT = models.default_positions(mask_BxT)
   logits_Bx1xV = models.forward(cfg, params, ids_BxT, segment_ids_BxT=mask_BxT,
                                 positions_BxT=positions_BxT, last_only=True)
-  return logits_Bx1xV[:, 0, :][:, verb_ids_C].astype(jnp.float32)
+  logits_BxC = logits_Bx1xV[:, 0, :][:, verb_ids_C].astype(jnp.float32)
+  seen_BxC = jnp.any((ids_BxT[:, :, None] == verb_ids_C[None, None, :])
+                     & (mask_BxT[:, :, None] > 0), axis=1)
+  return sampling.repetition_penalty(logits_BxC, seen_BxC, penalty)
 
 
-def _place(mesh: Mesh | None, *arrays: np.ndarray) -> list[jax.Array]:
+def _place(mesh: Mesh | None, rules, *arrays: np.ndarray) -> list[jax.Array]:
   if mesh is None:
     return [jnp.asarray(a) for a in arrays]
   return [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in arrays]
@@ -177,8 +172,13 @@ def _place(mesh: Mesh | None, *arrays: np.ndarray) -> list[jax.Array]:
 
 def classify(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence[str],
              verbalizers: Sequence[str], batch_size: int, mesh: Mesh | None = None,
-             progress: bool = False, desc: str = "") -> np.ndarray:
-  """Verbalizer scores [N, C] (float32, input order) for prompts `texts`."""
+             progress: bool = False, desc: str = "", rules=None,
+             repetition_penalty: float = 1.0) -> np.ndarray:
+  """Verbalizer scores [N, C] (float32, input order) for prompts `texts`.
+
+  `rules`: sharding rules whose `batch` rule shards batches on `mesh` (None = the base config's).
+  `repetition_penalty`: the generation config's (applied to verbalizers seen in the prompt).
+  """
   verb_ids = verbalizer_token_ids(tokenizer, verbalizers)
   n_classes = len(verb_ids)
   # Padded to a multiple of 8 (repeating the first id): one compile serves 2..8 classes.
@@ -191,8 +191,9 @@ def classify(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
   scores_NxC = np.zeros((len(seqs), n_classes), np.float32)
   bar = _bar(len(seqs), desc, progress)
   for batch in make_batches(seqs, batch_size, pad_id_of(tokenizer, cfg), divisor):
-    ids, mask = _place(mesh, batch.ids_BxT, batch.mask_BxT)
-    out_BxC = _verbalizer_logits(cfg, params, ids, mask, jnp.asarray(verb_ids_C))
+    ids, mask = _place(mesh, rules, batch.ids_BxT, batch.mask_BxT)
+    out_BxC = _verbalizer_logits(cfg, params, ids, mask, jnp.asarray(verb_ids_C),
+                                 jnp.asarray(repetition_penalty, jnp.float32))
     scores_NxC[batch.order] = sharding.to_host(out_BxC)[:len(batch.order), :n_classes]
     bar.update(len(batch.order))
   bar.close()
@@ -206,24 +207,31 @@ def classify(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
 def generate(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence[str],
              max_new_tokens: int, batch_size: int, mesh: Mesh | None = None,
              progress: bool = False, desc: str = "",
-             stops: StopTokens | None = None) -> list[str]:
+             stops: StopTokens | None = None, rules=None,
+             generation: gen_lib.GenerationSettings | None = None,
+             cleanup: bool = False) -> list[str]:
   """Greedy continuations (decoded, special tokens skipped; input order) of prompts `texts`.
 
-  `stops`: from `stop_tokens(tokenizer, cfg)` (computed here when None).
+  `stops`: from `stop_tokens(tokenizer, cfg, generation)` (computed here when None).
+  `generation`: repetition penalty and eos ids (`generation.load`); None = none / defaults.
+  `cleanup`: apply transformers 4.44's `clean_up_tokenization` (`decoding.cleanup_enabled`).
   """
+  generation = generation or gen_lib.GenerationSettings()
   seqs = tokenize_prompts(tokenizer, texts)
   divisor = sharding.batch_divisor(mesh)
   pad_id = pad_id_of(tokenizer, cfg)
-  stops = stops if stops is not None else stop_tokens(tokenizer, cfg)
+  stops = stops if stops is not None else stop_tokens(tokenizer, cfg, generation)
   outputs: list[str] = [""] * len(seqs)
   bar = _bar(len(seqs), desc, progress)
   for batch in make_batches(seqs, batch_size, pad_id, divisor, extra_len=max_new_tokens):
     out = sampling.greedy_decode(cfg, params, batch.ids_BxT, batch.mask_BxT, max_new_tokens,
                                  stops.stop_ids, pad_id, soft_stop_ids=stops.soft_stop_ids,
-                                 blank_ids=stops.blank_ids, mesh=mesh)
-    for row, i in enumerate(batch.order):
-      toks = out.tokens_BxN[row, :out.lengths_B[row]].tolist()
-      outputs[i] = tokenizer.decode(toks, skip_special_tokens=True)
+                                 blank_ids=stops.blank_ids, mesh=mesh, rules=rules,
+                                 repetition_penalty=generation.repetition_penalty)
+    texts_b = decoding.decode(tokenizer, [out.tokens_BxN[row, :out.lengths_B[row]].tolist()
+                                          for row in range(len(batch.order))], cleanup)
+    for i, text in zip(batch.order, texts_b):
+      outputs[i] = text
     bar.update(len(batch.order))
   bar.close()
   return outputs
@@ -319,8 +327,11 @@ def predictions_path(predictions_dir: str | os.PathLike, dataset: str, seed: int
 def score_run(cfg: models.ModelConfig, params: PyTree, tokenizer, task: sentibench.Task,
               templates: dict, seed: int, max_examples: int, batch_size: int,
               mesh: Mesh | None = None, max_new_tokens: int = 150, progress: bool = True,
-              stops: StopTokens | None = None) -> tuple[float, list[dict]]:
+              stops: StopTokens | None = None, rules=None,
+              generation: gen_lib.GenerationSettings | None = None,
+              cleanup: bool = False) -> tuple[float, list[dict]]:
   """One (dataset, seed) run: (score x100, prediction rows in file order)."""
+  generation = generation or gen_lib.GenerationSettings()
   prompts = sentibench.build_prompts(task, templates, seed, max_examples=max_examples)
   texts = [p.text for p in prompts]
   desc = f"{task.name} seed {seed}"
@@ -329,7 +340,8 @@ def score_run(cfg: models.ModelConfig, params: PyTree, tokenizer, task: sentiben
     labels = sentibench.label_names(templates, task.name)
     scores_NxC = classify(cfg, params, tokenizer, texts, sentibench.verbalizers(templates,
                                                                                 task.name),
-                          batch_size, mesh, progress, desc)
+                          batch_size, mesh, progress, desc, rules=rules,
+                          repetition_penalty=generation.repetition_penalty)
     preds = [labels[int(j)] for j in np.argmax(scores_NxC, axis=-1)]
     golds = [p.gold for p in prompts]
     for p, pred, s in zip(prompts, preds, scores_NxC):
@@ -338,7 +350,7 @@ def score_run(cfg: models.ModelConfig, params: PyTree, tokenizer, task: sentiben
     return metrics.score_dataset(task.name, golds, preds), rows
 
   outputs = generate(cfg, params, tokenizer, texts, max_new_tokens, batch_size, mesh, progress,
-                     desc, stops)
+                     desc, stops, rules=rules, generation=generation, cleanup=cleanup)
   examples = [task.test[p.index] for p in prompts]
   golds = [list(p.gold) for p in prompts]
   preds = []
@@ -359,13 +371,21 @@ def score(model_cfg: models.ModelConfig, params: PyTree, tokenizer, data_dir: st
           templates: dict | str | None, datasets: str | Sequence[str],
           seeds: str | int | Sequence[int], max_examples: int = 0, batch_size: int = 16,
           mesh: Mesh | None = None, predictions_dir: str | os.PathLike | None = None,
-          progress: bool = True, max_new_tokens: int = 150) -> dict:
+          progress: bool = True, max_new_tokens: int = 150, rules=None,
+          generation: gen_lib.GenerationSettings | None = None,
+          decode_cleanup: str | bool = "auto", aggregation: str = "mean") -> dict:
   """Scores `datasets` x `seeds` and returns the results dict (scores x100).
 
-  {"datasets": {"sc/sst2": {"seeds": {"42": 91.3}, "mean": 91.3}, ...}, "average": 91.3}
-  "average" is the plain mean over the datasets scored here. With `predictions_dir`, writes
-  `<dataset with / -> _>_<seed>.jsonl` (one {"index", "gold", "prediction", "scores"} per item).
+  {"datasets": {"sc/sst2": {"seeds": {"42": 91.3}, "mean": 91.3}, ...}, "average": 91.3,
+   "aggregation": "mean"}; see `report.aggregate` for "mean" / "official". With
+  `predictions_dir`, writes `<dataset with / -> _>_<seed>.jsonl` (one {"index", "gold",
+  "prediction", "scores"} per item). `generation`: the model's generation config
+  (`generation.load`); `decode_cleanup`: auto | on | off (`decoding.cleanup_enabled`) or a bool.
   """
+  if aggregation not in report.AGGREGATIONS:
+    raise ValueError(f"eval.aggregation must be one of {report.AGGREGATIONS}, got {aggregation!r}")
+  cleanup = (decode_cleanup if isinstance(decode_cleanup, bool)
+             else decoding.cleanup_enabled(tokenizer, decode_cleanup))
   if not isinstance(templates, dict):
     templates = sentibench.load_templates(templates or None)
   names = parse_datasets(datasets)
@@ -375,20 +395,19 @@ def score(model_cfg: models.ModelConfig, params: PyTree, tokenizer, data_dir: st
     raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
   stops = None
   if any(n in sentibench.EXTRACTION_DATASETS for n in names):
-    stops = stop_tokens(tokenizer, model_cfg)
-  results: dict[str, Any] = {"datasets": {}}
+    stops = stop_tokens(tokenizer, model_cfg, generation)
+  per_dataset: dict[str, dict[str, float]] = {}
   for name in names:
     task = sentibench.load_task(data_dir, name)
     per_seed = {}
     for seed in seed_list:
       value, rows = score_run(model_cfg, params, tokenizer, task, templates, seed, max_examples,
-                              batch_size, mesh, max_new_tokens, progress, stops)
+                              batch_size, mesh, max_new_tokens, progress, stops, rules=rules,
+                              generation=generation, cleanup=cleanup)
       per_seed[str(seed)] = float(value)
       if predictions_dir is not None and jax.process_index() == 0:
         write_jsonl(predictions_path(predictions_dir, name, seed), rows)
       if progress and jax.process_index() == 0:
         log.info("%s seed %d: %.2f", name, seed, value)
-    results["datasets"][name] = {"seeds": per_seed,
-                                 "mean": float(np.mean(list(per_seed.values())))}
-  results["average"] = float(np.mean([d["mean"] for d in results["datasets"].values()]))
-  return results
+    per_dataset[name] = per_seed
+  return report.aggregate(per_dataset, aggregation)

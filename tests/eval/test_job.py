@@ -42,12 +42,15 @@ def test_job_end_to_end(model_dir, sentibench_dir, tmp_path, capsys):
   config.eval.max_examples = N
   config.eval.max_new_tokens = 20
   config.workdir = str(tmp_path / "out")
+  config.eval.compilation_cache = str(tmp_path / "xla")
   results = job.run(config)
+  # Compiled programs land in the persistent cache: a second process compiles nothing.
+  assert any((tmp_path / "xla").iterdir())
 
   out = tmp_path / "out"
   on_disk = json.loads((out / "results.json").read_text(encoding="utf-8"))
   assert on_disk == results
-  assert set(results) == {"datasets", "average"} and list(results["datasets"]) == list(DATASETS)
+  assert set(results) == {"datasets", "average", "aggregation"} and list(results["datasets"]) == list(DATASETS)
   for entry in results["datasets"].values():
     assert set(entry) == {"seeds", "mean"} and set(entry["seeds"]) == {"42"}
     assert 0.0 <= entry["mean"] <= 100.0
@@ -90,7 +93,7 @@ def test_report_table_groups_categories(tmp_path):
   assert body[1].startswith("| basic | sc/sst2 | 90.00 | 80.00 | 85.00")
   assert "*basic mean*" in body[2] and "*77.50*" in body[2]
   assert body[3].startswith("| fine-grained | absa/opener")
-  assert "**Average** (3 datasets)" in body[-1] and "**56.67**" in body[-1]
+  assert "**Average** (3 of 12 datasets)" in body[-1] and "**56.67**" in body[-1]
   md_path, png_path = report.write_report(results, tmp_path)
   assert pathlib.Path(png_path).stat().st_size > 1000 and pathlib.Path(md_path).is_file()
 

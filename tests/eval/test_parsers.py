@@ -115,6 +115,13 @@ def test_asqp():
   assert parse_tuples(out + " Done.", ASQP) == parse_tuples(out, ASQP)[:3]
   # Lists are unhashable for the official `set`: recovery cannot close them -> [].
   assert parse_tuples("[['food quality', 'pizza', 'great', 'positive']]", ASQP) == []
+  # The list parses but an item after the last ')' is not a tuple: the official set/tuple step
+  # fails after the text variable was replaced, so its recovery raises too -> [] (no recovery).
+  assert parse_tuples("[('food quality', 'pizza', 'great', 'positive'), 5]", ASQP) == []
+  assert parse_tuples("[('food quality', 'pizza', 'great', 'positive'), None]", ASQP) == []
+  assert parse_tuples("[('NULL', 'staff', 'nice', 'positive'), 7]", OPENER) == []
+  # A None inside a quad crashes the official parser; here the quad is dropped.
+  assert parse_tuples("[('food quality', None, 'great', 'positive')]", ASQP) == []
   # A bare tuple is iterated as strings (official); it can never give a correct quad.
   bare = parse_tuples("('food quality', 'pizza', 'good', 'positive')", ASQP)
   assert ("food quality", "pizza", "good", "positive") not in bare

@@ -81,7 +81,7 @@ def test_classification_matches_transformers(setup, sentibench_dir, name):
 
 def test_results_schema(setup):
   r = setup["results"]
-  assert set(r) == {"datasets", "average"}
+  assert set(r) == {"datasets", "average", "aggregation"}
   assert list(r["datasets"]) == list(DATASETS)
   for name, entry in r["datasets"].items():
     assert set(entry) == {"seeds", "mean"} and list(entry["seeds"]) == ["42"]
@@ -127,6 +127,13 @@ def test_batches_adapt_to_length():
     assert rows * width <= max(2 * width, 4 * 512)
     for row, i in enumerate(b.order):
       assert b.mask_BxT[row].sum() == lengths[i] and b.mask_BxT[row, -1] == 1
+  # No wasted rows: 9 prompts of one bucket -> 8 + 1 rows (not 16), 13 -> 16 (3 filler rows).
+  for n, want in ((9, [8, 1]), (13, [16]), (5, [4, 1]), (16, [16])):
+    batches = list(scorer.make_batches([[7] * 100] * n, 16, pad_id=0))
+    assert [b.ids_BxT.shape[0] for b in batches] == want
+    assert sum(len(b.order) for b in batches) == n
+  # On a mesh the minimum batch is the divisor: 5 rows over 4 shards -> 4 + 4 (one real row).
+  assert [b.ids_BxT.shape[0] for b in scorer.make_batches([[7] * 10] * 5, 16, 0, 4)] == [4, 4]
 
 
 def test_parse_config_values(sentibench_dir, tmp_path):
