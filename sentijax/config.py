@@ -8,7 +8,7 @@ import ml_collections
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.job = "knowdist"  # knowdist | sentibench | export (see sentijax/main.py)
+  c.job = "knowdist"  # knowdist | icldist | sentibench | export | pipeline (see sentijax/main.py)
   c.workdir = "runs/default"
   c.seed = 0
 
@@ -98,4 +98,29 @@ def base() -> ml_collections.ConfigDict:
   c.eval.batch_size = 16
   c.eval.max_new_tokens = 150
   c.eval.during_training = ""  # datasets scored every train.eval_every steps ("" = none)
+  return c
+
+def icl() -> ml_collections.ConfigDict:
+  """The `icl` section of the ICLDist job (configs/icldist.py, configs/pipeline.py)."""
+  c = ml_collections.ConfigDict()
+  c.task_dirs = ""  # comma list of task roots (sentijax.data.tasks); "" = the package demo tasks
+  c.tasks = "all"  # source tasks (names under task_dirs), held-out ones removed
+  c.heldout = ""  # never trained on, scored during training; "" = eval.during_training
+  c.shots = "0-8"  # demos per prompt: "K" or "MIN-MAX", shrunk to fit data.seq_len
+  c.num_prompts = 2000  # training prompts (gold targets)
+  c.val_prompts = 64  # held-out-loss prompts, queries from a hash split of each source task
+  c.val_fraction = 0.05
+  c.rename_prob = 0.5  # share of prompts whose verbalizers are renamed (demos relabelled)
+  c.shuffle_labels = True  # label order shuffled in paraphrased instructions
+  c.paraphrase = True  # paraphrased instructions as well as the task's own
+  c.balance = True  # queries balanced over classes
+  c.target = "gold"  # gold | teacher | teacher_probs
+  c.teacher_corpus = ""  # JSONL records (KnowDist format) whose meta.task names the task
+  c.temperature = 1.0  # teacher_probs: KL temperature
+  c.alpha = 0.5  # teacher_probs: loss = (1 - alpha) CE + alpha KL
+  c.soft_width = 8  # teacher_probs: most verbalizers per record
+  c.drop_leaks = True  # drop source examples carrying held-out/test sentences (else fail)
+  c.mix_corpus = ""  # optional KnowDist corpus mixed into the training records
+  c.mix_fraction = 0.0  # mixed records = mix_fraction x training prompts
+  c.seed = 0  # prompt sampling seed (added to config.seed)
   return c

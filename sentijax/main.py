@@ -10,6 +10,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file.", lo
 
 JOBS = {
     "knowdist": "sentijax.train.knowdist",
+    "icldist": "sentijax.train.icldist",
     "sentibench": "sentijax.eval.job",
     "export": "sentijax.train.export",
 }

@@ -54,10 +54,12 @@ def held_out_loss(eval_fn, params, dataset, batch_size: int, num_batches: int, b
 
 def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any], Any],
           train_ds, val_ds=None, *, tokenizer=None, eval_hooks: tuple[EvalHook, ...] = (),
-          ) -> Result:
+          loss_options: dict | None = None) -> Result:
   """Runs (or resumes) training in `config.workdir`.
 
   `init_params(mesh, rules)` returns sharded fp32 params for a fresh run (HF import or random).
+  `eval_hooks` run with the held-out loss: at step 0 (the baseline), every `train.eval_every`
+  steps and at the end. `loss_options`: extra `step.jit_train_step` arguments (kl_alpha, ...).
   `train_ds` / `val_ds` are `sentijax.data.dataset.PackedDataset`s.
   """
   tc = config.train
@@ -105,7 +107,7 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
 
   loss_chunk = int(tc.loss_chunk)
   train_fn = step_lib.jit_train_step(model_cfg, tx, state_sh, batch_sh, num_micro, schedule, mesh,
-                                     loss_chunk)
+                                     loss_chunk, **(loss_options or {}))
   eval_fn = step_lib.jit_eval_step(model_cfg, state_sh.params, batch_sh, loss_chunk)
   writer = metrics.MetricWriter(workdir / "tensorboard")
   flops_per_token = model_cfg.flops_per_token(train_ds.seq_len)
@@ -157,7 +159,7 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
   step = start
   try:
     if val_ds is not None and tc.eval_every and start == 0:  # the baseline the curve falls from
-      evaluate(0)
+      evaluate(0, eval_hooks)
     while step < int(tc.steps):
       local = next(batches)
       window_tokens += int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
@@ -184,7 +186,7 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
     if pending is not None:
       finish_step(*pending)
     if val_ds is not None and not preempted and (not val_losses or val_losses[-1][0] != step):
-      evaluate(step)
+      evaluate(step, eval_hooks)
     ckpt.save(step, state, data_state(), force=True)
   finally:
     bar.close()

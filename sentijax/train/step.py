@@ -23,26 +23,37 @@ Batch = dict[str, jax.Array]
 
 
 def loss_sums(model_cfg: models.ModelConfig, params: Any, batch: Batch,
-              loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+              loss_chunk: int = 0, kl_alpha: float = 0.0, kl_temperature: float = 1.0
+              ) -> tuple[jax.Array, jax.Array]:
   """(sum of weighted token NLL, sum of weights) for one batch.
 
   `loss_chunk` > 0 computes the output projection and CE in chunks of that many positions,
   never holding the full [B, L, V] logits (see losses.chunked_cross_entropy_sum).
+  With `kl_alpha` > 0 and soft targets in the batch (`soft_ids` / `soft_probs` [B, L, K]) the
+  first value is (1 - kl_alpha) * NLL sum + kl_alpha * sum of `losses.verbalizer_kl` at
+  `kl_temperature`: both are normalised by the same response-token count.
   """
   weights_BxL = batch["weights"].astype(jnp.float32)
+  soft = kl_alpha > 0 and "soft_probs" in batch
+  soft_ids = batch["soft_ids"] if soft else None
+  soft_probs = batch["soft_probs"] if soft else None
   if loss_chunk:
     hidden_BxLxE = models.forward_hidden(model_cfg, params, batch["inputs"],
                                          segment_ids_BxT=batch["segment_ids"],
                                          positions_BxT=batch["positions"])
-    nll_sum = losses.chunked_cross_entropy_sum(
+    nll_sum, kl_sum = losses.chunked_loss_sums(
         hidden_BxLxE, models.output_kernel(model_cfg, params), batch["targets"], weights_BxL,
-        loss_chunk)
-    return nll_sum, jnp.sum(weights_BxL)
-  logits_BxLxV = models.forward(model_cfg, params, batch["inputs"],
-                                segment_ids_BxT=batch["segment_ids"],
-                                positions_BxT=batch["positions"])
-  nll_BxL = losses.cross_entropy(logits_BxLxV, batch["targets"])
-  return jnp.sum(nll_BxL * weights_BxL), jnp.sum(weights_BxL)
+        loss_chunk, soft_ids, soft_probs, kl_temperature)
+  else:
+    logits_BxLxV = models.forward(model_cfg, params, batch["inputs"],
+                                  segment_ids_BxT=batch["segment_ids"],
+                                  positions_BxT=batch["positions"])
+    nll_sum = jnp.sum(losses.cross_entropy(logits_BxLxV, batch["targets"]) * weights_BxL)
+    kl_sum = (jnp.sum(losses.verbalizer_kl(logits_BxLxV, soft_ids, soft_probs, kl_temperature))
+              if soft else 0.0)
+  if soft:
+    nll_sum = (1.0 - kl_alpha) * nll_sum + kl_alpha * kl_sum
+  return nll_sum, jnp.sum(weights_BxL)
 
 
 def _split_microbatches(batch: Batch, num_micro: int, mesh) -> Batch:
@@ -60,14 +71,16 @@ def _split_microbatches(batch: Batch, num_micro: int, mesh) -> Batch:
 def train_step(state: TrainState, batch: Batch, *, model_cfg: models.ModelConfig,
                tx: optax.GradientTransformation, num_micro: int = 1,
                schedule: optax.Schedule | None = None, mesh=None,
-               loss_chunk: int = 0) -> tuple[TrainState, dict]:
+               loss_chunk: int = 0, kl_alpha: float = 0.0,
+               kl_temperature: float = 1.0) -> tuple[TrainState, dict]:
   """Accumulates grads over `num_micro` microbatches, applies one update.
 
   A non-finite loss or gradient leaves the state unchanged and reports `nonfinite=1`, so the loop
   can stop with the last good params (and checkpoint) intact.
   """
-  grad_fn = jax.value_and_grad(functools.partial(loss_sums, model_cfg, loss_chunk=loss_chunk),
-                               has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(loss_sums, model_cfg, loss_chunk=loss_chunk,
+                                                 kl_alpha=kl_alpha,
+                                                 kl_temperature=kl_temperature), has_aux=True)
 
   def micro(carry, mb):
     grads_acc, nll_acc, w_acc = carry
@@ -105,10 +118,12 @@ def eval_step(params: Any, batch: Batch, *, model_cfg: models.ModelConfig,
 
 
 def jit_train_step(model_cfg, tx, state_sh: TrainState, batch_sh, num_micro: int, schedule,
-                   mesh, loss_chunk: int = 0):
+                   mesh, loss_chunk: int = 0, kl_alpha: float = 0.0,
+                   kl_temperature: float = 1.0):
   """The jitted step: explicit in/out shardings, the old state donated."""
   fn = functools.partial(train_step, model_cfg=model_cfg, tx=tx, num_micro=num_micro,
-                         schedule=schedule, mesh=mesh, loss_chunk=loss_chunk)
+                         schedule=schedule, mesh=mesh, loss_chunk=loss_chunk,
+                         kl_alpha=kl_alpha, kl_temperature=kl_temperature)
   return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                  donate_argnums=0)
 

@@ -1,0 +1,54 @@
+"""ICLDist (stage 2): few-shot, instruction-diverse task prompts; held-out tasks scored.
+
+Default (offline, any CPU machine, a few minutes on 2 cores): the `tiny` preset from scratch, a BPE
+tokenizer trained on the demo tasks shipped in the package (sentijax/assets/icl_demo), `gold`
+targets, sc/movies held out and scored (with sc/sst2 and multifaced/irony18 when
+eval.data_dir=../shared/sentibench exists, else skipped with a log line) at step 0, every
+train.eval_every steps and at the end:
+
+  python -m sentijax.main --config=configs/icldist.py
+
+writes checkpoints, TensorBoard events, <workdir>/sentibench/step_N.json and an HF export
+(runs/icldist/hf). Rerunning resumes from the last checkpoint.
+
+After KnowDist, on SentiBench train splits of the non-held-out tasks plus ../shared/icl_sources
+(a real student; the paper's setting at small scale):
+
+  python -m sentijax.main --config=configs/icldist.py \
+    --config.model.init=runs/knowdist/hf \
+    --config.icl.task_dirs=../shared/sentibench,../shared/icl_sources \
+    --config.icl.heldout=sc/sst2,multifaced/irony18,absa/atsa_rest16 \
+    --config.eval.data_dir=../shared/sentibench --config.workdir=runs/icldist-real
+
+Targets: icl.target=gold (the label / tuple list as SentiBench demos write it), teacher (records of
+icl.teacher_corpus, KnowDist format, meta.task naming the task) or teacher_probs (also
+meta.teacher_probs = {verbalizer: p}: KL over the verbalizers' first tokens at icl.temperature,
+mixed with CE by icl.alpha).
+"""
+from sentijax import config as base_config
+
+
+def get_config():
+  c = base_config.base()
+  c.job = "icldist"
+  c.workdir = "runs/icldist"
+  c.model.preset = "tiny"
+  c.icl = base_config.icl()
+  c.icl.heldout = "sc/movies,sc/sst2,multifaced/irony18"
+  c.icl.shots = "0-8"
+  c.icl.num_prompts = 1600
+  c.data.seq_len = 256
+  c.data.truncation = "drop"  # prompts are built to fit: nothing is ever cut
+  c.train.steps = 200
+  c.train.batch_size = 8
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 20
+  c.train.log_every = 25
+  c.train.eval_every = 100
+  c.train.eval_batches = 2
+  c.checkpoint.every = 100
+  c.eval.seeds = "42"
+  c.eval.max_examples = 40
+  c.eval.max_new_tokens = 64
+  c.export_hf = True
+  return c

@@ -1,0 +1,304 @@
+"""ICLDist (stage 2): the student learns to answer few-shot task prompts, held-out tasks scored.
+
+Recipe: task registry -> held-out filter (tasks and sentences) -> training records (`gold`: ICL
+prompts built here with their gold answers; `teacher` / `teacher_probs`: a teacher corpus whose
+records name their task in `meta.task`) -> the shared tokenise/mask/pack path -> the shared loop
+(`loop.train`), scoring the held-out tasks at step 0, every `train.eval_every` steps and at the
+end -> HF export. `config.icl` is read once into `ICLSpec`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax
+
+from sentijax.data import dataset, icl, packing, readers, records, sentibench, tasks
+from sentijax.data.spec import DataSpec
+from sentijax.train import export, loop, student
+
+log = logging.getLogger("sentijax")
+TARGETS = ("gold", "teacher", "teacher_probs")
+DEMO_TASKS = Path(__file__).resolve().parent.parent / "assets" / "icl_demo"
+
+
+@dataclasses.dataclass(frozen=True)
+class ICLSpec:
+  """`config.icl` (and the eval keys ICLDist needs), read and checked once."""
+  task_dirs: tuple[str, ...]
+  tasks: str
+  heldout: tuple[str, ...]
+  options: icl.Options
+  num_prompts: int
+  val_prompts: int
+  val_fraction: float
+  target: str
+  teacher_corpus: str
+  temperature: float
+  alpha: float
+  soft_width: int
+  drop_leaks: bool
+  mix_corpus: str
+  mix_fraction: float
+  sentibench_dir: str
+
+  @classmethod
+  def from_config(cls, config) -> "ICLSpec":
+    c = config.icl
+    heldout = tasks.parse_names(c.heldout or config.eval.during_training)
+    spec = cls(
+        task_dirs=tuple(tasks.parse_names(c.task_dirs)) or (str(DEMO_TASKS),),
+        tasks=str(c.tasks), heldout=tuple(heldout),
+        options=icl.Options(shots=icl.parse_shots(c.shots), rename_prob=float(c.rename_prob),
+                            shuffle_labels=bool(c.shuffle_labels), paraphrase=bool(c.paraphrase),
+                            balance=bool(c.balance), seed=int(config.seed) + int(c.seed)),
+        num_prompts=int(c.num_prompts), val_prompts=int(c.val_prompts),
+        val_fraction=float(c.val_fraction), target=str(c.target),
+        teacher_corpus=str(c.teacher_corpus), temperature=float(c.temperature),
+        alpha=float(c.alpha), soft_width=int(c.soft_width), drop_leaks=bool(c.drop_leaks),
+        mix_corpus=str(c.mix_corpus), mix_fraction=float(c.mix_fraction),
+        sentibench_dir=str(config.eval.data_dir))
+    checks = (("target", spec.target in TARGETS, f"expected one of {TARGETS}"),
+              ("num_prompts", spec.num_prompts > 0, "must be > 0"),
+              ("val_prompts", spec.val_prompts >= 0, "must be >= 0"),
+              ("val_fraction", 0 <= spec.val_fraction < 1, "must be in [0, 1)"),
+              ("temperature", spec.temperature > 0, "must be > 0"),
+              ("alpha", 0 <= spec.alpha <= 1, "must be in [0, 1]"),
+              ("soft_width", spec.soft_width > 0, "must be > 0"),
+              ("mix_fraction", spec.mix_fraction >= 0, "must be >= 0"),
+              ("teacher_corpus", spec.target == "gold" or spec.teacher_corpus,
+               f"required for icl.target={spec.target!r}"))
+    for key, ok, why in checks:
+      if not ok:
+        raise ValueError(f"icl.{key}={getattr(spec, key)!r}: {why}")
+    return spec
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def resolve_tasks(spec: ICLSpec) -> tuple[list[tasks.TaskSpec], list[tasks.TaskSpec],
+                                          dict[str, list[str]]]:
+  """(source tasks, held-out tasks that can be scored, forbidden sentence groups).
+
+  Held-out names are looked up in `task_dirs`, then in SentiBench (`eval.data_dir`); SentiBench
+  ones are skipped with a log line when that directory does not exist. Forbidden sentences: the
+  test split of every SentiBench dataset and every split of every held-out task.
+  """
+  templates = sentibench.load_templates(None)
+  registry = tasks.discover(spec.task_dirs, templates)
+  have_sb = os.path.isdir(spec.sentibench_dir)
+  sb = tasks.discover(spec.sentibench_dir, templates) if have_sb else tasks.Registry({})
+  heldout = []
+  for name in spec.heldout:
+    if name in registry.tasks:
+      heldout.append(registry.get(name))
+    elif have_sb:
+      heldout.append(sb.get(name))
+    elif name in sentibench.LAYOUT:
+      log.info("held-out task %s not scored: eval.data_dir=%s does not exist", name,
+               spec.sentibench_dir)
+    else:
+      registry.get(name)  # raises: unknown task
+  held = {t.name for t in heldout} | set(spec.heldout)
+  sources = [t for t in registry.select(spec.tasks) if t.name not in held]
+  if not sources:
+    raise ValueError(f"no source tasks left: icl.tasks={spec.tasks!r} minus icl.heldout="
+                     f"{','.join(spec.heldout)!r} (registered: {', '.join(registry.names())})")
+  groups: dict[str, list[str]] = {}
+  if have_sb:
+    for t in sb.tasks.values():
+      groups[f"{t.name} (SentiBench {t.eval_split})"] = [
+          ex.sentence for ex in tasks.load_examples(t, t.eval_split)]
+  for t in heldout:
+    for split in t.splits:
+      groups.setdefault(f"{t.name} (held out, {split})", []).extend(
+          ex.sentence for ex in tasks.load_examples(t, split))
+  return sources, heldout, groups
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _length_fn(tok, chat_template: bool) -> icl.LengthFn:
+  """Tokens of the training sequence of (prompt, answer), as packing builds it."""
+  bos = 1 if tok.bos_token_id is not None else 0
+  if chat_template and packing.uses_chat_template(tok, True):
+    def chat(prompt: str, answer: str) -> int:
+      return len(tok.apply_chat_template([{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": answer}],
+                                         tokenize=True)) + 1
+    return chat
+  def raw(prompt: str, answer: str) -> int:
+    ids = tok([prompt, answer], add_special_tokens=False)["input_ids"]
+    return bos + len(ids[0]) + len(ids[1]) + 1
+  return raw
+
+
+def gold_records(spec: ICLSpec, sources: list[tasks.TaskSpec], forbidden: dict[str, str],
+                 length: icl.LengthFn, seq_len: int
+                 ) -> tuple[list[records.Record], list[records.Record], dict]:
+  """ICL prompts with gold answers: (train, val, stats); `length` as `_length_fn`."""
+  train_srcs, val_srcs, stats = [], [], {"dropped_leaks": {}}
+  for t in sources:
+    pool, dropped = icl.drop_forbidden(tasks.load_examples(t, "train"), forbidden)
+    if dropped:
+      stats["dropped_leaks"][t.name] = dropped
+    if not spec.drop_leaks and dropped:
+      icl.check_no_leaks([(t.name, [ex.sentence for ex in tasks.load_examples(t, "train")])],
+                         forbidden)
+    if len(pool) < 2:  # e.g. acsa_rest16 when atsa_rest16 (the same sentences) is held out
+      log.info("source task %s skipped: %d of its train sentences are held-out/test sentences",
+               t.name, dropped)
+      stats.setdefault("skipped_tasks", []).append(t.name)
+      continue
+    is_val = icl.val_split(pool, spec.val_fraction, t.name)
+    train_pool = [ex for ex, v in zip(pool, is_val) if not v]
+    val_pool = [ex for ex, v in zip(pool, is_val) if v]
+    train_srcs.append((t, train_pool, range(len(train_pool))))
+    if val_pool:
+      val_srcs.append((t, train_pool + val_pool,
+                       range(len(train_pool), len(train_pool) + len(val_pool))))
+  if not train_srcs:
+    raise ValueError("every source task lost its train sentences to the held-out filter "
+                     f"({stats['dropped_leaks']})")
+  fmt = sentibench.load_templates(None)["prompt_format"]
+  train, stats["train"] = icl.build_prompts(train_srcs, spec.num_prompts, spec.options, length,
+                                            seq_len + 1, fmt)
+  val: list[icl.Prompt] = []
+  if spec.val_prompts and val_srcs:
+    val_opts = dataclasses.replace(spec.options, seed=spec.options.seed + 1)
+    val, stats["val"] = icl.build_prompts(val_srcs, spec.val_prompts, val_opts, length,
+                                          seq_len + 1, fmt)
+  icl.check_no_leaks([(p.task, p.sentences) for p in train + val], forbidden)
+  return icl.to_records(train, "icl"), icl.to_records(val, "icl-val"), stats
+
+
+def teacher_records(spec: ICLSpec, sources: list[tasks.TaskSpec], heldout: list[tasks.TaskSpec],
+                    forbidden: dict[str, str]
+                    ) -> tuple[list[records.Record], list[records.Record], dict]:
+  """Records of `icl.teacher_corpus` for the source tasks: (train, val, stats)."""
+  recs, read_stats = readers.read_corpus(spec.teacher_corpus)
+  names = {t.name for t in sources}
+  held = {t.name for t in heldout} | set(spec.heldout)
+  kept, stats = [], {"corpus": read_stats.to_dict(), "heldout": 0, "not_source": 0,
+                     "dropped_leaks": 0}
+  for r in recs:
+    task = r.meta.get("task")
+    if not isinstance(task, str) or not task:
+      raise ValueError(f"{spec.teacher_corpus}: record {r.id!r}: meta.task (the task name) is "
+                       "missing")
+    if task in held:
+      stats["heldout"] += 1
+      continue
+    if task not in names:
+      stats["not_source"] += 1
+      continue
+    sentences = icl.prompt_sentences(r.prompt)
+    if spec.drop_leaks and any(tasks.normalize_sentence(s) in forbidden for s in sentences):
+      stats["dropped_leaks"] += 1
+      continue
+    icl.check_no_leaks([(task, sentences)], forbidden)
+    if spec.target == "teacher_probs":
+      _teacher_probs(r, spec)  # validates
+    kept.append(r)
+  if not kept:
+    raise ValueError(f"{spec.teacher_corpus}: no records of the source tasks {sorted(names)} "
+                     f"({stats})")
+  train, val = records.split_train_val(kept, spec.val_fraction)
+  return train, val, stats
+
+
+def _teacher_probs(record: records.Record, spec: ICLSpec) -> dict[str, float]:
+  probs = record.meta.get("teacher_probs")
+  where = f"{spec.teacher_corpus}: record {record.id!r}: meta.teacher_probs"
+  if not isinstance(probs, dict) or not probs:
+    raise ValueError(f"{where} must be a non-empty object {{verbalizer: probability}}")
+  if len(probs) > spec.soft_width:
+    raise ValueError(f"{where} has {len(probs)} verbalizers; icl.soft_width={spec.soft_width}")
+  if not all(isinstance(v, (int, float)) and v >= 0 for v in probs.values()) or \
+      sum(probs.values()) > 1 + 1e-3:
+    raise ValueError(f"{where} must map strings to probabilities >= 0 summing to <= 1")
+  return probs
+
+
+def soft_targets(spec: ICLSpec, tok) -> packing.SoftTargets:
+  """The teacher's distribution over the verbalizers' first tokens, at the first answer token."""
+  def fn(record: records.Record, seq: packing.TokenizedSequence):
+    by_id: dict[int, float] = {}
+    for verbalizer, p in _teacher_probs(record, spec).items():
+      ids = tok(verbalizer, add_special_tokens=False)["input_ids"]
+      if not ids:
+        raise ValueError(f"record {record.id!r}: verbalizer {verbalizer!r} tokenises to nothing")
+      by_id[int(ids[0])] = by_id.get(int(ids[0]), 0.0) + float(p)  # shared first tokens add up
+    return packing.soft_targets_at(len(seq.tokens), spec.soft_width,
+                                   packing.first_response_index(seq), list(by_id),
+                                   list(by_id.values()))
+  return packing.SoftTargets(spec.soft_width, fn, "icl-teacher-probs-v1")
+
+
+def _mix(spec: ICLSpec, n_train: int) -> list[records.Record]:
+  if not spec.mix_corpus or spec.mix_fraction <= 0:
+    return []
+  recs, _ = readers.read_corpus(spec.mix_corpus)
+  return recs[:int(round(spec.mix_fraction * n_train))]
+
+
+# --------------------------------------------------------------------------- job
+
+
+def run(config) -> loop.Result:
+  """Trains on ICL prompts of the source tasks; scores the held-out tasks during training."""
+  workdir = Path(config.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  spec = ICLSpec.from_config(config)
+  data = DataSpec.from_config(config.data, workdir=config.workdir, seed=config.seed)
+  sources, heldout, groups = resolve_tasks(spec)
+  forbidden = icl.forbidden_sentences(groups)
+  log.info("ICLDist: %d source tasks (%s); held out: %s; %d forbidden sentences",
+           len(sources), ", ".join(t.name for t in sources),
+           ", ".join(t.name for t in heldout) or "-", len(forbidden))
+  model_cfg = student.model_config(config)
+
+  def tokenizer_texts():
+    texts = [ex.sentence for t in sources for ex in tasks.load_examples(t, "train")]
+    texts += [t.instruction for t in sources] + [p for ps in icl.PARAPHRASES.values() for p in ps]
+    texts += [" ".join(icl.ARBITRARY)] + [" ".join(w) for w in icl.SYNONYMS.values()]
+    return texts + [ex.label for t in sources for ex in tasks.load_examples(t, "train")]
+  tok = student.tokenizer(config, model_cfg, tokenizer_texts)
+
+  soft = None
+  if spec.target == "gold":
+    train, val, stats = gold_records(spec, sources, forbidden,
+                                     _length_fn(tok, data.chat_template), data.seq_len)
+  else:
+    train, val, stats = teacher_records(spec, sources, heldout, forbidden)
+    if spec.target == "teacher_probs":
+      soft = soft_targets(spec, tok)
+  train = train + _mix(spec, len(train))
+  train_ds, val_ds, ds_stats = dataset.build_train_val(
+      train, val, tok, data, soft_targets=soft, show_progress=jax.process_index() == 0)
+  if jax.process_index() == 0:
+    all_stats = {"icl": stats, "tasks": [t.name for t in sources],
+                 "heldout": [t.name for t in heldout]} | ds_stats
+    (workdir / "data_stats.json").write_text(json.dumps(all_stats, indent=2, default=str))
+    export.save_student_spec(model_cfg, tok, workdir)
+  log.info("ICLDist: %s, %d params, %d train records -> %d rows x %d tokens (target %s)",
+           model_cfg.architecture, model_cfg.num_params, len(train), train_ds.num_rows,
+           train_ds.seq_len, spec.target)
+  hooks = ()
+  if heldout:
+    from sentijax.eval import heldout as heldout_lib  # pylint: disable=import-outside-toplevel
+    hooks = (heldout_lib.heldout_hook(config, model_cfg, tok, heldout),)
+  loss_options = ({"kl_alpha": spec.alpha, "kl_temperature": spec.temperature}
+                  if spec.target == "teacher_probs" else None)
+  result = loop.train(config, model_cfg, student.param_initializer(config, model_cfg), train_ds,
+                      val_ds, tokenizer=tok, eval_hooks=hooks, loss_options=loss_options)
+  if result.train_losses:
+    log.info("ICLDist done at step %d: train loss %.4f -> %.4f%s", result.step,
+             result.train_losses[0][1], result.train_losses[-1][1],
+             f", val loss {result.val_losses[-1][1]:.4f}" if result.val_losses else "")
+  return result
