@@ -1,4 +1,5 @@
 """Byte-level BPE training, saving, offline reloading."""
+import copy
 import hashlib
 import os
 import subprocess
@@ -64,6 +65,17 @@ def test_reloads_offline_with_same_ids_and_chat_template(trained):
                       "Hello.<|end_of_text|>")
   assert tokenizer_lib.tokenizer_fingerprint(reloaded) == tokenizer_lib.tokenizer_fingerprint(
       tokenizer)
+
+
+def test_fingerprint_changes_with_vocab_and_template(trained, tmp_path):
+  tokenizer, _ = trained
+  want = tokenizer_lib.tokenizer_fingerprint(tokenizer)
+  assert len(want) == 64 and int(want, 16) >= 0  # sha256 hex digest
+  smaller = tokenizer_lib.train_tokenizer(_demo_texts(), VOCAB_SIZE - 50, tmp_path)
+  assert tokenizer_lib.tokenizer_fingerprint(smaller) != want
+  no_template = copy.deepcopy(tokenizer)
+  no_template.chat_template = None
+  assert tokenizer_lib.tokenizer_fingerprint(no_template) != want
 
 
 def test_training_is_deterministic(trained, tmp_path):

@@ -58,6 +58,24 @@ def _rows(pred_dir: pathlib.Path, name: str, seed: int) -> list[dict]:
   return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def _assert_scores_close(got_NxC, want_NxC) -> float:
+  """fp32 logits of two implementations / shardings over ~500-token prompts: they differ by ~5e-6
+  of the largest |logit| (~1 here); 1e-4 of it stays clear of that on any CPU, while a mask,
+  position or RoPE mistake moves logits by >1e-2. Returns the absolute tolerance used."""
+  atol = 1e-4 * float(np.abs(want_NxC).max())
+  np.testing.assert_allclose(got_NxC, want_NxC, rtol=0, atol=atol)
+  return atol
+
+
+def _assert_same_choices(got, want, want_NxC, atol):
+  """Same predicted label wherever the top two scores are further apart than 2 x atol (near-ties
+  may flip within rounding); nearly all items must be that decisive for the check to mean much."""
+  top2 = np.sort(want_NxC, -1)[:, -2:]
+  decisive = top2[:, 1] - top2[:, 0] > 2 * atol
+  assert decisive.mean() > 0.9, decisive.mean()
+  assert [g for g, d in zip(got, decisive) if d] == [w for w, d in zip(want, decisive) if d]
+
+
 @pytest.mark.parametrize("name", DATASETS)
 def test_classification_matches_transformers(setup, sentibench_dir, name):
   s = setup
@@ -68,9 +86,10 @@ def test_classification_matches_transformers(setup, sentibench_dir, name):
   rows = _rows(s["pred_dir"], name, 42)
   assert [r["index"] for r in rows] == list(range(N_ITEMS))
   ours_NxC = np.asarray([r["scores"] for r in rows])
-  np.testing.assert_allclose(ours_NxC, ref_NxC, atol=1e-3, rtol=0)
+  atol = _assert_scores_close(ours_NxC, ref_NxC)
   labels = [v.strip() for v in s["protocol"]["classification"]["verbalizers"][name]]
-  assert [r["prediction"] for r in rows] == [labels[j] for j in ref_NxC.argmax(-1)]
+  _assert_same_choices([r["prediction"] for r in rows], [labels[j] for j in ref_NxC.argmax(-1)],
+                       ref_NxC, atol)
   assert len({r["prediction"] for r in rows}) > 1  # the random model is not constant
   golds = [t.gold for t in task.test[:N_ITEMS]]
   assert [r["gold"] for r in rows] == golds
@@ -107,9 +126,10 @@ def test_sharded_scoring_matches_single_device(setup, sentibench_dir):
   assert list(results["datasets"]) == list(DATASETS)
   for name in DATASETS:
     sharded, single = _rows(pred_dir, name, 42), _rows(s["pred_dir"], name, 42)[:n]
-    assert [r["prediction"] for r in sharded] == [r["prediction"] for r in single]
-    np.testing.assert_allclose([r["scores"] for r in sharded], [r["scores"] for r in single],
-                               atol=1e-4, rtol=0)
+    single_NxC = np.asarray([r["scores"] for r in single])
+    atol = _assert_scores_close(np.asarray([r["scores"] for r in sharded]), single_NxC)
+    _assert_same_choices([r["prediction"] for r in sharded], [r["prediction"] for r in single],
+                         single_NxC, atol)
 
 
 def test_batches_adapt_to_length():
