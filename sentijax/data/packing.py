@@ -3,31 +3,35 @@
 Row schema (`pack_row`; the batches of dataset.py stack rows to [B, seq_len, ...]):
 
   inputs       int32    [L]     token ids fed to the model (0 on padding)
-  targets      int32    [L]     next-token ids: targets[t] is the token after inputs[t] (0 on padding)
-  weights      float32  [L]     1.0 where targets[t] is a response token (incl. the final eos / end
-                                of turn) and counts in the loss; 0.0 on prompt tokens and padding
-  segment_ids  int32    [L]     1..k for the k sequences packed into a row, 0 on padding; attention
-                                must stay within a segment (causal AND segment_ids[q] == segment_ids[k])
+  targets      int32    [L]     next-token ids: targets[t] is the token after inputs[t] (0 on
+                                padding)
+  weights      float32  [L]     1.0 where targets[t] is a response token (incl. the final eos /
+                                end of turn) and counts in the loss; 0.0 on prompt tokens and
+                                padding
+  segment_ids  int32    [L]     1..k for the k sequences packed into a row, 0 on padding;
+                                attention must stay within a segment (causal AND
+                                segment_ids[q] == segment_ids[k])
   positions    int32    [L]     position of each token within its own sequence (restarts at 0 per
                                 segment; 0 on padding), for RoPE
-  soft_ids     int32    [L, K]  ONLY when soft targets are used (K = `SoftTargets.width` > 0): K
-                                candidate ids for targets[t] ...
-  soft_probs   float32  [L, K]  ... and their probabilities (a teacher's distribution, e.g. over the
-                                verbalizers' first tokens). All K zero = no soft target at t.
+  soft_ids     int32    [L, K]  ONLY with soft targets (K = `SoftTargets.width` > 0): K candidate
+                                ids for targets[t] ...
+  soft_probs   float32  [L, K]  ... and their probabilities (a teacher's distribution, e.g. over
+                                the verbalizers' first tokens). All K zero = no soft target at t.
 
-The loss is sum(weights * CE(logits, targets)) / sum(weights); a soft-target term uses the positions
-where soft_probs.sum(-1) > 0.
+The loss is sum(weights * CE(logits, targets)) / sum(weights); a soft-target term uses the
+positions where soft_probs.sum(-1) > 0.
 
 Soft-target contract. `TokenizedSequence.soft_ids` / `.soft_probs` ([n, K], optional) are aligned
-with `tokens`: row t is the distribution for tokens[t] (like loss_mask[t]). Packing shifts them with
-the tokens, so in a packed row soft_*[p] belongs to targets[p] (= tokens[t] at p = offset + t - 1);
-truncation drops the same token positions from them. A `SoftTargets(width, fn, key)` given to
-`pack_records` attaches them: `fn(record, sequence)` returns ([n, K] ids, [n, K] probs) or None (no
-soft target for that record: zeros); `key` names fn's logic and settings and joins the cache key.
-`soft_targets_at` builds the arrays for one distribution at one token (e.g. the first response
-token, `first_response_index`). Probabilities must be finite, >= 0, and sum to <= 1 per position
-(a top-K truncation may leave mass out). Without soft targets rows and batches carry only the five
-fields above.
+with `tokens`: row t is the distribution for tokens[t] (like loss_mask[t]); row 0 is never used
+(no position predicts the first token). Packing shifts them with the tokens, so in a packed row
+soft_*[p] belongs to targets[p] (p = offset + t - 1 for tokens[t]); truncation drops the same
+token positions from them. A distribution with fewer than K entries is padded with id 0, prob 0.
+`SoftTargets(width, fn, key)`, given to `pack_records` / `dataset.build_train_val`, attaches them:
+`fn(record, sequence)` returns ([n, K] ids, [n, K] probs) or None (no soft target for that record:
+zeros); `key` names fn's logic and settings and joins the cache key. `soft_targets_at` builds the
+arrays for one distribution at one token (e.g. the first response token, `first_response_index`).
+Probabilities must be finite, >= 0, and sum to <= 1 per position (a top-K truncation may leave
+mass out). Without soft targets rows and batches carry only the five fields above.
 
 Per record: with `chat_template=True` and a tokenizer that has one, the conversation
 [user: prompt (or record.messages), assistant: response] is rendered with the chat template; the
@@ -145,7 +149,7 @@ def first_response_index(sequence: TokenizedSequence) -> int:
 
 def soft_targets_at(num_tokens: int, width: int, index: int, ids: Sequence[int],
                     probs: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-  """([n, K] ids, [n, K] probs): one distribution (<= K entries) at token `index`, zeros elsewhere."""
+  """([n, K] ids, [n, K] probs): one distribution (<= K entries) at token `index`, 0 elsewhere."""
   if len(ids) != len(probs) or len(ids) > width:
     raise DataError(f"soft_targets_at: {len(ids)} ids and {len(probs)} probs for width {width}.")
   soft_ids = np.zeros((num_tokens, width), np.int32)

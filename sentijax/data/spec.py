@@ -33,7 +33,7 @@ class HFColumns:
 
 
 # config.data key -> (HFColumns field) for the hf adapter's column names.
-_COLUMN_KEYS = {"id_column": "id", "prompt_column": "prompt", "response_column": "response",
+COLUMN_KEYS = {"id_column": "id", "prompt_column": "prompt", "response_column": "response",
                 "text_column": "text", "prompt_seed": "prompt_seed"}
 
 
@@ -94,6 +94,6 @@ class DataSpec:
       scalars[field.name] = read(field.name, field.default, type(field.default))
     defaults = HFColumns()
     columns = HFColumns(**{name: read(key, getattr(defaults, name), type(getattr(defaults, name)))
-                           for key, name in _COLUMN_KEYS.items()})
+                           for key, name in COLUMN_KEYS.items()})
     cache_dir = read("cache_dir", "", str) or (os.path.join(workdir, "data") if workdir else "")
     return cls(**scalars, columns=columns, cache_dir=str(cache_dir), seed=int(seed))

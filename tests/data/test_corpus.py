@@ -13,6 +13,7 @@ import pytest  # pylint: disable=wrong-import-position
 from sentijax.data import prompts, readers, writers  # pylint: disable=wrong-import-position
 from sentijax.data import records as records_lib  # pylint: disable=wrong-import-position
 from sentijax.data.records import CorpusError, Record  # pylint: disable=wrong-import-position
+from sentijax.data import spec as spec_lib  # pylint: disable=wrong-import-position
 from sentijax.data.spec import DataSpec  # pylint: disable=wrong-import-position
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -240,7 +241,10 @@ def test_data_spec_reads_the_config_once_and_names_bad_keys(tmp_path):
   assert spec.cache_dir == str(tmp_path / "data") and spec.seed == 3 and spec.seq_len == 64
   assert spec.columns == readers.HFColumns(text="review")
   assert spec.corpus_path == records_lib.demo_corpus_path()
-  # Every config.data key the data layer uses is a DataSpec field or an HFColumns column key.
+  # Every config.data key is read (a DataSpec field or an HFColumns column key), and the
+  # DataSpec defaults are the config's.
+  fields = {f.name for f in dataclasses.fields(DataSpec)} - {"columns", "seed"}
+  assert set(config_lib.base().data.keys()) == fields | set(spec_lib.COLUMN_KEYS)
   assert DataSpec.from_config({}) == DataSpec()
   defaults = DataSpec.from_config(config_lib.base().data)
   assert dataclasses.replace(defaults, cache_dir="") == DataSpec()

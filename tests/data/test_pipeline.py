@@ -1,4 +1,4 @@
-"""Tokenise, mask, pack (packing.py), store (array_record via tfds) and read (grain) (dataset.py)."""
+"""Tokenise, mask, pack (packing.py); store as array_record (tfds), read with grain (dataset.py)."""
 import collections
 import copy
 import json
