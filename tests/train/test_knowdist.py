@@ -149,8 +149,12 @@ def test_main_killed_and_preempted_resumes_to_identical_params(tmp_path):
 
   want, got = _final_params(tmp_path / "ref"), _final_params(work)
   assert want.keys() == got.keys()
+  # Same compiled steps on the same data: normally bit-identical. The bound (1e-5 of each tensor's
+  # largest element, ~100 fp32 ulps) only admits reduction-order noise; one skipped, repeated or
+  # reordered step of 40 (lr ~3e-3 against weights ~0.02..1) is >1e-3 of that scale.
   for name in want:
-    np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
+    scale = float(np.abs(want[name]).max())
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5 * scale, err_msg=name)
 
 
 def test_student_initialised_from_hf_dir_and_exported(tmp_path):
@@ -178,7 +182,8 @@ def test_student_initialised_from_hf_dir_and_exported(tmp_path):
 
 
 def test_sentibench_scored_during_training(sentibench_dir, tmp_path):
-  cfg = _config(tmp_path, **{"train.steps": 4, "train.eval_every": 2, "checkpoint.every": 4})
+  cfg = _config(tmp_path, **{"train.steps": 4, "train.eval_every": 2, "checkpoint.every": 4,
+                             "train.peak_tflops": 1.0})  # CPU has no known peak: MFU needs one
   cfg.eval.data_dir = str(sentibench_dir)
   cfg.eval.during_training = "sc/sst2,absa/atsa_rest16"
   cfg.eval.seeds = "42"
