@@ -12,6 +12,10 @@ torch = pytest.importorskip("torch")
 
 MAX_NEW = 30
 N_PROMPTS = 50
+# Our logits differ from torch's by rounding: <= 3e-6 of the largest logit here (measured). Where
+# torch's top two logits are closer than 1e-4 of it (30x that), the greedy pick is decided by
+# rounding and may differ on another CPU: such rows are left out of the exact comparisons.
+NEAR_TIE_REL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +31,21 @@ def setup(tmp_path_factory, sentibench_dir):
   ids, mask = sampling.left_pad(seqs, width, len(seqs), tok.eos_token_id)
   eos = [tok.eos_token_id, model.config.eos_token_id]
   with torch.no_grad():
-    ref = model.generate(input_ids=torch.tensor(ids, dtype=torch.long),
+    out = model.generate(input_ids=torch.tensor(ids, dtype=torch.long),
                          attention_mask=torch.tensor(mask, dtype=torch.long), do_sample=False,
                          max_new_tokens=MAX_NEW, pad_token_id=tok.eos_token_id,
-                         eos_token_id=eos)[:, width:].numpy()
+                         eos_token_id=eos, output_logits=True, return_dict_in_generate=True)
+  ref = out.sequences[:, width:].numpy()
   ref = np.pad(ref, ((0, 0), (0, MAX_NEW - ref.shape[1])), constant_values=tok.eos_token_id)
-  return dict(tok=tok, cfg=cfg, params=params, ids=ids, mask=mask, eos=eos, ref=ref)
+  # Rows whose greedy path (up to its eos) never meets a near tie; rows decode independently.
+  logits_BxNxV = torch.stack(out.logits, dim=1).float().numpy()
+  top2_BxNx2 = np.sort(logits_BxNxV, axis=-1)[..., -2:]
+  tie_BxN = top2_BxNx2[..., 1] - top2_BxNx2[..., 0] < NEAR_TIE_REL * np.abs(logits_BxNxV).max()
+  keep = [r for r in range(len(ids))
+          if not tie_BxN[r, :_truncate(ref[r], set(eos), 0)[1]].any()]
+  assert len(keep) >= 0.8 * N_PROMPTS, len(keep)
+  return dict(tok=tok, cfg=cfg, params=params, ids=ids[keep], mask=mask[keep], eos=eos,
+              ref=ref[keep])
 
 
 def _truncate(ref_N: np.ndarray, stops: set, pad: int) -> tuple[np.ndarray, int]:
@@ -48,7 +61,7 @@ def test_greedy_matches_transformers_generate(setup):
   s = setup
   out = sampling.greedy_decode(s["cfg"], s["params"], s["ids"], s["mask"], MAX_NEW, s["eos"],
                                s["tok"].eos_token_id)
-  assert out.tokens_BxN.shape == (N_PROMPTS, MAX_NEW)
+  assert out.tokens_BxN.shape == (len(s["ids"]), MAX_NEW)
   np.testing.assert_array_equal(out.tokens_BxN, s["ref"])
   for row, n in zip(s["ref"], out.lengths_B):
     assert n == _truncate(row, set(s["eos"]), 0)[1]

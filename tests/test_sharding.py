@@ -2,6 +2,7 @@
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import hf_fixtures
 from sentijax import config as config_lib
@@ -49,11 +50,19 @@ def test_sharded_forward_matches_single_device(which, tmp_path):
   ids, mask = hf_fixtures.padded_batch(np.random.default_rng(0), cfg.vocab_size,
                                        [20, 7, 13, 20, 5, 20, 11, 16], "left")
   single = np.asarray(models.apply(cfg, params_1, ids, attention_mask=mask))
-  batch_sh = sharding.batch_sharding(mesh)
-  ids_8 = jax.device_put(ids.astype(np.int32), batch_sh)
-  mask_8 = jax.device_put(mask.astype(np.int32), batch_sh)
+  rows = NamedSharding(mesh, P(("data", "fsdp"), None))  # 8 rows: 2 per (data, fsdp) shard
+  ids_8 = jax.device_put(ids.astype(np.int32), rows)
+  mask_8 = jax.device_put(mask.astype(np.int32), rows)
   sharded = models.apply(cfg, params_8, ids_8, attention_mask=mask_8)
-  np.testing.assert_allclose(np.asarray(sharded), single, atol=1e-5, rtol=0)
+  # The batch stays spread over the devices: inputs as placed, logits follow the rows.
+  assert ids_8.sharding == rows and mask_8.sharding == rows
+  assert sharded.sharding.spec[0] == ("data", "fsdp"), sharded.sharding
+  assert sharded.addressable_shards[0].data.shape[0] == 2
+  assert {s.data.shape[0] for s in sharded.addressable_shards} == {2}
+  # Sharded matmuls sum partial products in another order: fp32 rounding only (~4e-7 of the
+  # largest logit measured); 1e-5 of it holds on any CPU and fails on a real mapping error.
+  err, scale = np.abs(np.asarray(sharded) - single).max(), np.abs(single).max()
+  assert err <= 1e-5 * scale, (err, scale)
 
 
 def test_random_init_is_sharded_in_place():
@@ -62,8 +71,11 @@ def test_random_init_is_sharded_in_place():
   params = models.init(cfg, 0, mesh=mesh, rules=RULES)
   _assert_really_sharded(params, mesh)
   ref = models.init(cfg, 0)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7),
-               params, ref)
+
+  def same(a, b):  # the same random bits; the normal transform may round differently per layout
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
+  jax.tree.map(same, params, ref)
 
 
 def test_hf_import_streams_slices_into_place(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sentijax.models import hf, presets
 from sentijax.models.decoder import (KVCache, ModelConfig, RopeScaling, default_positions,
@@ -94,9 +95,34 @@ def check_tokenizer(cfg: ModelConfig, tokenizer, where: str = "") -> None:
         f"use the tokenizer that belongs to this model")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(cfg, params, input_ids, segment_ids, positions):
-  return forward(cfg, params, input_ids, segment_ids_BxT=segment_ids, positions_BxT=positions)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply(cfg, logits_sharding, params, input_ids, segment_ids, positions):
+  input_ids = input_ids.astype(jnp.int32)
+  segment_ids = (jnp.ones_like(input_ids) if segment_ids is None
+                 else segment_ids.astype(jnp.int32))
+  positions = default_positions(segment_ids) if positions is None else positions.astype(jnp.int32)
+  logits = forward(cfg, params, input_ids, segment_ids_BxT=segment_ids, positions_BxT=positions)
+  if logits_sharding is not None:
+    logits = jax.lax.with_sharding_constraint(logits, logits_sharding)
+  return logits
+
+
+def _device_ready(x):
+  """jax Arrays pass through untouched (their sharding, possibly over several hosts, is kept);
+  anything else (lists, numpy, torch-on-CPU) becomes an int32 numpy array."""
+  if x is None or isinstance(x, jax.Array):
+    return x
+  return np.asarray(x, np.int32)
+
+
+def _logits_sharding(input_ids) -> NamedSharding | None:
+  """Logits rows split like the rows of a batch-sharded `input_ids` (the rest left to XLA)."""
+  s = getattr(input_ids, "sharding", None)
+  if not isinstance(input_ids, jax.Array) or not isinstance(s, NamedSharding):
+    return None
+  if not s.spec or s.spec[0] is None:
+    return None
+  return NamedSharding(s.mesh, P(s.spec[0], P.UNCONSTRAINED, P.UNCONSTRAINED))
 
 
 def apply(cfg: ModelConfig, params: Any, input_ids, attention_mask=None, position_ids=None,
@@ -104,13 +130,11 @@ def apply(cfg: ModelConfig, params: Any, input_ids, attention_mask=None, positio
   """Float32 logits [batch, length, vocab].
 
   `attention_mask` (1 = token, 0 = padding; left or right padding) or `segment_ids` (packed rows:
-  1..k per sequence, 0 = padding). Positions default to counting non-padding tokens.
+  1..k per sequence, 0 = padding). Positions default to counting non-padding tokens. jax Array
+  inputs are used where they are (sharded, even over several hosts); the logits keep the row
+  sharding of `input_ids`.
   """
-  input_ids = jnp.asarray(np.asarray(input_ids), jnp.int32)
   if segment_ids is None:
-    segment_ids = (jnp.ones_like(input_ids) if attention_mask is None
-                   else jnp.asarray(np.asarray(attention_mask), jnp.int32))
-  segment_ids = jnp.asarray(segment_ids, jnp.int32)
-  if position_ids is None:
-    position_ids = default_positions(segment_ids)
-  return _apply(cfg, params, input_ids, segment_ids, jnp.asarray(position_ids, jnp.int32))
+    segment_ids = attention_mask
+  return _apply(cfg, _logits_sharding(input_ids), params, _device_ready(input_ids),
+                _device_ready(segment_ids), _device_ready(position_ids))

@@ -81,13 +81,18 @@ class ModelConfig:
     return v * e * (1 if self.tie_embeddings else 2) + l * per_layer + e
 
   def flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), incl. attention scores."""
-    e, l = self.hidden_size, self.num_layers
-    norms = (2 * l + 1) * e
-    input_gather = 0 if self.tie_embeddings else self.vocab_size * e  # a lookup, not a matmul
-    matmul_params = self.num_params - norms - input_gather
-    attn = 2 * l * self.num_heads * self.head_dim * seq_len  # QK^T + AV, halved by causality
-    return 3 * (2 * matmul_params + attn)
+    """Training FLOPs per token of a causal row of `seq_len` (forward + backward = 3x forward).
+
+    Forward: 2 FLOPs per multiply-add of every weight matrix (q/k/v/o, gate/up/down, the output
+    projection; the input embedding is a lookup, biases and norms are elementwise and not
+    counted), plus QK^T and AV: 2 * 2 * heads * head_dim per attended key, a query attending
+    seq_len / 2 keys on average under the causal mask.
+    """
+    e, f, l = self.hidden_size, self.intermediate_size, self.num_layers
+    h, k, d = self.num_heads, self.num_kv_heads, self.head_dim
+    weights = l * (e * d * (2 * h + 2 * k) + 3 * e * f) + e * self.vocab_size
+    attn = l * (2 * 2 * h * d) * seq_len // 2  # = 2 * l * h * d * seq_len, exact
+    return float(3 * (2 * weights + attn))
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,15 +202,19 @@ class Attention(nn.Module):
     b, t = q_BxTxHxD.shape[:2]
     q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, k, h // k, d)
     chunk = cfg.attention_chunk
-    if chunk and t > chunk and t % chunk == 0:
+    if chunk and t > chunk:
       # Query blocks one at a time (recomputed in the backward pass): peak score memory
-      # [B, H, chunk, S] instead of [B, H, T, S]; the same math row by row.
-      n = t // chunk
-      q_NxBxCxKxGxD = q_BxTxKxGxD.reshape(b, n, chunk, k, h // k, d).swapaxes(0, 1)
-      mask_NxBxCxS = mask_BxTxS.reshape(b, n, chunk, -1).swapaxes(0, 1)
+      # [B, H, chunk, S] instead of [B, H, T, S]; the same math row by row. T is padded to a
+      # multiple of the chunk (padded queries attend nowhere) and sliced back.
+      pad = -t % chunk
+      n = (t + pad) // chunk
+      q_BxPxKxGxD = jnp.pad(q_BxTxKxGxD, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+      mask_BxPxS = jnp.pad(mask_BxTxS, ((0, 0), (0, pad), (0, 0)))
+      q_NxBxCxKxGxD = q_BxPxKxGxD.reshape(b, n, chunk, k, h // k, d).swapaxes(0, 1)
+      mask_NxBxCxS = mask_BxPxS.reshape(b, n, chunk, -1).swapaxes(0, 1)
       block = jax.checkpoint(lambda qm: _attend(qm[0], k_BxSxKxD, v_BxSxKxD, qm[1], dt))
       out_NxBxCxKxGxD = jax.lax.map(block, (q_NxBxCxKxGxD, mask_NxBxCxS))
-      out_BxTxKxGxD = out_NxBxCxKxGxD.swapaxes(0, 1).reshape(b, t, k, h // k, d)
+      out_BxTxKxGxD = out_NxBxCxKxGxD.swapaxes(0, 1).reshape(b, n * chunk, k, h // k, d)[:, :t]
     else:
       out_BxTxKxGxD = _attend(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, dt)
     out_BxTxE = jnp.einsum("bthd,hde->bte", out_BxTxKxGxD.reshape(b, t, h, d),

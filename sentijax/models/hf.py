@@ -25,12 +25,9 @@ import numpy as np
 
 from sentijax import sharding
 from sentijax.models import decoder
-from sentijax.models.decoder import ModelConfig, RopeScaling
-
-
-class CheckpointError(ValueError):
-  """A problem with an HF checkpoint directory; the message names the file/tensor/key."""
-
+from sentijax.models.decoder import ModelConfig
+from sentijax.models.hf_config import (CheckpointError, config_from_hf, config_to_hf,  # noqa: F401
+                                        read_config, save_config)
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -38,118 +35,6 @@ _ST_DTYPES = {
     "BOOL": np.bool_,
 }
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-
-# --------------------------------------------------------------------------------------------
-# config.json <-> ModelConfig
-
-
-def _get(hf: dict, key: str, path: Path, default: Any = KeyError) -> Any:
-  if key in hf:
-    return hf[key]
-  if default is KeyError:
-    raise CheckpointError(f"{path}: missing required key {key!r}")
-  return default
-
-
-def config_from_hf(hf: dict, path: Path | str = "config.json") -> ModelConfig:
-  """ModelConfig from a parsed config.json (transformers 4 or 5 layout)."""
-  path = Path(path)
-  model_type = hf.get("model_type")
-  if model_type not in _ARCHITECTURES:
-    archs = hf.get("architectures")
-    raise CheckpointError(
-        f"{path}: unsupported architecture (model_type={model_type!r}, architectures={archs}); "
-        f"sentijax supports model_type 'llama' (Llama-3.x) and 'qwen2' (Qwen2/2.5)")
-  if hf.get("mlp_bias") or (model_type == "llama" and hf.get("attention_bias")):
-    raise CheckpointError(f"{path}: mlp_bias / attention_bias on llama are not supported")
-  if hf.get("hidden_act", "silu") != "silu":
-    raise CheckpointError(f"{path}: hidden_act={hf['hidden_act']!r} is not supported (silu only)")
-  rope = dict(hf.get("rope_parameters") or {})
-  legacy_scaling = hf.get("rope_scaling") or {}
-  rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-  rope_type = rope.get("rope_type", legacy_scaling.get("rope_type", legacy_scaling.get("type",
-                                                                                       "default")))
-  scaling = None
-  if rope_type == "llama3":
-    src = rope if "factor" in rope else legacy_scaling
-    try:
-      scaling = RopeScaling(float(src["factor"]), float(src["low_freq_factor"]),
-                            float(src["high_freq_factor"]),
-                            int(src["original_max_position_embeddings"]))
-    except KeyError as e:
-      raise CheckpointError(f"{path}: llama3 rope scaling lacks key {e.args[0]!r}") from None
-  elif rope_type not in ("default", None):
-    raise CheckpointError(f"{path}: rope_type {rope_type!r} is not supported "
-                          f"(supported: default, llama3)")
-  num_heads = int(_get(hf, "num_attention_heads", path))
-  hidden = int(_get(hf, "hidden_size", path))
-  eos = hf.get("eos_token_id")
-  return ModelConfig(
-      architecture=model_type,
-      vocab_size=int(_get(hf, "vocab_size", path)),
-      hidden_size=hidden,
-      intermediate_size=int(_get(hf, "intermediate_size", path)),
-      num_layers=int(_get(hf, "num_hidden_layers", path)),
-      num_heads=num_heads,
-      num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-      head_dim=int(hf.get("head_dim") or hidden // num_heads),
-      rope_theta=float(rope_theta),
-      rope_scaling=scaling,
-      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "qwen2")),
-      qkv_bias=model_type == "qwen2",
-      max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
-      bos_token_id=hf.get("bos_token_id"),
-      eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-  )
-
-
-def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
-  rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
-  if cfg.rope_scaling is not None:
-    s = cfg.rope_scaling
-    rope.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
-                high_freq_factor=s.high_freq_factor,
-                original_max_position_embeddings=s.original_max_position_embeddings)
-  eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
-  hf = {
-      "architectures": [_ARCHITECTURES[cfg.architecture]],
-      "model_type": cfg.architecture,
-      "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.hidden_size,
-      "intermediate_size": cfg.intermediate_size,
-      "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.num_kv_heads,
-      "head_dim": cfg.head_dim,
-      "hidden_act": "silu",
-      "rms_norm_eps": cfg.rms_norm_eps,
-      "rope_parameters": rope,
-      "rope_theta": cfg.rope_theta,  # read by pre-5 transformers and vLLM
-      "tie_word_embeddings": cfg.tie_embeddings,
-      "max_position_embeddings": cfg.max_position_embeddings,
-      "bos_token_id": cfg.bos_token_id,
-      "eos_token_id": eos,
-      "dtype": dtype,
-  }
-  if cfg.architecture == "llama":
-    hf.update(attention_bias=False, mlp_bias=False)
-  return hf
-
-
-def read_config(path: str | os.PathLike) -> ModelConfig:
-  cfg_path = Path(path) / "config.json"
-  if not cfg_path.is_file():
-    raise CheckpointError(f"{cfg_path}: not found; an HF model directory needs config.json")
-  try:
-    hf = json.loads(cfg_path.read_text(encoding="utf-8"))
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{cfg_path}: corrupt JSON ({e})") from None
-  if not isinstance(hf, dict):
-    raise CheckpointError(f"{cfg_path}: expected a JSON object")
-  return config_from_hf(hf, cfg_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,6 +197,22 @@ def _get_path(tree: dict, path: tuple[str, ...]):
   return tree
 
 
+def _check_no_unused(files: SafetensorsFiles, cfg: ModelConfig, expected: list[str]):
+  """Raises on checkpoint tensors the config gives no place to (they would be silently lost)."""
+  unused = sorted(set(files.names()) - set(expected))
+  if not unused:
+    return
+  name = unused[0]
+  if name == "lm_head.weight" and cfg.tie_embeddings:
+    why = ("config.json says tie_word_embeddings=true, so the output projection is the input "
+           "embedding; set tie_word_embeddings=false to use this tensor")
+  else:
+    why = (f"no {cfg.architecture} parameter with {cfg.num_layers} layers, "
+           f"tie_word_embeddings={cfg.tie_embeddings}, qkv_bias={cfg.qkv_bias} takes it")
+  more = f" (and {len(unused) - 1} more: {unused[1:4]})" if len(unused) > 1 else ""
+  raise CheckpointError(f"{files.file_of(name)}: tensor {name!r} would be unused: {why}{more}")
+
+
 def load_params(cfg: ModelConfig, directory: str | os.PathLike, shardings: Any = None,
                 dtype: Any = None) -> dict:
   """Builds the param pytree from safetensors, each leaf placed into its sharding.
@@ -342,6 +243,8 @@ def load_params(cfg: ModelConfig, directory: str | os.PathLike, shardings: Any =
     w = to_ours(w) if to_ours else w
     return np.asarray(w, dtype=dtype)
 
+  _check_no_unused(files, cfg, [name for _, name, *_ in top] + [
+      name.format(i=i) for _, name, *_ in per_layer for i in range(cfg.num_layers)])
   params: dict = {}
   for path, name, hf_shape, to_ours, _ in top:
     shape = converted(name, hf_shape, to_ours).shape
@@ -411,10 +314,3 @@ def save_params(cfg: ModelConfig, params: dict, directory: str | os.PathLike,
     os.replace(tmp, index_path)
     (directory / "model.safetensors").unlink(missing_ok=True)
   return written
-
-
-def save_config(cfg: ModelConfig, directory: str | os.PathLike, dtype: str = "float32"):
-  path = Path(directory) / "config.json"
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
-  os.replace(tmp, path)

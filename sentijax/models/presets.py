@@ -1,11 +1,15 @@
-"""Published model shapes by name (the values of each model's config.json on the hub)."""
+"""Published models by name: the values of each -Instruct release's config.json on the hub.
+
+Shapes, RoPE, norm eps and tie flag are those of the base releases too; bos/eos are the Instruct
+ones (Llama: <|end_of_text|>, <|eom_id|>, <|eot_id|>; Qwen2.5: <|im_end|>).
+"""
 from sentijax.models.decoder import ModelConfig, RopeScaling
 
 _LLAMA31_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                             original_max_position_embeddings=8192)
 _LLAMA32_ROPE = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                             original_max_position_embeddings=8192)
-_LLAMA_TOKENS = dict(bos_token_id=128000, eos_token_id=128001)
+_LLAMA_TOKENS = dict(bos_token_id=128000, eos_token_id=(128001, 128008, 128009))
 _QWEN_TOKENS = dict(bos_token_id=151643, eos_token_id=151645)
 
 

@@ -8,8 +8,21 @@ import pytest
 
 import hf_fixtures
 from sentijax import models
+from sentijax.models import hf, hf_config
 
 torch = pytest.importorskip("torch")
+
+# fp32 logits of two implementations (XLA vs torch) differ by rounding only: measured ~4e-7 of the
+# largest logit; 1e-5 leaves room for other CPUs (vector width, FMA, threads) and still fails on
+# any real mapping or RoPE error (those move logits by percent).
+PARITY_REL = 1e-5
+
+
+def _assert_close(got, want, rel=PARITY_REL, what="logits"):
+  """max |got - want| <= rel * max |want|."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  err, scale = np.abs(got - want).max(), np.abs(want).max()
+  assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel:g} x max |value| {scale:.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +55,7 @@ def test_logit_parity_with_transformers(which, side, llama_dir, qwen_dir):
   ref = hf_fixtures.torch_logits(model, ids, mask)
   assert ours.dtype == np.float32 and ours.shape == ref.shape
   real = mask.astype(bool)
-  assert np.abs(ours[real] - ref[real]).max() <= 1e-4
+  _assert_close(ours[real], ref[real])
 
 
 def test_long_positions_exercise_llama3_scaling(llama_dir):
@@ -52,24 +65,115 @@ def test_long_positions_exercise_llama3_scaling(llama_dir):
   ids = np.random.default_rng(1).integers(3, cfg.vocab_size, size=(1, 200))
   mask = np.ones_like(ids)
   ours = np.asarray(models.apply(cfg, params, ids, attention_mask=mask))
-  assert np.abs(ours - hf_fixtures.torch_logits(model, ids, mask)).max() <= 1e-4
+  _assert_close(ours, hf_fixtures.torch_logits(model, ids, mask))
+
+
+def _reload_logits(out, ids, mask):
+  from transformers import AutoModelForCausalLM
+  reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  return hf_fixtures.torch_logits(reloaded, ids, mask)
 
 
 def test_export_reload_in_transformers_and_bit_identical_roundtrip(llama_dir, qwen_dir, tmp_path):
-  from transformers import AutoModelForCausalLM
   for i, (path, _) in enumerate([llama_dir, qwen_dir]):
     cfg, params = models.load_hf(path)
     out = tmp_path / f"export{i}"
     models.save_hf(cfg, params, out)
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ids, mask = hf_fixtures.padded_batch(np.random.default_rng(2), cfg.vocab_size, [9, 16], "left")
+    # 200 positions: past original_max_position_embeddings (64), every llama3 band is used.
+    ids, mask = hf_fixtures.padded_batch(np.random.default_rng(2), cfg.vocab_size, [9, 200], "left")
     ours = np.asarray(models.apply(cfg, params, ids, attention_mask=mask))
-    ref = hf_fixtures.torch_logits(reloaded, ids, mask)
-    assert np.abs(ours - ref)[mask.astype(bool)].max() <= 1e-4
+    real = mask.astype(bool)
+    _assert_close(_reload_logits(out, ids, mask)[real], ours[real])
+    # A 4.x reader (and vLLM) sees only rope_theta + rope_scaling: drop transformers 5's key.
+    c = json.loads((out / "config.json").read_text())
+    del c["rope_parameters"], c["dtype"]
+    (out / "config.json").write_text(json.dumps(c))
+    _assert_close(_reload_logits(out, ids, mask)[real], ours[real], what="4.x-style config")
     cfg2, params2 = models.load_hf(out)
     assert cfg2 == cfg
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  params, params2)
+
+
+# Keys transformers itself writes whose values every reader relies on.
+_COMMON_KEYS = ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "hidden_act", "rms_norm_eps",
+                "max_position_embeddings", "tie_word_embeddings", "rope_parameters",
+                "bos_token_id", "eos_token_id", "attention_dropout", "initializer_range",
+                "use_cache"]
+_ARCH_KEYS = {"llama": ["head_dim", "attention_bias", "mlp_bias", "pretraining_tp"],
+              "qwen2": ["use_sliding_window", "sliding_window", "layer_types"]}
+_SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+              bos_token_id=1, eos_token_id=[2, 3])
+
+
+@pytest.mark.parametrize("case", ["llama3", "plain", "qwen2"])
+def test_exported_config_json_field_by_field(case):
+  from transformers import LlamaConfig, Qwen2Config
+  if case == "qwen2":
+    theirs = Qwen2Config(**_SHAPE, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    legacy = {"rope_theta": 1e6, "rope_scaling": None}
+  elif case == "plain":
+    theirs = LlamaConfig(**_SHAPE, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    legacy = {"rope_theta": 5e5, "rope_scaling": None}
+  else:
+    theirs = LlamaConfig(**_SHAPE, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         rope_parameters=dict(hf_fixtures.LLAMA3_ROPE), head_dim=32)
+    # As in the published Llama-3.1/3.2 config.json.
+    legacy = {"rope_theta": 500000.0, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}}
+  want = theirs.to_dict()
+  cfg = hf_config.config_from_hf(want)
+  written = json.loads(json.dumps(hf_config.config_to_hf(cfg, dtype="bfloat16")))
+  for key in _COMMON_KEYS + _ARCH_KEYS[cfg.architecture]:
+    assert written[key] == want[key], (key, written[key], want[key])
+  for key, value in legacy.items():
+    assert written[key] == value, (key, written[key], value)
+  assert written["dtype"] == written["torch_dtype"] == "bfloat16"
+  assert written["architectures"] == [type(theirs).__name__.replace("Config", "ForCausalLM")]
+  assert hf_config.config_from_hf(written) == cfg
+  # transformers 5 reads the file (both RoPE forms present) back to the same settings.
+  again = type(theirs).from_dict(written)
+  assert again.rope_parameters == want["rope_parameters"]
+  assert again.tie_word_embeddings == want["tie_word_embeddings"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_omitted_keys_take_transformers_defaults(arch):
+  from transformers import LlamaConfig, Qwen2Config
+  shape = dict(vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=32)
+  ours = hf_config.config_from_hf(dict(shape, model_type=arch))
+  theirs = (LlamaConfig if arch == "llama" else Qwen2Config)(**shape)
+  assert ours.tie_embeddings is theirs.tie_word_embeddings is False
+  assert ours.rms_norm_eps == theirs.rms_norm_eps
+  assert ours.max_position_embeddings == theirs.max_position_embeddings
+  assert theirs.rope_parameters["rope_type"] == "default" and ours.rope_scaling is None
+  assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+  assert (ours.bos_token_id, ours.eos_token_id) == (theirs.bos_token_id, theirs.eos_token_id)
+  assert ours.num_kv_heads == theirs.num_key_value_heads
+  assert ours.head_dim == (getattr(theirs, "head_dim", None) or 128 // 32)
+  if arch == "qwen2":  # Qwen2Config's default of 32 kv heads does not fit 4 heads: refused
+    with pytest.raises(models.CheckpointError, match=r"config\.json: num_heads=4 is not a multiple"):
+      hf_config.config_from_hf(dict(shape, num_attention_heads=4, model_type=arch))
+
+
+def test_qwen2_without_tie_key_uses_its_lm_head(qwen_dir, tmp_path):
+  path, model = qwen_dir
+  d = _copy(path, tmp_path / "notie")
+  c = json.loads((d / "config.json").read_text())
+  del c["tie_word_embeddings"]
+  (d / "config.json").write_text(json.dumps(c))
+  cfg, params = models.load_hf(d)
+  assert not cfg.tie_embeddings and "lm_head" in params
+  ids, mask = hf_fixtures.padded_batch(np.random.default_rng(4), cfg.vocab_size, [7, 11], "right")
+  ours = np.asarray(models.apply(cfg, params, ids, attention_mask=mask))
+  real = mask.astype(bool)
+  _assert_close(ours[real], hf_fixtures.torch_logits(model, ids, mask)[real])
 
 
 def test_sharded_export_with_index_and_bf16(llama_dir, tmp_path):
@@ -178,3 +282,42 @@ def test_shape_mismatch_and_missing_tensor(llama_dir, tmp_path):
   (d / "config.json").write_text(json.dumps(c))
   with pytest.raises(models.CheckpointError, match=r"'lm_head\.weight' is missing"):
     models.load_hf(d)
+
+
+def _rewrite_tensors(d, edit):
+  from safetensors.numpy import load_file
+  tensors = load_file(str(d / "model.safetensors"))
+  edit(tensors)
+  hf.write_safetensors(d / "model.safetensors", tensors)
+
+
+def test_unused_checkpoint_tensor_is_an_error(llama_dir, tmp_path):
+  path, _ = llama_dir  # tied: no lm_head.weight
+  d = _copy(path, tmp_path / "tied_with_head")
+  _rewrite_tensors(d, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"] * 2}))
+  with pytest.raises(models.CheckpointError,
+                     match=r"model\.safetensors: tensor 'lm_head\.weight' would be unused: "
+                           r"config\.json says tie_word_embeddings=true"):
+    models.load_hf(d)
+  d = _copy(path, tmp_path / "extra")
+  _rewrite_tensors(d, lambda t: t.update({
+      "model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32),
+      "model.layers.2.mlp.up_proj.weight": t["model.layers.0.mlp.up_proj.weight"]}))
+  with pytest.raises(models.CheckpointError,
+                     match=r"tensor 'model\.layers\.0\.self_attn\.o_proj\.bias' would be unused: "
+                           r"no llama parameter with 2 layers.*1 more.*layers\.2\.mlp\.up_proj"):
+    models.load_hf(d)
+
+
+def test_sliding_window_and_unknown_rope_are_refused(qwen_dir, tmp_path):
+  for key, value, match in [("use_sliding_window", True, "sliding-window attention"),
+                            ("layer_types", ["full_attention", "sliding_attention"],
+                             "sliding-window attention"),
+                            ("rope_scaling", {"rope_type": "yarn", "factor": 4.0},
+                             "rope_type 'yarn' is not supported")]:
+    d = _copy(qwen_dir[0], tmp_path / key)
+    c = json.loads((d / "config.json").read_text())
+    c[key] = value
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(models.CheckpointError, match=rf"config\.json: {match}"):
+      models.load_hf(d)
