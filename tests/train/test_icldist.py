@@ -1,0 +1,290 @@
+"""ICLDist end to end: held-out gain on the tiny model, the teacher_probs KL term, kill/resume."""
+import importlib.util
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from sentijax import models
+from sentijax.data import records, tasks
+from sentijax.train import icldist, losses, step
+
+REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("icldist_config", REPO / "configs" / "icldist.py")
+icldist_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(icldist_config)
+
+
+def _config(workdir, **overrides):
+  c = icldist_config.get_config()
+  c.workdir = str(workdir)
+  c.seed = 42
+  c.model.dtype = "float32"
+  c.icl.update(tasks="sc/restaurants,sc/products,emotion/chat", heldout="sc/movies",
+               num_prompts=1200, val_prompts=16)
+  c.data.seq_len = 128
+  c.train.update(steps=300, learning_rate=3e-3, warmup_steps=10, log_every=50, eval_every=300)
+  c.checkpoint.every = 300
+  c.eval.update(data_dir=str(workdir / "no-sentibench"), max_examples=60, seeds="42")
+  c.export_hf = False
+  for k, v in overrides.items():
+    section, key = k.split(".")
+    c[section][key] = v
+  return c
+
+
+def test_gold_raises_heldout_accuracy_on_an_unseen_task(tmp_path, caplog):
+  """Tiny model, 300 steps of gold prompts from restaurant/product polarity and chat emotions;
+  sc/movies (other nouns, other sentence shapes, its own instruction) is never trained on.
+
+  Scored with the SentiBench protocol (4 demos, seed 42, all 60 test items). The untrained model
+  (step 0) answers nearly one label: macro-F1 35.5, accuracy 55.0 (the class share). Measured
+  after training: macro-F1 58.3, accuracy 61.7. The test asks for a macro-F1 gain of at least
+  10 points and no accuracy loss. Shots 0-1 and no renaming: a 164k-param model does not learn to
+  read many demos or renamed labels this fast (measured: with 0-4 shots, or 0-8 shots and 50%
+  renaming, it stays at one label, F1 ~33-35).
+  """
+  caplog.set_level(logging.INFO, logger="sentijax")
+  cfg = _config(tmp_path, **{"icl.shots": "0-1", "icl.rename_prob": 0.0,
+                             "icl.heldout": "sc/movies,sc/sst2"})
+  result = icldist.run(cfg)
+  assert result.step == 300
+  assert "held-out task sc/sst2 not scored: eval.data_dir=" in caplog.text
+  before = json.loads((tmp_path / "sentibench" / "step_0.json").read_text())["datasets"]
+  after = json.loads((tmp_path / "sentibench" / "step_300.json").read_text())["datasets"]
+  assert set(before) == set(after) == {"sc/movies"}
+  f1_0, f1_1 = before["sc/movies"]["mean"], after["sc/movies"]["mean"]
+  assert f1_1 >= f1_0 + 10.0, (f1_0, f1_1)
+  assert after["sc/movies"]["accuracy"] >= before["sc/movies"]["accuracy"]
+  stats = json.loads((tmp_path / "data_stats.json").read_text())
+  assert stats["heldout"] == ["sc/movies"] and "sc/movies" not in stats["tasks"]
+  assert stats["train"]["dropped_too_long"] == 0 and stats["train"]["truncated_prompt"] == 0
+  events = b"".join(p.read_bytes() for p in (tmp_path / "tensorboard").glob("events.*"))
+  assert b"eval/sentibench/sc/movies" in events
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher_probs: the KL term.
+
+
+def _kl_inputs():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 3, 11)).astype(np.float32) * 3
+  ids = np.array([[[1, 4, 0], [2, 3, 5], [0, 0, 0]], [[7, 8, 9], [1, 2, 0], [6, 5, 4]]], np.int32)
+  probs = np.array([[[0.7, 0.3, 0], [0.2, 0.5, 0.3], [0, 0, 0]],
+                    [[0.1, 0.1, 0.8], [0.5, 0.5, 0], [0.6, 0.3, 0.1]]], np.float32)
+  return logits, ids, probs
+
+
+def test_kl_is_zero_when_distributions_match_and_matches_numpy():
+  logits, ids, probs = _kl_inputs()
+  for t in (1.0, 2.0):
+    # Student logits = log(teacher probs) at the listed tokens (others arbitrary): same
+    # distribution over the verbalizers, at any temperature (both are tempered alike).
+    matched = logits.copy()
+    np.put_along_axis(matched, ids, np.log(np.maximum(probs, 1e-30)), axis=-1)
+    kl = np.asarray(losses.verbalizer_kl(jnp.asarray(matched), ids, probs, t))
+    np.testing.assert_allclose(kl, 0.0, atol=1e-6)  # fp32 log/exp rounding of O(1) values
+  kl = np.asarray(losses.verbalizer_kl(jnp.asarray(logits), ids, probs, 2.0))
+  assert kl[0, 2] == 0.0 and (np.delete(kl.ravel(), 2) > 1e-3).all()
+  # Reference in float64 numpy.
+  for b in range(2):
+    for l in range(3):
+      m = probs[b, l] > 0
+      if not m.any():
+        continue
+      pt = probs[b, l][m].astype(np.float64) ** 0.5
+      pt /= pt.sum()
+      s = logits[b, l][ids[b, l]][m].astype(np.float64) / 2.0
+      ls = s - np.log(np.exp(s - s.max()).sum()) - s.max()
+      ref = 4.0 * np.sum(pt * (np.log(pt) - ls))
+      np.testing.assert_allclose(kl[b, l], ref, rtol=1e-5)  # fp32 vs fp64, a few O(1) terms
+
+
+def test_kl_gradient_matches_finite_differences():
+  logits, ids, probs = _kl_inputs()
+  with jax.enable_x64(True):
+    x = jnp.asarray(logits, jnp.float64)
+    f = lambda z: jnp.sum(losses.verbalizer_kl(z, ids, probs, 1.5))
+    grad = np.asarray(jax.grad(f)(x))
+    eps = 1e-6
+    num = np.zeros_like(grad)
+    for idx in np.ndindex(*x.shape):
+      d = np.zeros(x.shape)
+      d[idx] = eps
+      num[idx] = (float(f(x + d)) - float(f(x - d))) / (2 * eps)
+  # Central differences in float64: error ~eps^2 * f''' + rounding 1e-16 / eps ~ 1e-10.
+  np.testing.assert_allclose(grad, num, atol=1e-8)
+  assert np.abs(grad).max() > 0.05  # the check is not vacuous
+  not_listed = np.ones(x.shape, bool)
+  np.put_along_axis(not_listed, ids, False, axis=-1)
+  assert (grad[not_listed] == 0).all()  # only the verbalizer tokens get gradient
+
+
+def test_loss_sums_mix_ce_and_kl_and_chunking_agrees():
+  cfg = models.presets.get("tiny").replace(dtype="float32")
+  params = models.init(cfg, 0)
+  rng = np.random.default_rng(1)
+  b, l, k = 2, 16, 3
+  batch = {"inputs": rng.integers(1, 100, (b, l)).astype(np.int32),
+           "targets": rng.integers(1, 100, (b, l)).astype(np.int32),
+           "weights": (rng.random((b, l)) < 0.5).astype(np.float32),
+           "segment_ids": np.ones((b, l), np.int32),
+           "positions": np.tile(np.arange(l, dtype=np.int32), (b, 1)),
+           "soft_ids": np.zeros((b, l, k), np.int32), "soft_probs": np.zeros((b, l, k), np.float32)}
+  batch["soft_ids"][:, 5] = [[3, 4, 5], [6, 7, 8]]
+  batch["soft_probs"][:, 5] = [[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]
+  nll, w = step.loss_sums(cfg, params, batch)
+  logits = models.forward(cfg, params, batch["inputs"], segment_ids_BxT=batch["segment_ids"],
+                          positions_BxT=batch["positions"])
+  kl = float(jnp.sum(losses.verbalizer_kl(logits, batch["soft_ids"], batch["soft_probs"], 2.0)))
+  assert kl > 0.01
+  mixed, w2 = step.loss_sums(cfg, params, batch, kl_alpha=0.25, kl_temperature=2.0)
+  np.testing.assert_allclose(float(mixed), 0.75 * float(nll) + 0.25 * kl, rtol=1e-5)
+  chunked, _ = step.loss_sums(cfg, params, batch, loss_chunk=8, kl_alpha=0.25,
+                              kl_temperature=2.0)
+  np.testing.assert_allclose(float(chunked), float(mixed), rtol=1e-5)  # sums of ~30 fp32 terms
+  assert float(w) == float(w2)
+
+
+def _teacher_corpus(path, n=64):
+  """Records in the KnowDist format naming their task, with teacher distributions."""
+  reg = tasks.discover(str(icldist.DEMO_TASKS))
+  rows = []
+  for i, ex in enumerate(tasks.load_examples(reg.get("sc/restaurants"), "train")[:n]):
+    p = 0.9 if ex.gold == "positive" else 0.1
+    rows.append({"id": f"t{i}", "prompt": f"Sentiment?\n\nSentence: {ex.sentence}\nLabel:",
+                 "response": f" {ex.gold}",
+                 "meta": {"task": "sc/restaurants" if i % 8 else "sc/movies",
+                          "teacher_probs": {" positive": p, " negative": 1 - p}}})
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def test_teacher_probs_job_trains_with_soft_targets(tmp_path):
+  corpus = _teacher_corpus(tmp_path / "teacher.jsonl")
+  cfg = _config(tmp_path / "run", **{"icl.target": "teacher_probs",
+                                     "icl.teacher_corpus": str(corpus), "icl.alpha": 0.5,
+                                     "train.steps": 4, "train.eval_every": 0,
+                                     "checkpoint.every": 4})
+  result = icldist.run(cfg)
+  assert result.step == 4 and np.isfinite(result.train_losses[-1][1])
+  stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
+  assert stats["icl"]["heldout"] == 8  # the records naming sc/movies are never trained on
+  assert stats["train"]["soft_width"] == 8 and stats["train"]["num_soft_targets"] > 40
+
+
+def test_bad_inputs_fail_before_training(tmp_path):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps({"id": "x", "prompt": "p", "response": " r", "meta": {}}) + "\n")
+  with pytest.raises(ValueError, match=r"bad\.jsonl: record 'x': meta\.task"):
+    icldist.run(_config(tmp_path / "a", **{"icl.target": "teacher",
+                                           "icl.teacher_corpus": str(bad)}))
+  corpus = _teacher_corpus(tmp_path / "t.jsonl", 4)
+  rows = [json.loads(x) for x in corpus.read_text().splitlines()]
+  rows[1]["meta"]["teacher_probs"] = {" positive": 0.9, " negative": 0.9}
+  corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  with pytest.raises(ValueError, match="record 't1': meta.teacher_probs must map"):
+    icldist.run(_config(tmp_path / "b", **{"icl.target": "teacher_probs",
+                                           "icl.teacher_corpus": str(corpus)}))
+  with pytest.raises(tasks.TaskError, match="unknown task 'sc/nope'"):
+    icldist.run(_config(tmp_path / "c", **{"icl.heldout": "sc/nope"}))
+  (tmp_path / "user" / "x" / "t").mkdir(parents=True)
+  (tmp_path / "user" / "x" / "t" / "dev.json").write_text("[]")
+  with pytest.raises(FileNotFoundError, match="'x/t'.*no train split"):
+    icldist.run(_config(tmp_path / "d", **{"icl.task_dirs": str(tmp_path / "user")}))
+  assert records  # the record format the teacher corpus uses
+
+
+# ---------------------------------------------------------------------------------------------
+# The job from the command line: SIGKILL mid-run, resume, same params as an uninterrupted run.
+
+STEPS = 30
+
+
+def _main(workdir):
+  cmd = [sys.executable, "-m", "sentijax.main", "--config=configs/icldist.py",
+         f"--config.workdir={workdir}", f"--config.train.steps={STEPS}",
+         "--config.checkpoint.every=5", "--config.train.eval_every=15",
+         "--config.icl.num_prompts=300", "--config.icl.val_prompts=8",
+         "--config.icl.heldout=sc/movies", "--config.eval.max_examples=4",
+         f"--config.eval.data_dir={workdir}/none", "--config.data.seq_len=128"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _steps(workdir):
+  d = Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def test_main_killed_mid_run_resumes_to_identical_params(tmp_path):
+  ref = _main(tmp_path / "ref")
+  out, _ = ref.communicate(timeout=900)
+  assert ref.returncode == 0, out[-3000:]
+  assert f"ICLDist done at step {STEPS}" in out
+
+  work = tmp_path / "killed"
+  proc = _main(work)
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if _steps(work) and _steps(work)[-1] >= 10:
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.02)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == -signal.SIGKILL, out[-3000:]
+  killed_at = _steps(work)[-1]
+  assert 10 <= killed_at < STEPS
+  final = _main(work)
+  out, _ = final.communicate(timeout=900)
+  assert final.returncode == 0, out[-3000:]
+  assert f"resumed from {work / 'checkpoints'} at step {killed_at}" in out
+  want = safetensors.numpy.load_file(str(tmp_path / "ref" / "hf" / "model.safetensors"))
+  got = safetensors.numpy.load_file(str(work / "hf" / "model.safetensors"))
+  assert want.keys() == got.keys()
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
+  ref_scores = json.loads((tmp_path / "ref" / "sentibench" / f"step_{STEPS}.json").read_text())
+  got_scores = json.loads((work / "sentibench" / f"step_{STEPS}.json").read_text())
+  assert ref_scores == got_scores
+
+
+def test_pipeline_chains_stages_and_skips_finished_ones(tmp_path, caplog):
+  from sentijax.train import pipeline
+  spec = importlib.util.spec_from_file_location("pipeline_config", REPO / "configs" /
+                                                "pipeline.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.workdir = str(tmp_path)
+  c.model.dtype = "float32"
+  c.eval.data_dir = str(tmp_path / "none")
+  c.stage.knowdist.train.update(steps=3, eval_every=0)
+  c.stage.icldist.train.update(steps=3, eval_every=3)
+  c.stage.icldist.icl.update(num_prompts=40, heldout="sc/movies")
+  c.eval.max_examples = 4
+  caplog.set_level(logging.INFO, logger="sentijax")
+  out = pipeline.run(c)
+  assert out["knowdist"]["step"] == 3 and out["icldist"]["step"] == 3 and "sentibench" not in out
+  assert "stage sentibench skipped: eval.data_dir=" in caplog.text
+  # ICLDist started from the KnowDist export (same tokenizer) and exported its own.
+  assert f"model.init={tmp_path / 'knowdist' / 'hf'}" in caplog.text
+  assert (tmp_path / "icldist" / "hf" / "model.safetensors").is_file()
+  assert (tmp_path / "icldist" / "sentibench" / "step_0.json").is_file()
+  caplog.clear()
+  assert pipeline.run(c) == out
+  assert caplog.text.count("already complete") == 2
+  with pytest.raises(ValueError, match="pipeline.stages='icl'"):
+    pipeline.parse_stages("icl")
