@@ -60,9 +60,13 @@ def test_classification_scores_equal_generate_scores(setup, sentibench_dir):
   raw_NxC = scorer.classify(s["cfg"], s["params"], s["tok"], texts, verbs, batch_size=8)
   ours_NxC = scorer.classify(s["cfg"], s["params"], s["tok"], texts, verbs, batch_size=8,
                              repetition_penalty=settings.repetition_penalty)
-  # Logits of this model are O(1); fp32 forward differences between torch and XLA ~1e-5.
-  np.testing.assert_allclose(ours_NxC, ref_NxC, atol=1e-4, rtol=0)
-  assert (ours_NxC.argmax(-1) == ref_NxC.argmax(-1)).all()
+  # Logits of this model are O(1); fp32 forward differences between torch and XLA ~5e-6 of the
+  # largest |logit|: 1e-4 of it holds on any CPU.
+  atol = 1e-4 * float(np.abs(ref_NxC).max())
+  np.testing.assert_allclose(ours_NxC, ref_NxC, atol=atol, rtol=0)
+  top2 = np.sort(ref_NxC, -1)[:, -2:]
+  decisive = top2[:, 1] - top2[:, 0] > 2 * atol  # near-ties may flip within rounding
+  assert decisive.mean() > 0.9 and (ours_NxC.argmax(-1) == ref_NxC.argmax(-1))[decisive].all()
   # The penalty matters here: scores move, and some labels flip.
   assert np.abs(raw_NxC - ours_NxC).max() > 0.1
   assert (raw_NxC.argmax(-1) != ours_NxC.argmax(-1)).any()
