@@ -14,6 +14,8 @@ JOBS = {
     "pipeline": "sentijax.train.pipeline",
     "sentibench": "sentijax.eval.job",
     "export": "sentijax.train.export",
+    "generate_knowdist": "sentijax.teacher.generate",
+    "serve": "sentijax.serve",
 }
 
 

@@ -55,6 +55,7 @@ class Completion:
   finish_reason: str
   completion_tokens: int
   token_ids: list[int] | None = None
+  token_logprobs: list[float] | None = None
   top_logprobs: list[dict[int, float]] | None = None
   unmapped: int = 0
 

@@ -175,9 +175,10 @@ class LocalTeacher:
     for seq, (new, stopped) in zip(seqs, self.generate_ids(seqs, keys, s)):
       body = new[:-1] if stopped else new
       text, cut = cut_at_stop(self.tokenizer.decode(body, skip_special_tokens=True), s.stop)
-      top = self.logprobs(seq, body, logprobs)[1] if logprobs and body else None
+      chosen, top = self.logprobs(seq, body, logprobs) if logprobs and body else (None, None)
       results.append(Completion(text=text, finish_reason="stop" if stopped or cut else "length",
-                                completion_tokens=len(new), token_ids=body, top_logprobs=top))
+                                completion_tokens=len(new), token_ids=body,
+                                token_logprobs=chosen, top_logprobs=top))
     return results
 
   def stream(self, items: Sequence[Any], s: Sampling, logprobs: int = 0

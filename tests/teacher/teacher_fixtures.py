@@ -1,0 +1,109 @@
+"""Test helpers: a tiny HF teacher and a fault-injecting HTTP proxy on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import pathlib
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+
+import hf_fixtures
+from sentijax.data import records
+
+VOCAB = 320
+
+
+def demo_texts() -> list[str]:
+  rows = [json.loads(line) for line in
+          records.demo_corpus_path().read_text(encoding="utf-8").splitlines()]
+  return [r["prompt"] + r["response"] for r in rows]
+
+
+def make_teacher_dir(root: pathlib.Path) -> pathlib.Path:
+  """An HF dir (tokenizer + Llama weights varied enough that greedy outputs differ)."""
+  from sentijax.data import tokenizer as tok_lib
+  tok_lib.train_tokenizer(demo_texts(), VOCAB, root)
+  hf_fixtures.make_llama(root, vocab_size=VOCAB, weight_std=0.3)
+  return root
+
+
+def load_teacher(path: pathlib.Path, batch_size: int = 4):
+  from sentijax import models
+  from sentijax.data import tokenizer as tok_lib
+  from sentijax.teacher.local import LocalTeacher
+  cfg, params = models.load_hf(path, dtype="float32")
+  return LocalTeacher(cfg, params, tok_lib.load_tokenizer(path), batch_size=batch_size,
+                      name="tiny")
+
+
+class FaultProxy:
+  """Forwards POSTs to `upstream`; `fault(n, body)` picks what request n gets:
+  None (forwarded), 500, 429, "timeout", "malformed", "truncated", "drop", "hold" (wait until
+  `release` is set, then forward)."""
+
+  def __init__(self, upstream: str, fault, sleep_s: float = 1.0):
+    self.upstream, self.fault, self.sleep_s = upstream.rstrip("/"), fault, sleep_s
+    self.count = 0
+    self.forwarded = 0
+    self.lock = threading.Lock()
+    self.release = threading.Event()
+    self.seen_auth: set[str] = set()
+    proxy = self
+
+    class Handler(BaseHTTPRequestHandler):
+      protocol_version = "HTTP/1.1"
+
+      def log_message(self, *args):
+        pass
+
+      def _reply(self, status, data: bytes, length=None):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data) if length is None else length))
+        self.end_headers()
+        self.wfile.write(data)
+
+      def do_POST(self):  # noqa: N802
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        auth = self.headers.get("Authorization", "")
+        with proxy.lock:
+          n = proxy.count
+          proxy.count += 1
+          proxy.seen_auth.add(auth)
+        kind = proxy.fault(n, json.loads(raw))
+        if kind == 500:
+          # A careless server echoing the request headers: the client must scrub the key.
+          return self._reply(500, json.dumps({"error": f"boom; you sent {auth}"}).encode())
+        if kind == 429:
+          return self._reply(429, b'{"error": "slow down"}')
+        if kind == "timeout":
+          time.sleep(proxy.sleep_s)
+          return self._reply(500, b'{"error": "late"}')
+        if kind == "malformed":
+          return self._reply(200, b'{"choices": [{"text": ')
+        if kind == "wrong":
+          return self._reply(200, b'{"choices": []}')
+        if kind == "truncated":
+          return self._reply(200, b'{"choices": [', length=500)
+        if kind == "drop":
+          self.close_connection = True
+          return None
+        if kind == "hold":
+          proxy.release.wait()
+        r = httpx.post(proxy.upstream + self.path.removeprefix("/v1"), content=raw,
+                       headers={"Content-Type": "application/json"}, timeout=60)
+        with proxy.lock:
+          proxy.forwarded += 1
+        return self._reply(r.status_code, r.content)
+
+    self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.httpd.daemon_threads = True
+    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+    threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+  def stop(self):
+    self.release.set()
+    self.httpd.shutdown()
+    self.httpd.server_close()
