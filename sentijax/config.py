@@ -31,7 +31,8 @@ def base() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1 = all remaining devices
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
-  # Logical param/activation axis -> mesh axis (or None = replicated).
+  # Logical param/activation axis -> mesh axis (or None = replicated). "batch" places every batch
+  # (training, held-out eval, SentiBench scoring, decoding); batch sizes must divide over it.
   c.sharding_rules = (
       ("batch", ("data", "fsdp")),
       ("embed", "fsdp"),
@@ -77,10 +78,10 @@ def base() -> ml_collections.ConfigDict:
   c.train.b2 = 0.95
   c.train.grad_clip = 1.0
   c.train.loss_chunk = 512  # positions per output-projection chunk (0 = full [B, L, V] logits)
-  c.train.log_every = 10
+  c.train.log_every = 10  # steps per train-metrics line / TensorBoard point (0 = never)
   c.train.eval_every = 50
   c.train.eval_batches = 4
-  c.train.peak_tflops = 0.0  # per device; 0 = look the device up in a table
+  c.train.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind (unknown: no MFU)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 50
@@ -99,6 +100,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval.max_new_tokens = 150
   c.eval.during_training = ""  # datasets scored every train.eval_every steps ("" = none)
   return c
+
 
 def icl() -> ml_collections.ConfigDict:
   """The `icl` section of the ICLDist job (configs/icldist.py, configs/pipeline.py)."""

@@ -1,8 +1,10 @@
-"""Metric logging (stdout + TensorBoard event files) and model-FLOPs utilisation."""
+"""Metric logging (stdout + TensorBoard event files), training throughput and model-FLOPs
+utilisation."""
 from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Mapping
 
@@ -10,29 +12,97 @@ import jax
 
 log = logging.getLogger("sentijax")
 
-# Dense bf16 peak TFLOP/s per device (vendor numbers). Unknown devices: set train.peak_tflops.
+# Dense (no sparsity) bf16 peak TFLOP/s per JAX device from the vendors' datasheets, keyed by the
+# exact `jax.Device.device_kind` (the CUDA device name on NVIDIA GPUs; v4 and v5p TPUs show one
+# device per chip). Matched after normalising case and whitespace, never by substring: "NVIDIA L4"
+# must not match an L40S, nor an H100 PCIe the SXM part. Other devices: set train.peak_tflops.
 PEAK_TFLOPS = {
-    "h200": 989.0, "h100": 989.0, "a100": 312.0, "l4": 121.0, "a10g": 125.0, "v100": 125.0,
-    "tpu v6": 918.0, "tpu v5p": 459.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v4": 275.0,
-    "cpu": 0.0,
+    "NVIDIA H100 80GB HBM3": 989.0,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.0,  # H200 SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA GH200 480GB": 989.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA L40S": 362.0,
+    "NVIDIA L4": 121.0,
+    "NVIDIA A10": 125.0,
+    "TPU v4": 275.0,
+    "TPU v5": 459.0,  # v5p reports "TPU v5"
+    "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0,  # v5e
+    "TPU v5e": 197.0,
+    "TPU v6 lite": 918.0,  # v6e (Trillium)
+    "TPU v6e": 918.0,
 }
 
 
-def peak_tflops_per_device(override: float = 0.0) -> float:
+def _normalise(kind: str) -> str:
+  return " ".join(kind.split()).lower()
+
+
+_PEAK_BY_KIND = {_normalise(k): v for k, v in PEAK_TFLOPS.items()}
+
+
+def peak_tflops_per_device(override: float = 0.0, device_kind: str | None = None
+                           ) -> float | None:
+  """`override` when > 0, else the table entry for `device_kind` (default: the first device's);
+  None when the device is not in the table (MFU is then not reported)."""
+  if override < 0:
+    raise ValueError(f"train.peak_tflops={override} must be >= 0 (0 = look the device up)")
   if override:
     return float(override)
-  kind = jax.devices()[0].device_kind.lower()
-  for name, tflops in PEAK_TFLOPS.items():
-    if name in kind:
-      return tflops
-  return 0.0
+  kind = jax.devices()[0].device_kind if device_kind is None else device_kind
+  return _PEAK_BY_KIND.get(_normalise(kind))
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, num_devices: int, peak_tflops: float) -> float:
-  """Fraction of peak: achieved model FLOP/s over the devices' combined peak (0 if unknown)."""
+def mfu(tokens_per_s: float, flops_per_token: float, num_devices: int,
+        peak_tflops: float | None) -> float | None:
+  """Fraction of peak: achieved model FLOP/s over the devices' combined peak (None if unknown)."""
   if not peak_tflops:
-    return 0.0
+    return None
   return tokens_per_s * flops_per_token / (num_devices * peak_tflops * 1e12)
+
+
+class Throughput:
+  """Tokens per second over training time only.
+
+  The clock runs between `resume()` and `pause()` (pause it around compilation, evaluation and
+  checkpoint saves); `add(tokens)` counts tokens of steps that ran while it was running; `read()`
+  returns the rate since the last read (None when nothing was timed) and starts a new window.
+  """
+  clock = staticmethod(time.perf_counter)
+
+  def __init__(self):
+    self.tokens, self.seconds, self._since = 0, 0.0, None
+
+  @property
+  def running(self) -> bool:
+    return self._since is not None
+
+  def resume(self) -> None:
+    if self._since is None:
+      self._since = self.clock()
+
+  def pause(self) -> None:
+    if self._since is not None:
+      self.seconds += self.clock() - self._since
+      self._since = None
+
+  def add(self, tokens: int) -> None:
+    self.tokens += int(tokens)
+
+  def read(self) -> float | None:
+    running = self.running
+    self.pause()
+    rate = self.tokens / self.seconds if self.tokens and self.seconds > 0 else None
+    self.tokens, self.seconds = 0, 0.0
+    if running:
+      self.resume()
+    return rate
 
 
 class MetricWriter:
@@ -46,11 +116,14 @@ class MetricWriter:
       Path(logdir).mkdir(parents=True, exist_ok=True)
       self._tb = SummaryWriter(str(logdir), flush_secs=10)
 
-  def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
+  def write(self, step: int, scalars: Mapping[str, float | None], prefix: str = "") -> None:
+    """Writes the scalars that are not None."""
     if not self.enabled:
       return
     clean = {}
     for k, v in scalars.items():
+      if v is None:
+        continue
       v = float(v)
       clean[k] = v
       self._tb.add_scalar(f"{prefix}{k}", v, step)

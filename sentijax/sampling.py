@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from sentijax import models, sharding
 
@@ -218,7 +218,7 @@ def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
   if (mask_BxT[:, 1:] < mask_BxT[:, :-1]).any():
     raise ValueError("prompts must be left-padded (mask 0...0 1...1 per row)")
   b, t = ids_BxT.shape
-  divisor = sharding.batch_divisor(mesh)
+  divisor = sharding.batch_divisor(mesh, rules)
   rows = bucket_batch(b, divisor) if bucket else -(-b // divisor) * divisor
   length = bucket_length(t) if bucket else t
   if (rows, length) != (b, t):
@@ -235,9 +235,9 @@ def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
   cache_sharding = None
   ids, mask = jnp.asarray(ids_BxT), jnp.asarray(mask_BxT)
   if mesh is not None:
-    ids = jax.device_put(ids_BxT, sharding.batch_sharding(mesh))
-    mask = jax.device_put(mask_BxT, sharding.batch_sharding(mesh))
-    cache_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+    ids = jax.device_put(ids_BxT, sharding.batch_sharding(mesh, rules))
+    mask = jax.device_put(mask_BxT, sharding.batch_sharding(mesh, rules))
+    cache_sharding = sharding.batch_sharding(mesh, rules, batch_dim=1)
   out_BxN, len_B = _decode(cfg, params, ids, mask, jnp.asarray(stop_kind_V),
                            jnp.asarray(blank_V), jnp.asarray(pad_id, jnp.int32), key,
                            jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),

@@ -3,10 +3,11 @@
 Mesh axes are `('data', 'fsdp', 'tensor')`, sized from the config (-1 = the devices left over).
 Params name their axes logically (`embed`, `mlp`, `heads`, ...); the rules in the config map each
 logical name to a mesh axis, a tuple of mesh axes, or None (replicated). Batches shard their
-leading axis over `('data', 'fsdp')`.
+batch axis by the `batch` rule (default `('data', 'fsdp')`).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 
 class MeshError(ValueError):
@@ -73,9 +73,40 @@ def param_shardings(model_cfg, mesh: Mesh, rules: Any) -> Any:
   return logical_to_shardings(decoder.logical_axes(model_cfg), mesh, rules)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Leading (batch) axis over ('data', 'fsdp'), the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+@functools.cache
+def _default_rules() -> tuple[tuple[str, Any], ...]:
+  from sentijax import config  # local: the defaults live in the base config
+  return rules_from_config(config.base().sharding_rules)
+
+
+def batch_axes(rules: Any = None) -> str | tuple[str, ...] | None:
+  """Mesh axes of the logical `batch` axis in `rules` (None: the base config's rules)."""
+  rules = _default_rules() if rules is None else rules_from_config(rules)
+  for name, axes in rules:
+    if name == "batch":
+      return axes
+  raise MeshError(f"sharding_rules {rules} have no ('batch', mesh axes) rule; add one, e.g. "
+                  "('batch', ('data', 'fsdp')), or ('batch', None) to replicate batches")
+
+
+def batch_sharding(mesh: Mesh, rules: Any = None, ndim: int = 2, batch_dim: int = 0
+                   ) -> NamedSharding:
+  """Axis `batch_dim` of an `ndim`-D array sharded by the `batch` rule, the rest replicated."""
+  axes = _batch_mesh_axes(mesh, rules)
+  spec = [None] * ndim
+  spec[batch_dim] = axes[0] if len(axes) == 1 else axes or None
+  return NamedSharding(mesh, P(*spec))
+
+
+def _batch_mesh_axes(mesh: Mesh, rules: Any) -> tuple[str, ...]:
+  """The `batch` rule's mesh axes as a tuple, checked against `mesh`."""
+  axes = batch_axes(rules)
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  unknown = [a for a in axes if a not in mesh.shape]
+  if unknown:
+    raise MeshError(f"sharding_rules: the 'batch' rule names mesh axes {unknown}; the mesh has "
+                    f"{tuple(mesh.shape)}")
+  return axes
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -90,6 +121,8 @@ def to_host(x: Any) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def batch_divisor(mesh: Mesh | None) -> int:
-  """Rows a batch must be a multiple of to shard over ('data', 'fsdp'); 1 without a mesh."""
-  return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+def batch_divisor(mesh: Mesh | None, rules: Any = None) -> int:
+  """Rows a batch must be a multiple of to shard by the `batch` rule; 1 without a mesh."""
+  if mesh is None:
+    return 1
+  return int(np.prod([mesh.shape[a] for a in _batch_mesh_axes(mesh, rules)]))

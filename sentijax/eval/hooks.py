@@ -24,7 +24,8 @@ def sentibench_hook(config, model_cfg: models.ModelConfig, tokenizer
   def hook(step: int, params: Any) -> dict:
     results = scorer.score(model_cfg, params, tokenizer, ec.data_dir, ec.templates or None,
                            ec.during_training, ec.seeds, ec.max_examples, ec.batch_size, mesh,
-                           progress=False, max_new_tokens=ec.max_new_tokens)
+                           progress=False, max_new_tokens=ec.max_new_tokens,
+                           rules=config.sharding_rules)
     if jax.process_index() == 0:
       scorer.write_json(out_dir / f"step_{step}.json", results)
     scalars = {f"sentibench/{name}": d["mean"] for name, d in results["datasets"].items()}

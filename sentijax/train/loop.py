@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,18 +69,22 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
   mesh = sharding.make_mesh(config.mesh)
   rules = config.sharding_rules
   batch_size, num_micro = int(tc.batch_size), int(tc.microbatches)
-  divisor = sharding.batch_divisor(mesh)
+  divisor = sharding.batch_divisor(mesh, rules)
   if batch_size % num_micro or (batch_size // num_micro) % divisor:
     raise TrainingError(
         f"train.batch_size={batch_size} must split into train.microbatches={num_micro} "
-        f"microbatches whose size is a multiple of the data*fsdp mesh size {divisor}")
+        f"microbatches whose size is a multiple of {divisor}, the devices of the mesh axes "
+        f"{sharding.batch_axes(rules)} that the 'batch' sharding rule splits batches over")
+  log_every = int(tc.log_every)
+  if log_every < 0:
+    raise TrainingError(f"train.log_every={log_every} must be >= 0 (0 = never log train metrics)")
   if batch_size % jax.process_count():
     raise TrainingError(f"train.batch_size={batch_size} is not divisible by the "
                         f"{jax.process_count()} processes")
   tx = state_lib.make_optimizer(tc)
   schedule = state_lib.learning_rate_schedule(tc)
   target, state_sh = state_lib.abstract_state(model_cfg, tx, mesh, rules)
-  batch_sh = sharding.batch_sharding(mesh)
+  batch_sh = sharding.batch_sharding(mesh, rules)
 
   # ---- State: resume or start ----------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=config.checkpoint.every,
@@ -107,11 +110,14 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
 
   loss_chunk = int(tc.loss_chunk)
   train_fn = step_lib.jit_train_step(model_cfg, tx, state_sh, batch_sh, num_micro, schedule, mesh,
-                                     loss_chunk, **(loss_options or {}))
+                                     loss_chunk, rules=rules, **(loss_options or {}))
   eval_fn = step_lib.jit_eval_step(model_cfg, state_sh.params, batch_sh, loss_chunk)
   writer = metrics.MetricWriter(workdir / "tensorboard")
   flops_per_token = model_cfg.flops_per_token(train_ds.seq_len)
-  peak = metrics.peak_tflops_per_device(tc.peak_tflops)
+  peak = metrics.peak_tflops_per_device(float(tc.peak_tflops))
+  if peak is None:
+    log.info("MFU not reported: no peak FLOP/s known for device kind %r (set train.peak_tflops)",
+             jax.devices()[0].device_kind)
   fingerprint = train_ds.stats.get("cache_key")
 
   def data_state() -> dict:
@@ -120,8 +126,8 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
   # ---- Loop ----------------------------------------------------------------------------------
   ckpt.install_sigterm_handler()
   train_losses, val_losses = [], []
-  pending = None  # metrics of the previous step, read after the next step is dispatched
-  window_tokens, window_start = 0, time.perf_counter()
+  pending = None  # (step, metrics, tokens) of the previous step, read after the next dispatch
+  throughput = metrics.Throughput()  # runs during training steps only (no compile/eval/save)
   preempted = False
   bar = tqdm(total=int(tc.steps), initial=start, desc=f"train {config.job}",
              disable=jax.process_index() != 0, dynamic_ncols=True)
@@ -135,9 +141,8 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
       scalars.update(hook(step, state.params))
     writer.write(step, scalars, prefix="eval/")
 
-  def finish_step(step: int, m: dict) -> None:
-    nonlocal window_tokens, window_start
-    m = jax.device_get(m)
+  def finish_step(step: int, m: dict, tokens: int) -> None:
+    m = jax.device_get(m)  # blocks until the step has run: the throughput clock sees real time
     if int(m["nonfinite"]):
       raise TrainingError(
           f"non-finite loss/gradient at step {step} (loss={float(m['loss'])}); the update was "
@@ -145,16 +150,17 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
           f"{ckpt.directory}. Lower train.learning_rate or check the data.")
     train_losses.append((step, float(m["loss"])))
     bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-    if step % int(tc.log_every) == 0 or step == int(tc.steps):
-      elapsed = max(time.perf_counter() - window_start, 1e-9)
-      tok_s = window_tokens / elapsed
-      writer.write(step, {
-          "loss": m["loss"], "learning_rate": m["learning_rate"], "grad_norm": m["grad_norm"],
-          "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / jax.device_count(),
-          "tflops_per_device": tok_s * flops_per_token / jax.device_count() / 1e12,
-          "mfu": metrics.mfu(tok_s, flops_per_token, jax.device_count(), peak),
-      }, prefix="train/")
-      window_tokens, window_start = 0, time.perf_counter()
+    if throughput.running:
+      throughput.add(tokens)
+    if log_every and (step % log_every == 0 or step == int(tc.steps)):
+      scalars = {"loss": m["loss"], "learning_rate": m["learning_rate"],
+                 "grad_norm": m["grad_norm"]}
+      tok_s, n = throughput.read(), jax.device_count()
+      if tok_s is not None:  # None: no step timed yet (the first one compiles)
+        scalars.update(tokens_per_s=tok_s, tokens_per_s_per_device=tok_s / n,
+                       tflops_per_device=tok_s * flops_per_token / n / 1e12,
+                       mfu=metrics.mfu(tok_s, flops_per_token, n, peak))
+      writer.write(step, scalars, prefix="train/")
 
   step = start
   try:
@@ -162,27 +168,36 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
       evaluate(0, eval_hooks)
     while step < int(tc.steps):
       local = next(batches)
-      window_tokens += int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
+      tokens = int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
       state, m = train_fn(state, _global_batch(local, batch_sh))
       if pending is not None:
         finish_step(*pending)
       step += 1
-      pending = (step, m)
+      pending = (step, m, tokens)
       bar.update(1)
-
-      if val_ds is not None and tc.eval_every and step % int(tc.eval_every) == 0:
+      if step == start + 1:  # this call compiled the step: finish it untimed, then start the clock
         finish_step(*pending)
         pending = None
+        throughput.resume()
+
+      if val_ds is not None and tc.eval_every and step % int(tc.eval_every) == 0:
+        if pending is not None:
+          finish_step(*pending)
+          pending = None
+        throughput.pause()
         evaluate(step, eval_hooks)
+        throughput.resume()
       preempted = ckpt.preempted(step)
       if step % ckpt.every == 0 or preempted:
         if pending is not None:
           finish_step(*pending)  # never checkpoint a state we have not checked for NaN
           pending = None
+        throughput.pause()
         ckpt.save(step, state, data_state(), force=True)
         if preempted:
           log.warning("preemption signal: saved step %d, exiting", step)
           break
+        throughput.resume()
     if pending is not None:
       finish_step(*pending)
     if val_ds is not None and not preempted and (not val_losses or val_losses[-1][0] != step):

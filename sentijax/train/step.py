@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sentijax import models, sharding
 from sentijax.train import losses
@@ -56,14 +55,14 @@ def loss_sums(model_cfg: models.ModelConfig, params: Any, batch: Batch,
   return nll_sum, jnp.sum(weights_BxL)
 
 
-def _split_microbatches(batch: Batch, num_micro: int, mesh) -> Batch:
+def _split_microbatches(batch: Batch, num_micro: int, mesh, rules=None) -> Batch:
   """[B, L] -> [M, B/M, L], microbatch m = rows m, m+M, ... so each stays spread over devices."""
   def split(x):
     b = x.shape[0]
     x = x.reshape(b // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
     if mesh is not None:
-      spec = P(None, sharding.BATCH_AXES, *([None] * (x.ndim - 2)))
-      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+      x = jax.lax.with_sharding_constraint(
+          x, sharding.batch_sharding(mesh, rules, x.ndim, batch_dim=1))
     return x
   return jax.tree.map(split, batch)
 
@@ -71,7 +70,7 @@ def _split_microbatches(batch: Batch, num_micro: int, mesh) -> Batch:
 def train_step(state: TrainState, batch: Batch, *, model_cfg: models.ModelConfig,
                tx: optax.GradientTransformation, num_micro: int = 1,
                schedule: optax.Schedule | None = None, mesh=None,
-               loss_chunk: int = 0, kl_alpha: float = 0.0,
+               loss_chunk: int = 0, rules=None, kl_alpha: float = 0.0,
                kl_temperature: float = 1.0) -> tuple[TrainState, dict]:
   """Accumulates grads over `num_micro` microbatches, applies one update.
 
@@ -94,7 +93,7 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: models.ModelConfig
     (grads, nll_sum, w_sum), _ = micro(init, batch)
   else:
     (grads, nll_sum, w_sum), _ = jax.lax.scan(micro, init,
-                                              _split_microbatches(batch, num_micro, mesh))
+                                              _split_microbatches(batch, num_micro, mesh, rules))
   denom = jnp.maximum(w_sum, 1.0)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
   loss = nll_sum / denom
@@ -118,11 +117,11 @@ def eval_step(params: Any, batch: Batch, *, model_cfg: models.ModelConfig,
 
 
 def jit_train_step(model_cfg, tx, state_sh: TrainState, batch_sh, num_micro: int, schedule,
-                   mesh, loss_chunk: int = 0, kl_alpha: float = 0.0,
+                   mesh, loss_chunk: int = 0, rules=None, kl_alpha: float = 0.0,
                    kl_temperature: float = 1.0):
   """The jitted step: explicit in/out shardings, the old state donated."""
   fn = functools.partial(train_step, model_cfg=model_cfg, tx=tx, num_micro=num_micro,
-                         schedule=schedule, mesh=mesh, loss_chunk=loss_chunk,
+                         schedule=schedule, mesh=mesh, loss_chunk=loss_chunk, rules=rules,
                          kl_alpha=kl_alpha, kl_temperature=kl_temperature)
   return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                  donate_argnums=0)
