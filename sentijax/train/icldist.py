@@ -228,6 +228,8 @@ def _teacher_probs(record: records.Record, spec: ICLSpec) -> dict[str, float]:
 def soft_targets(spec: ICLSpec, tok) -> packing.SoftTargets:
   """The teacher's distribution over the verbalizers' first tokens, at the first answer token."""
   def fn(record: records.Record, seq: packing.TokenizedSequence):
+    if "teacher_probs" not in record.meta:  # e.g. mixed-in KnowDist records: CE only
+      return None
     by_id: dict[int, float] = {}
     for verbalizer, p in _teacher_probs(record, spec).items():
       ids = tok(verbalizer, add_special_tokens=False)["input_ids"]
@@ -278,7 +280,9 @@ def run(config) -> loop.Result:
     train, val, stats = teacher_records(spec, sources, heldout, forbidden)
     if spec.target == "teacher_probs":
       soft = soft_targets(spec, tok)
-  train = train + _mix(spec, len(train))
+  mixed = _mix(spec, len(train))
+  stats["mixed_records"] = len(mixed)
+  train = train + mixed
   train_ds, val_ds, ds_stats = dataset.build_train_val(
       train, val, tok, data, soft_targets=soft, show_progress=jax.process_index() == 0)
   if jax.process_index() == 0:

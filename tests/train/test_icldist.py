@@ -175,13 +175,19 @@ def test_teacher_probs_job_trains_with_soft_targets(tmp_path):
   corpus = _teacher_corpus(tmp_path / "teacher.jsonl")
   cfg = _config(tmp_path / "run", **{"icl.target": "teacher_probs",
                                      "icl.teacher_corpus": str(corpus), "icl.alpha": 0.5,
+                                     "icl.mix_corpus": str(records.demo_corpus_path()),
+                                     "icl.mix_fraction": 0.25,
                                      "train.steps": 4, "train.eval_every": 0,
                                      "checkpoint.every": 4})
   result = icldist.run(cfg)
   assert result.step == 4 and np.isfinite(result.train_losses[-1][1])
   stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
   assert stats["icl"]["heldout"] == 8  # the records naming sc/movies are never trained on
-  assert stats["train"]["soft_width"] == 8 and stats["train"]["num_soft_targets"] > 40
+  # Every teacher record gets one soft target; the mixed-in KnowDist records none (CE only).
+  assert stats["icl"]["mixed_records"] >= 10
+  assert stats["train"]["soft_width"] == 8
+  assert stats["train"]["num_soft_targets"] == (stats["train"]["records_in"]
+                                                - stats["icl"]["mixed_records"])
 
 
 def test_bad_inputs_fail_before_training(tmp_path):
