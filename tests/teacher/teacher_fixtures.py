@@ -63,7 +63,10 @@ class FaultProxy:
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data) if length is None else length))
         self.end_headers()
-        self.wfile.write(data)
+        try:
+          self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout fault)
+          self.close_connection = True
 
       def do_POST(self):  # noqa: N802
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -85,7 +88,8 @@ class FaultProxy:
           return self._reply(200, b'{"choices": [{"text": ')
         if kind == "wrong":
           return self._reply(200, b'{"choices": []}')
-        if kind == "truncated":
+        if kind == "truncated":  # a body cut short, then the connection closes
+          self.close_connection = True
           return self._reply(200, b'{"choices": [', length=500)
         if kind == "drop":
           self.close_connection = True

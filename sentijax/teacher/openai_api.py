@@ -1,0 +1,202 @@
+"""OpenAI-compatible teacher: vLLM, SGLang, TGI, llama.cpp's server, lmdeploy, `sentijax.serve`.
+
+Requests go through one `httpx.Client` from a pool of `concurrency` threads. A request is retried
+with exponential backoff and full jitter (sleep ~ U(0, min(max_backoff, backoff * 2^attempt)),
+or the server's Retry-After when larger) on 408/409/429/5xx, timeouts, dropped or refused
+connections, and bodies that are not the JSON an OpenAI server sends; other 4xx fail at once.
+After `max_retries` retries the item fails with a TeacherError (the job writes it to rejects).
+
+Logprobs: servers return token STRINGS (llama.cpp and vLLM: decoded pieces, <= 20 per position).
+Each is mapped to an id with the tokenizer when it encodes to exactly one token; otherwise it is
+dropped and counted in `Completion.unmapped` (the job reports the total).
+
+The API key is read from the environment variable named in the config, sent only in the
+Authorization header, and scrubbed from every error message this module produces.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import httpx
+
+from sentijax.teacher.common import Completion, Sampling, TeacherError
+
+log = logging.getLogger("sentijax")
+
+RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
+class _Retryable(Exception):
+  """A failure worth another try."""
+
+  def __init__(self, message: str, retry_after: float = 0.0):
+    super().__init__(message)
+    self.retry_after = retry_after
+
+
+class OpenAITeacher:
+  """Completions from an OpenAI-compatible server.
+
+  Args:
+    base_url: e.g. http://127.0.0.1:8000/v1.
+    model: the served model name.
+    endpoint: "chat" (/chat/completions, the prompt as one user message) or "completions".
+    api_key_env: name of the environment variable holding the key ("" = no key).
+    tokenizer: maps logprob token strings to ids (None: logprobs cannot be asked for).
+  """
+
+  def __init__(self, base_url: str, model: str, *, endpoint: str = "chat", api_key_env: str = "",
+               concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 5,
+               backoff_s: float = 0.5, max_backoff_s: float = 30.0, tokenizer: Any = None,
+               system_prompt: str = ""):
+    if endpoint not in ("chat", "completions"):
+      raise ValueError(f"teacher.endpoint must be 'chat' or 'completions', got {endpoint!r}")
+    self.url = base_url.rstrip("/") + ("/chat/completions" if endpoint == "chat"
+                                       else "/completions")
+    self.model, self.endpoint, self.tokenizer = model, endpoint, tokenizer
+    self.concurrency, self.max_retries = max(1, int(concurrency)), int(max_retries)
+    self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
+    self.system_prompt = system_prompt
+    self.name = f"openai:{model}"
+    self._key = ""
+    if api_key_env:
+      self._key = os.environ.get(api_key_env, "")
+      if not self._key:
+        raise ValueError(f"teacher.api_key_env={api_key_env!r}: that environment variable is "
+                         "not set or empty")
+    headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+    self._client = httpx.Client(
+        headers=headers, timeout=httpx.Timeout(timeout_s),
+        limits=httpx.Limits(max_connections=self.concurrency,
+                            max_keepalive_connections=self.concurrency))
+    self._rng = random.Random()
+    self._rng_lock = threading.Lock()
+    self.retries = 0  # retries made so far (all items)
+
+  def _scrub(self, text: str) -> str:
+    return text.replace(self._key, "***") if self._key else text
+
+  def body(self, prompt: str, s: Sampling, logprobs: int) -> dict:
+    """The JSON request for one prompt (non-OpenAI extras only when set: top_k, min_tokens)."""
+    body: dict[str, Any] = {"model": self.model, "max_tokens": s.max_tokens,
+                            "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
+    if s.stop:
+      body["stop"] = list(s.stop)
+    if s.top_k:
+      body["top_k"] = s.top_k
+    if s.min_tokens:
+      body["min_tokens"] = s.min_tokens
+    if self.endpoint == "chat":
+      messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+      body["messages"] = messages + [{"role": "user", "content": prompt}]
+      if logprobs:
+        body |= {"logprobs": True, "top_logprobs": logprobs}
+    else:
+      body["prompt"] = prompt
+      if logprobs:
+        body["logprobs"] = logprobs
+    return body
+
+  def _token_id(self, piece: str) -> int | None:
+    ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
+
+  def _parse(self, obj: Any) -> Completion:
+    """A Completion from a response body; _Retryable when it is not what a server sends."""
+    try:
+      choice = obj["choices"][0]
+      text = choice["message"]["content"] if self.endpoint == "chat" else choice["text"]
+      if not isinstance(text, str):
+        raise TypeError(f"text is {type(text).__name__}")
+      finish = str(choice.get("finish_reason") or "unknown")
+      usage = obj.get("usage") or {}
+      tokens = int(usage.get("completion_tokens") or 0)
+      tops = None
+      lp = choice.get("logprobs")
+      if lp:
+        if self.endpoint == "chat":
+          tops = [{e["token"]: float(e["logprob"]) for e in pos["top_logprobs"]}
+                  for pos in lp["content"]]
+        else:
+          tops = [{k: float(v) for k, v in pos.items()} for pos in lp["top_logprobs"]]
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+      raise _Retryable(f"malformed response ({type(e).__name__}: {e})") from None
+    c = Completion(text=text, finish_reason=finish, completion_tokens=tokens)
+    if tops is not None:
+      if self.tokenizer is None:
+        raise TeacherError("logprobs asked for but no tokenizer to map token strings to ids")
+      c.top_logprobs = []
+      for top in tops:
+        mapped = {}
+        for piece, value in top.items():
+          token_id = self._token_id(piece)
+          if token_id is None:
+            c.unmapped += 1
+          else:
+            mapped.setdefault(token_id, value)
+        c.top_logprobs.append(mapped)
+    return c
+
+  def _once(self, body: dict) -> Completion:
+    try:
+      response = self._client.post(self.url, json=body)
+    except httpx.TimeoutException as e:
+      raise _Retryable(f"timeout ({type(e).__name__})") from None
+    except httpx.TransportError as e:  # refused, reset, dropped mid-response, protocol errors
+      raise _Retryable(f"connection error ({type(e).__name__}: {e})") from None
+    if response.status_code in RETRY_STATUS:
+      try:
+        retry_after = float(response.headers.get("retry-after", 0))
+      except ValueError:
+        retry_after = 0.0
+      raise _Retryable(f"HTTP {response.status_code}: {response.text[:200]}", retry_after)
+    if response.status_code != 200:
+      raise TeacherError(f"HTTP {response.status_code} from {self.url}: {response.text[:500]}")
+    try:
+      obj = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise _Retryable(f"malformed JSON ({e})") from None
+    return self._parse(obj)
+
+  def complete(self, prompt: str, s: Sampling, logprobs: int = 0) -> Completion:
+    """One completion, retried; TeacherError (key scrubbed) when it fails for good."""
+    body = self.body(prompt, s, logprobs)
+    for attempt in range(self.max_retries + 1):
+      try:
+        return self._once(body)
+      except _Retryable as e:
+        if attempt == self.max_retries:
+          raise TeacherError(self._scrub(f"gave up after {attempt + 1} attempts: {e}")) from None
+        with self._rng_lock:
+          delay = self._rng.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
+          self.retries += 1
+        time.sleep(max(delay, min(e.retry_after, self.max_backoff_s)))
+      except TeacherError as e:
+        raise TeacherError(self._scrub(str(e))) from None
+    raise AssertionError("unreachable")
+
+  def stream(self, items: Sequence[Any], s: Sampling, logprobs: int = 0
+             ) -> Iterator[tuple[Any, Completion | Exception]]:
+    """(item, completion or TeacherError) as requests finish, `concurrency` in flight."""
+    with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
+      futures = {pool.submit(self.complete, item.prompt, s, logprobs): item for item in items}
+      try:
+        for future in concurrent.futures.as_completed(futures):
+          try:
+            yield futures[future], future.result()
+          except Exception as e:  # pylint: disable=broad-except
+            yield futures[future], TeacherError(self._scrub(f"{type(e).__name__}: {e}"))
+      finally:
+        for future in futures:
+          future.cancel()
+
+  def close(self) -> None:
+    self._client.close()

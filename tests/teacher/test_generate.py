@@ -1,0 +1,187 @@
+"""Teacher corpus jobs against a real HTTP server on 127.0.0.1 (sentijax.serve): the corpus
+trains KnowDist, faults between client and server lose and duplicate nothing, a SIGKILLed job
+resumes to the uninterrupted corpus, and the API key is never written."""
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from teacher import teacher_fixtures as fx
+from sentijax import serve
+from sentijax.teacher import generate, inputs
+from sentijax.teacher.common import Sampling
+from sentijax.teacher.openai_api import OpenAITeacher
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+KEY_ENV = "SENTIJAX_TEST_TEACHER_KEY"
+KEY = "sk-test-7f3a9c-never-write-me"
+SAMPLING = Sampling(temperature=1.0, top_p=0.95, max_tokens=8, min_tokens=8, seed=3)
+TEXTS = [inputs.SourceText(f"t{i}", t) for i, t in enumerate(
+    ["The pasta was great but the wait was long.", "Terrible service, never again.",
+     "I loved the movie, the ending less so.", "Battery died after two days."])]
+PERSPECTIVES = ["polarity", "irony"]
+
+
+@pytest.fixture(scope="module")
+def server(local_teacher):
+  srv = serve.Server(local_teacher, "tiny", max_batch=4, max_wait_ms=20).start()
+  yield srv
+  srv.stop()
+
+
+def _corpus(workdir) -> list[dict]:
+  path = workdir / "corpus.jsonl"
+  return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _rejects(workdir) -> list[dict]:
+  return [json.loads(x) for x in (workdir / "rejects.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(server, tmp_path_factory):
+  """An uninterrupted run straight against the server."""
+  workdir = tmp_path_factory.mktemp("reference")
+  items = generate.knowdist_items(TEXTS, PERSPECTIVES, SAMPLING)
+  teacher = OpenAITeacher(server.url, "tiny", endpoint="completions", concurrency=4)
+  summary = generate.generate(items, teacher, SAMPLING, workdir, progress=False)
+  assert summary["written"] == len(items) == 8 and summary["rejected"] == 0
+  return workdir, items
+
+
+def _load_config(name: str):
+  path = REPO / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_corpus_from_server_trains_knowdist(reference, tmp_path):
+  from sentijax.data import readers
+  from sentijax.train import knowdist
+  workdir, items = reference
+  records, _ = readers.read_records(workdir / "corpus.jsonl")
+  assert sorted(r.id for r in records) == sorted(i.id for i in items)
+  for r in records:
+    assert r.response.strip() and r.meta["teacher"] == "openai:tiny"
+    assert r.meta["sampling"] == SAMPLING.to_json() and r.meta["finish_reason"] == "length"
+    assert r.meta["source_id"] in {t.id for t in TEXTS} and r.meta["perspective"] in PERSPECTIVES
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["completion_tokens"] == 8 * len(items)
+  config = _load_config("knowdist")
+  config.workdir = str(tmp_path / "kd")
+  config.data.corpus = str(workdir / "corpus.jsonl")
+  config.data.val_fraction = 0.25
+  config.train.steps, config.train.warmup_steps, config.train.log_every = 3, 1, 1
+  config.train.eval_every, config.checkpoint.every, config.export_hf = 3, 3, False
+  config.data.prefetch = 0
+  result = knowdist.run(config)
+  assert result.step == 3 and len(result.train_losses) == 3
+  assert all(math.isfinite(loss) for _, loss in result.train_losses)
+
+
+FAULTS = [500, 429, "timeout", "malformed", "wrong", "truncated", "drop"]
+
+
+def test_faults_lose_and_duplicate_nothing(server, reference, tmp_path, monkeypatch):
+  """~60% of requests fail in one of seven ways; prompts of one text fail every time."""
+  monkeypatch.setenv(KEY_ENV, KEY)
+  ref_dir, items = reference
+  doomed_text = TEXTS[3].text
+
+  def fault(n, body):
+    if doomed_text in body["prompt"]:
+      return 500
+    return FAULTS[n % len(FAULTS)] if n % 5 < 3 else None
+
+  # The client times out after 4 s (a loaded 2-core machine can take seconds per decode).
+  proxy = fx.FaultProxy(server.url, fault, sleep_s=4.5)
+  try:
+    teacher = OpenAITeacher(proxy.url, "tiny", endpoint="completions", concurrency=4,
+                            api_key_env=KEY_ENV, timeout_s=4.0, max_retries=12, backoff_s=0.001,
+                            max_backoff_s=0.01)
+    summary = generate.generate(items, teacher, SAMPLING, tmp_path, progress=False)
+  finally:
+    proxy.stop()
+  assert proxy.seen_auth == {f"Bearer {KEY}"}
+  assert teacher.retries > 0 and {"timeout", "drop"} <= {FAULTS[i % 7] for i in range(proxy.count)}
+  written, rejected = _corpus(tmp_path), _rejects(tmp_path)
+  ids = [r["id"] for r in written] + [r["id"] for r in rejected]
+  assert sorted(ids) == sorted(i.id for i in items)  # every prompt exactly once
+  assert {r["meta"]["source_id"] for r in rejected} == {TEXTS[3].id}
+  assert all("HTTP 500" in r["error"] and "***" in r["error"] for r in rejected)
+  assert summary["written"] == 6 and summary["rejected"] == 2
+  ref = {r["id"]: r["response"] for r in _corpus(ref_dir)}
+  assert all(r["response"] == ref[r["id"]] for r in written)  # retries changed no text
+  for path in tmp_path.rglob("*"):
+    assert KEY not in path.read_text()
+
+
+def test_sigkill_and_restart_equal_uninterrupted_run(server, reference, tmp_path):
+  """A job process killed mid-run and restarted ends with the uninterrupted run's corpus."""
+  ref_dir, items = reference
+  state = {"hold": True}
+  proxy = fx.FaultProxy(server.url, lambda n, body: "hold" if state["hold"] and n >= 3 else None)
+  texts = tmp_path / "texts.jsonl"
+  texts.write_text("".join(json.dumps({"id": t.id, "text": t.text}) + "\n" for t in TEXTS))
+  workdir = tmp_path / "job"
+  cmd = [sys.executable, "-m", "sentijax.main", f"--config={REPO}/configs/generate_knowdist.py",
+         f"--config.workdir={workdir}", "--config.teacher.backend=openai",
+         f"--config.teacher.base_url={proxy.url}", "--config.teacher.model=tiny",
+         "--config.teacher.endpoint=completions", "--config.teacher.concurrency=1",
+         f"--config.teacher.api_key_env={KEY_ENV}", f"--config.inputs.path={texts}",
+         f"--config.generate.perspectives={','.join(PERSPECTIVES)}",
+         "--config.generate.leak_check_dirs=", "--config.sampling.temperature=1.0",
+         "--config.sampling.top_p=0.95", "--config.sampling.max_tokens=8",
+         "--config.sampling.min_tokens=8", "--config.sampling.seed=3"]
+  env = dict(os.environ, **{KEY_ENV: KEY, "JAX_PLATFORMS": "cpu"})
+  outputs = []
+  try:
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while len(_corpus(workdir)) < 3 and time.time() < deadline and job.poll() is None:
+      time.sleep(0.05)
+    assert len(_corpus(workdir)) == 3, "the job did not reach the held request"
+    os.kill(job.pid, signal.SIGKILL)
+    outputs.append(job.communicate(timeout=30)[0].decode())
+    state["hold"] = False
+    proxy.release.set()
+    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=180, check=False)
+    outputs.append(done.stdout.decode())
+    assert done.returncode == 0, outputs[-1][-3000:]
+  finally:
+    proxy.stop()
+  got = {r["id"]: r["response"] for r in _corpus(workdir)}
+  ref = {r["id"]: r["response"] for r in _corpus(ref_dir)}
+  assert len(_corpus(workdir)) == len(got) == len(items)  # no duplicates
+  assert got == ref  # same keys, same sampled texts
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["skipped"] == 3 and summary["written"] == len(items) - 3
+  for path in workdir.rglob("*"):
+    if path.is_file():
+      assert KEY not in path.read_text(errors="replace"), path
+  assert all(KEY not in out for out in outputs)
+  assert KEY_ENV in (workdir / "generate_config.json").read_text()  # the name only
+
+
+def test_local_backend_resume_and_rerun(local_teacher, tmp_path):
+  """Local backend: a run over part of the items, then all, equals one run; a rerun adds
+  nothing. Greedy, so the texts are also the server's greedy texts."""
+  s = Sampling(max_tokens=8, min_tokens=8)
+  items = generate.knowdist_items(TEXTS, PERSPECTIVES, s)
+  generate.generate(items[:3], local_teacher, s, tmp_path / "a", progress=False)
+  generate.generate(items, local_teacher, s, tmp_path / "a", progress=False)
+  generate.generate(items, local_teacher, s, tmp_path / "b", progress=False)
+  again = generate.generate(items, local_teacher, s, tmp_path / "b", progress=False)
+  assert again["written"] == 0 and again["skipped"] == len(items)
+  a, b = _corpus(tmp_path / "a"), _corpus(tmp_path / "b")
+  assert sorted(map(json.dumps, a)) == sorted(map(json.dumps, b)) and len(b) == len(items)
