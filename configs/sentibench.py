@@ -10,6 +10,12 @@ Useful overrides:
   --config.eval.datasets=sc/sst2,absa/opener  --config.eval.seeds=42  --config.eval.max_examples=100
   --config.model.dtype=float32   (exact parity runs; "auto" = bf16 on GPU/TPU, fp32 on CPU)
   --config.eval.batch_size=32   (rows of <=512 tokens)
+  --config.eval.seeds=42 --config.eval.aggregation=official   the official scripts' numbers
+  --config.eval.generation_config=ignore   raw logits (default auto: the model's
+      generation_config.json repetition_penalty / eos ids, as transformers generate applies them)
+  --config.eval.decode_cleanup=off   (default auto: transformers 4.44's decode clean-up when the
+      tokenizer config asks for it)
+  --config.eval.compilation_cache=off   (default auto: ~/.cache/sentijax/xla, reused across runs)
 
 Work per seed: 11,974 prompts (9,579 classification: one forward each, no decoding; 2,395
 extraction: greedy decoding up to 150 tokens), ~5M prompt tokens (IMDb prompts average ~1.7k

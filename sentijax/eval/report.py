@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from sentijax.data import sentibench
 
@@ -18,6 +18,28 @@ CATEGORY_ORDER = ("basic", "multifaceted", "fine-grained")
 AGGREGATIONS = ("mean", "official")
 _COLORS = {"basic": "#4C72B0", "multifaceted": "#55A868", "fine-grained": "#C44E52",
            "other": "#8172B2"}
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+  """Atomic JSONL write (tmp file + os.replace)."""
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Atomic JSON write (tmp file + os.replace)."""
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, ensure_ascii=False)
+    f.write("\n")
+  os.replace(tmp, path)
 
 
 def load_results(path: str | os.PathLike) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -167,7 +166,7 @@ def _verbalizer_logits(cfg: models.ModelConfig, params: PyTree, ids_BxT: jax.Arr
 def _place(mesh: Mesh | None, rules, *arrays: np.ndarray) -> list[jax.Array]:
   if mesh is None:
     return [jnp.asarray(a) for a in arrays]
-  return [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in arrays]
+  return [jax.device_put(a, sharding.batch_sharding(mesh, rules, a.ndim)) for a in arrays]
 
 
 def classify(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence[str],
@@ -187,7 +186,7 @@ def classify(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
     raise ValueError(f"verbalizer token ids {verb_ids_C.tolist()} exceed the model's vocab_size "
                      f"{cfg.vocab_size}: tokenizer and model do not match")
   seqs = tokenize_prompts(tokenizer, texts)
-  divisor = sharding.batch_divisor(mesh)
+  divisor = sharding.batch_divisor(mesh, rules)
   scores_NxC = np.zeros((len(seqs), n_classes), np.float32)
   bar = _bar(len(seqs), desc, progress)
   for batch in make_batches(seqs, batch_size, pad_id_of(tokenizer, cfg), divisor):
@@ -218,7 +217,7 @@ def generate(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
   """
   generation = generation or gen_lib.GenerationSettings()
   seqs = tokenize_prompts(tokenizer, texts)
-  divisor = sharding.batch_divisor(mesh)
+  divisor = sharding.batch_divisor(mesh, rules)
   pad_id = pad_id_of(tokenizer, cfg)
   stops = stops if stops is not None else stop_tokens(tokenizer, cfg, generation)
   outputs: list[str] = [""] * len(seqs)
@@ -298,26 +297,8 @@ def _jsonable(x: Any) -> Any:
   return x
 
 
-def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> None:
-  """Atomic JSONL write (tmp file + os.replace)."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-  """Atomic JSON write (tmp file + os.replace)."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1, ensure_ascii=False)
-    f.write("\n")
-  os.replace(tmp, path)
+write_jsonl = report.write_jsonl  # kept here for callers of scorer.*
+write_json = report.write_json
 
 
 def predictions_path(predictions_dir: str | os.PathLike, dataset: str, seed: int) -> str:
