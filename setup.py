@@ -27,6 +27,7 @@ setuptools.setup(
         "ml_dtypes",
         "absl-py",
         "tqdm",
+        "httpx>=0.27,<1",  # teacher generation: OpenAI-compatible client
         "tensorboardX",
         "matplotlib",
         "scikit-learn",
