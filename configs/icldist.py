@@ -9,7 +9,11 @@ train.eval_every steps and at the end:
   python -m sentijax.main --config=configs/icldist.py
 
 writes checkpoints, TensorBoard events, <workdir>/sentibench/step_N.json and an HF export
-(runs/icldist/hf). Rerunning resumes from the last checkpoint.
+(runs/icldist/hf). Rerunning resumes from the last checkpoint. Measured (4.4 min wall on a
+shared 2-core CPU): train loss 6.95 -> 0.84, val loss 0.96; the 164k-param model stays near
+chance on the held-out tasks with this full recipe (sc/movies 33.3 -> 33.3, sc/sst2 33.3 -> 43.7,
+irony18 28.6 -> 38.7 macro-F1 on 40 items): it shows the mechanics, not the effect (see
+tests/train/test_icldist.py for a setting where the tiny model does gain on an unseen task).
 
 After KnowDist, on SentiBench train splits of the non-held-out tasks plus ../shared/icl_sources
 (a real student; the paper's setting at small scale):
