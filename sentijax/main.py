@@ -15,6 +15,7 @@ JOBS = {
     "sentibench": "sentijax.eval.job",
     "export": "sentijax.train.export",
     "generate_knowdist": "sentijax.teacher.generate",
+    "generate_icl": "sentijax.teacher.icl_job",
     "serve": "sentijax.serve",
 }
 

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +94,12 @@ def _record(item: Item, c: Completion, teacher: str, sampling: Sampling) -> dict
 
 def generate(items: Sequence[Item], teacher: Any, sampling: Sampling, workdir: str | os.PathLike,
              *, logprobs: int = 0, leak_checker: leaks_lib.LeakChecker | None = None,
-             progress: bool = True, extra_summary: dict | None = None) -> dict:
-  """Writes the completions of `items` not yet in <workdir>/corpus.jsonl; returns the summary."""
+             progress: bool = True, extra_summary: dict | None = None,
+             postprocess: Callable[[Item, Completion, dict], None] | None = None) -> dict:
+  """Writes the completions of `items` not yet in <workdir>/corpus.jsonl; returns the summary.
+
+  `postprocess(item, completion, record)` may edit a record (dict) before it is written.
+  """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()
@@ -122,6 +126,8 @@ def generate(items: Sequence[Item], teacher: Any, sampling: Sampling, workdir: s
         summary["rejected"] += 1
         continue
       record = _record(item, result, teacher.name, sampling)
+      if postprocess is not None:
+        postprocess(item, result, record)
       if writer.write(record):
         summary["written"] += 1
         summary["completion_tokens"] += result.completion_tokens

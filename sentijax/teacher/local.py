@@ -99,6 +99,15 @@ def _token_logprobs(cfg, params, ids_BxT, mask_BxT, *, top_n: int):
   return chosen_BxT, top_lp, top_id
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _last_logprobs(cfg, params, ids_BxT, mask_BxT):
+  """log-softmax of the next-token logits after each left-padded row: [B, V]."""
+  logits_Bx1xV, _ = models.forward_with_cache(
+      cfg, params, ids_BxT, models.default_positions(mask_BxT), mask_BxT,
+      models.init_cache(cfg, ids_BxT.shape[0], ids_BxT.shape[1]), last_only=True)
+  return jax.nn.log_softmax(logits_Bx1xV[:, 0].astype(jnp.float32), axis=-1)
+
+
 class LocalTeacher:
   """Batched sampling from a sentijax model (params placed on `mesh` when given)."""
 
@@ -166,6 +175,13 @@ class LocalTeacher:
     return ([float(chosen[0, i]) for i in span],
             [{int(t): float(lp) for t, lp in zip(top_id[0, i, :top_n], top_lp[0, i, :top_n])}
              for i in span])
+
+  def next_logprobs(self, prompt: str | list) -> np.ndarray:
+    """The full next-token log-distribution [V] after `prompt` (exact verbalizer scores)."""
+    seq = self.encode(prompt)
+    ids_BxT, mask_BxT = sampling.left_pad([seq], sampling.bucket_length(len(seq)), 1, self.pad_id)
+    return sharding.to_host(_last_logprobs(self.cfg, self.params, jnp.asarray(ids_BxT),
+                                           jnp.asarray(mask_BxT)))[0]
 
   def generate(self, prompts: Sequence[str | list], keys: Sequence[str], s: Sampling,
                logprobs: int = 0) -> list[Completion]:

@@ -1,0 +1,106 @@
+"""`config.job = "generate_icl"`: ICL prompts from the builder -> teacher answers (+ the
+verbalizer distribution when the backend gives logprobs), an ICLDist teacher corpus.
+
+Prompts are built exactly as ICLDist's gold records (`icldist.gold_records`: task registry,
+held-out tasks and SentiBench test sentences filtered, k shrunk to fit `data.seq_len` under the
+teacher's tokenizer), sent raw (no chat template). Each record keeps `meta.task` (what
+`icl.target=teacher|teacher_probs` select by), `meta.gold` (the gold answer) and
+`meta.verbalizers` (the labels shown in the prompt, renamed ones included); its response is the
+teacher's answer with the leading space of a SentiBench answer. With `generate.logprobs=N`,
+classification records get `meta.teacher_probs = {verbalizer: p}`: the teacher's probability of
+each verbalizer's first token at the first answer position (verbalizers absent from the top N get
+none; a first token shared by several verbalizers counts once, for the first).
+
+    python -m sentijax.main --config=configs/generate_icl.py
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from sentijax.data import icl
+from sentijax.data.writers import write_json_atomic
+from sentijax.teacher import generate as gen
+from sentijax.teacher import leaks as leaks_lib
+from sentijax.teacher.common import Completion, Sampling, record_key
+from sentijax.train import icldist
+
+log = logging.getLogger("sentijax")
+
+
+def _length_fn(tokenizer) -> icl.LengthFn:
+  if tokenizer is None:  # no tokenizer for a remote teacher: ~3 characters per token
+    return lambda prompt, answer: (len(prompt) + len(answer)) // 3 + 2
+  return icldist._length_fn(tokenizer, False)  # pylint: disable=protected-access
+
+
+def build_items(config, tokenizer, sampling: Sampling) -> tuple[list[gen.Item], dict]:
+  """ICL prompts as generation items (train and val prompts of the source tasks)."""
+  spec = icldist.ICLSpec.from_config(config)
+  sources, _, groups = icldist.resolve_tasks(spec)
+  forbidden = icl.forbidden_sentences(groups)
+  train, val, stats = icldist.gold_records(spec, sources, forbidden, _length_fn(tokenizer),
+                                           int(config.data.seq_len))
+  labels = {t.name: t.labels for t in sources}
+  items = []
+  for r in train + val:
+    label_map = r.meta.get("label_map") or {}
+    shown = [" " + label_map.get(label, label) for label in labels[r.meta["task"]]]
+    meta = dict(r.meta) | {"source_id": r.id, "gold": r.response, "verbalizers": shown}
+    items.append(gen.Item(record_key(r.prompt, sampling), r.prompt, meta))
+  unique = {i.id: i for i in items}  # the same prompt drawn twice is asked once
+  return list(unique.values()), stats
+
+
+def verbalizer_probs(tokenizer, next_logprobs=None):
+  """postprocess: the answer with a leading space; meta.teacher_probs from the first answer
+  position: the top-N logprobs of the completion, or the exact distribution when the backend
+  has `next_logprobs` (the local teacher)."""
+  def fn(item: gen.Item, c: Completion, record: dict) -> None:
+    record["response"] = " " + c.text.strip()
+    record["meta"].pop("top_logprobs", None)  # kept small: only the verbalizer distribution
+    if not item.meta["verbalizers"]:
+      return
+    if next_logprobs is not None:
+      logp_V = next_logprobs(item.prompt)
+      first = lambda i: float(logp_V[i])  # noqa: E731
+    elif c.top_logprobs:
+      first = c.top_logprobs[0].get
+    else:
+      return
+    probs, used = {}, set()
+    for v in item.meta["verbalizers"]:
+      ids = tokenizer(v, add_special_tokens=False)["input_ids"]
+      if ids and first(ids[0]) is not None and ids[0] not in used:
+        used.add(ids[0])
+        probs[v] = math.exp(first(ids[0]))
+    if probs:
+      record["meta"]["teacher_probs"] = probs
+  return fn
+
+
+def run(config) -> dict:
+  workdir = Path(config.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_json_atomic(workdir / "generate_config.json", json.loads(config.to_json()))
+  sampling = Sampling.from_config(config.sampling)
+  teacher = gen.make_teacher(config)
+  try:
+    tokenizer = getattr(teacher, "tokenizer", None)
+    logprobs = int(config.generate.logprobs)
+    if logprobs and tokenizer is None:
+      raise ValueError("generate.logprobs needs the teacher's tokenizer: set teacher.tokenizer")
+    items, stats = build_items(config, tokenizer, sampling)
+    gc = config.generate
+    checker = leaks_lib.from_task_dirs(gc.leak_check_dirs) if gc.leak_check_dirs else None
+    exact = getattr(teacher, "next_logprobs", None)  # local: no per-token top-N needed
+    summary = gen.generate(items, teacher, sampling, workdir, logprobs=0 if exact else logprobs,
+                           leak_checker=checker, progress=bool(gc.progress),
+                           extra_summary={"icl": stats},
+                           postprocess=verbalizer_probs(tokenizer, exact)
+                           if tokenizer and logprobs else None)
+  finally:
+    teacher.close()
+  return summary
