@@ -43,18 +43,18 @@ def test_models_and_completions(server):
 
 def test_chat_completions(server):
   body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}],
-          "max_tokens": 6, "min_tokens": 6, "temperature": 0, "logprobs": True,
+          "max_tokens": 8, "min_tokens": 8, "temperature": 0, "logprobs": True,
           "top_logprobs": 2}
   r = httpx.post(server.url + "/chat/completions", json=body, timeout=60).json()
   choice = r["choices"][0]
   assert choice["message"]["role"] == "assistant"
   content = choice["logprobs"]["content"]
-  assert len(content) == 6
+  assert len(content) == 8
   for pos in content:
     assert len(pos["top_logprobs"]) == 2 and pos["logprob"] <= 0
     assert sum(math.exp(t["logprob"]) for t in pos["top_logprobs"]) <= 1 + 1e-5
   [direct] = server.teacher.generate([[{"role": "user", "content": "Hello there"}]], ["x"],
-                                     Sampling(max_tokens=6, min_tokens=6))
+                                     Sampling(max_tokens=8, min_tokens=8))
   assert choice["message"]["content"] == direct.text
 
 

@@ -21,7 +21,7 @@ def _config(teacher_dir, workdir):
   c.workdir = str(workdir)
   c.model.init = str(teacher_dir)
   c.icl.num_prompts = 6
-  c.sampling.max_tokens = 4
+  c.sampling.max_tokens = 8
   c.generate.leak_check_dirs = ""
   c.generate.progress = False
   return c

@@ -20,13 +20,13 @@ def test_greedy_matches_transformers_generate(local_teacher, teacher_dir):
   model = LlamaForCausalLM.from_pretrained(teacher_dir).eval()
   tok = local_teacher.tokenizer
   got = local_teacher.generate_ids([local_teacher.encode(p) for p in PROMPTS], KEYS,
-                                   Sampling(max_tokens=12))
+                                   Sampling(max_tokens=8))
   distinct = set()
   for prompt, (new, _) in zip(PROMPTS, got):
     ids = torch.tensor([local_teacher.encode(prompt)])
     with torch.no_grad():
       ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                           max_new_tokens=12, eos_token_id=tok.eos_token_id,
+                           max_new_tokens=8, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
     assert new == ref, prompt
     distinct.add(tuple(new))
@@ -34,7 +34,7 @@ def test_greedy_matches_transformers_generate(local_teacher, teacher_dir):
 
 
 def test_seeded_sampling_independent_of_batch(local_teacher):
-  s = Sampling(temperature=1.0, top_p=0.9, top_k=50, max_tokens=10, seed=3)
+  s = Sampling(temperature=1.0, top_p=0.9, top_k=50, max_tokens=8, seed=3)
   seqs = [local_teacher.encode(p) for p in PROMPTS]
   batched = local_teacher.generate_ids(seqs, KEYS, s)
   local_teacher.batch_size = 1
@@ -43,9 +43,9 @@ def test_seeded_sampling_independent_of_batch(local_teacher):
   finally:
     local_teacher.batch_size = 4
   assert batched == single
-  greedy = local_teacher.generate_ids(seqs, KEYS, Sampling(max_tokens=10))
+  greedy = local_teacher.generate_ids(seqs, KEYS, Sampling(max_tokens=8))
   assert batched != greedy
-  other_seed = local_teacher.generate_ids(seqs, KEYS, Sampling(temperature=1.0, max_tokens=10,
+  other_seed = local_teacher.generate_ids(seqs, KEYS, Sampling(temperature=1.0, max_tokens=8,
                                                                top_p=0.9, top_k=50, seed=4))
   assert other_seed != batched
 
@@ -57,23 +57,22 @@ def test_top_k_one_is_greedy_and_min_tokens(local_teacher):
                                                              max_tokens=8))
   assert greedy == top1
   eos = local_teacher.tokenizer.eos_token_id
-  # Every token but eos banned? No: make eos the only stop, require 8 new tokens first.
   out = local_teacher.generate_ids(seqs, KEYS[:4], Sampling(max_tokens=8, min_tokens=8))
   for new, _ in out:
     assert len(new) == 8 and eos not in new[:7]
 
 
 def test_stop_strings_and_logprobs(local_teacher):
-  [full] = local_teacher.generate([PROMPTS[0]], KEYS[:1], Sampling(max_tokens=12,
-                                                                   min_tokens=12))
+  [full] = local_teacher.generate([PROMPTS[0]], KEYS[:1], Sampling(max_tokens=8,
+                                                                   min_tokens=8))
   assert full.finish_reason == "length" and len(full.text) > 3
   stop = full.text[2:4]
-  [cut] = local_teacher.generate([PROMPTS[0]], KEYS[:1], Sampling(max_tokens=12, min_tokens=12,
+  [cut] = local_teacher.generate([PROMPTS[0]], KEYS[:1], Sampling(max_tokens=8, min_tokens=8,
                                                                   stop=(stop,)))
   assert cut.text == full.text[:full.text.find(stop)] and cut.finish_reason == "stop"
-  [c] = local_teacher.generate([PROMPTS[0]], KEYS[:1], Sampling(max_tokens=6, min_tokens=6),
+  [c] = local_teacher.generate([PROMPTS[0]], KEYS[:1], Sampling(max_tokens=8, min_tokens=8),
                                logprobs=3)
-  assert len(c.top_logprobs) == len(c.token_ids) == 6
+  assert len(c.top_logprobs) == len(c.token_ids) == 8
   for tok, top in zip(c.token_ids, c.top_logprobs):
     assert len(top) == 3 and tok == max(top, key=top.get)  # greedy picks the argmax
     assert sum(math.exp(v) for v in top.values()) <= 1 + 1e-5
