@@ -1,7 +1,6 @@
 """generate_icl: ICL builder prompts -> local teacher answers with the exact verbalizer
 distribution, a corpus ICLDist reads; rerun adds nothing."""
 import importlib.util
-import json
 import pathlib
 
 import numpy as np

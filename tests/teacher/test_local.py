@@ -2,7 +2,6 @@
 batches, stop strings, min tokens, logprobs."""
 import math
 
-import numpy as np
 import pytest
 
 from sentijax.teacher.common import Sampling
