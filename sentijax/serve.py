@@ -9,7 +9,8 @@ tokenizer's chat template; `logprobs: true` + `top_logprobs: N`). Sampling: temp
 greedy; default 1 as in the OpenAI API), top_p, top_k, max_tokens, min_tokens, stop, seed; `n`
 must be 1. A seeded request samples the same text whatever else is in flight: concurrent
 requests are gathered for up to `max_wait_ms` into batches of up to `batch_size` rows and decoded
-together by `LocalTeacher` (per-row random keys). Handler threads block on their row's result.
+together by `LocalTeacher` (per-row random keys), every batch padded to the full batch size (one
+compiled shape per prompt-length bucket). Handler threads block on their row's result.
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ class Batcher:
         self.batches.append(len(jobs))
         try:
           keys = [json.dumps(j.prompt, sort_keys=True) for j in jobs]
-          results = self.teacher.generate([j.prompt for j in jobs], keys, sampling, logprobs)
+          results = self.teacher.generate([j.prompt for j in jobs], keys, sampling, logprobs,
+                                          min_rows=min(self.max_batch, self.teacher.batch_size))
           for job, result in zip(jobs, results):
             job.result = result
         except Exception as e:  # pylint: disable=broad-except

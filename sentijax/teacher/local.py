@@ -131,13 +131,18 @@ class LocalTeacher:
       return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
     return list(self.tokenizer(prompt)["input_ids"])
 
-  def generate_ids(self, seqs: Sequence[Sequence[int]], keys: Sequence[str], s: Sampling
-                   ) -> list[tuple[list[int], bool]]:
-    """Per prompt: (new token ids up to and including a stop token, whether it stopped)."""
+  def generate_ids(self, seqs: Sequence[Sequence[int]], keys: Sequence[str], s: Sampling,
+                   min_rows: int = 1) -> list[tuple[list[int], bool]]:
+    """Per prompt: (new token ids up to and including a stop token, whether it stopped).
+
+    `min_rows`: pad every batch to at least this many rows (a server keeps one shape per
+    prompt-length bucket instead of compiling again for each number of waiting requests).
+    """
     out = []
+    divisor = sharding.batch_divisor(self.mesh, self.rules)
     for start in range(0, len(seqs), self.batch_size):
       chunk, chunk_keys = seqs[start:start + self.batch_size], keys[start:start + self.batch_size]
-      rows = sampling.bucket_batch(len(chunk), sharding.batch_divisor(self.mesh, self.rules))
+      rows = sampling.bucket_batch(max(len(chunk), min_rows), divisor)
       length = sampling.bucket_length(max(len(q) for q in chunk))
       ids_BxT, mask_BxT = sampling.left_pad(chunk, length, rows, self.pad_id)
       seeds = [row_seed(k, s.seed) for k in chunk_keys] + [0] * (rows - len(chunk))
@@ -184,11 +189,11 @@ class LocalTeacher:
                                            jnp.asarray(mask_BxT)))[0]
 
   def generate(self, prompts: Sequence[str | list], keys: Sequence[str], s: Sampling,
-               logprobs: int = 0) -> list[Completion]:
+               logprobs: int = 0, min_rows: int = 1) -> list[Completion]:
     """Completions of `prompts` (text, finish_reason 'stop' | 'length', token ids)."""
     seqs = [self.encode(p) for p in prompts]
     results = []
-    for seq, (new, stopped) in zip(seqs, self.generate_ids(seqs, keys, s)):
+    for seq, (new, stopped) in zip(seqs, self.generate_ids(seqs, keys, s, min_rows)):
       body = new[:-1] if stopped else new
       text, cut = cut_at_stop(self.tokenizer.decode(body, skip_special_tokens=True), s.stop)
       chosen, top = self.logprobs(seq, body, logprobs) if logprobs and body else (None, None)
