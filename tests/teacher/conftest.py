@@ -1,7 +1,7 @@
 """A tiny HF teacher shared by the teacher tests (and its LocalTeacher)."""
 import pytest
 
-import teacher_fixtures as fixtures
+from teacher import teacher_fixtures as fixtures
 
 
 @pytest.fixture(scope="session")
