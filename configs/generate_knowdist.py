@@ -1,7 +1,7 @@
 """Teacher corpus for KnowDist: user texts x analysis perspectives -> teacher analyses.
 
-Default (offline, ~1 min on 2 cores: 343 records): a random `tiny` local teacher (tokenizer trained on the demo
-corpus) analyses the demo texts of the package under all seven perspectives into
+Default (offline, ~1 min on 2 cores): a random `tiny` local teacher (tokenizer trained on the demo
+corpus) analyses the 49 demo texts of the package under all seven perspectives (343 records) into
 runs/generate_knowdist/corpus.jsonl; `min_tokens` keeps a random teacher from stopping at once.
 Running it again adds nothing (records are keyed by prompt + sampling):
 
