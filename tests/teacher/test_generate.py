@@ -102,11 +102,12 @@ def test_faults_lose_and_duplicate_nothing(server, reference, tmp_path, monkeypa
       return 500
     return FAULTS[n % len(FAULTS)] if n % 5 < 3 else None
 
-  # The client times out after 4 s (a loaded 2-core machine can take seconds per decode).
-  proxy = fx.FaultProxy(server.url, fault, sleep_s=4.5)
+  # The client times out after 8 s: a loaded 2-core machine can take seconds per decode, and a
+  # genuine request that times out 12 times in a row would be rejected (seen at load ~14).
+  proxy = fx.FaultProxy(server.url, fault, sleep_s=8.5)
   try:
     teacher = OpenAITeacher(proxy.url, "tiny", endpoint="completions", concurrency=4,
-                            api_key_env=KEY_ENV, timeout_s=4.0, max_retries=12, backoff_s=0.001,
+                            api_key_env=KEY_ENV, timeout_s=8.0, max_retries=12, backoff_s=0.001,
                             max_backoff_s=0.01)
     summary = generate.generate(items, teacher, SAMPLING, tmp_path, progress=False)
   finally:
