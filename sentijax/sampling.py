@@ -114,6 +114,16 @@ def repetition_penalty(logits_BxV: Array, seen_BxV: Array, penalty: Array) -> Ar
   return jnp.where(seen_BxV, penalized_BxV, logits_BxV)
 
 
+def init_decode_cache(cfg: models.ModelConfig, rows: int, length: int,
+                      cache_sharding: NamedSharding | None) -> models.KVCache:
+  """An empty KV cache for `rows` x `length` tokens, rows placed like the batch (inside jit)."""
+  cache = models.init_cache(cfg, rows, length)
+  if cache_sharding is None:
+    return cache
+  return dataclasses.replace(cache, k=jax.lax.with_sharding_constraint(cache.k, cache_sharding),
+                             v=jax.lax.with_sharding_constraint(cache.v, cache_sharding))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sample", "cache_sharding",
                                              "penalize"))
 def _decode(cfg: models.ModelConfig, params: PyTree, ids_BxT: Array, mask_BxT: Array,
@@ -121,11 +131,7 @@ def _decode(cfg: models.ModelConfig, params: PyTree, ids_BxT: Array, mask_BxT: A
             top_p: Array, penalty: Array, *, max_new_tokens: int, sample: bool,
             cache_sharding: NamedSharding | None, penalize: bool) -> tuple[Array, Array]:
   b, t = ids_BxT.shape
-  cache = models.init_cache(cfg, b, t + max_new_tokens)
-  if cache_sharding is not None:
-    cache = dataclasses.replace(
-        cache, k=jax.lax.with_sharding_constraint(cache.k, cache_sharding),
-        v=jax.lax.with_sharding_constraint(cache.v, cache_sharding))
+  cache = init_decode_cache(cfg, b, t + max_new_tokens, cache_sharding)
   positions_BxT = models.default_positions(mask_BxT)
   logits_Bx1xV, cache = models.forward_with_cache(cfg, params, ids_BxT, positions_BxT, mask_BxT,
                                                   cache, last_only=True)

@@ -11,7 +11,6 @@ decoder does; greedy rows match transformers `generate`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -44,11 +43,7 @@ def _filter_logits(logits_BxV: Array, top_k: int, top_p: Array) -> Array:
 def _generate(cfg, params, ids_BxT, mask_BxT, stop_V, keys_B, temperature, top_p, min_new,
               pad_id, *, max_new_tokens: int, greedy: bool, top_k: int, cache_sharding):
   b, t = ids_BxT.shape
-  cache = models.init_cache(cfg, b, t + max_new_tokens)
-  if cache_sharding is not None:
-    cache = dataclasses.replace(
-        cache, k=jax.lax.with_sharding_constraint(cache.k, cache_sharding),
-        v=jax.lax.with_sharding_constraint(cache.v, cache_sharding))
+  cache = sampling.init_decode_cache(cfg, b, t + max_new_tokens, cache_sharding)
   logits_Bx1xV, cache = models.forward_with_cache(
       cfg, params, ids_BxT, models.default_positions(mask_BxT), mask_BxT, cache, last_only=True)
 
