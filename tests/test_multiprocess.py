@@ -69,7 +69,9 @@ def test_two_processes_match_one_process(tmp_path):
                                [curves[1][tag][s] for s in steps], rtol=1e-5, err_msg=tag)
   # Params: Adam turns a few-ulp gradient difference into an update difference of ~1e-7 of the
   # update; after 6 steps weights (|w| < ~1) differ by a few ulps (~1e-8 measured). atol 1e-6
-  # leaves 100x margin for other CPUs yet is ~1% of one step's update (lr >= 1.5e-4 from step 2),
+  # leaves 100x margin yet is ~1% of one step's update (lr >= 1.5e-4 from step 2). Both runs
+  # execute on the same CPU, so its vector width and FMA shape both alike: only the reduction order
+  # differs between them, and that noise does not grow with the machine,
   # so a skipped, repeated or wrongly sharded step fails.
   multi = safetensors.numpy.load_file(str(tmp_path / "multi" / "hf" / "model.safetensors"))
   one = safetensors.numpy.load_file(str(tmp_path / "single" / "hf" / "model.safetensors"))

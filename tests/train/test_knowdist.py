@@ -12,6 +12,7 @@ import safetensors.numpy
 
 from sentijax import config as config_lib
 from sentijax.train import knowdist, loop
+from tolerances import assert_trees_close
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -152,9 +153,7 @@ def test_main_killed_and_preempted_resumes_to_identical_params(tmp_path):
   # Same compiled steps on the same data: normally bit-identical. The bound (1e-5 of each tensor's
   # largest element, ~100 fp32 ulps) only admits reduction-order noise; one skipped, repeated or
   # reordered step of 40 (lr ~3e-3 against weights ~0.02..1) is >1e-3 of that scale.
-  for name in want:
-    scale = float(np.abs(want[name]).max())
-    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5 * scale, err_msg=name)
+  assert_trees_close(got, want)
 
 
 def test_student_initialised_from_hf_dir_and_exported(tmp_path):

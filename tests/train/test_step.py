@@ -13,6 +13,7 @@ from sentijax import config as config_lib
 from sentijax import models, sharding
 from sentijax.data import packing
 from sentijax.train import losses, state as state_lib, step as step_lib
+from tolerances import assert_trees_close
 
 CFG = models.presets.get("tiny")
 SEQ = 32
@@ -22,19 +23,6 @@ SEQ = 32
 # and is still orders of magnitude below the bugs these tests target (a gradient x2 or / M, a
 # leaked prompt token, a misaligned chunk: errors of 1e-2..1).
 RTOL = 1e-5
-
-
-def assert_trees_close(got, want, rtol=RTOL):
-  """Leafwise |got - want| <= rtol * (|want| + max|want leaf|).
-
-  The absolute floor scales with the largest element of the leaf: an element that cancels to ~0
-  (a sum of terms of both signs) keeps the rounding error of the terms it summed, not of its value.
-  """
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
-    w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
-    np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * float(np.abs(w).max()),
-                               err_msg=jax.tree_util.keystr(path))
 
 
 def _train_cfg(**kw):
