@@ -156,16 +156,26 @@ def generate(items: Sequence[Item], teacher: Any, sampling: Sampling, workdir: s
   return summary
 
 
-def run(config) -> dict:
-  """`config.job = "generate_knowdist"`: user texts x perspectives -> teacher analyses."""
+def start_job(config):
+  """Shared start of the generation jobs: (workdir, sampling, leak checker or None).
+
+  Creates the workdir and records the config (the API key is read from the environment, never
+  stored in it).
+  """
   workdir = Path(config.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   write_json_atomic(workdir / "generate_config.json", json.loads(config.to_json()))
-  sampling = Sampling.from_config(config.sampling)
+  dirs = config.generate.leak_check_dirs
+  return workdir, Sampling.from_config(config.sampling), (
+      leaks_lib.from_task_dirs(dirs) if dirs else None)
+
+
+def run(config) -> dict:
+  """`config.job = "generate_knowdist"`: user texts x perspectives -> teacher analyses."""
+  workdir, sampling, checker = start_job(config)
   texts, input_stats = inputs_lib.load_texts(inputs_lib.InputSpec.from_config(config.inputs))
   items = knowdist_items(texts, parse_perspectives(config.generate.perspectives), sampling)
   gc = config.generate
-  checker = leaks_lib.from_task_dirs(gc.leak_check_dirs) if gc.leak_check_dirs else None
   teacher = make_teacher(config)
   try:
     return generate(items, teacher, sampling, workdir, logprobs=int(gc.logprobs),

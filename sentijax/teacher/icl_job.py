@@ -15,15 +15,11 @@ none; a first token shared by several verbalizers counts once, for the first).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
 
 from sentijax.data import icl
-from sentijax.data.writers import write_json_atomic
 from sentijax.teacher import generate as gen
-from sentijax.teacher import leaks as leaks_lib
 from sentijax.teacher.common import Completion, Sampling, record_key
 from sentijax.train import icldist
 
@@ -82,10 +78,7 @@ def verbalizer_probs(tokenizer, next_logprobs=None):
 
 
 def run(config) -> dict:
-  workdir = Path(config.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  write_json_atomic(workdir / "generate_config.json", json.loads(config.to_json()))
-  sampling = Sampling.from_config(config.sampling)
+  workdir, sampling, checker = gen.start_job(config)
   teacher = gen.make_teacher(config)
   try:
     tokenizer = getattr(teacher, "tokenizer", None)
@@ -94,7 +87,6 @@ def run(config) -> dict:
       raise ValueError("generate.logprobs needs the teacher's tokenizer: set teacher.tokenizer")
     items, stats = build_items(config, tokenizer, sampling)
     gc = config.generate
-    checker = leaks_lib.from_task_dirs(gc.leak_check_dirs) if gc.leak_check_dirs else None
     exact = getattr(teacher, "next_logprobs", None)  # local: no per-token top-N needed
     summary = gen.generate(items, teacher, sampling, workdir, logprobs=0 if exact else logprobs,
                            leak_checker=checker, progress=bool(gc.progress),
