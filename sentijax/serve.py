@@ -3,9 +3,11 @@
     python -m sentijax.main --config=configs/generate_knowdist.py --config.job=serve \
       --config.model.init=runs/knowdist/hf --config.serve.port=8000
 
-Routes: `GET /v1/models`, `POST /v1/completions` (prompt string; `logprobs: N` gives tokens,
-token_logprobs, top_logprobs as token strings), `POST /v1/chat/completions` (messages through the
-tokenizer's chat template; `logprobs: true` + `top_logprobs: N`). Sampling: temperature (0 =
+Routes: `GET /v1/models`, `POST /v1/completions` (prompt string or token ids; `logprobs: N` gives
+tokens, token_logprobs, top_logprobs as token strings, `return_tokens_as_token_ids: true` as
+`token_id:N`; `echo: true` prepends the prompt and its logprobs, the first token's None, and with
+`max_tokens: 0` scores the prompt only: one forward, no decoding), `POST /v1/chat/completions`
+(messages through the tokenizer's chat template; `logprobs: true` + `top_logprobs: N`). Sampling: temperature (0 =
 greedy; default 1 as in the OpenAI API), top_p, top_k, max_tokens, min_tokens, stop, seed; `n`
 must be 1. A seeded request samples the same text whatever else is in flight: concurrent
 requests are gathered for up to `max_wait_ms` into batches of up to `batch_size` rows and decoded
@@ -24,7 +26,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from sentijax.teacher.common import Sampling
+from sentijax.teacher.common import Completion, Sampling
 from sentijax.teacher.local import LocalTeacher
 
 log = logging.getLogger("sentijax")
@@ -142,23 +144,43 @@ class Server:
     self.httpd.shutdown()
     self.httpd.server_close()
 
-  def _token(self, token_id: int) -> str:
-    return self.teacher.tokenizer.decode([token_id])
+  def _token(self, token_id: int, as_id: bool = False) -> str:
+    return f"token_id:{token_id}" if as_id else self.teacher.tokenizer.decode([token_id])
 
-  def _completion_logprobs(self, c) -> dict:
-    tokens = [self._token(t) for t in c.token_ids]
+  def _completion_logprobs(self, token_ids, chosen, top_logprobs, as_ids: bool = False) -> dict:
+    """The legacy logprobs object; `chosen` / `top_logprobs` entries may be None (echoed first
+    prompt token)."""
+    tokens = [self._token(t, as_ids) for t in token_ids]
     offsets, pos = [], 0
     for t in tokens:
       offsets.append(pos)
       pos += len(t)
     tops = []
-    for top in c.top_logprobs:  # ids that decode alike (byte pieces) keep the best logprob
+    for top in top_logprobs:  # ids that decode alike (byte pieces) keep the best logprob
+      if top is None:
+        tops.append(None)
+        continue
       pieces: dict[str, float] = {}
       for t, lp in top.items():
-        pieces.setdefault(self._token(t), lp)
+        pieces.setdefault(self._token(t, as_ids), lp)
       tops.append(pieces)
-    return {"tokens": tokens, "token_logprobs": c.token_logprobs, "text_offset": offsets,
+    return {"tokens": tokens, "token_logprobs": list(chosen), "text_offset": offsets,
             "top_logprobs": tops}
+
+  def _prompt(self, body: dict) -> str | list[int]:
+    """A completions prompt: a string or token ids (also as a one-element list)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+      prompt = prompt[0]
+    if isinstance(prompt, list):
+      vocab = self.teacher.cfg.vocab_size
+      if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                               for t in prompt):
+        raise BadRequest(f"'prompt' token ids must be a non-empty list of ints in [0, {vocab})")
+      return prompt
+    if not isinstance(prompt, str) or not prompt:
+      raise BadRequest("'prompt' must be a non-empty string or a list of token ids")
+    return prompt
 
   def _chat_logprobs(self, c) -> dict:
     def entry(t, lp):
@@ -170,7 +192,12 @@ class Server:
   def handle(self, path: str, body: dict) -> dict:
     """The JSON answer to a POST on `path`; BadRequest for invalid bodies."""
     chat = path == "/v1/chat/completions"
-    sampling = parse_sampling(body, self.max_tokens_limit)
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool) or (echo and chat):
+      raise BadRequest("'echo' must be a bool, and only on /v1/completions")
+    score_only = echo and body.get("max_tokens") == 0  # the prompt's logprobs, no decoding
+    sampling = parse_sampling(body | {"max_tokens": 1} if score_only else body,
+                              self.max_tokens_limit)
     if chat:
       prompt = body.get("messages")
       if (not isinstance(prompt, list) or not prompt or not all(
@@ -180,29 +207,37 @@ class Server:
       logprobs = _number(body, "top_logprobs", 0, int, 0, 20) if body.get("logprobs") else 0
       want_logprobs = bool(body.get("logprobs"))
     else:
-      prompt = body.get("prompt")
-      if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-      if not isinstance(prompt, str) or not prompt:
-        raise BadRequest("'prompt' must be a non-empty string")
+      prompt = self._prompt(body)
       logprobs = _number(body, "logprobs", 0, int, 0, 20)
       want_logprobs = logprobs > 0
-    prompt_tokens = len(self.teacher.encode(prompt))
-    job = self.batcher.submit(_Job(prompt, sampling, max(logprobs, 1) if want_logprobs else 0))
-    c = job.result
-    has_lp = want_logprobs and c.token_ids
+    prompt_ids = self.teacher.encode(prompt)
+    if score_only:
+      c = Completion(text="", finish_reason="length", completion_tokens=0, token_ids=[],
+                     token_logprobs=[], top_logprobs=[])
+    else:
+      c = self.batcher.submit(_Job(prompt, sampling, max(logprobs, 1) if want_logprobs
+                                   else 0)).result
+    as_ids = bool(body.get("return_tokens_as_token_ids"))
     choice = {"index": 0, "finish_reason": c.finish_reason}
     if chat:
       choice["message"] = {"role": "assistant", "content": c.text}
-      choice["logprobs"] = self._chat_logprobs(c) if has_lp else None
+      choice["logprobs"] = self._chat_logprobs(c) if want_logprobs and c.token_ids else None
     else:
+      ids, chosen, tops = list(c.token_ids or []), c.token_logprobs, c.top_logprobs
       choice["text"] = c.text
-      choice["logprobs"] = self._completion_logprobs(c) if has_lp else None
+      if echo:
+        choice["text"] = (prompt if isinstance(prompt, str) else
+                          self.teacher.tokenizer.decode(prompt_ids)) + c.text
+        if want_logprobs:
+          p_chosen, p_tops = self.teacher.logprobs(prompt_ids[:1], prompt_ids[1:], logprobs)
+          ids, chosen, tops = prompt_ids + ids, [None] + p_chosen + chosen, [None] + p_tops + tops
+      choice["logprobs"] = (self._completion_logprobs(ids, chosen, tops, as_ids)
+                            if want_logprobs and ids else None)
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "chat.completion" if chat
             else "text_completion", "created": int(time.time()), "model": self.model_name,
             "choices": [choice],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": c.completion_tokens,
-                      "total_tokens": prompt_tokens + c.completion_tokens}}
+            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": c.completion_tokens,
+                      "total_tokens": len(prompt_ids) + c.completion_tokens}}
 
 
 def _handler(server: Server):

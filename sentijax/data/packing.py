@@ -41,6 +41,12 @@ raw: [bos] + tok(prompt) + tok(response) + [eos], loss on the response tokens an
 of n tokens becomes one example of n - 1 positions (inputs = tokens[:-1], targets = tokens[1:],
 weights = loss_mask[1:]), so a sequence fits a row when n - 1 <= seq_len.
 
+Pre-tokenised records (`Record.tokens`, e.g. from the offline top-k store): their token ids and
+loss mask are used as they are (the teacher's ids: re-tokenising text could shift positions);
+they must come from the same vocabulary as `tokenizer` (`tokenizer.vocab_fingerprint`, when the
+record names one) and hold ids below len(tokenizer), else a DataError names the record and its
+source file. Records without tokens in the same list are tokenised as above.
+
 Truncation (`spec.truncation`): `left_prompt` drops prompt tokens from the left (after bos) and
 then the response's tail; `drop` skips over-long records. Records with no loss token left are
 dropped. Both are counted in the stats. Packing is greedy first-fit in corpus order into rows of
@@ -55,6 +61,7 @@ import numpy as np
 
 from sentijax.data.records import DataError, Record
 from sentijax.data.spec import DataSpec
+from sentijax.data.tokenizer import vocab_fingerprint
 
 logger = logging.getLogger("sentijax")
 
@@ -199,9 +206,28 @@ def _chat_sequence(p_ids: list[int], t_ids: list[int], split_ok: bool, stats: di
   return t_ids, [0] * boundary + [1] * (len(t_ids) - boundary)
 
 
+def pretokenized_sequence(record: Record, tokenizer: Any, vocab: str) -> TokenizedSequence:
+  """The record's own token ids and loss mask, checked against `tokenizer` (vocab fingerprint
+  `vocab`); DataError naming the record and its source."""
+  t = record.tokens
+  where = f"{t.source + ': ' if t.source else ''}record {record.id!r}"
+  if t.vocab and t.vocab != vocab:
+    raise DataError(
+        f"{where}: its token ids come from another vocabulary (fingerprint {t.vocab[:16]}) than "
+        f"the student's tokenizer {getattr(tokenizer, 'name_or_path', '')!r} ({vocab[:16]}); "
+        "train with the tokenizer that made them (model.tokenizer) or rebuild them with this one.")
+  if len(t.ids) < 2 or t.ids.shape != t.loss_mask.shape:
+    raise DataError(f"{where}: token_ids and loss_mask need the same length >= 2.")
+  if int(t.ids.max()) >= len(tokenizer) or int(t.ids.min()) < 0:
+    raise DataError(f"{where}: token id {int(t.ids.max())} is outside the tokenizer's "
+                    f"{len(tokenizer)} ids.")
+  return TokenizedSequence(t.ids.astype(np.int32), t.loss_mask.astype(np.int32))
+
+
 def tokenize_records(records: Sequence[Record], tokenizer: Any, chat_template: bool,
                      show_progress: bool = True) -> tuple[list[TokenizedSequence], dict]:
-  """Tokenises every record into (tokens, loss_mask); returns the sequences and stats."""
+  """Tokenises every record into (tokens, loss_mask) (pre-tokenised records: their own, checked);
+  returns the sequences and stats."""
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   use_chat = uses_chat_template(tokenizer, chat_template)
   if chat_template and not use_chat:
@@ -211,11 +237,15 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, chat_template: b
   if not use_chat and eos_id is None:
     raise DataError("The tokenizer has no eos token; the raw format needs one to end responses.")
   bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-  stats = {"mode": "chat" if use_chat else "raw", "chat_boundary_fallback": 0}
+  stats = {"mode": "chat" if use_chat else "raw", "chat_boundary_fallback": 0, "pretokenized": 0}
   sequences: list[TokenizedSequence] = []
+  vocab = (vocab_fingerprint(tokenizer) if any(r.tokens is not None for r in records) else "")
   progress = tqdm(total=len(records), desc="Tokenising", unit="rec", disable=not show_progress)
   for start in range(0, len(records), _TOKENIZE_CHUNK):
-    chunk = records[start:start + _TOKENIZE_CHUNK]
+    given = {i: pretokenized_sequence(r, tokenizer, vocab)
+             for i, r in enumerate(records[start:start + _TOKENIZE_CHUNK]) if r.tokens is not None}
+    stats["pretokenized"] += len(given)
+    chunk = [r for r in records[start:start + _TOKENIZE_CHUNK] if r.tokens is None]
     if use_chat:
       rendered = [_render_chat(tokenizer, r) for r in chunk]
       split_ok = [full.startswith(p) for p, full in rendered]
@@ -228,9 +258,11 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, chat_template: b
                 [0] * (len(bos) + len(p_ids)) + [1] * (len(r_ids) + 1))
                for p_ids, r_ids in zip(_encode_batch(tokenizer, [r.prompt for r in chunk]),
                                        _encode_batch(tokenizer, [r.response for r in chunk]))]
-    sequences.extend(TokenizedSequence(np.asarray(tokens, np.int32), np.asarray(mask, np.int32))
-                     for tokens, mask in pairs)
-    progress.update(len(chunk))
+    made = iter(TokenizedSequence(np.asarray(tokens, np.int32), np.asarray(mask, np.int32))
+                for tokens, mask in pairs)
+    n = len(chunk) + len(given)
+    sequences.extend(given[i] if i in given else next(made) for i in range(n))
+    progress.update(n)
   progress.close()
   return sequences, stats
 

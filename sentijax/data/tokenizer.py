@@ -7,6 +7,7 @@ chat_template.jinja) that `AutoTokenizer.from_pretrained(dir, local_files_only=T
 `transformers` is imported inside the functions: it pulls in torch when installed (slow).
 """
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -100,3 +101,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
                 tokenizer.pad_token, getattr(tokenizer, "chat_template", None)):
     digest.update(b"\x00" + repr(value).encode("utf-8"))
   return digest.hexdigest()
+
+
+def vocab_fingerprint(tokenizer: Any) -> str:
+  """sha256 of the id <-> token table (added tokens included): equal for two tokenizers exactly
+  when the same ids mean the same tokens, whatever their chat templates or normalisers."""
+  table = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+  return hashlib.sha256(json.dumps(table, ensure_ascii=False).encode("utf-8")).hexdigest()

@@ -157,7 +157,8 @@ def generate(items: Sequence[Item], teacher: Any, sampling: Sampling, workdir: s
 
 
 def start_job(config):
-  """Shared start of the generation jobs: (workdir, sampling, leak checker or None).
+  """Shared start of the teacher jobs: (workdir, sampling or None when the config has no
+  `sampling` section, leak checker or None).
 
   Creates the workdir and records the config (the API key is read from the environment, never
   stored in it).
@@ -166,7 +167,7 @@ def start_job(config):
   workdir.mkdir(parents=True, exist_ok=True)
   write_json_atomic(workdir / "generate_config.json", json.loads(config.to_json()))
   dirs = config.generate.leak_check_dirs
-  return workdir, Sampling.from_config(config.sampling), (
+  return workdir, Sampling.from_config(config.sampling) if "sampling" in config else None, (
       leaks_lib.from_task_dirs(dirs) if dirs else None)
 
 

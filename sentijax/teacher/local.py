@@ -116,8 +116,11 @@ class LocalTeacher:
     self.stop_ids = sorted(i for i in ids if i is not None)
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
 
-  def encode(self, prompt: str | list[dict], chat: bool | None = None) -> list[int]:
-    """Prompt ids: a chat message list (or a string with chat=True) through the chat template."""
+  def encode(self, prompt: str | list[dict] | list[int], chat: bool | None = None) -> list[int]:
+    """Prompt ids: a chat message list (or a string with chat=True) through the chat template;
+    token ids pass as they are."""
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+      return list(prompt)
     chat = self.chat_template if chat is None else chat
     if isinstance(prompt, list) or chat:
       messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]

@@ -8,7 +8,13 @@ After `max_retries` retries the item fails with a TeacherError (the job writes i
 
 Logprobs: servers return token STRINGS (llama.cpp and vLLM: decoded pieces, <= 20 per position).
 Each is mapped to an id with the tokenizer when it encodes to exactly one token; otherwise it is
-dropped and counted in `Completion.unmapped` (the job reports the total).
+dropped and counted in `Completion.unmapped` (the job reports the total). Strings of the form
+`token_id:N` (vLLM's `return_tokens_as_token_ids`, also `sentijax.serve`) are the id N itself.
+
+Prompt scoring (`prompt_logprobs`, the offline top-k store): the token ids themselves are sent as
+the prompt of `/v1/completions` with `echo: true, logprobs: k, max_tokens: 0,
+return_tokens_as_token_ids: true`, so the server scores exactly these ids (teacher forcing) and
+returns its top-k at every prompt position (vLLM and `sentijax.serve` do).
 
 The API key is read from the environment variable named in the config, sent only in the
 Authorization header, and scrubbed from every error message this module produces.
@@ -61,6 +67,7 @@ class OpenAITeacher:
       raise ValueError(f"teacher.endpoint must be 'chat' or 'completions', got {endpoint!r}")
     self.url = base_url.rstrip("/") + ("/chat/completions" if endpoint == "chat"
                                        else "/completions")
+    self.completions_url = base_url.rstrip("/") + "/completions"
     self.model, self.endpoint, self.tokenizer = model, endpoint, tokenizer
     self.concurrency, self.max_retries = max(1, int(concurrency)), int(max_retries)
     self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
@@ -106,6 +113,10 @@ class OpenAITeacher:
     return body
 
   def _token_id(self, piece: str) -> int | None:
+    if piece.startswith("token_id:") and piece[9:].isdigit():
+      return int(piece[9:])
+    if self.tokenizer is None:
+      return None
     ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
     return ids[0] if len(ids) == 1 else None
 
@@ -145,9 +156,9 @@ class OpenAITeacher:
         c.top_logprobs.append(mapped)
     return c
 
-  def _once(self, body: dict) -> Completion:
+  def _once(self, body: dict, url: str | None = None, parse=None) -> Any:
     try:
-      response = self._client.post(self.url, json=body)
+      response = self._client.post(url or self.url, json=body)
     except httpx.TimeoutException as e:
       raise _Retryable(f"timeout ({type(e).__name__})") from None
     except httpx.TransportError as e:  # refused, reset, dropped mid-response, protocol errors
@@ -159,19 +170,64 @@ class OpenAITeacher:
         retry_after = 0.0
       raise _Retryable(f"HTTP {response.status_code}: {response.text[:200]}", retry_after)
     if response.status_code != 200:
-      raise TeacherError(f"HTTP {response.status_code} from {self.url}: {response.text[:500]}")
+      raise TeacherError(f"HTTP {response.status_code} from {url or self.url}: "
+                         f"{response.text[:500]}")
     try:
       obj = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise _Retryable(f"malformed JSON ({e})") from None
-    return self._parse(obj)
+    return (parse or self._parse)(obj)
 
   def complete(self, prompt: str, s: Sampling, logprobs: int = 0) -> Completion:
     """One completion, retried; TeacherError (key scrubbed) when it fails for good."""
-    body = self.body(prompt, s, logprobs)
+    return self._retried(self.body(prompt, s, logprobs))
+
+  def prompt_logprobs(self, token_ids: Sequence[int], k: int, max_tokens: int = 0
+                      ) -> tuple[list[dict[int, float] | None], int]:
+    """The server's top-k {id: logprob} for each of `token_ids` given the ids before it (None
+    for the first), scored as sent (echo), and the number of unmappable token strings."""
+    ids = [int(t) for t in token_ids]
+    body = {"model": self.model, "prompt": ids, "echo": True, "logprobs": int(k),
+            "max_tokens": int(max_tokens), "temperature": 0.0,
+            "return_tokens_as_token_ids": True}
+
+    def parse(obj: Any) -> tuple[list[dict[int, float] | None], int]:
+      try:
+        lp = obj["choices"][0]["logprobs"]
+        tokens, tops = lp["tokens"][:len(ids)], lp["top_logprobs"][:len(ids)]
+        if len(tokens) != len(ids) or len(tops) != len(ids):
+          raise ValueError(f"{len(tokens)} echoed tokens for a prompt of {len(ids)}")
+        pieces = [None if top is None else {str(p): float(v) for p, v in top.items()}
+                  for top in tops]
+      except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise _Retryable(f"malformed echo response ({type(e).__name__}: {e}); the server must "
+                         "support echo with logprobs on /completions") from None
+      for i, (piece, want) in enumerate(zip(tokens, ids)):  # exact check when ids come back
+        got = self._token_id(str(piece)) if str(piece).startswith("token_id:") else want
+        if got != want:
+          raise TeacherError(f"the server echoed token {piece!r} at position {i} for id {want}: "
+                             "it does not score the ids as sent (another tokenizer?)")
+      out, unmapped = [], 0
+      for top in pieces:
+        if top is None:
+          out.append(None)
+          continue
+        mapped: dict[int, float] = {}
+        for piece, value in top.items():
+          token_id = self._token_id(piece)
+          if token_id is None:
+            unmapped += 1
+          else:
+            mapped.setdefault(token_id, value)
+        out.append(mapped)
+      return out, unmapped
+
+    return self._retried(body, self.completions_url, parse)
+
+  def _retried(self, body: dict, url: str | None = None, parse=None) -> Any:
     for attempt in range(self.max_retries + 1):
       try:
-        return self._once(body)
+        return self._once(body, url, parse)
       except _Retryable as e:
         if attempt == self.max_retries:
           raise TeacherError(self._scrub(f"gave up after {attempt + 1} attempts: {e}")) from None

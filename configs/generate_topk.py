@@ -1,0 +1,54 @@
+"""Offline teacher top-k for logit distillation: the teacher scores every record of a corpus
+(teacher forcing over prompt + response, no generation) and stores its top-k next-token
+log-probabilities at each response token, with its token ids, in <workdir>/store.
+
+Default (offline, any CPU machine): a random `tiny` local teacher (tokenizer trained on the demo
+corpus) scores the 49 records of the package's demo corpus, k=20:
+
+  python -m sentijax.main --config=configs/generate_topk.py
+
+writes runs/generate_topk/store/{index.json, shard-0000N.npz, tokenizer/} (4 shards of 16
+records) and runs/generate_topk/summary.json, and logs
+  "top-k store runs/generate_topk/store: 49 written, 0 already there, 0 rejected, ...".
+Rerunning adds nothing; a killed run rerun with the same command completes the same store.
+The store's tokenizer is the one a student trains with
+(--config.model.tokenizer=runs/generate_topk/store/tokenizer).
+
+A real teacher (local, sharded over the mesh) on a real corpus, rendered with the chat template:
+
+  python -m sentijax.main --config=configs/generate_topk.py \
+    --config.model.init=/models/Llama-3.1-8B-Instruct --config.mesh.tensor=4 \
+    --config.data.corpus=/data/knowdist.jsonl --config.data.chat_template=True \
+    --config.teacher.batch_size=32 --config.topk.shard_records=1024 --config.workdir=runs/topk-8b
+
+A served teacher that echoes prompt logprobs (vLLM, `sentijax.serve`; k <= 20):
+
+  python -m sentijax.main --config=configs/generate_topk.py --config.teacher.backend=openai \
+    --config.teacher.base_url=http://127.0.0.1:8000/v1 --config.teacher.model=MODEL \
+    --config.teacher.tokenizer=/models/MODEL --config.data.corpus=/data/knowdist.jsonl
+"""
+import ml_collections
+
+from sentijax import config as base_config
+from sentijax.teacher import config as teacher_config
+
+
+def get_config():
+  c = base_config.base()
+  c.job = "generate_topk"
+  c.workdir = "runs/generate_topk"
+  c.model.preset = "tiny"
+  c.teacher = teacher_config.teacher()
+  c.teacher.endpoint = "completions"  # prompt logprobs (echo) exist only there
+  c.serve = teacher_config.serve()
+  c.topk = ml_collections.ConfigDict()
+  c.topk.k = 20  # top-k ids + logprobs per response token (servers: <= 20)
+  c.topk.store_dir = ""  # "" = <workdir>/store
+  c.topk.shard_records = 16  # records per shard (one atomic write); real corpora: ~1024
+  c.topk.logits_chunk = 256  # positions per output-projection chunk (local teacher)
+  c.topk.max_len = 0  # longer records are skipped; 0 = the teacher's max positions
+  c.topk.echo_max_tokens = 0  # servers that refuse max_tokens=0 with echo: 1 (ignored token)
+  c.topk.progress = True
+  c.generate = ml_collections.ConfigDict()
+  c.generate.leak_check_dirs = "../shared/sentibench"  # responses holding test sentences flagged
+  return c

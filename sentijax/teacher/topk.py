@@ -1,0 +1,273 @@
+"""`config.job = "generate_topk"`: the teacher's top-k next-token distribution at every response
+token of an existing corpus, stored offline (sentijax/data/topk_store.py) for logit distillation.
+
+    python -m sentijax.main --config=configs/generate_topk.py
+
+Recipe: read the corpus (`config.data`, the readers of every training job) -> render and tokenise
+each record exactly as the student trains (`packing.tokenize_records` with the teacher's tokenizer
+and `data.chat_template`) -> plan: records sorted by length (stable), cut into shards of
+`topk.shard_records`, each scored in batches of `teacher.batch_size` -> teacher forcing: one
+forward per batch over prompt + response (no generation), fp32 log-softmax at temperature 1,
+top `topk.k` at every position -> keep the positions that predict a response token -> one atomic
+shard at a time, then the index. A killed job rerun with the same command skips the stored
+records; the plan does not depend on what was stored, so the rerun scores the remaining shards in
+the same batches and writes the same bytes as an uninterrupted run.
+
+Backends (`teacher.backend`): `local` (the sentijax model of `config.model`, batched and sharded
+over the mesh; the [B, T, V] logits never exist at once: `topk.logits_chunk` positions at a time)
+or `openai` (a server that echoes prompt logprobs: vLLM, `sentijax.serve`; the token ids are sent
+as the prompt, `teacher.tokenizer` names the teacher's tokenizer dir; k <= 20 there). Records a
+server fails on go to rejects.jsonl and are retried by the next run.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from sentijax import models, sampling, sharding
+from sentijax.data import packing, readers, topk_store
+from sentijax.data.records import Record, Tokens
+from sentijax.data.spec import DataSpec
+from sentijax.data.writers import write_json_atomic
+from sentijax.teacher import generate as gen
+
+log = logging.getLogger("sentijax")
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKSpec:
+  """`config.topk`, read and checked once."""
+  k: int = 20
+  store_dir: str = ""  # "" = <workdir>/store
+  shard_records: int = 256
+  logits_chunk: int = 256
+  max_len: int = 0  # 0 = the teacher's max_position_embeddings (local) / no limit (server)
+  echo_max_tokens: int = 0
+  progress: bool = True
+
+  @classmethod
+  def from_config(cls, config) -> "TopKSpec":
+    c = config.topk
+    spec = cls(k=int(c.k), store_dir=str(c.store_dir or f"{config.workdir}/store"),
+               shard_records=int(c.shard_records), logits_chunk=int(c.logits_chunk),
+               max_len=int(c.max_len), echo_max_tokens=int(c.echo_max_tokens),
+               progress=bool(c.progress))
+    for key, ok in (("k", spec.k >= 1), ("shard_records", spec.shard_records >= 1),
+                    ("logits_chunk", spec.logits_chunk >= 1), ("max_len", spec.max_len >= 0),
+                    ("echo_max_tokens", spec.echo_max_tokens >= 0)):
+      if not ok:
+        raise ValueError(f"topk.{key}={getattr(spec, key)!r}: must be >= {0 if 'max' in key else 1}")
+    return spec
+
+
+def plan(lengths: Sequence[int], shard_records: int) -> list[list[int]]:
+  """Shards of record indices: sorted by length (ties in corpus order), `shard_records` each."""
+  order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+  return [order[i:i + shard_records] for i in range(0, len(order), shard_records)]
+
+
+def _at_loss(mask: np.ndarray, tops_TxK: np.ndarray) -> np.ndarray:
+  """Rows of `tops_TxK` (row t: the distribution for token t + 1) at the loss tokens."""
+  return tops_TxK[np.flatnonzero(mask[1:])]
+
+
+# --------------------------------------------------------------------------- local teacher
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "chunk"))
+def topk_logprobs(cfg, params, ids_BxT, mask_BxT, *, k: int, chunk: int):
+  """fp32 log-softmax top-k at every position: ([B, T, k] logprobs, [B, T, k] ids); position t
+  is the distribution for the token at t + 1. Chunks of `chunk` positions at a time."""
+  hidden_BxTxE = models.forward_hidden(cfg, params, ids_BxT, segment_ids_BxT=mask_BxT,
+                                       positions_BxT=models.default_positions(mask_BxT))
+  b, t, e = hidden_BxTxE.shape
+  pad = -t % chunk
+  h_NxBxCxE = jnp.pad(hidden_BxTxE, ((0, 0), (0, pad), (0, 0))).reshape(
+      b, (t + pad) // chunk, chunk, e).swapaxes(0, 1)
+  out_ExV = models.output_kernel(cfg, params).astype(hidden_BxTxE.dtype)
+
+  def one(h_BxCxE):
+    logits_BxCxV = jnp.einsum("bce,ev->bcv", h_BxCxE, out_ExV, preferred_element_type=jnp.float32)
+    return jax.lax.top_k(jax.nn.log_softmax(logits_BxCxV, axis=-1), k)
+
+  lp_NxBxCxK, id_NxBxCxK = jax.lax.map(one, h_NxBxCxE)
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(b, t + pad, k)[:, :t]  # noqa: E731
+  return unchunk(lp_NxBxCxK), unchunk(id_NxBxCxK).astype(jnp.int32)
+
+
+class LocalScorer:
+  """Top-k of a LocalTeacher's model over right-padded, length-bucketed batches."""
+
+  def __init__(self, teacher: Any, k: int, chunk: int):
+    self.teacher, self.k, self.chunk = teacher, k, chunk
+    self.unmapped = 0
+    if k > teacher.cfg.vocab_size:
+      raise ValueError(f"topk.k={k} exceeds the teacher's vocab_size {teacher.cfg.vocab_size}")
+
+  def score(self, seqs: Sequence[np.ndarray], masks: Sequence[np.ndarray]
+            ) -> list[tuple[np.ndarray, np.ndarray] | Exception]:
+    t = self.teacher
+    divisor = sharding.batch_divisor(t.mesh, t.rules)
+    out = []
+    for start in range(0, len(seqs), t.batch_size):
+      chunk = seqs[start:start + t.batch_size]
+      rows = sampling.bucket_batch(len(chunk), divisor)
+      length = sampling.bucket_length(max(len(s) for s in chunk))
+      ids_BxT = np.full((rows, length), t.pad_id, np.int32)
+      mask_BxT = np.zeros((rows, length), np.int32)
+      for r, s in enumerate(chunk):
+        ids_BxT[r, :len(s)], mask_BxT[r, :len(s)] = s, 1
+      ids, mask = jnp.asarray(ids_BxT), jnp.asarray(mask_BxT)
+      if t.mesh is not None:
+        ids = jax.device_put(ids_BxT, sharding.batch_sharding(t.mesh, t.rules))
+        mask = jax.device_put(mask_BxT, sharding.batch_sharding(t.mesh, t.rules))
+      lp, top = topk_logprobs(t.cfg, t.params, ids, mask, k=self.k,
+                              chunk=min(self.chunk, length))
+      lp, top = sharding.to_host(lp), sharding.to_host(top)
+      for r, m in enumerate(masks[start:start + t.batch_size]):
+        n = len(m)
+        out.append((_at_loss(m, top[r, :n - 1]), _at_loss(m, lp[r, :n - 1])))
+    return out
+
+
+# --------------------------------------------------------------------------- server
+
+
+class ServerScorer:
+  """Top-k from an OpenAI-compatible server (prompt logprobs with echo), `concurrency` requests
+  in flight; fewer than k entries at a position are padded with id 0, logprob -inf."""
+
+  def __init__(self, client: Any, k: int, echo_max_tokens: int):
+    if k > 20:
+      raise ValueError(f"topk.k={k}: OpenAI-compatible servers return at most 20 logprobs")
+    self.client, self.k, self.echo_max_tokens = client, k, echo_max_tokens
+    self.unmapped = 0
+
+  def _one(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    tops, unmapped = self.client.prompt_logprobs(ids.tolist(), self.k, self.echo_max_tokens)
+    self.unmapped += unmapped
+    positions = np.flatnonzero(mask)
+    ids_MxK = np.zeros((len(positions), self.k), np.int32)
+    lp_MxK = np.full((len(positions), self.k), -np.inf, np.float32)
+    for row, t in enumerate(positions):
+      best = sorted((tops[t] or {}).items(), key=lambda kv: (-kv[1], kv[0]))[:self.k]
+      ids_MxK[row, :len(best)] = [i for i, _ in best]
+      lp_MxK[row, :len(best)] = [v for _, v in best]
+    return ids_MxK, lp_MxK
+
+  def score(self, seqs: Sequence[np.ndarray], masks: Sequence[np.ndarray]
+            ) -> list[tuple[np.ndarray, np.ndarray] | Exception]:
+    with concurrent.futures.ThreadPoolExecutor(self.client.concurrency) as pool:
+      futures = [pool.submit(self._one, s, m) for s, m in zip(seqs, masks)]
+      out = []
+      for f in futures:
+        try:
+          out.append(f.result())
+        except Exception as e:  # pylint: disable=broad-except
+          out.append(e)
+      return out
+
+
+# --------------------------------------------------------------------------- job
+
+
+def _scorer(config, spec: TopKSpec):
+  teacher = gen.make_teacher(config)
+  if config.teacher.backend == "local":
+    return teacher, teacher.tokenizer, LocalScorer(teacher, spec.k, spec.logits_chunk)
+  if teacher.tokenizer is None:
+    raise ValueError("teacher.backend=openai: set teacher.tokenizer to the teacher's tokenizer "
+                     "dir (records are tokenised here and sent as token ids)")
+  return teacher, teacher.tokenizer, ServerScorer(teacher, spec.k, spec.echo_max_tokens)
+
+
+def run(config) -> dict:
+  """Scores every record of `config.data.corpus` not yet in the store; returns the summary."""
+  workdir, _, checker = gen.start_job(config)
+  spec = TopKSpec.from_config(config)
+  data = DataSpec.from_config(config.data, workdir=config.workdir, seed=config.seed)
+  start = time.time()
+  records, read_stats = readers.read_corpus(data.corpus_path, data.format, data.skip_bad_records,
+                                            data.columns)
+  teacher, tok, scorer = _scorer(config, spec)
+  try:
+    seqs, token_stats = packing.tokenize_records(records, tok, data.chat_template,
+                                                 show_progress=spec.progress)
+    max_len = spec.max_len or (teacher.cfg.max_position_embeddings
+                               if config.teacher.backend == "local" else 0)
+    keep = [i for i, s in enumerate(seqs) if (not max_len or len(s.tokens) <= max_len)
+            and s.loss_mask[1:].any()]
+    writer = topk_store.StoreWriter(spec.store_dir, k=spec.k, teacher=teacher.name, tokenizer=tok,
+                                    render={"mode": token_stats["mode"]})
+    vocab = writer.index["tokenizer"]["vocab"]
+    summary = {"teacher": teacher.name, "k": spec.k, "store": spec.store_dir,
+               "records": len(records), "too_long_or_empty": len(records) - len(keep),
+               "skipped": sum(records[i].id in writer.done_ids for i in keep), "written": 0,
+               "rejected": 0, "shards_written": 0, "tokens_scored": 0, "response_tokens": 0,
+               "unmapped_logprob_tokens": 0, "tokenize": token_stats,
+               "data": read_stats.to_dict(), "leaks": {"records": 0, "ids": []}}
+    shards = plan([len(seqs[i].tokens) for i in keep], spec.shard_records)
+    bar = tqdm(total=len(keep) - summary["skipped"], unit="rec", desc="teacher top-k",
+               disable=not spec.progress)
+    with open(workdir / "rejects.jsonl", "w", encoding="utf-8") as rejects:
+      for shard in shards:
+        todo = [keep[j] for j in shard if records[keep[j]].id not in writer.done_ids]
+        if not todo:
+          continue
+        results = scorer.score([seqs[i].tokens for i in todo], [seqs[i].loss_mask for i in todo])
+        scored = []
+        for i, result in zip(todo, results):
+          if isinstance(result, Exception):
+            rejects.write(json.dumps({"id": records[i].id,
+                                      "error": f"{type(result).__name__}: {result}"}) + "\n")
+            summary["rejected"] += 1
+            continue
+          tokens = Tokens(seqs[i].tokens, seqs[i].loss_mask, vocab)
+          scored.append(topk_store.ScoredRecord(
+              dataclasses.replace(records[i], tokens=tokens), result[0], result[1]))
+          summary["tokens_scored"] += len(tokens.ids)
+          summary["response_tokens"] += len(result[0])
+          hits = checker.hits(records[i].response) if checker else []
+          if hits:
+            summary["leaks"]["records"] += 1
+            if len(summary["leaks"]["ids"]) < 100:
+              summary["leaks"]["ids"].append({"id": records[i].id, "sentences": hits[:5]})
+        if scored and jax.process_index() == 0:
+          writer.write_shard(scored)
+          summary["shards_written"] += 1
+          summary["written"] += len(scored)
+        bar.update(len(todo))
+    bar.close()
+    summary["unmapped_logprob_tokens"] = scorer.unmapped
+    stored = len(writer.done_ids)
+    complete = stored == len(keep)
+    if jax.process_index() == 0:
+      writer.finish(complete)
+    summary |= {"stored_records": stored, "complete": complete,
+                "shards": len(writer.index["shards"]),
+                "store_id": topk_store.identity(spec.store_dir),
+                "seconds": round(time.time() - start, 3)}
+    summary["tokens_per_s"] = round(summary["tokens_scored"] / max(summary["seconds"], 1e-9), 1)
+  finally:
+    teacher.close()
+  if summary["leaks"]["records"]:
+    log.warning("%d stored records contain SentiBench test sentences (summary.json: leaks)",
+                summary["leaks"]["records"])
+  write_json_atomic(workdir / "summary.json", summary)
+  log.info("top-k store %s: %d written, %d already there, %d rejected, %d skipped (too long or "
+           "no response token); %d records in %d shards, k=%d, %d tokens scored in %.1f s",
+           spec.store_dir, summary["written"], summary["skipped"], summary["rejected"],
+           summary["too_long_or_empty"], stored, summary["shards"], spec.k,
+           summary["tokens_scored"], summary["seconds"])
+  return summary
