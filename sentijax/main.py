@@ -16,6 +16,7 @@ JOBS = {
     "export": "sentijax.train.export",
     "generate_knowdist": "sentijax.teacher.generate",
     "generate_icl": "sentijax.teacher.icl_job",
+    "generate_topk": "sentijax.teacher.topk",
     "serve": "sentijax.serve",
 }
 
