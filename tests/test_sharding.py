@@ -79,16 +79,16 @@ def test_random_init_is_sharded_in_place():
 
 
 def test_hf_import_streams_slices_into_place(tmp_path, monkeypatch):
-  """Each device receives only its slice, and the host never holds the whole checkpoint."""
-  import tracemalloc
+  """Each device receives only its slice of one layer at a time: no [layers, ...] host array.
 
+  (tests/models/test_hf_memory.py bounds the host memory itself on a ~370 MB checkpoint.)
+  """
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
   torch.manual_seed(0)
   hf_cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=12,
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
   LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path)
-  checkpoint_bytes = (tmp_path / "model.safetensors").stat().st_size
 
   requested = []
   real = jax.make_array_from_callback
@@ -96,20 +96,19 @@ def test_hf_import_streams_slices_into_place(tmp_path, monkeypatch):
   def spy(shape, sharding_, callback):
     def recording(index):
       out = callback(index)
-      requested.append((shape, out.shape))
+      requested.append((tuple(shape), out.shape))
       return out
     return real(shape, sharding_, recording)
 
   monkeypatch.setattr(jax, "make_array_from_callback", spy)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
-  tracemalloc.start()
   cfg, params = models.load_hf(tmp_path, mesh=mesh, rules=RULES)
-  live, peak = tracemalloc.get_traced_memory()
-  tracemalloc.stop()
   gate = params["layers"]["mlp"]["gate_kernel"]  # (layers, embed, mlp): embed over fsdp=8
   assert gate.addressable_shards[0].data.shape == (12, 16, 512)
-  assert ((12, 128, 512), (12, 16, 512)) in requested  # the callback built an 1/8 slice
-  assert all(np.prod(got) < np.prod(full) for full, got in requested if len(full) == 4)
-  # Host temporaries beyond the loaded params themselves (CPU device buffers may alias numpy
-  # memory) peak far below the checkpoint size: a few layer tensors at a time.
-  assert peak - live < checkpoint_bytes / 2, (peak, live, checkpoint_bytes)
+  assert requested.count(((128, 512), (16, 512))) == 2 * 12 * 8  # gate+up: per layer, per device
+  assert all(full[0] != 12 for full, _ in requested)  # never a stacked array on the host
+  matrices = [(full, got) for full, got in requested if len(full) >= 2]
+  assert matrices and all(np.prod(got) * 8 == np.prod(full) for full, got in matrices)
+  reference = models.load_hf(tmp_path)[1]  # single device: the same values
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               params, reference)

@@ -1,188 +1,115 @@
 """Import/export Hugging Face checkpoints (config.json + safetensors) without torch.
 
-Import reads safetensors headers once, then memory-maps each file: every parameter is built with
-`jax.make_array_from_callback`, so each host reads only the slices its own devices hold, straight
-into their target sharding; a 70B checkpoint never sits whole in one host's memory. bf16 tensors
-are read with `ml_dtypes` (numpy has no bfloat16).
+Import, with bounded host memory: for each tensor, each host reads only the rows its own devices
+need (`safetensors_io.SafetensorsFiles.read_slices`, one pass over the file bytes per host),
+converts just those slices to our layout and places them. Stacked layer params are filled one
+layer at a time into a preallocated sharded array (a donated in-place update), so host memory
+beyond the placed params stays near one layer tensor, never the stacked [layers, ...] array
+(Llama-70B's stacked gate_kernel alone is ~75 GB in fp32).
 
-Export writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads:
-config.json, model.safetensors (or shards + model.safetensors.index.json) and tokenizer files.
+Export streams too: one HF tensor at a time is gathered to the host (all processes take part in
+the gather), converted, written by process 0 into its safetensors shard and freed. Each file is
+written atomically (tmp + rename); a sharded export's index.json is removed first and written
+last, so a crash never leaves an index over a half-replaced shard set.
 """
 from __future__ import annotations
 
-import collections
+import dataclasses
 import functools
 import json
 import os
-import struct
+import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sentijax import sharding
 from sentijax.models import decoder
 from sentijax.models.decoder import ModelConfig
 from sentijax.models.hf_config import (CheckpointError, config_from_hf, config_to_hf,  # noqa: F401
                                         read_config, save_config)
-
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+from sentijax.models.safetensors_io import (Index, SafetensorsFiles, nbytes_of,  # noqa: F401
+                                            normalize, write_safetensors, write_stream)
 
 
-# --------------------------------------------------------------------------------------------
-# safetensors: lazy reader and plain writer.
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """ours = HF tensor, transposed if `transpose`, then axis `split` of that split into
+  (n, head_dim). Maps indices of our layout to the HF rows/columns that hold them."""
+  transpose: bool = False
+  split: int | None = None
+  head_dim: int = 0
 
+  def ours_shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    t = hf_shape[::-1] if self.transpose else hf_shape
+    if self.split is None:
+      return tuple(t)
+    s, d = self.split, self.head_dim
+    return (*t[:s], t[s] // d, d, *t[s + 1:])
 
-class SafetensorsFiles:
-  """Tensor name -> memory-mapped numpy view, over one file or an index.json shard set."""
+  def hf_index(self, ours: Index) -> tuple[Index, slice | None]:
+    """(HF index covering `ours`, the head_dim slice still to take after the split)."""
+    sub = None
+    if self.split is not None:
+      s, d = self.split, self.head_dim
+      heads, sub = ours[s], ours[s + 1]
+      ours = (*ours[:s], slice(heads.start * d, heads.stop * d), *ours[s + 2:])
+    return (ours[::-1] if self.transpose else ours), sub
 
-  def __init__(self, directory: str | os.PathLike):
-    directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-      try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: corrupt index ({e!r})") from None
-      files = sorted({directory / f for f in weight_map.values()})
-    elif (directory / "model.safetensors").is_file():
-      files = [directory / "model.safetensors"]
-    else:
-      raise CheckpointError(f"{directory}: no model.safetensors or "
-                            f"model.safetensors.index.json found")
-    self._entries: dict[str, tuple[Path, Any, tuple[int, ...], int, int]] = {}
-    for f in files:
-      for name, entry in self._read_header(f).items():
-        self._entries[name] = (f, *entry)
-    self._maps: dict[Path, np.memmap] = {}
+  def to_ours(self, w: np.ndarray, sub: slice | None) -> np.ndarray:
+    t = w.T if self.transpose else w
+    if self.split is not None:
+      s, d = self.split, self.head_dim
+      t = t.reshape(*t.shape[:s], t.shape[s] // d, d, *t.shape[s + 1:])
+      t = t[(slice(None),) * (s + 1) + (sub,)]
+    return np.ascontiguousarray(t)
 
-  @staticmethod
-  def _read_header(path: Path) -> dict[str, tuple]:
-    if not path.is_file():
-      raise CheckpointError(f"{path}: listed in the index but missing")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-      raw = f.read(8)
-      if len(raw) < 8:
-        raise CheckpointError(f"{path}: corrupt safetensors file (truncated header)")
-      (n,) = struct.unpack("<Q", raw)
-      if n > size - 8 or n > 100_000_000:
-        raise CheckpointError(f"{path}: corrupt safetensors file (header length {n})")
-      try:
-        header = json.loads(f.read(n))
-      except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    out = {}
-    for name, meta in header.items():
-      if name == "__metadata__":
-        continue
-      try:
-        dtype = _ST_DTYPES[meta["dtype"]]
-        shape = tuple(int(s) for s in meta["shape"])
-        begin, end = (int(o) for o in meta["data_offsets"])
-      except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: tensor {name!r} has a bad header entry ({e!r})") from None
-      nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-      if end - begin != nbytes or 8 + n + end > size:
-        raise CheckpointError(f"{path}: tensor {name!r} data is truncated or inconsistent "
-                              f"(offsets {begin}..{end}, file size {size})")
-      out[name] = (dtype, shape, 8 + n + begin, nbytes)
-    return out
-
-  def __contains__(self, name: str) -> bool:
-    return name in self._entries
-
-  def names(self) -> list[str]:
-    return list(self._entries)
-
-  def file_of(self, name: str) -> Path:
-    return self._entries[name][0]
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    return self._entries[name][2]
-
-  def get(self, name: str) -> np.ndarray:
-    if name not in self._entries:
-      raise CheckpointError(f"tensor {name!r} not found in the checkpoint "
-                            f"({sorted({str(e[0]) for e in self._entries.values()})})")
-    path, dtype, shape, offset, _ = self._entries[name]
-    if path not in self._maps:
-      self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    return self._maps[path][offset:offset + nbytes].view(dtype).reshape(shape)
-
-
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict | None = None):
-  """Writes one safetensors file atomically (tmp + rename)."""
-  header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-  offset = 0
-  for name, arr in tensors.items():
-    nbytes = arr.nbytes
-    header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                    "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
-  raw = json.dumps(header, separators=(",", ":")).encode()
-  raw += b" " * (-len(raw) % 8)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
-    for arr in tensors.values():
-      f.write(np.ascontiguousarray(arr).tobytes())
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  def to_hf(self, p: np.ndarray) -> np.ndarray:
+    if self.split is not None:
+      s = self.split
+      p = p.reshape(*p.shape[:s], p.shape[s] * p.shape[s + 1], *p.shape[s + 2:])
+    return p.T if self.transpose else p
 
 
 # --------------------------------------------------------------------------------------------
 # Param <-> HF tensor name mapping. Each entry: our param path, HF name (with {i} per layer),
-# HF shape, and the transforms between the two layouts.
+# HF shape, and the layout between the two.
 
 
 def _spec(cfg: ModelConfig):
   e, h, k, d, f = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                    cfg.intermediate_size)
-  t = lambda w: w.T  # HF linear (out, in) <-> kernel (in, out)
-  specs = [
-      (("embedding",), "model.embed_tokens.weight", (cfg.vocab_size, e), None, None),
-      (("final_norm", "scale"), "model.norm.weight", (e,), None, None),
-  ]
-  if not cfg.tie_embeddings:
-    specs.append((("lm_head",), "lm_head.weight", (cfg.vocab_size, e), t, t))
+  same, t = Layout(), Layout(transpose=True)
+  heads_out = Layout(transpose=True, split=1, head_dim=d)  # (n*d, e) -> (e, n, d)
+  heads_in = Layout(transpose=True, split=0, head_dim=d)  # (e, n*d) -> (n, d, e)
+  bias = Layout(split=0, head_dim=d)  # (n*d,) -> (n, d)
+  top = [(("embedding",), "model.embed_tokens.weight", (cfg.vocab_size, e), same)]
   L = "model.layers.{i}."
   layer = [
-      (("input_norm", "scale"), L + "input_layernorm.weight", (e,), None, None),
-      (("post_attn_norm", "scale"), L + "post_attention_layernorm.weight", (e,), None, None),
-      (("attn", "q_kernel"), L + "self_attn.q_proj.weight", (h * d, e),
-       lambda w: w.T.reshape(e, h, d), lambda p: p.reshape(e, h * d).T),
-      (("attn", "k_kernel"), L + "self_attn.k_proj.weight", (k * d, e),
-       lambda w: w.T.reshape(e, k, d), lambda p: p.reshape(e, k * d).T),
-      (("attn", "v_kernel"), L + "self_attn.v_proj.weight", (k * d, e),
-       lambda w: w.T.reshape(e, k, d), lambda p: p.reshape(e, k * d).T),
-      (("attn", "o_kernel"), L + "self_attn.o_proj.weight", (e, h * d),
-       lambda w: w.T.reshape(h, d, e), lambda p: p.reshape(h * d, e).T),
-      (("mlp", "gate_kernel"), L + "mlp.gate_proj.weight", (f, e), t, t),
-      (("mlp", "up_kernel"), L + "mlp.up_proj.weight", (f, e), t, t),
-      (("mlp", "down_kernel"), L + "mlp.down_proj.weight", (e, f), t, t),
+      (("input_norm", "scale"), L + "input_layernorm.weight", (e,), same),
+      (("attn", "q_kernel"), L + "self_attn.q_proj.weight", (h * d, e), heads_out),
+      (("attn", "k_kernel"), L + "self_attn.k_proj.weight", (k * d, e), heads_out),
+      (("attn", "v_kernel"), L + "self_attn.v_proj.weight", (k * d, e), heads_out),
+      (("attn", "o_kernel"), L + "self_attn.o_proj.weight", (e, h * d), heads_in),
+      (("post_attn_norm", "scale"), L + "post_attention_layernorm.weight", (e,), same),
+      (("mlp", "gate_kernel"), L + "mlp.gate_proj.weight", (f, e), t),
+      (("mlp", "up_kernel"), L + "mlp.up_proj.weight", (f, e), t),
+      (("mlp", "down_kernel"), L + "mlp.down_proj.weight", (e, f), t),
   ]
   if cfg.qkv_bias:
     layer += [
-        (("attn", "q_bias"), L + "self_attn.q_proj.bias", (h * d,),
-         lambda w: w.reshape(h, d), lambda p: p.reshape(h * d)),
-        (("attn", "k_bias"), L + "self_attn.k_proj.bias", (k * d,),
-         lambda w: w.reshape(k, d), lambda p: p.reshape(k * d)),
-        (("attn", "v_bias"), L + "self_attn.v_proj.bias", (k * d,),
-         lambda w: w.reshape(k, d), lambda p: p.reshape(k * d)),
+        (("attn", "q_bias"), L + "self_attn.q_proj.bias", (h * d,), bias),
+        (("attn", "k_bias"), L + "self_attn.k_proj.bias", (k * d,), bias),
+        (("attn", "v_bias"), L + "self_attn.v_proj.bias", (k * d,), bias),
     ]
-  return specs, [(("layers",) + path, *rest) for path, *rest in layer]
+  tail = [(("final_norm", "scale"), "model.norm.weight", (e,), same)]
+  if not cfg.tie_embeddings:
+    tail.append((("lm_head",), "lm_head.weight", (cfg.vocab_size, e), t))
+  return top + tail, [(("layers",) + path, *rest) for path, *rest in layer]
 
 
 def _set(tree: dict, path: tuple[str, ...], value):
@@ -213,6 +140,50 @@ def _check_no_unused(files: SafetensorsFiles, cfg: ModelConfig, expected: list[s
   raise CheckpointError(f"{files.file_of(name)}: tensor {name!r} would be unused: {why}{more}")
 
 
+# --------------------------------------------------------------------------------------------
+# Import.
+
+
+def _key(index: Index) -> tuple[tuple[int, int], ...]:
+  return tuple((s.start, s.stop) for s in index)
+
+
+def _place(files: SafetensorsFiles, name: str, layout: Layout, shape: tuple[int, ...],
+           sharding_: jax.sharding.Sharding, dtype: np.dtype) -> jax.Array:
+  """One HF tensor as a jax Array in `sharding_`: reads only this host's distinct slices."""
+  wanted: dict[tuple, Index] = {}
+  for index in sharding_.addressable_devices_indices_map(shape).values():
+    ix = normalize(index, shape)
+    wanted.setdefault(_key(ix), ix)
+  hf_index = [layout.hf_index(ix) for ix in wanted.values()]
+  raw = files.read_slices(name, [hx for hx, _ in hf_index], dtype)
+  pieces = {}
+  for k, (_, sub) in zip(list(wanted), hf_index):
+    pieces[k] = layout.to_ours(raw.pop(0), sub)
+  return jax.make_array_from_callback(shape, sharding_,
+                                      lambda index: pieces[_key(normalize(index, shape))])
+
+
+def _layer_sharding(stacked: jax.sharding.Sharding, ndim: int) -> jax.sharding.Sharding:
+  """The sharding of one layer of a stacked [layers, ...] param."""
+  if isinstance(stacked, NamedSharding):
+    spec = tuple(stacked.spec) + (None,) * (ndim + 1 - len(stacked.spec))
+    return NamedSharding(stacked.mesh, P(*spec[1:]))
+  if isinstance(stacked, jax.sharding.SingleDeviceSharding):
+    return stacked
+  raise TypeError(f"unsupported sharding {stacked!r} for stacked layer params; "
+                  f"use a NamedSharding (sentijax.sharding.param_shardings)")
+
+
+@functools.cache
+def _stack_fns(shape: tuple[int, ...], dtype: str, stacked: jax.sharding.Sharding):
+  """(zeros(), set_layer(stacked, layer, i)) jitted into `stacked`; set_layer donates."""
+  zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=stacked)
+  put = jax.jit(lambda s, x, i: jax.lax.dynamic_update_index_in_dim(s, x, i, 0),
+                donate_argnums=0, out_shardings=stacked)
+  return zeros, put
+
+
 def load_params(cfg: ModelConfig, directory: str | os.PathLike, shardings: Any = None,
                 dtype: Any = None) -> dict:
   """Builds the param pytree from safetensors, each leaf placed into its sharding.
@@ -220,97 +191,116 @@ def load_params(cfg: ModelConfig, directory: str | os.PathLike, shardings: Any =
   `shardings`: pytree of jax.sharding.Sharding matching the params (None = first device).
   `dtype`: param dtype (default cfg.param_dtype).
   """
-  files = SafetensorsFiles(directory)
   dtype = np.dtype(dtype or cfg.param_dtype)
   top, per_layer = _spec(cfg)
   if shardings is None:
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: dev, decoder.param_shapes(cfg))
-
-  def checked(name: str, hf_shape: tuple[int, ...]) -> np.ndarray:
-    if name not in files:
-      raise CheckpointError(f"{directory}: tensor {name!r} is missing from the checkpoint "
-                            f"(config says {cfg.architecture}, {cfg.num_layers} layers, "
-                            f"tie_word_embeddings={cfg.tie_embeddings})")
-    if files.shape(name) != hf_shape:
-      raise CheckpointError(f"{files.file_of(name)}: tensor {name!r} has shape "
-                            f"{files.shape(name)}, config.json implies {hf_shape}")
-    return files.get(name)
-
-  @functools.lru_cache(maxsize=4)  # devices of one host ask for the same tensor in turn
-  def converted(name: str, hf_shape: tuple[int, ...], to_ours: Callable | None) -> np.ndarray:
-    w = checked(name, hf_shape)
-    w = to_ours(w) if to_ours else w
-    return np.asarray(w, dtype=dtype)
-
-  _check_no_unused(files, cfg, [name for _, name, *_ in top] + [
-      name.format(i=i) for _, name, *_ in per_layer for i in range(cfg.num_layers)])
-  params: dict = {}
-  for path, name, hf_shape, to_ours, _ in top:
-    shape = converted(name, hf_shape, to_ours).shape
-    sharding = _get_path(shardings, path)
-    arr = jax.make_array_from_callback(
-        shape, sharding, lambda idx, n=name, s=hf_shape, f=to_ours: converted(n, s, f)[idx])
-    _set(params, path, arr)
-  for path, name, hf_shape, to_ours, _ in per_layer:
-    for i in range(cfg.num_layers):  # validate every layer up front: fail before any transfer
-      checked(name.format(i=i), hf_shape)
-    one = converted(name.format(i=0), hf_shape, to_ours)
-    shape = (cfg.num_layers, *one.shape)
-
-    def layer_slice(idx, n=name, s=hf_shape, f=to_ours):
-      layers = range(cfg.num_layers)[idx[0]]
-      return np.stack([converted(n.format(i=i), s, f)[idx[1:]] for i in layers])
-
-    _set(params, path, jax.make_array_from_callback(shape, _get_path(shardings, path),
-                                                    layer_slice))
-  converted.cache_clear()
+  with SafetensorsFiles(directory) as files:
+    _check_no_unused(files, cfg, [name for _, name, *_ in top] + [
+        name.format(i=i) for _, name, *_ in per_layer for i in range(cfg.num_layers)])
+    for _, name, hf_shape, _ in top + per_layer:  # validate every tensor: fail before transfers
+      for i in range(cfg.num_layers if "{i}" in name else 1):
+        n = name.format(i=i)
+        if n not in files:
+          raise CheckpointError(f"{directory}: tensor {n!r} is missing from the checkpoint "
+                                f"(config says {cfg.architecture}, {cfg.num_layers} layers, "
+                                f"tie_word_embeddings={cfg.tie_embeddings})")
+        if files.shape(n) != hf_shape:
+          raise CheckpointError(f"{files.file_of(n)}: tensor {n!r} has shape "
+                                f"{files.shape(n)}, config.json implies {hf_shape}")
+    params: dict = {}
+    for path, name, hf_shape, layout in top:
+      _set(params, path, _place(files, name, layout, layout.ours_shape(hf_shape),
+                                _get_path(shardings, path), dtype))
+    for path, name, hf_shape, layout in per_layer:
+      shape = layout.ours_shape(hf_shape)
+      stacked_sh = _get_path(shardings, path)
+      layer_sh = _layer_sharding(stacked_sh, len(shape))
+      zeros, put = _stack_fns((cfg.num_layers, *shape), dtype.name, stacked_sh)
+      stacked = zeros()
+      for i in range(cfg.num_layers):
+        layer = _place(files, name.format(i=i), layout, shape, layer_sh, dtype)
+        stacked = put(stacked, layer, np.int32(i))
+        del layer
+      _set(params, path, stacked)
   return params
+
+
+# --------------------------------------------------------------------------------------------
+# Export.
+
+
+@jax.jit
+def _take_layer(stacked: jax.Array, i: jax.Array) -> jax.Array:
+  return jax.lax.dynamic_index_in_dim(stacked, i, 0, keepdims=False)
+
+
+def _export_plan(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], int | None, Layout, tuple]]:
+  """(HF name, our path, layer or None, layout, HF shape) in file order: embed, layers, head."""
+  top, per_layer = _spec(cfg)
+  embed, tail = top[:1], top[1:]
+  plan = [(name, path, None, layout, shape) for path, name, shape, layout in embed]
+  for i in range(cfg.num_layers):
+    plan += [(name.format(i=i), path, i, layout, shape) for path, name, shape, layout in per_layer]
+  plan += [(name, path, None, layout, shape) for path, name, shape, layout in tail]
+  return plan
 
 
 def save_params(cfg: ModelConfig, params: dict, directory: str | os.PathLike,
                 dtype: str = "float32", max_shard_bytes: int = 4 << 30) -> list[Path]:
-  """Writes params as HF safetensors (sharded with an index.json above max_shard_bytes)."""
+  """Writes params as HF safetensors (sharded with an index.json above max_shard_bytes).
+
+  Every process must call it (the per-tensor gathers are collectives); process 0 writes.
+  Host memory: one tensor in fp32 plus its `dtype` copy at a time.
+  """
   directory = Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
   np_dtype = np.dtype(jnp.dtype(dtype))
-  top, per_layer = _spec(cfg)
-  tensors: dict[str, np.ndarray] = {}
-  for path, name, _, _, to_hf in top:
-    w = sharding.to_host(_get_path(params, path))
-    tensors[name] = np.ascontiguousarray((to_hf(w) if to_hf else w).astype(np_dtype))
-  for path, name, _, _, to_hf in per_layer:
-    stacked = sharding.to_host(_get_path(params, path))
-    for i in range(cfg.num_layers):
-      w = stacked[i]
-      tensors[name.format(i=i)] = np.ascontiguousarray((to_hf(w) if to_hf else w).astype(np_dtype))
-  shards: list[dict[str, np.ndarray]] = [collections.OrderedDict()]
+  plan = _export_plan(cfg)
+  shards: list[list] = [[]]
   size = 0
-  for name, arr in tensors.items():
-    if size and size + arr.nbytes > max_shard_bytes:
-      shards.append(collections.OrderedDict())
+  for entry in plan:
+    n = nbytes_of((entry[0], np_dtype, entry[4]))
+    if size and size + n > max_shard_bytes:
+      shards.append([])
       size = 0
-    shards[-1][name] = arr
-    size += arr.nbytes
-  written = []
-  if jax.process_index() != 0:
-    return written
+    shards[-1].append(entry)
+    size += n
+  writer = jax.process_index() == 0
   index_path = directory / "model.safetensors.index.json"
-  if len(shards) == 1:
-    written.append(directory / "model.safetensors")
-    write_safetensors(written[-1], shards[0])
+  if writer:
+    directory.mkdir(parents=True, exist_ok=True)
     index_path.unlink(missing_ok=True)
-  else:
-    weight_map = {}
-    for j, shard in enumerate(shards):
-      fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-      write_safetensors(directory / fname, shard)
-      written.append(directory / fname)
-      weight_map.update({n: fname for n in shard})
-    index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
-             "weight_map": weight_map}
-    tmp = index_path.with_suffix(".tmp")
+
+  def tensors(entries):
+    for _, path, layer, layout, _ in entries:
+      arr = _get_path(params, path)
+      if layer is not None:
+        arr = _take_layer(arr, np.int32(layer))
+      w = sharding.to_host(arr)
+      del arr
+      yield np.ascontiguousarray(layout.to_hf(w), dtype=np_dtype)
+      del w
+
+  names = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors" for j in range(len(shards))])
+  for fname, entries in zip(names, shards):
+    if writer:
+      write_stream(directory / fname, [(e[0], np_dtype, e[4]) for e in entries], tensors(entries))
+    else:
+      for _ in tensors(entries):  # take part in the gathers; process 0 writes
+        pass
+  if not writer:
+    return []
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": sum(nbytes_of((e[0], np_dtype, e[4])) for e in plan)},
+             "weight_map": {e[0]: fname for fname, entries in zip(names, shards)
+                            for e in entries}}
+    tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(index, indent=2))
     os.replace(tmp, index_path)
-    (directory / "model.safetensors").unlink(missing_ok=True)
-  return written
+  stale = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+  for old in directory.iterdir():  # a previous export's files this one did not rewrite
+    if stale.fullmatch(old.name) and old.name not in names:
+      old.unlink()
+  return [directory / n for n in names]
