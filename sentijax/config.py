@@ -8,7 +8,7 @@ import ml_collections
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.job = "knowdist"  # knowdist | icldist | sentibench | export | pipeline (see sentijax/main.py)
+  c.job = "knowdist"  # knowdist | icldist | kd | sentibench | export | pipeline (sentijax/main.py)
   c.workdir = "runs/default"
   c.seed = 0
 
@@ -125,4 +125,29 @@ def icl() -> ml_collections.ConfigDict:
   c.mix_corpus = ""  # optional KnowDist corpus mixed into the training records
   c.mix_fraction = 0.0  # mixed records = mix_fraction x training prompts
   c.seed = 0  # prompt sampling seed (added to config.seed)
+  return c
+
+
+def kd() -> ml_collections.ConfigDict:
+  """The `kd` section of the logit-distillation job (configs/kd.py, sentijax/train/kd.py)."""
+  c = ml_collections.ConfigDict()
+  c.loss = "forward"  # ce | forward | reverse | jsd (ce: no distillation, KL still evaluated)
+  c.alpha = 0.5  # loss = (1 - alpha) CE + alpha divergence, both per response token
+  c.beta = 0.5  # jsd: M = beta teacher + (1 - beta) student; 0 = forward KL, 1 = reverse KL
+  c.temperature = 1.0  # both distributions tempered; the divergence is scaled by T^2
+  c.top_k = 0  # online: 0 = full vocab, k = the teacher's top-k (student renormalised there);
+  #              offline: stored entries per token used (required, > 0)
+  c.mode = "online"  # online (teacher forward in the step) | offline (a top-k teacher store)
+  c.store = ""  # offline: directory of a top-k teacher store
+  return c
+
+
+def kd_teacher() -> ml_collections.ConfigDict:
+  """The `teacher` section of the logit-distillation job: where the online teacher comes from."""
+  c = ml_collections.ConfigDict()
+  c.model_dir = ""  # local HF directory of the teacher (config.json + safetensors)
+  c.preset = "tiny"  # used when model_dir == "": a random init (tests, the offline demo)
+  c.tokenizer = ""  # teacher tokenizer dir; "" = model_dir's (a preset shares the student's)
+  c.dtype = "auto"  # teacher params and compute: auto = bfloat16 on GPU/TPU, float32 on CPU
+  c.seed = 1  # random init of a preset teacher
   return c

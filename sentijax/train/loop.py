@@ -53,12 +53,16 @@ def held_out_loss(eval_fn, params, dataset, batch_size: int, num_batches: int, b
 
 def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any], Any],
           train_ds, val_ds=None, *, tokenizer=None, eval_hooks: tuple[EvalHook, ...] = (),
-          loss_options: dict | None = None) -> Result:
+          loss_options: dict | Callable[[Any, Any], dict] | None = None,
+          teacher_flops_per_token: float = 0.0) -> Result:
   """Runs (or resumes) training in `config.workdir`.
 
   `init_params(mesh, rules)` returns sharded fp32 params for a fresh run (HF import or random).
   `eval_hooks` run with the held-out loss: at step 0 (the baseline), every `train.eval_every`
-  steps and at the end. `loss_options`: extra `step.jit_train_step` arguments (kl_alpha, ...).
+  steps and at the end. `loss_options`: extra `step.jit_train_step` arguments (kl_alpha,
+  distill, teacher, ...), or `(mesh, rules) -> them`. `teacher_flops_per_token`: forward FLOPs
+  per token of an online teacher, logged apart from the student's training FLOPs
+  (`teacher_tflops_per_device`, `teacher_mfu`).
   `train_ds` / `val_ds` are `sentijax.data.dataset.PackedDataset`s.
   """
   tc = config.train
@@ -109,6 +113,8 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
       raise TrainingError(f"{ckpt.directory}: {e}") from None
 
   loss_chunk = int(tc.loss_chunk)
+  if callable(loss_options):  # built on this mesh (e.g. an online teacher's sharded params)
+    loss_options = loss_options(mesh, rules)
   train_fn = step_lib.jit_train_step(model_cfg, tx, state_sh, batch_sh, num_micro, schedule, mesh,
                                      loss_chunk, rules=rules, **(loss_options or {}))
   eval_fn = step_lib.jit_eval_step(model_cfg, state_sh.params, batch_sh, loss_chunk)
@@ -155,11 +161,15 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
     if log_every and (step % log_every == 0 or step == int(tc.steps)):
       scalars = {"loss": m["loss"], "learning_rate": m["learning_rate"],
                  "grad_norm": m["grad_norm"]}
+      scalars.update({k: m[k] for k in ("ce", "kd") if k in m})  # distillation terms
       tok_s, n = throughput.read(), jax.device_count()
       if tok_s is not None:  # None: no step timed yet (the first one compiles)
         scalars.update(tokens_per_s=tok_s, tokens_per_s_per_device=tok_s / n,
                        tflops_per_device=tok_s * flops_per_token / n / 1e12,
                        mfu=metrics.mfu(tok_s, flops_per_token, n, peak))
+        if teacher_flops_per_token:
+          scalars.update(teacher_tflops_per_device=tok_s * teacher_flops_per_token / n / 1e12,
+                         teacher_mfu=metrics.mfu(tok_s, teacher_flops_per_token, n, peak))
       writer.write(step, scalars, prefix="train/")
 
   step = start
