@@ -218,6 +218,10 @@ class StoreWriter:
     dup = [s.record.id for s in scored if s.record.id in self.done_ids]
     if dup or len({s.record.id for s in scored}) != len(scored):
       raise ValueError(f"write_shard: record ids already in the store or repeated: {dup[:5]}")
+    vocab = self.index["tokenizer"]["vocab"]
+    other = [s.record.id for s in scored if s.record.tokens.vocab not in ("", vocab)]
+    if other:
+      raise ValueError(f"write_shard: records {other[:5]} were tokenised with another vocabulary")
     arrays = _shard_arrays(scored, self.k)
     data = _npz_bytes(arrays)
     name = f"shard-{len(self.index['shards']):05d}.npz"

@@ -1,0 +1,215 @@
+"""generate_topk: the stored top-k equals a direct forward of the teacher at the right positions,
+a SIGKILLed job rerun gives the uninterrupted store (no duplicates, no gaps, same bytes), and the
+server path (sentijax.serve, echoed prompt logprobs) gives the local path's top-k."""
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from sentijax import serve
+from sentijax.data import packing, readers, records, topk_store
+from sentijax.data.spec import DataSpec
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+K = 8
+N_RECORDS = 12
+TOL = 1e-5  # fp32 log-softmax of O(10) logits through different (batched / single-row) programs
+
+
+def _corpus(path: pathlib.Path) -> pathlib.Path:
+  """12 demo records cut to varied lengths (two length buckets), one over max_len=120 tokens."""
+  demo = [json.loads(x) for x in records.demo_corpus_path().read_text().splitlines()]
+  rows = []
+  for i, r in enumerate(demo[:N_RECORDS]):
+    rows.append({"id": f"d{i}", "prompt": r["prompt"][:30 + 15 * (i % 4)],
+                 "response": r["response"][:15 + 20 * (i % 5)], "meta": {"n": i}})
+  rows[5]["response"] = demo[5]["response"]  # too long for topk.max_len: skipped and counted
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def _config(teacher_dir, workdir, corpus, **overrides):
+  spec = importlib.util.spec_from_file_location("cfg_topk", REPO / "configs/generate_topk.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.model.init, c.workdir, c.data.corpus = str(teacher_dir), str(workdir), str(corpus)
+  c.topk.k, c.topk.shard_records, c.topk.logits_chunk, c.topk.max_len = K, 1, 48, 120
+  c.topk.progress, c.generate.leak_check_dirs, c.teacher.batch_size = False, "", 8
+  for key, value in overrides.items():
+    section, name = key.split("__")
+    c[section][name] = value
+  return c
+
+
+def _args(teacher_dir, workdir, corpus) -> list[str]:
+  return [f"--config.model.init={teacher_dir}", f"--config.workdir={workdir}",
+          f"--config.data.corpus={corpus}", f"--config.topk.k={K}",
+          "--config.topk.shard_records=1", "--config.topk.logits_chunk=48",
+          "--config.topk.max_len=120", "--config.topk.progress=False",
+          "--config.generate.leak_check_dirs=", "--config.teacher.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def local_store(teacher_dir, tmp_path_factory):
+  from sentijax.teacher import topk
+  root = tmp_path_factory.mktemp("topk")
+  corpus = _corpus(root / "corpus.jsonl")
+  summary = topk.run(_config(teacher_dir, root / "local", corpus))
+  assert summary["written"] == summary["stored_records"] == N_RECORDS - 1 and summary["complete"]
+  assert summary["too_long_or_empty"] == 1 and summary["shards"] == N_RECORDS - 1
+  return root / "local" / "store", corpus
+
+
+def test_store_equals_direct_forward_at_the_target_positions(local_store, teacher_dir, tmp_path):
+  from sentijax import models
+  from sentijax.data import tokenizer as tok_lib
+  store, corpus = local_store
+  width = 5
+  recs, soft = topk_store.load(store, width)
+  tok = tok_lib.load_tokenizer(store / "tokenizer")
+  topk_store.check_tokenizer(store, tok)
+  # the ids are the student's rendering of the records (raw: bos prompt response eos)
+  src = {r.id: r for r in readers.read_records(corpus)[0]}
+  again, _ = packing.tokenize_records([src[r.id] for r in recs], tok, False, show_progress=False)
+  for r, s in zip(recs, again):
+    np.testing.assert_array_equal(r.tokens.ids, s.tokens)
+    np.testing.assert_array_equal(r.tokens.loss_mask, s.loss_mask)
+  spec = DataSpec(seq_len=256, cache_dir=str(tmp_path))
+  packed = packing.pack_records(recs, tok, spec, soft, show_progress=False)
+  cfg, params = models.load_hf(teacher_dir, dtype="float32")
+  ids_BxT = np.zeros((len(recs), 128), np.int32)  # a separate forward, one record per row
+  mask_BxT = np.zeros((len(recs), 128), np.int32)
+  for j, r in enumerate(recs):
+    ids_BxT[j, :len(r.tokens.ids)], mask_BxT[j, :len(r.tokens.ids)] = r.tokens.ids, 1
+  logits_BxTxV = np.asarray(models.apply(cfg, params, ids_BxT, attention_mask=mask_BxT),
+                            np.float64)
+  top_BxTx1 = logits_BxTxV.max(-1, keepdims=True)
+  logp_BxTxV = logits_BxTxV - top_BxTx1 - np.log(np.exp(logits_BxTxV - top_BxTx1).sum(
+      -1, keepdims=True))
+  checked = ties = 0
+  for row_ids in packed.rows:
+    row = packing.pack_row([packed.sequences[i] for i in row_ids], 256, width)
+    offset = 0
+    for j in row_ids:
+      ids, logp = recs[j].tokens.ids, logp_BxTxV[j]
+      for t in np.flatnonzero(recs[j].tokens.loss_mask):  # row p = t - 1 predicts tokens[t]
+        p = offset + t - 1
+        assert row["targets"][p] == ids[t] and row["weights"][p] == 1
+        want_ids = np.argsort(-logp[t - 1], kind="stable")[:width]
+        want_lp = logp[t - 1][want_ids]
+        got_ids, got_lp = row["soft_ids"][p], np.log(row["soft_probs"][p].astype(np.float64))
+        scale = TOL * max(1.0, np.abs(want_lp).max())
+        np.testing.assert_allclose(got_lp, want_lp, atol=scale, rtol=0)
+        np.testing.assert_allclose(logp[t - 1][got_ids], got_lp, atol=scale, rtol=0)
+        gaps = np.diff(-logp[t - 1][np.argsort(-logp[t - 1])[:width + 1]])
+        if (gaps > 10 * scale).all():
+          np.testing.assert_array_equal(got_ids, want_ids)
+        else:
+          ties += 1
+        checked += 1
+      assert not row["soft_probs"][offset:offset + len(ids) - 1][
+          row["weights"][offset:offset + len(ids) - 1] == 0].any()
+      offset += len(ids) - 1
+  assert checked == sum(int(r.tokens.loss_mask.sum()) for r in recs) > 300
+  assert ties < checked // 10
+
+
+def _stored(store) -> dict:
+  return {s.record.id: s for s in topk_store.read_records(store)}
+
+
+def test_sigkill_and_rerun_give_the_uninterrupted_store(local_store, teacher_dir, tmp_path):
+  """Same command after a SIGKILL at an arbitrary shard: same records, once each, same bytes."""
+  from sentijax.teacher import topk
+  ref, corpus = local_store
+  work = tmp_path / "job"
+  cmd = [sys.executable, "-m", "sentijax.main", f"--config={REPO}/configs/generate_topk.py",
+         *_args(teacher_dir, work, corpus)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # 8 CPU devices as in this process (conftest)
+  index = work / "store" / "index.json"
+
+  def shards():
+    try:
+      return len(json.loads(index.read_text())["shards"])
+    except (OSError, ValueError):
+      return 0
+
+  job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  deadline = time.time() + 240
+  while shards() < 2 and time.time() < deadline and job.poll() is None:
+    time.sleep(0.005)
+  job.send_signal(signal.SIGKILL)
+  out = job.communicate(timeout=60)[0].decode()
+  assert job.returncode == -signal.SIGKILL, out[-3000:]
+  killed_at = shards()
+  assert 2 <= killed_at < N_RECORDS - 1, out[-3000:]
+  # the rerun: the same command's config, in this process (its compiled programs are warm)
+  summary = topk.run(_config(teacher_dir, work, corpus))
+  assert summary["skipped"] == killed_at and summary["written"] == N_RECORDS - 1 - killed_at
+  got, want = _stored(work / "store"), _stored(ref)
+  assert len(topk_store.read_records(work / "store")) == len(got) == N_RECORDS - 1  # no dup
+  assert got.keys() == want.keys()  # no gaps
+  for rid, g in got.items():
+    w = want[rid]
+    assert g.record == w.record  # text, meta and token ids
+    np.testing.assert_array_equal(g.topk_ids, w.topk_ids)
+    np.testing.assert_array_equal(g.topk_logprobs, w.topk_logprobs)
+  assert topk_store.identity(work / "store") == topk_store.identity(ref)  # byte for byte
+
+
+@pytest.fixture(scope="module")
+def server(teacher_dir):
+  from teacher import teacher_fixtures
+  srv = serve.Server(teacher_fixtures.load_teacher(teacher_dir), "tiny", max_batch=4).start()
+  yield srv
+  srv.stop()
+
+
+def test_echo_scores_the_prompt_ids(server):
+  ids = server.teacher.encode("The pasta was great")
+  body = {"model": "tiny", "prompt": ids, "echo": True, "logprobs": 3, "max_tokens": 0,
+          "return_tokens_as_token_ids": True}
+  r = httpx.post(server.url + "/completions", json=body, timeout=60).json()["choices"][0]
+  lp = r["logprobs"]
+  assert lp["tokens"] == [f"token_id:{i}" for i in ids]
+  assert r["text"] == server.teacher.tokenizer.decode(ids)
+  assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+  chosen, tops = server.teacher.logprobs(ids[:1], ids[1:], 3)
+  assert lp["token_logprobs"][1:] == chosen
+  assert [{f"token_id:{k}": v for k, v in t.items()} for t in tops] == lp["top_logprobs"][1:]
+  bad = httpx.post(server.url + "/completions", json=body | {"echo": False}, timeout=60)
+  assert bad.status_code == 400 and "'max_tokens'" in bad.text
+
+
+def test_server_topk_equals_local_topk(local_store, server, teacher_dir, tmp_path):
+  from sentijax.teacher import topk
+  ref, corpus = local_store
+  config = _config(teacher_dir, tmp_path / "served", corpus, teacher__backend="openai",
+                   teacher__base_url=server.url, teacher__model="tiny",
+                   teacher__tokenizer=str(teacher_dir), teacher__concurrency=4)
+  summary = topk.run(config)
+  assert summary["written"] == N_RECORDS - 1 and summary["rejected"] == 0
+  assert summary["unmapped_logprob_tokens"] == 0
+  got, want = _stored(tmp_path / "served" / "store"), _stored(ref)
+  assert got.keys() == want.keys()
+  positions = ties = 0
+  for rid, g in got.items():
+    w = want[rid]
+    assert g.record.tokens == w.record.tokens
+    np.testing.assert_allclose(g.topk_logprobs, w.topk_logprobs,
+                               atol=TOL * max(1.0, float(np.abs(w.topk_logprobs).max())), rtol=0)
+    same = (g.topk_ids == w.topk_ids).all(axis=1)
+    near_tie = (np.diff(-w.topk_logprobs, axis=1) < 1e-4).any(axis=1)
+    assert (same | near_tie).all(), rid
+    positions += len(same)
+    ties += int((~same).sum())
+  assert positions > 300 and ties <= positions // 50
