@@ -7,9 +7,9 @@ Routes: `GET /v1/models`, `POST /v1/completions` (prompt string or token ids; `l
 tokens, token_logprobs, top_logprobs as token strings, `return_tokens_as_token_ids: true` as
 `token_id:N`; `echo: true` prepends the prompt and its logprobs, the first token's None, and with
 `max_tokens: 0` scores the prompt only: one forward, no decoding), `POST /v1/chat/completions`
-(messages through the tokenizer's chat template; `logprobs: true` + `top_logprobs: N`). Sampling: temperature (0 =
-greedy; default 1 as in the OpenAI API), top_p, top_k, max_tokens, min_tokens, stop, seed; `n`
-must be 1. A seeded request samples the same text whatever else is in flight: concurrent
+(messages through the tokenizer's chat template; `logprobs: true` + `top_logprobs: N`).
+Sampling: temperature (0 = greedy; default 1 as in the OpenAI API), top_p, top_k, max_tokens,
+min_tokens, stop, seed; `n` must be 1. A seeded request samples the same text whatever else is in flight: concurrent
 requests are gathered for up to `max_wait_ms` into batches of up to `batch_size` rows and decoded
 together by `LocalTeacher` (per-row random keys), every batch padded to the full batch size (one
 compiled shape per prompt-length bucket). Handler threads block on their row's result.

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from sentijax import models, sampling, sharding
 from sentijax.data import packing, readers, topk_store
-from sentijax.data.records import Record, Tokens
+from sentijax.data.records import Tokens
 from sentijax.data.spec import DataSpec
 from sentijax.data.writers import write_json_atomic
 from sentijax.teacher import generate as gen
@@ -63,11 +63,10 @@ class TopKSpec:
                shard_records=int(c.shard_records), logits_chunk=int(c.logits_chunk),
                max_len=int(c.max_len), echo_max_tokens=int(c.echo_max_tokens),
                progress=bool(c.progress))
-    for key, ok in (("k", spec.k >= 1), ("shard_records", spec.shard_records >= 1),
-                    ("logits_chunk", spec.logits_chunk >= 1), ("max_len", spec.max_len >= 0),
-                    ("echo_max_tokens", spec.echo_max_tokens >= 0)):
-      if not ok:
-        raise ValueError(f"topk.{key}={getattr(spec, key)!r}: must be >= {0 if 'max' in key else 1}")
+    for key, low in (("k", 1), ("shard_records", 1), ("logits_chunk", 1), ("max_len", 0),
+                     ("echo_max_tokens", 0)):
+      if getattr(spec, key) < low:
+        raise ValueError(f"topk.{key}={getattr(spec, key)!r}: must be >= {low}")
     return spec
 
 
