@@ -16,12 +16,15 @@ Useful overrides:
   --config.eval.decode_cleanup=off   (default auto: transformers 4.44's decode clean-up when the
       tokenizer config asks for it)
   --config.eval.compilation_cache=off   (default auto: ~/.cache/sentijax/xla, reused across runs)
+  --config.eval.compile_cost_tokens=0   (batch shapes: default -1 estimates what a compilation
+      costs on this platform and pads to fewer shapes when that is cheaper; 0 = least padding)
 
 Work per seed: 11,974 prompts (9,579 classification: one forward each, no decoding; 2,395
 extraction: greedy decoding up to 150 tokens), ~5M prompt tokens (IMDb prompts average ~1.7k
 and reach ~4.5k tokens: batches shrink with length). Expected runtime: not yet measured on an
 accelerator; on this 2-core CPU the tiny test model scores 2 datasets x 8 items in ~20 s
-(mostly compilation). Each distinct bucketed (batch, length) shape compiles once.
+(mostly compilation). Each distinct (batch, length) shape compiles once: on a CPU ~4 shapes
+per classification dataset, on a GPU 1-2 (sentijax/eval/buckets.py).
 
 Output in OUT: results.json {"datasets": {"sc/sst2": {"seeds": {"42": ..}, "mean": ..}, ..},
 "average": ..}, predictions/<dataset>_<seed>.jsonl (index, gold, prediction, scores),
@@ -43,10 +46,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.max_examples = 0
   c.eval.batch_size = 16
   c.eval.max_new_tokens = 150
-  # Fidelity to the official harness (README "Fidelity"):
-  c.eval.generation_config = "auto"  # auto: apply the model dir's generation_config.json | ignore
-  c.eval.decode_cleanup = "auto"  # auto: as transformers 4.44 (tokenizer config) | on | off
-  c.eval.aggregation = "mean"  # mean over seeds | official (round to 4 dp, / 12, missing = 0)
   # Persistent XLA compilation cache: auto (~/.cache/sentijax/xla) | off | a directory.
   c.eval.compilation_cache = "auto"
   return c

@@ -108,6 +108,13 @@ def icl() -> ml_collections.ConfigDict:
   c.task_dirs = ""  # comma list of task roots (sentijax.data.tasks); "" = the package demo tasks
   c.tasks = "all"  # source tasks (names under task_dirs), held-out ones removed
   c.heldout = ""  # never trained on, scored during training; "" = eval.during_training
+  # Fidelity to the official harness (README "Fidelity"), here and during training:
+  c.eval.generation_config = "auto"  # auto: the model.init dir's generation_config.json | ignore
+  c.eval.decode_cleanup = "auto"  # auto: as transformers 4.44 (tokenizer config) | on | off
+  c.eval.aggregation = "mean"  # mean over seeds | official (round to 4 dp, / 12, missing = 0)
+  # Tokens of compute one XLA compilation is worth when choosing batch shapes (eval/buckets.py):
+  # -1 = estimate for the model and platform, 0 = least padding (most shapes).
+  c.eval.compile_cost_tokens = -1.0
   c.shots = "0-8"  # demos per prompt: "K" or "MIN-MAX", shrunk to fit data.seq_len
   c.num_prompts = 2000  # training prompts (gold targets)
   c.val_prompts = 64  # held-out-loss prompts, queries from a hash split of each source task

@@ -30,19 +30,29 @@ def _accuracy(rows: Sequence[dict]) -> float:
 def score_task(model_cfg: models.ModelConfig, params: Any, tokenizer, spec: tasks.TaskSpec,
                task: sentibench.Task, templates: dict, seed: int, max_examples: int,
                batch_size: int, mesh=None, max_new_tokens: int = 150,
-               stops: scorer.StopTokens | None = None, rules=None) -> tuple[float, list[dict]]:
-  """(score x100, prediction rows) of one (task, seed) run."""
+               stops: scorer.StopTokens | None = None, rules=None,
+               run: scorer.RunSettings | None = None, compiled: dict | None = None
+               ) -> tuple[float, list[dict]]:
+  """(score x100, prediction rows) of one (task, seed) run.
+
+  `run`: generation config, clean-up and batch-shape settings; `compiled`: as `scorer.score_run`.
+  """
+  run = run or scorer.RunSettings()
+  compiled = {"forward": set(), "decode": set()} if compiled is None else compiled
   if spec.sentibench and spec.name in templates["instructions"]:
     return scorer.score_run(model_cfg, params, tokenizer, task, templates, seed, max_examples,
                             batch_size, mesh, max_new_tokens, progress=False, stops=stops,
-                            rules=rules)
+                            rules=rules, generation=run.generation, cleanup=run.cleanup,
+                            compile_cost=run.compile_cost, compiled=compiled)
   own = dict(templates, instructions={**templates["instructions"], spec.name: spec.instruction})
   prompts = sentibench.build_prompts(task, own, seed, max_examples=max_examples)
   texts = [p.text for p in prompts]
   rows: list[dict] = []
   if spec.kind == "classification":
     scores_NxC = scorer.classify(model_cfg, params, tokenizer, texts, spec.verbalizers,
-                                 batch_size, mesh, rules=rules)
+                                 batch_size, mesh, rules=rules,
+                                 repetition_penalty=run.generation.repetition_penalty,
+                                 compile_cost=run.compile_cost, compiled=compiled["forward"])
     preds = [spec.labels[int(j)] for j in np.argmax(scores_NxC, axis=-1)]
     for p, pred, s in zip(prompts, preds, scores_NxC):
       rows.append({"index": p.index, "gold": p.gold, "prediction": pred,
@@ -50,7 +60,9 @@ def score_task(model_cfg: models.ModelConfig, params: Any, tokenizer, spec: task
     golds = [p.gold for p in prompts]
     return metrics.score_dataset(spec.name, golds, preds, metric=spec.metric), rows
   outputs = scorer.generate(model_cfg, params, tokenizer, texts, max_new_tokens, batch_size, mesh,
-                            stops=stops, rules=rules)
+                            stops=stops, rules=rules, generation=run.generation,
+                            cleanup=run.cleanup, compile_cost=run.compile_cost,
+                            compiled=compiled["decode"])
   examples = [task.test[p.index] for p in prompts]
   preds = [parsers.parse_tuples(parsers.extract_answer(out), spec.parser, sentence=ex.sentence)
            for ex, out in zip(examples, outputs)]
@@ -68,12 +80,16 @@ def score_task(model_cfg: models.ModelConfig, params: Any, tokenizer, spec: task
 def score_tasks(model_cfg: models.ModelConfig, params: Any, tokenizer,
                 specs: Sequence[tasks.TaskSpec], templates: dict, seeds: Sequence[int],
                 max_examples: int, batch_size: int, mesh=None, max_new_tokens: int = 150,
-                rules=None, loaded: dict[str, sentibench.Task] | None = None) -> dict:
-  """Scores every task x seed; `loaded` caches the loaded tasks between calls."""
+                rules=None, loaded: dict[str, sentibench.Task] | None = None,
+                run: scorer.RunSettings | None = None, compiled: dict | None = None) -> dict:
+  """Scores every task x seed; `loaded` caches the loaded tasks and `compiled` the batch shapes
+  between calls; `run`: see `score_task`."""
   loaded = {} if loaded is None else loaded
+  run = run or scorer.RunSettings()
+  compiled = {"forward": set(), "decode": set()} if compiled is None else compiled
   stops = None
   if any(s.kind == "extraction" for s in specs):
-    stops = scorer.stop_tokens(tokenizer, model_cfg)
+    stops = scorer.stop_tokens(tokenizer, model_cfg, run.generation)
   results: dict[str, Any] = {"datasets": {}}
   for spec in specs:
     if spec.name not in loaded:
@@ -81,7 +97,8 @@ def score_tasks(model_cfg: models.ModelConfig, params: Any, tokenizer,
     per_seed, acc = {}, []
     for seed in seeds:
       value, rows = score_task(model_cfg, params, tokenizer, spec, loaded[spec.name], templates,
-                               seed, max_examples, batch_size, mesh, max_new_tokens, stops, rules)
+                               seed, max_examples, batch_size, mesh, max_new_tokens, stops, rules,
+                               run, compiled)
       per_seed[str(seed)] = float(value)
       if spec.kind == "classification":
         acc.append(_accuracy(rows))
@@ -103,11 +120,13 @@ def heldout_hook(config, model_cfg: models.ModelConfig, tokenizer,
   seeds = scorer.parse_seeds(ec.seeds)
   out_dir = Path(config.workdir) / "sentibench"
   loaded: dict[str, sentibench.Task] = {}
+  run = scorer.RunSettings.from_config(config, tokenizer)
+  compiled: dict = {"forward": set(), "decode": set()}
 
   def hook(step: int, params: Any) -> dict:
     results = score_tasks(model_cfg, params, tokenizer, specs, templates, seeds,
                           int(ec.max_examples), int(ec.batch_size), mesh, int(ec.max_new_tokens),
-                          config.sharding_rules, loaded)
+                          config.sharding_rules, loaded, run, compiled)
     if jax.process_index() == 0:
       scorer.write_json(out_dir / f"step_{step}.json", results)
       log.info("held-out at step %d: %s", step, ", ".join(

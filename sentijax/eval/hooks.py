@@ -14,18 +14,24 @@ def sentibench_hook(config, model_cfg: models.ModelConfig, tokenizer
                     ) -> Callable[[int, Any], dict]:
   """(step, params) -> {"sentibench/<dataset>": score, "sentibench/average": ...}.
 
-  Datasets from `eval.during_training` (comma list), seeds/max_examples/batch size from `eval.*`;
-  each result is also written to <workdir>/sentibench/step_<N>.json.
+  Datasets from `eval.during_training` (comma list), seeds/max_examples/batch size and the
+  fidelity settings (generation config of the `model.init` directory, decode clean-up,
+  aggregation) from `eval.*`, as the sentibench job applies them; each result is also written
+  to <workdir>/sentibench/step_<N>.json. Batch shapes compiled at one step are reused later.
   """
   ec = config.eval
   mesh = sharding.make_mesh(config.mesh)
   out_dir = Path(config.workdir) / "sentibench"
+  run = scorer.RunSettings.from_config(config, tokenizer)
+  compiled: dict = {"forward": set(), "decode": set()}
 
   def hook(step: int, params: Any) -> dict:
     results = scorer.score(model_cfg, params, tokenizer, ec.data_dir, ec.templates or None,
                            ec.during_training, ec.seeds, ec.max_examples, ec.batch_size, mesh,
                            progress=False, max_new_tokens=ec.max_new_tokens,
-                           rules=config.sharding_rules)
+                           rules=config.sharding_rules, generation=run.generation,
+                           decode_cleanup=run.cleanup, aggregation=str(ec.aggregation),
+                           compile_cost=run.compile_cost, compiled=compiled)
     if jax.process_index() == 0:
       scorer.write_json(out_dir / f"step_{step}.json", results)
     scalars = {f"sentibench/{name}": d["mean"] for name, d in results["datasets"].items()}

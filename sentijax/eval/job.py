@@ -19,7 +19,6 @@ import jax
 from sentijax import models, sharding
 from sentijax.data import sentibench
 from sentijax.data import tokenizer as tokenizer_lib
-from sentijax.eval import generation as gen_lib
 from sentijax.eval import report, scorer
 
 log = logging.getLogger("sentijax")
@@ -89,8 +88,9 @@ def run(config: Any) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   t0 = time.time()
   cache_dir = setup_compilation_cache(ev.get("compilation_cache", "auto"))
-  generation = gen_lib.load(_model_dir(config), str(ev.get("generation_config", "auto")))
   cfg, params, tokenizer = load_model(config, mesh)
+  run = scorer.RunSettings.from_config(config, tokenizer)
+  generation = run.generation
   log.info("loaded %s (%.1fM params, %s) in %.1fs on mesh %s", config.model.init,
            cfg.num_params / 1e6, cfg.dtype, time.time() - t0, dict(mesh.shape))
   log.info("generation config %s: repetition_penalty %g, eos %s; compilation cache %s",
@@ -104,8 +104,8 @@ def run(config: Any) -> dict:
                          mesh=mesh, predictions_dir=os.path.join(workdir, "predictions"),
                          progress=True, max_new_tokens=int(ev.max_new_tokens),
                          rules=config.sharding_rules, generation=generation,
-                         decode_cleanup=str(ev.get("decode_cleanup", "auto")),
-                         aggregation=str(ev.get("aggregation", "mean")))
+                         decode_cleanup=run.cleanup, aggregation=str(ev.aggregation),
+                         compile_cost=run.compile_cost)
   if jax.process_index() == 0:
     scorer.write_json(os.path.join(workdir, "results.json"), results)
     md_path, png_path = report.write_report(results, workdir)

@@ -36,12 +36,11 @@ from jax.sharding import Mesh
 
 from sentijax import models, sampling, sharding
 from sentijax.data import sentibench
-from sentijax.eval import decoding, metrics, parsers, report
+from sentijax.eval import buckets, decoding, metrics, parsers, report
 from sentijax.eval import generation as gen_lib
 
 PyTree = Any
 log = logging.getLogger("sentijax")
-TOKENS_PER_ROW = 512  # token budget per batch = batch_size * TOKENS_PER_ROW
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,37 +110,45 @@ class Batch:
   mask_BxT: np.ndarray
 
 
-def rows_for_length(length: int, batch_size: int, divisor: int = 1) -> int:
-  """Rows per batch at padded `length` tokens: <= batch_size, within the token and attention
-  budgets of `batch_size` rows of 512 tokens; divisor * a power of two (at least divisor)."""
-  budget = batch_size * TOKENS_PER_ROW
-  rows = min(batch_size, budget // length, budget * TOKENS_PER_ROW // (length * length))
-  per_shard = max(1, rows // divisor)
-  return divisor * (1 << (per_shard.bit_length() - 1))  # divisor * a power of two
-
-
 def make_batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, divisor: int = 1,
-                 extra_len: int = 0) -> Iterator[Batch]:
-  """Longest-first batches of left-padded rows; shapes bucketed (`sampling.bucket_*`).
+                 extra_len: int = 0, compile_cost: float = 0.0,
+                 compiled: set[buckets.Shape] | None = None) -> Iterator[Batch]:
+  """Left-padded batches in the shapes `buckets.plan` picks (longest bucket first).
 
-  At most a quarter of a batch's rows are filler (a short tail splits into power-of-two batches
-  instead), unless the batch is already at the mesh's minimum of `divisor` rows.
-
-  `extra_len`: tokens each row grows by (decode cache) for the memory budget.
+  `compiled`: shapes already compiled in this run (free to reuse); the new ones are added.
   """
-  order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-  start = 0
-  while start < len(order):
-    length = sampling.bucket_length(len(seqs[order[start]]))
-    rows = rows_for_length(length + extra_len, batch_size, divisor)
-    chunk = order[start:start + rows]
-    padded_rows = min(rows, sampling.bucket_batch(len(chunk), divisor))
-    if (padded_rows - len(chunk)) * 4 > padded_rows and padded_rows // 2 >= divisor:
-      chunk = chunk[:padded_rows // 2]  # > 25% filler rows: a smaller batch, the rest follows
-      padded_rows //= 2
-    start += len(chunk)
-    ids_BxT, mask_BxT = sampling.left_pad([seqs[i] for i in chunk], length, padded_rows, pad_id)
-    yield Batch(chunk, ids_BxT, mask_BxT)
+  compiled = set() if compiled is None else compiled
+  for planned in buckets.plan([len(s) for s in seqs], batch_size, divisor, extra_len,
+                              compile_cost, compiled):
+    compiled.add(planned.shape)
+    ids_BxT, mask_BxT = sampling.left_pad([seqs[i] for i in planned.order], planned.length,
+                                          planned.rows, pad_id)
+    yield Batch(list(planned.order), ids_BxT, mask_BxT)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+  """What a scoring run applies besides the data: the model's generation config, transformers
+  4.44's decode clean-up, and the batch-shape trade (see `score`)."""
+  generation: gen_lib.GenerationSettings = gen_lib.GenerationSettings()
+  cleanup: bool = False
+  compile_cost: float = -1.0
+
+  @classmethod
+  def from_config(cls, config, tokenizer) -> "RunSettings":
+    """From `config.eval` (generation_config, decode_cleanup, compile_cost_tokens); the
+    generation config is read from `config.model.init` when that is a directory."""
+    ev, init = config.eval, str(config.model.init or "")
+    return cls(gen_lib.load(init if os.path.isdir(init) else None, str(ev.generation_config)),
+               decoding.cleanup_enabled(tokenizer, str(ev.decode_cleanup)),
+               float(ev.compile_cost_tokens))
+
+
+def _compile_cost(cfg: models.ModelConfig, program: str, setting: float) -> float:
+  """`setting` >= 0 as given; < 0 (auto): `buckets.compile_cost_tokens` on the default backend."""
+  if setting >= 0:
+    return float(setting)
+  return buckets.compile_cost_tokens(cfg, program, jax.default_backend())
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,11 +179,13 @@ def _place(mesh: Mesh | None, rules, *arrays: np.ndarray) -> list[jax.Array]:
 def classify(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence[str],
              verbalizers: Sequence[str], batch_size: int, mesh: Mesh | None = None,
              progress: bool = False, desc: str = "", rules=None,
-             repetition_penalty: float = 1.0) -> np.ndarray:
+             repetition_penalty: float = 1.0, compile_cost: float = -1.0,
+             compiled: set[buckets.Shape] | None = None) -> np.ndarray:
   """Verbalizer scores [N, C] (float32, input order) for prompts `texts`.
 
   `rules`: sharding rules whose `batch` rule shards batches on `mesh` (None = the base config's).
   `repetition_penalty`: the generation config's (applied to verbalizers seen in the prompt).
+  `compile_cost` / `compiled`: batch shapes, see `make_batches` (< 0: `compile_cost_tokens`).
   """
   verb_ids = verbalizer_token_ids(tokenizer, verbalizers)
   n_classes = len(verb_ids)
@@ -189,7 +198,9 @@ def classify(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
   divisor = sharding.batch_divisor(mesh, rules)
   scores_NxC = np.zeros((len(seqs), n_classes), np.float32)
   bar = _bar(len(seqs), desc, progress)
-  for batch in make_batches(seqs, batch_size, pad_id_of(tokenizer, cfg), divisor):
+  cost = _compile_cost(cfg, "forward", compile_cost)
+  for batch in make_batches(seqs, batch_size, pad_id_of(tokenizer, cfg), divisor, 0, cost,
+                            compiled):
     ids, mask = _place(mesh, rules, batch.ids_BxT, batch.mask_BxT)
     out_BxC = _verbalizer_logits(cfg, params, ids, mask, jnp.asarray(verb_ids_C),
                                  jnp.asarray(repetition_penalty, jnp.float32))
@@ -208,12 +219,14 @@ def generate(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
              progress: bool = False, desc: str = "",
              stops: StopTokens | None = None, rules=None,
              generation: gen_lib.GenerationSettings | None = None,
-             cleanup: bool = False) -> list[str]:
+             cleanup: bool = False, compile_cost: float = -1.0,
+             compiled: set[buckets.Shape] | None = None) -> list[str]:
   """Greedy continuations (decoded, special tokens skipped; input order) of prompts `texts`.
 
   `stops`: from `stop_tokens(tokenizer, cfg, generation)` (computed here when None).
   `generation`: repetition penalty and eos ids (`generation.load`); None = none / defaults.
   `cleanup`: apply transformers 4.44's `clean_up_tokenization` (`decoding.cleanup_enabled`).
+  `compile_cost` / `compiled`: as in `classify` (for the decode loop).
   """
   generation = generation or gen_lib.GenerationSettings()
   seqs = tokenize_prompts(tokenizer, texts)
@@ -222,7 +235,8 @@ def generate(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
   stops = stops if stops is not None else stop_tokens(tokenizer, cfg, generation)
   outputs: list[str] = [""] * len(seqs)
   bar = _bar(len(seqs), desc, progress)
-  for batch in make_batches(seqs, batch_size, pad_id, divisor, extra_len=max_new_tokens):
+  cost = _compile_cost(cfg, "decode", compile_cost)
+  for batch in make_batches(seqs, batch_size, pad_id, divisor, max_new_tokens, cost, compiled):
     out = sampling.greedy_decode(cfg, params, batch.ids_BxT, batch.mask_BxT, max_new_tokens,
                                  stops.stop_ids, pad_id, soft_stop_ids=stops.soft_stop_ids,
                                  blank_ids=stops.blank_ids, mesh=mesh, rules=rules,
@@ -310,9 +324,15 @@ def score_run(cfg: models.ModelConfig, params: PyTree, tokenizer, task: sentiben
               mesh: Mesh | None = None, max_new_tokens: int = 150, progress: bool = True,
               stops: StopTokens | None = None, rules=None,
               generation: gen_lib.GenerationSettings | None = None,
-              cleanup: bool = False) -> tuple[float, list[dict]]:
-  """One (dataset, seed) run: (score x100, prediction rows in file order)."""
+              cleanup: bool = False, compile_cost: float = -1.0,
+              compiled: dict[str, set[buckets.Shape]] | None = None
+              ) -> tuple[float, list[dict]]:
+  """One (dataset, seed) run: (score x100, prediction rows in file order).
+
+  `compiled`: {"forward": shapes, "decode": shapes} compiled earlier in the run (updated).
+  """
   generation = generation or gen_lib.GenerationSettings()
+  compiled = {"forward": set(), "decode": set()} if compiled is None else compiled
   prompts = sentibench.build_prompts(task, templates, seed, max_examples=max_examples)
   texts = [p.text for p in prompts]
   desc = f"{task.name} seed {seed}"
@@ -322,7 +342,8 @@ def score_run(cfg: models.ModelConfig, params: PyTree, tokenizer, task: sentiben
     scores_NxC = classify(cfg, params, tokenizer, texts, sentibench.verbalizers(templates,
                                                                                 task.name),
                           batch_size, mesh, progress, desc, rules=rules,
-                          repetition_penalty=generation.repetition_penalty)
+                          repetition_penalty=generation.repetition_penalty,
+                          compile_cost=compile_cost, compiled=compiled["forward"])
     preds = [labels[int(j)] for j in np.argmax(scores_NxC, axis=-1)]
     golds = [p.gold for p in prompts]
     for p, pred, s in zip(prompts, preds, scores_NxC):
@@ -331,7 +352,8 @@ def score_run(cfg: models.ModelConfig, params: PyTree, tokenizer, task: sentiben
     return metrics.score_dataset(task.name, golds, preds), rows
 
   outputs = generate(cfg, params, tokenizer, texts, max_new_tokens, batch_size, mesh, progress,
-                     desc, stops, rules=rules, generation=generation, cleanup=cleanup)
+                     desc, stops, rules=rules, generation=generation, cleanup=cleanup,
+                     compile_cost=compile_cost, compiled=compiled["decode"])
   examples = [task.test[p.index] for p in prompts]
   golds = [list(p.gold) for p in prompts]
   preds = []
@@ -354,7 +376,9 @@ def score(model_cfg: models.ModelConfig, params: PyTree, tokenizer, data_dir: st
           mesh: Mesh | None = None, predictions_dir: str | os.PathLike | None = None,
           progress: bool = True, max_new_tokens: int = 150, rules=None,
           generation: gen_lib.GenerationSettings | None = None,
-          decode_cleanup: str | bool = "auto", aggregation: str = "mean") -> dict:
+          decode_cleanup: str | bool = "auto", aggregation: str = "mean",
+          compile_cost: float = -1.0,
+          compiled: dict[str, set[buckets.Shape]] | None = None) -> dict:
   """Scores `datasets` x `seeds` and returns the results dict (scores x100).
 
   {"datasets": {"sc/sst2": {"seeds": {"42": 91.3}, "mean": 91.3}, ...}, "average": 91.3,
@@ -362,6 +386,9 @@ def score(model_cfg: models.ModelConfig, params: PyTree, tokenizer, data_dir: st
   `predictions_dir`, writes `<dataset with / -> _>_<seed>.jsonl` (one {"index", "gold",
   "prediction", "scores"} per item). `generation`: the model's generation config
   (`generation.load`); `decode_cleanup`: auto | on | off (`decoding.cleanup_enabled`) or a bool.
+  `compile_cost`: tokens of compute one compilation is worth (`buckets`; < 0 = estimate);
+  datasets and seeds reuse each other's batch shapes when that is cheaper; pass the same
+  `compiled` dict to later calls in this process (e.g. scoring during training) to extend that.
   """
   if aggregation not in report.AGGREGATIONS:
     raise ValueError(f"eval.aggregation must be one of {report.AGGREGATIONS}, got {aggregation!r}")
@@ -378,13 +405,16 @@ def score(model_cfg: models.ModelConfig, params: PyTree, tokenizer, data_dir: st
   if any(n in sentibench.EXTRACTION_DATASETS for n in names):
     stops = stop_tokens(tokenizer, model_cfg, generation)
   per_dataset: dict[str, dict[str, float]] = {}
+  if compiled is None:
+    compiled = {"forward": set(), "decode": set()}
   for name in names:
     task = sentibench.load_task(data_dir, name)
     per_seed = {}
     for seed in seed_list:
       value, rows = score_run(model_cfg, params, tokenizer, task, templates, seed, max_examples,
                               batch_size, mesh, max_new_tokens, progress, stops, rules=rules,
-                              generation=generation, cleanup=cleanup)
+                              generation=generation, cleanup=cleanup,
+                              compile_cost=compile_cost, compiled=compiled)
       per_seed[str(seed)] = float(value)
       if predictions_dir is not None and jax.process_index() == 0:
         write_jsonl(predictions_path(predictions_dir, name, seed), rows)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import hf_fixtures
-from sentijax import models, sampling, sharding
+from sentijax import models, sharding
 from sentijax.data import sentibench
 from sentijax.eval import scorer
 
@@ -132,28 +132,26 @@ def test_sharded_scoring_matches_single_device(setup, sentibench_dir):
                          single_NxC, atol)
 
 
-def test_batches_adapt_to_length():
-  assert scorer.rows_for_length(448, 16) == 16
-  assert scorer.rows_for_length(5120, 16) == 1  # IMDb-length prompts: one row per batch
-  assert scorer.rows_for_length(5120, 16, divisor=4) == 4
-  assert scorer.rows_for_length(1024, 16, divisor=4) == 4
-  lengths = [5000, 30, 700, 12, 300, 310, 4100]
-  seqs = [[7] * n for n in lengths]
-  batches = list(scorer.make_batches(seqs, 4, pad_id=0, divisor=2))
-  assert sorted(i for b in batches for i in b.order) == list(range(len(seqs)))
-  for b in batches:
-    rows, width = b.ids_BxT.shape
-    assert rows % 2 == 0 and width == sampling.bucket_length(width)
-    assert rows * width <= max(2 * width, 4 * 512)
-    for row, i in enumerate(b.order):
-      assert b.mask_BxT[row].sum() == lengths[i] and b.mask_BxT[row, -1] == 1
-  # No wasted rows: 9 prompts of one bucket -> 8 + 1 rows (not 16), 13 -> 16 (3 filler rows).
-  for n, want in ((9, [8, 1]), (13, [16]), (5, [4, 1]), (16, [16])):
-    batches = list(scorer.make_batches([[7] * 100] * n, 16, pad_id=0))
-    assert [b.ids_BxT.shape[0] for b in batches] == want
-    assert sum(len(b.order) for b in batches) == n
-  # On a mesh the minimum batch is the divisor: 5 rows over 4 shards -> 4 + 4 (one real row).
-  assert [b.ids_BxT.shape[0] for b in scorer.make_batches([[7] * 10] * 5, 16, 0, 4)] == [4, 4]
+def test_batch_shapes_do_not_change_scores(setup, sentibench_dir):
+  """Least padding (many shapes) and one shape for everything give the same scores; the shapes
+  compiled for one call are reused by the next."""
+  prompts = sentibench.build_prompts(sentibench.load_task(sentibench_dir, "sc/sst2"),
+                                     setup["protocol"], 42, max_examples=40)
+  texts = [p.text for p in prompts]
+  verbalizers = setup["protocol"]["classification"]["verbalizers"]["sc/sst2"]
+  run = lambda cost, compiled: scorer.classify(setup["cfg"], setup["params"], setup["tok"], texts,
+                                               verbalizers, 16, compile_cost=cost,
+                                               compiled=compiled)
+  fine, coarse = set(), set()
+  fine_NxC = run(0.0, fine)
+  coarse_NxC = run(1e12, coarse)
+  assert len(coarse) == 1 and len(fine) > 1, (fine, coarse)
+  atol = _assert_scores_close(coarse_NxC, fine_NxC)
+  _assert_same_choices(list(np.argmax(coarse_NxC, -1)), list(np.argmax(fine_NxC, -1)), fine_NxC,
+                       atol)
+  again = set(coarse)
+  run(1e12, again)
+  assert again == coarse  # nothing new to compile
 
 
 def test_parse_config_values(sentibench_dir, tmp_path):

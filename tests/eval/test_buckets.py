@@ -1,0 +1,111 @@
+"""Batch-shape planning: every prompt once, within the memory budget, at the least cost."""
+import itertools
+
+import numpy as np
+import pytest
+
+from sentijax import sampling
+from sentijax.models import presets
+from sentijax.eval import buckets
+
+
+def _check_cover(plan, lengths, batch_size, divisor, extra_len=0):
+  assert sorted(i for b in plan for i in b.order) == list(range(len(lengths)))
+  for b in plan:
+    assert len(b.order) <= b.rows and b.rows % divisor == 0
+    assert b.length == sampling.bucket_length(b.length)
+    assert all(lengths[i] <= b.length for i in b.order)
+    width = b.length + extra_len
+    assert b.rows <= max(divisor, buckets.rows_for_length(width, batch_size, divisor))
+    assert b.rows * width <= max(divisor * width, batch_size * 512)
+
+
+def _objective(plan, extra_len, cost, compiled=()):
+  shapes = {b.shape for b in plan} - set(compiled)
+  return sum(b.rows * (b.length + extra_len) for b in plan) + cost * len(shapes)
+
+
+def _brute_force(lengths, batch_size, divisor, extra_len, cost, compiled=()):
+  """Minimum objective over every set of bucket lengths (each with its best tail)."""
+  grid = [sampling.bucket_length(n) for n in lengths]
+  present = sorted(set(grid))
+  candidates = sorted(set(present) | {l for _, l in compiled if l >= present[0]})
+  best = float("inf")
+  for k in range(1, len(candidates) + 1):
+    for chosen in itertools.combinations(candidates, k):
+      if chosen[-1] < present[-1]:
+        continue
+      total, lo = 0.0, 0
+      for hi in chosen:
+        n = sum(lo < g <= hi for g in grid)
+        if n:
+          total += buckets._bucket_cost(n, hi, batch_size, divisor, extra_len, cost,
+                                        set(compiled))[0]
+        lo = hi
+      best = min(best, total)
+  return best
+
+
+def test_rows_follow_the_memory_budget():
+  assert buckets.rows_for_length(448, 16) == 16
+  assert buckets.rows_for_length(5120, 16) == 1  # IMDb-length prompts: one row per batch
+  assert buckets.rows_for_length(5120, 16, divisor=4) == 4
+  assert buckets.rows_for_length(1024, 16, divisor=4) == 4
+
+
+def test_zero_compile_cost_pads_least():
+  lengths = [5000, 30, 700, 12, 300, 310, 4100]
+  for divisor in (1, 2):
+    plan = buckets.plan(lengths, 4, divisor)
+    _check_cover(plan, lengths, 4, divisor)
+    for b in plan:  # every prompt in its own grid bucket
+      assert all(sampling.bucket_length(lengths[i]) == b.length for i in b.order)
+  # No filler rows at all: 13 prompts of one bucket -> 8 + 4 + 1 rows.
+  for n, want in ((9, [8, 1]), (13, [8, 4, 1]), (5, [4, 1]), (16, [16])):
+    plan = buckets.plan([100] * n, 16)
+    assert [b.rows for b in plan] == want and sum(len(b.order) for b in plan) == n
+  # On a mesh the smallest batch is the divisor: 5 rows over 4 shards -> 4 + 4 (one real row).
+  assert [b.rows for b in buckets.plan([10] * 5, 16, 4)] == [8]
+
+
+def test_large_compile_cost_gives_one_shape():
+  rng = np.random.default_rng(0)
+  lengths = list(rng.integers(100, 300, size=45))  # sst2-like: grid lengths 128..320
+  plan = buckets.plan(lengths, 16, compile_cost=1e9)
+  _check_cover(plan, lengths, 16, 1)
+  assert {b.shape for b in plan} == {(16, 320)}
+  assert len(plan) == 3  # 45 prompts -> 3 batches of 16 rows (3 filler rows)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_is_optimal(seed):
+  """The dynamic programme's plan costs exactly the brute-force minimum."""
+  rng = np.random.default_rng(seed)
+  lengths = [int(x) for x in rng.integers(20, 900, size=int(rng.integers(5, 60)))]
+  divisor = int(rng.choice([1, 2, 4]))
+  extra_len = int(rng.choice([0, 150]))
+  cost = float(rng.choice([0, 300, 3000, 30000]))
+  compiled = {(divisor * 4, 512)} if seed % 2 else set()
+  plan = buckets.plan(lengths, 16, divisor, extra_len, cost, compiled)
+  _check_cover(plan, lengths, 16, divisor, extra_len)
+  want = _brute_force(lengths, 16, divisor, extra_len, cost, compiled)
+  assert _objective(plan, extra_len, cost, compiled) == pytest.approx(want, rel=1e-12)
+
+
+def test_compiled_shapes_are_reused():
+  """A shape compiled for an earlier dataset is free: padding to it beats a new compilation."""
+  lengths = [150] * 16  # grid 192
+  assert {b.shape for b in buckets.plan(lengths, 16, compile_cost=5000)} == {(16, 192)}
+  reuse = buckets.plan(lengths, 16, compile_cost=5000, compiled={(16, 320)})
+  assert {b.shape for b in reuse} == {(16, 320)}  # 16 x 128 padded tokens < 5000
+  fresh = buckets.plan(lengths, 16, compile_cost=1000, compiled={(16, 320)})
+  assert {b.shape for b in fresh} == {(16, 192)}  # 2048 padded tokens > 1000
+
+
+def test_compile_cost_estimate_scales_with_platform_and_model():
+  cfg_small = presets.get("qwen2.5-0.5b")
+  cfg_big = presets.get("llama-3.2-3b")
+  cpu = buckets.compile_cost_tokens(cfg_small, "forward", "cpu")
+  assert buckets.compile_cost_tokens(cfg_small, "forward", "gpu") > 100 * cpu
+  assert buckets.compile_cost_tokens(cfg_small, "decode", "cpu") > cpu
+  assert buckets.compile_cost_tokens(cfg_big, "forward", "cpu") < cpu / 3
