@@ -11,6 +11,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file.", lo
 JOBS = {
     "knowdist": "sentijax.train.knowdist",
     "icldist": "sentijax.train.icldist",
+    "kd": "sentijax.train.kd",
     "pipeline": "sentijax.train.pipeline",
     "sentibench": "sentijax.eval.job",
     "export": "sentijax.train.export",

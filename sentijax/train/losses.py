@@ -145,6 +145,9 @@ def distill_terms(student_logits_BxLxV: Array, distill: Distill, teacher_logits_
   v = distill.vocab or None
   student = student_logits_BxLxV[..., :v]
   if teacher_logits_BxLxV is not None:
+    if v is None and teacher_logits_BxLxV.shape[-1] != student.shape[-1]:
+      raise ValueError(f"teacher logits have {teacher_logits_BxLxV.shape[-1]} ids, the student's "
+                       f"{student.shape[-1]}: set Distill.vocab to the shared tokenizer's length")
     return kl_divergence(student, jax.lax.stop_gradient(teacher_logits_BxLxV[..., :v]),
                          kind=distill.kind, beta=distill.beta,
                          temperature=distill.temperature, top_k=distill.top_k)

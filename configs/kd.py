@@ -1,0 +1,54 @@
+"""Logit distillation: the student matches a teacher's next-token distributions.
+
+Default (offline, any CPU machine, ~1 min on 2 cores): a random `tiny` preset teacher (seed 1)
+distilled online into a `tiny` student (seed 0) on the demo corpus shipped in the package, with
+a BPE tokenizer trained on it; loss = 0.5 CE + 0.5 KL(teacher || student), per response token:
+
+  python -m sentijax.main --config=configs/kd.py
+
+logs train/ce and train/kd falling and eval/kl_teacher (held-out KL to the teacher) at steps 0,
+50, 100, and writes checkpoints, TensorBoard events, the tokenizer, data_stats.json and an HF
+export (runs/kd/hf) into the workdir. Rerunning resumes from the last checkpoint. A random teacher
+is only a target distribution; for a trained one, distil the KnowDist demo student:
+
+  python -m sentijax.main --config=configs/knowdist.py
+  python -m sentijax.main --config=configs/kd.py --config.teacher.model_dir=runs/knowdist/hf \
+    --config.workdir=runs/kd-from-knowdist
+
+Real run (Qwen2.5-72B-Instruct teacher, Qwen2.5-1.5B-Instruct student, same tokenizer; the
+teacher forward runs in the step, sharded over the mesh with the student):
+
+  python -m sentijax.main --config=configs/kd.py \
+    --config.teacher.model_dir=/models/Qwen2.5-72B-Instruct \
+    --config.model.init=/models/Qwen2.5-1.5B-Instruct --config.data.corpus=/data/knowdist.jsonl \
+    --config.data.chat_template=True --config.data.seq_len=2048 --config.kd.loss=jsd \
+    --config.kd.beta=0.5 --config.kd.top_k=0 --config.train.batch_size=64 \
+    --config.train.steps=3000 --config.train.learning_rate=1e-5 --config.model.remat=True \
+    --config.mesh.data=1 --config.mesh.fsdp=-1 --config.workdir=runs/kd-qwen72b-1.5b
+
+Offline (a top-k teacher store written by configs/generate_topk.py; no teacher in the step):
+
+  python -m sentijax.main --config=configs/kd.py --config.kd.mode=offline \
+    --config.kd.store=runs/generate_topk/store --config.kd.top_k=8
+"""
+from sentijax import config as base_config
+
+
+def get_config():
+  c = base_config.base()
+  c.job = "kd"
+  c.workdir = "runs/kd"
+  c.model.preset = "tiny"
+  c.kd = base_config.kd()
+  c.teacher = base_config.kd_teacher()
+  c.data.seq_len = 256
+  c.train.steps = 100
+  c.train.batch_size = 8
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 10
+  c.train.log_every = 20
+  c.train.eval_every = 50
+  c.train.eval_batches = 2
+  c.checkpoint.every = 50
+  c.export_hf = True
+  return c

@@ -1,0 +1,286 @@
+"""Logit distillation: the student matches a teacher's next-token distributions.
+
+Recipe: `config.kd` + `config.teacher` read once into `KDSpec` -> student tokenizer (the teacher's
+when the student names none) and the tokenizer-identity check -> records and packed rows (online:
+the corpus of `config.data`; offline: a top-k teacher store, its top-k as the batches' soft
+targets) -> the shared loop (`loop.train`): per step (1 - alpha) CE + alpha divergence, both per
+response token; online, the teacher runs forward inside the jitted step (stop_gradient, its params
+sharded over the same mesh, a separate non-donated argument, never in the optimizer state).
+Held-out KL(teacher || student) (`eval/kl_teacher`) is scored at step 0, every `train.eval_every`
+steps and at the end, also for `kd.loss=ce` (the baseline).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from sentijax import models, sharding
+from sentijax.data import dataset, readers, records
+from sentijax.data import tokenizer as tokenizer_lib
+from sentijax.data.spec import DataSpec
+from sentijax.train import export, loop, losses, step, student
+
+log = logging.getLogger("sentijax")
+LOSSES = ("ce",) + losses.KINDS
+MODES = ("online", "offline")
+
+
+class TokenizerMismatch(ValueError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class KDSpec:
+  """`config.kd` and `config.teacher`, read and checked once."""
+  loss: str
+  alpha: float
+  beta: float
+  temperature: float
+  top_k: int
+  mode: str
+  store: str
+  teacher_dir: str
+  teacher_preset: str
+  teacher_tokenizer: str
+  teacher_dtype: str
+  teacher_seed: int
+
+  @classmethod
+  def from_config(cls, config) -> "KDSpec":
+    k, t = config.kd, config.teacher
+    spec = cls(loss=str(k.loss), alpha=float(k.alpha), beta=float(k.beta),
+               temperature=float(k.temperature), top_k=int(k.top_k), mode=str(k.mode),
+               store=str(k.store), teacher_dir=str(t.model_dir), teacher_preset=str(t.preset),
+               teacher_tokenizer=str(t.tokenizer), teacher_dtype=str(t.dtype),
+               teacher_seed=int(t.seed))
+    checks = (("kd.loss", spec.loss in LOSSES, f"expected one of {LOSSES}"),
+              ("kd.mode", spec.mode in MODES, f"expected one of {MODES}"),
+              ("kd.alpha", 0 <= spec.alpha <= 1, "must be in [0, 1]"),
+              ("kd.beta", 0 <= spec.beta <= 1, "must be in [0, 1] (0 = forward KL, 1 = reverse)"),
+              ("kd.temperature", spec.temperature > 0, "must be > 0"),
+              ("kd.top_k", spec.top_k >= 0, "must be >= 0 (0 = full vocabulary)"),
+              ("kd.store", spec.mode == "online" or spec.store,
+               "kd.mode=offline needs the directory of a top-k teacher store"),
+              ("kd.top_k", spec.mode == "online" or spec.top_k > 0,
+               "kd.mode=offline needs the number of stored entries per token to use (> 0)"),
+              ("teacher.model_dir", spec.mode == "offline" or spec.teacher_dir
+               or spec.teacher_preset, "kd.mode=online needs teacher.model_dir (an HF "
+               "directory) or teacher.preset (a random init)"))
+    for key, ok, why in checks:
+      if not ok:
+        raise ValueError(f"{key}={_value(spec, key)!r}: {why}")
+    if spec.teacher_dir and not Path(spec.teacher_dir).is_dir():
+      raise FileNotFoundError(f"teacher.model_dir={spec.teacher_dir!r}: directory not found")
+    return spec
+
+  @property
+  def teacher_tokenizer_dir(self) -> str:
+    return self.teacher_tokenizer or self.teacher_dir
+
+  def distill(self, vocab: int) -> losses.Distill | None:
+    """The training term (None for kd.loss=ce); logits cut to the tokenizer's `vocab` ids."""
+    if self.loss == "ce":
+      return None
+    return losses.Distill(kind=self.loss, alpha=self.alpha, beta=self.beta,
+                          temperature=self.temperature,
+                          top_k=self.top_k if self.mode == "online" else 0, vocab=vocab)
+
+
+def _value(spec: KDSpec, key: str) -> Any:
+  name = key.split(".")[1]
+  return getattr(spec, {"model_dir": "teacher_dir"}.get(name, name))
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def tokenizer_identity(tok: Any) -> dict[str, Any]:
+  """What must agree for two models' token ids to mean the same: the id <-> token table (added
+  tokens included) and the bos / eos tokens; the length is reported."""
+  return {"vocab": tokenizer_lib.vocab_fingerprint(tok), "bos": tok.bos_token,
+          "eos": tok.eos_token, "size": len(tok)}
+
+
+def check_same_tokenizer(student_tok: Any, student_where: str, teacher_tok: Any,
+                         teacher_where: str) -> int:
+  """The shared tokenizer's length (both models' logits are cut to it); TokenizerMismatch naming
+  both tokenizers when their ids differ. Embedding rows are not compared: Qwen2.5-1.5B (151936
+  rows) and Qwen2.5-72B (152064) share one tokenizer."""
+  s, t = tokenizer_identity(student_tok), tokenizer_identity(teacher_tok)
+  differ = [k for k in ("vocab", "bos", "eos") if s[k] != t[k]]
+  if differ:
+    what = ", ".join(f"{k}: {s[k] if k != 'vocab' else s[k][:12]!r} vs "
+                     f"{t[k] if k != 'vocab' else t[k][:12]!r}" for k in differ)
+    raise TokenizerMismatch(
+        f"the student's tokenizer ({student_where}, {s['size']} tokens) and the teacher's "
+        f"({teacher_where}, {t['size']} tokens) differ ({what}): logit distillation needs one "
+        "vocabulary. Give the student the teacher's tokenizer (--config.model.tokenizer=...) or "
+        "pick a teacher of the student's family.")
+  return s["size"]
+
+
+def student_tokenizer(config, spec: KDSpec, model_cfg: models.ModelConfig, texts) -> Any:
+  """model.tokenizer / model.init, else the teacher's (online: teacher.tokenizer or
+  teacher.model_dir; offline: the store's copy), else one trained on the corpus."""
+  mc = config.model
+  if not (mc.tokenizer or mc.init):
+    source = (spec.teacher_tokenizer_dir if spec.mode == "online"
+              else spec.teacher_tokenizer or str(Path(spec.store) / "tokenizer"))
+    if source and Path(source).is_dir():
+      log.info("student tokenizer: the teacher's, %s", source)
+      tok = tokenizer_lib.load_tokenizer(source)
+      models.check_tokenizer(model_cfg, tok, where=source)
+      return tok
+  return student.tokenizer(config, model_cfg, texts)
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+def teacher_config(spec: KDSpec) -> models.ModelConfig:
+  dtype = models.resolve_dtype(spec.teacher_dtype)
+  cfg = (models.hf.read_config(spec.teacher_dir) if spec.teacher_dir
+         else models.presets.get(spec.teacher_preset))
+  return cfg.replace(dtype=dtype, param_dtype=dtype)
+
+
+class Context:
+  """What the loop builds on its mesh (the online teacher's sharded params) and the held-out
+  divergence hook reads; `loss_options(mesh, rules)` is passed to `loop.train`."""
+
+  def __init__(self, spec: KDSpec, teacher_cfg: models.ModelConfig | None,
+               distill: losses.Distill | None):
+    self.spec, self.teacher_cfg, self.distill = spec, teacher_cfg, distill
+    self.mesh = self.rules = self.teacher = None
+
+  def load_teacher(self, mesh, rules) -> step.Teacher:
+    s = self.spec
+    if s.teacher_dir:
+      _, params = models.load_hf(s.teacher_dir, dtype=self.teacher_cfg.param_dtype, mesh=mesh,
+                                 rules=rules)
+    else:
+      params = models.init(self.teacher_cfg, s.teacher_seed, mesh=mesh, rules=rules)
+    return step.Teacher(self.teacher_cfg, params)
+
+  def loss_options(self, mesh, rules) -> dict:
+    self.mesh, self.rules = mesh, rules
+    if self.teacher_cfg is not None and self.teacher is None:
+      self.teacher = self.load_teacher(mesh, rules)
+    if self.distill is None:
+      return {}
+    return {"distill": self.distill, "teacher": self.teacher}
+
+
+def divergence_hook(ctx: Context, model_cfg: models.ModelConfig, val_ds, batch_size: int,
+                    num_batches: int, loss_chunk: int, vocab: int):
+  """(step, params) -> {"kl_teacher": held-out KL(teacher || student) at T = 1 over the whole
+  shared vocabulary (offline: the stored support), "kd": the training divergence}, per response
+  token over the first `num_batches` val batches (the ones `eval/loss` uses)."""
+  terms = {"kl_teacher": losses.Distill(alpha=0.0, vocab=vocab)}
+  if ctx.distill is not None:
+    terms["kd"] = ctx.distill
+  fn = None
+
+  def hook(step_num: int, params) -> dict:
+    nonlocal fn
+    del step_num
+    if fn is None:
+      t_cfg = None if ctx.teacher is None else ctx.teacher.cfg
+      fn = jax.jit(lambda p, b, tp: {
+          name: step.loss_terms(model_cfg, p, b, loss_chunk, d, t_cfg, tp)
+          for name, d in terms.items()})
+    batch_sh = sharding.batch_sharding(ctx.mesh, ctx.rules)
+    t_params = None if ctx.teacher is None else ctx.teacher.params
+    sums = {name: 0.0 for name in terms}
+    tokens = 0.0
+    for i in range(num_batches):
+      local = val_ds.batch_at(i, batch_size)
+      batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+      out = jax.device_get(fn(params, batch, t_params))
+      for name in terms:
+        sums[name] += float(out[name]["kd"])
+      tokens += float(out["kl_teacher"]["tokens"])
+    return {name: total / max(tokens, 1.0) for name, total in sums.items()}
+  return hook
+
+
+# --------------------------------------------------------------------------- job
+
+
+def _records(config, spec: KDSpec, data: DataSpec):
+  """(train records, val records, soft targets or None, stats)."""
+  if spec.mode == "online":
+    train, val, stats = readers.load_corpus(data)
+    return train, val, None, stats
+  from sentijax.data import topk_store  # pylint: disable=import-outside-toplevel
+  recs, soft = topk_store.load(spec.store, spec.top_k)
+  train, val = records.split_train_val(recs, data.val_fraction)
+  return train, val, soft, {"store": spec.store, "num_train": len(train), "num_val": len(val)}
+
+
+def run(config) -> loop.Result:
+  """Distils `teacher.*` into the student of `model.*` (see the module docstring)."""
+  workdir = Path(config.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  spec = KDSpec.from_config(config)
+  model_cfg = student.model_config(config)
+  data = DataSpec.from_config(config.data, workdir=config.workdir, seed=config.seed)
+  train_recs, val_recs, soft, corpus_stats = _records(config, spec, data)
+  tok = student_tokenizer(config, spec, model_cfg,
+                          lambda: [t for r in train_recs for t in (r.prompt, r.response)])
+  vocab = len(tok)
+  teacher_cfg = None
+  if spec.mode == "online":
+    teacher_cfg = teacher_config(spec)
+    where = spec.teacher_tokenizer_dir
+    if where:
+      vocab = check_same_tokenizer(tok, str(config.model.tokenizer or config.model.init or
+                                             "the student's tokenizer"),
+                                   tokenizer_lib.load_tokenizer(where), where)
+    else:
+      log.info("teacher preset %r: shares the student's tokenizer", spec.teacher_preset)
+    models.check_tokenizer(teacher_cfg, tok, where=where or f"teacher preset {spec.teacher_preset}")
+  else:
+    from sentijax.data import topk_store  # pylint: disable=import-outside-toplevel
+    topk_store.check_tokenizer(spec.store, tok)
+  if spec.top_k > vocab:
+    raise ValueError(f"kd.top_k={spec.top_k} exceeds the tokenizer's {vocab} tokens")
+  distill = spec.distill(vocab)
+
+  train_ds, val_ds, ds_stats = dataset.build_train_val(
+      train_recs, val_recs, tok, data, soft_targets=soft,
+      show_progress=jax.process_index() == 0)
+  if jax.process_index() == 0:
+    stats = {"corpus": corpus_stats, "kd": dataclasses.asdict(spec), "vocab": vocab} | ds_stats
+    (workdir / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
+    export.save_student_spec(model_cfg, tok, workdir)
+  t_desc = ("-" if teacher_cfg is None else
+            f"{teacher_cfg.architecture} {teacher_cfg.num_params} params")
+  log.info("KD (%s, loss %s, alpha %g, T %g, top_k %d): student %s %d params, teacher %s; "
+           "%d train rows x %d tokens, vocab %d", spec.mode, spec.loss, spec.alpha,
+           spec.temperature, spec.top_k, model_cfg.architecture, model_cfg.num_params, t_desc,
+           train_ds.num_rows, train_ds.seq_len, vocab)
+
+  ctx = Context(spec, teacher_cfg, distill)
+  tc = config.train
+  hooks = ()
+  if val_ds is not None:
+    hooks = (divergence_hook(ctx, model_cfg, val_ds, int(tc.batch_size), int(tc.eval_batches),
+                             int(tc.loss_chunk), vocab),)
+  teacher_flops = 0.0
+  if teacher_cfg is not None and distill is not None:  # forward only: 1/3 of a training step
+    teacher_flops = teacher_cfg.flops_per_token(train_ds.seq_len) / 3
+  result = loop.train(config, model_cfg, student.param_initializer(config, model_cfg), train_ds,
+                      val_ds, tokenizer=tok, eval_hooks=hooks, loss_options=ctx.loss_options,
+                      teacher_flops_per_token=teacher_flops)
+  if result.train_losses:
+    log.info("KD done at step %d: train loss %.4f -> %.4f%s", result.step,
+             result.train_losses[0][1], result.train_losses[-1][1],
+             f", val loss {result.val_losses[-1][1]:.4f}" if result.val_losses else "")
+  return result
+
