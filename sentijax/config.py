@@ -29,8 +29,11 @@ def base() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = all remaining devices
-  c.mesh.fsdp = 1
+  # 0 = auto: fsdp over all devices when the replicated train state (params + 2 Adam moments,
+  # 12 B/param) would exceed half a device's memory, else 1 (see sentijax/sharding.py).
+  c.mesh.fsdp = 0
   c.mesh.tensor = 1
+  c.mesh.device_memory_gb = 0.0  # auto rule: 0 = the device's bytes_limit (16 GiB if none)
   # Logical param/activation axis -> mesh axis (or None = replicated). "batch" places every batch
   # (training, held-out eval, SentiBench scoring, decoding); batch sizes must divide over it.
   c.sharding_rules = (

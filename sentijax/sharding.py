@@ -3,11 +3,23 @@
 Mesh axes are `('data', 'fsdp', 'tensor')`, sized from the config (-1 = the devices left over).
 Params name their axes logically (`embed`, `mlp`, `heads`, ...); the rules in the config map each
 logical name to a mesh axis, a tuple of mesh axes, or None (replicated). Batches shard their
-batch axis by the `batch` rule (default `('data', 'fsdp')`).
+batch axis by the `batch` rule (default `('data', 'fsdp')`). Activations use the same names
+(hidden `[batch, length, embed]`, attention `[batch, length, heads, head_dim]`, MLP
+`[batch, length, mlp]`); the decoder constrains them inside `logical_context(mesh, rules)`.
+
+`mesh.fsdp = 0` (auto) picks FSDP for big models. The rule: the train state replicated on each
+device takes `num_params x 12` bytes (fp32 params + two fp32 Adam moments); if that exceeds
+`AUTO_FRACTION` (1/2: gradients and activations need the rest) of one device's memory
+(`device.memory_stats()['bytes_limit']`, else `mesh.device_memory_gb`, else
+`ASSUMED_DEVICE_MEMORY_GB` on backends that report none, e.g. CPU), params and optimizer state are
+sharded over every device (`fsdp = -1`, `data = 1` unless set); otherwise `fsdp = 1`
+(pure data parallelism). Without a model to size (callers that pass no `model_cfg`), auto is 1.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,15 +29,70 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+TRAIN_BYTES_PER_PARAM = 12  # fp32 params + two fp32 Adam moments
+AUTO_FRACTION = 0.5  # of a device's memory the replicated train state may take
+ASSUMED_DEVICE_MEMORY_GB = 16.0  # when the device reports no bytes_limit and the config sets none
+
+log = logging.getLogger("sentijax")
 
 
 class MeshError(ValueError):
   pass
 
 
+def device_memory_bytes(device: jax.Device, configured_gb: float = 0.0) -> tuple[int, str]:
+  """(bytes one device holds, where the figure came from)."""
+  if configured_gb:
+    return int(configured_gb * 2**30), "mesh.device_memory_gb"
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # backends without memory stats
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{device.device_kind} bytes_limit"
+  return int(ASSUMED_DEVICE_MEMORY_GB * 2**30), "assumed (no bytes_limit reported)"
+
+
+def needs_fsdp(num_params: int, memory_bytes: int) -> bool:
+  """The auto rule: the replicated train state would exceed AUTO_FRACTION of a device."""
+  return num_params * TRAIN_BYTES_PER_PARAM > AUTO_FRACTION * memory_bytes
+
+
+def resolve_auto(mesh_cfg: Any, model_cfg: Any = None,
+                 device: jax.Device | None = None) -> dict[str, int]:
+  """Mesh sizes with `fsdp = 0` (auto) decided by the rule in the module docstring."""
+  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  if sizes["fsdp"] != 0:
+    return sizes
+  if model_cfg is None:
+    sizes["fsdp"] = 1
+    return sizes
+  configured = float(_get(mesh_cfg, "device_memory_gb", 0.0) or 0.0)
+  memory, source = device_memory_bytes(device or jax.local_devices()[0], configured)
+  n = int(model_cfg.num_params)
+  if needs_fsdp(n, memory):
+    sizes.update(fsdp=-1, data=1 if sizes["data"] == -1 else sizes["data"])
+  else:
+    sizes["fsdp"] = 1
+  log.info("mesh.fsdp=0 (auto): %.2fB params x %d B = %.1f GiB train state vs %.1f GiB per "
+           "device (%s) -> fsdp=%s, data=%s", n / 1e9, TRAIN_BYTES_PER_PARAM,
+           n * TRAIN_BYTES_PER_PARAM / 2**30, memory / 2**30, source, sizes["fsdp"], sizes["data"])
+  return sizes
+
+
+def _get(cfg: Any, key: str, default: Any) -> Any:
+  try:
+    return cfg[key]
+  except (KeyError, AttributeError):
+    return default
+
+
 def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
   """Resolves -1 entries; raises MeshError when the sizes do not fit the device count."""
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  if sizes[1] == 0:
+    raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))}: fsdp=0 (auto) must be resolved first "
+                    f"(sharding.resolve_auto or make_mesh)")
   free = [i for i, s in enumerate(sizes) if s == -1]
   if len(free) > 1:
     raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
@@ -45,10 +112,14 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Mesh over `devices` (default: all) with Auto axis types (GSPMD propagates shardings)."""
+def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None, *,
+              model_cfg: Any = None) -> Mesh:
+  """Mesh over `devices` (default: all) with Auto axis types (GSPMD propagates shardings).
+
+  `model_cfg` sizes `fsdp = 0` (auto); see the module docstring.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_cfg, len(devices))
+  shape = mesh_shape(resolve_auto(mesh_cfg, model_cfg), len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   if len(devices) == len(jax.devices()):
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
@@ -69,8 +140,57 @@ def logical_to_shardings(logical_specs: Any, mesh: Mesh, rules: Any) -> Any:
 
 
 def param_shardings(model_cfg, mesh: Mesh, rules: Any) -> Any:
+  """NamedShardings of the params; MeshError when a rule splits an axis its mesh axes do not
+  divide (named: param, logical axis and size, mesh axes and sizes, what to change)."""
   from sentijax.models import decoder  # local: keeps this module importable without flax models
-  return logical_to_shardings(decoder.logical_axes(model_cfg), mesh, rules)
+  logical = decoder.logical_axes(model_cfg)
+  shardings = logical_to_shardings(logical, mesh, rules)
+  check_divisible(decoder.param_shapes(model_cfg), logical, shardings)
+  return shardings
+
+
+def check_divisible(shapes: Any, logical: Any, shardings: Any) -> None:
+  """Raises MeshError for the first param dimension its sharding cannot split evenly."""
+  is_spec = lambda x: isinstance(x, P)  # noqa: E731
+  leaves = jax.tree_util.tree_leaves_with_path(shapes)
+  for (path, shape), names, sh in zip(leaves, jax.tree.leaves(logical, is_leaf=is_spec),
+                                      jax.tree.leaves(shardings)):
+    spec = tuple(sh.spec) + (None,) * (len(shape.shape) - len(sh.spec))
+    for size, name, axes in zip(shape.shape, tuple(names) + (None,) * len(spec), spec):
+      if axes is None:
+        continue
+      axes = (axes,) if isinstance(axes, str) else tuple(axes)
+      parts = int(np.prod([sh.mesh.shape[a] for a in axes]))
+      if size % parts == 0:
+        continue
+      mesh_desc = " x ".join(f"axis {a!r} of size {sh.mesh.shape[a]}" for a in axes)
+      fits = [d for d in range(1, size + 1) if size % d == 0]
+      raise MeshError(
+          f"param {jax.tree_util.keystr(path)} {tuple(shape.shape)}: logical axis {name!r} has "
+          f"size {size}, but the sharding rule ({name!r}, {axes if len(axes) > 1 else axes[0]!r}) "
+          f"splits it over mesh {mesh_desc} ({parts} parts), which does not divide {size}. "
+          f"Set the rule to ({name!r}, None) in sharding_rules to replicate it, or make "
+          f"{' x '.join(axes)} one of {fits} (--config.mesh.*)")
+
+
+def bytes_per_device(tree: Any) -> int:
+  """Bytes one device holds of a pytree of sharded arrays / ShapeDtypeStructs (the largest of
+  its devices' totals: with divisible shardings every device holds the same)."""
+  per_device: dict[Any, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    sh = leaf.sharding
+    size = int(np.prod(sh.shard_shape(leaf.shape), dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    for d in sh.device_set:
+      per_device[d] = per_device.get(d, 0) + size
+  return max(per_device.values(), default=0)
+
+
+@contextlib.contextmanager
+def logical_context(mesh: Mesh, rules: Any):
+  """Inside: the decoder's activation constraints (`nn.with_logical_constraint`) apply on
+  `mesh` under `rules`; outside they are no-ops. Trace (jit) the model inside it."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules_from_config(rules)):
+    yield
 
 
 @functools.cache

@@ -112,3 +112,87 @@ def test_hf_import_streams_slices_into_place(tmp_path, monkeypatch):
   reference = models.load_hf(tmp_path)[1]  # single device: the same values
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                params, reference)
+
+
+def test_indivisible_rule_names_param_axis_sizes_and_fix():
+  qwen = models.presets.get("qwen2.5-1.5b")  # 2 KV heads
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+  with pytest.raises(sharding.MeshError) as err:
+    sharding.param_shardings(qwen, mesh, RULES)
+  msg = str(err.value)
+  for part in ["['layers']['attn']['k_", "logical axis 'kv_heads' has size 2",
+               "('kv_heads', 'tensor')", "mesh axis 'tensor' of size 4",
+               "('kv_heads', None)", "one of [1, 2]"]:
+    assert part in msg, (part, msg)
+  replicated_kv = [(n, None if n == "kv_heads" else a) for n, a in RULES]
+  shardings = sharding.param_shardings(qwen, mesh, replicated_kv)  # the suggested fix works
+  assert shardings["layers"]["attn"]["k_kernel"].spec[2] is None
+  assert shardings["layers"]["attn"]["q_kernel"].spec[2] == "tensor"  # 12 heads: 4 divides
+
+
+def test_auto_fsdp_rule():
+  base = config_lib.base().mesh
+  assert base.fsdp == 0  # the default is auto
+  n8b = models.presets.get("llama-3.1-8b").num_params  # 8.0B x 12 B = 90 GiB of train state
+  for gb, want in [(80.0, -1), (200.0, 1)]:  # 90 GiB > 40 GiB -> shard; < 100 GiB -> replicate
+    auto = sharding.resolve_auto(dict(base, device_memory_gb=gb), models.presets.get("llama-3.1-8b"))
+    assert auto["fsdp"] == want and auto["data"] == (1 if want == -1 else -1), (gb, auto)
+  # The boundary: state == half the memory still fits; one byte less memory does not.
+  limit = n8b * sharding.TRAIN_BYTES_PER_PARAM / sharding.AUTO_FRACTION
+  assert not sharding.needs_fsdp(n8b, int(limit)) and sharding.needs_fsdp(n8b, int(limit) - 1)
+  # On 8 CPU devices (no bytes_limit: 16 GiB assumed): the 8B model is sharded over all 8,
+  # the tiny one is pure data parallel, a fixed data axis leaves fsdp the rest.
+  big = sharding.make_mesh(base, model_cfg=models.presets.get("llama-3.1-8b"))
+  assert dict(big.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+  small = sharding.make_mesh(base, model_cfg=models.presets.get("tiny"))
+  assert dict(small.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  two = sharding.make_mesh(dict(base, data=2), model_cfg=models.presets.get("llama-3.1-8b"))
+  assert dict(two.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert dict(sharding.make_mesh(base).shape)["fsdp"] == 1  # no model to size: replicate
+
+
+def _constraint_specs(jaxpr, out):
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "sharding_constraint":
+      out.append(str(eqn.params["sharding"].spec))
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (list, tuple)) else [v]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          _constraint_specs(inner, out)
+  return out
+
+
+def test_activation_sharding_follows_the_logical_rules():
+  cfg = models.presets.get("tiny")
+  mesh = sharding.make_mesh(MESH_222)
+  params = models.init(cfg, 0, mesh=mesh, rules=RULES)
+  ids = jax.device_put(np.arange(8 * 16, dtype=np.int32).reshape(8, 16) % cfg.vocab_size,
+                       sharding.batch_sharding(mesh, RULES))
+  fwd = lambda p, t: models.forward(cfg, p, t)  # noqa: E731
+  assert _constraint_specs(jax.make_jaxpr(fwd)(params, ids).jaxpr, []) == []  # no context: none
+  with sharding.logical_context(mesh, RULES):
+    specs = set(_constraint_specs(jax.make_jaxpr(fwd)(params, ids).jaxpr, []))
+    inside = np.asarray(jax.jit(fwd)(params, ids))
+  batch = "('data', 'fsdp')"
+  assert specs == {f"P({batch}, None, None)",  # hidden [batch, length, embed]
+                   f"P({batch}, None, 'tensor', None)",  # q/k/v [batch, length, heads, head_dim]
+                   f"P({batch}, None, 'tensor')"}, specs  # mlp [batch, length, mlp]
+  outside = np.asarray(jax.jit(fwd)(params, ids))
+  assert np.abs(inside - outside).max() <= 1e-5 * np.abs(outside).max()
+
+
+def test_fsdp4_state_per_device_is_at_most_1_2_over_4_of_replicated():
+  """Params + AdamW state one device holds: fsdp=4 <= 1.2/4 of fsdp=1 (tiny preset; only the
+  norm scales and the step counts stay replicated). bench/bench_memory.py measures presets."""
+  from sentijax.train import state as state_lib
+  cfg = models.presets.get("tiny")
+  tx = state_lib.make_optimizer(config_lib.base().train)
+  per_device = {}
+  for fsdp in (1, 4):
+    mesh = sharding.make_mesh({"data": 8 // fsdp, "fsdp": fsdp, "tensor": 1})
+    target, _ = state_lib.abstract_state(cfg, tx, mesh, RULES)
+    per_device[fsdp] = sharding.bytes_per_device(target)
+  total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(target))
+  assert per_device[1] == total  # fsdp=1: every device holds everything
+  assert per_device[4] <= 1.2 / 4 * per_device[1], per_device

@@ -136,6 +136,11 @@ def _param(module: nn.Module, name: str, init, shape, axes, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def _act(x: Array, *axes: str) -> Array:
+  """Activation sharding by logical axes: a no-op outside `sharding.logical_context`."""
+  return nn.with_logical_constraint(x, axes)
+
+
 class RMSNorm(nn.Module):
   eps: float
   param_dtype: Any
@@ -187,6 +192,9 @@ class Attention(nn.Module):
     inv_freq = rope_inv_freq(cfg)
     q_BxTxHxD = apply_rope(q_BxTxHxD, positions_BxT, inv_freq)
     k_BxTxKxD = apply_rope(k_BxTxKxD, positions_BxT, inv_freq)
+    q_BxTxHxD = _act(q_BxTxHxD, "batch", "length", "heads", "head_dim")
+    k_BxTxKxD = _act(k_BxTxKxD, "batch", "length", "kv_heads", "head_dim")
+    v_BxTxKxD = _act(v_BxTxKxD, "batch", "length", "kv_heads", "head_dim")
 
     new_cache_kv = None
     if cache_kv is not None:  # write this chunk into the cache, attend over all slots
@@ -235,7 +243,7 @@ class MLP(nn.Module):
     up = _param(self, "up_kernel", init, (e, f), ("embed", "mlp"), pdt).astype(dt)
     down = _param(self, "down_kernel", init, (f, e), ("mlp", "embed"), pdt).astype(dt)
     x = x_BxTxE.astype(dt)
-    h_BxTxF = jax.nn.silu(x @ gate) * (x @ up)
+    h_BxTxF = _act(jax.nn.silu(x @ gate) * (x @ up), "batch", "length", "mlp")
     return h_BxTxF @ down
 
 
@@ -253,7 +261,7 @@ class Block(nn.Module):
     x_BxTxE = x_BxTxE + attn_out
     h = RMSNorm(cfg.rms_norm_eps, pdt, name="post_attn_norm")(x_BxTxE)
     x_BxTxE = x_BxTxE + MLP(cfg, name="mlp")(h)
-    return x_BxTxE, new_cache_kv
+    return _act(x_BxTxE, "batch", "length", "embed"), new_cache_kv
 
 
 class Decoder(nn.Module):
@@ -266,7 +274,8 @@ class Decoder(nn.Module):
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     embedding_VxE = _param(self, "embedding", nn.initializers.normal(0.02),
                            (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
-    x_BxTxE = jnp.take(embedding_VxE, tokens_BxT, axis=0).astype(dt)
+    x_BxTxE = _act(jnp.take(embedding_VxE, tokens_BxT, axis=0).astype(dt), "batch", "length",
+                   "embed")
 
     block = Block
     if cfg.remat:

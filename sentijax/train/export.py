@@ -3,16 +3,22 @@
 Training writes `<workdir>/student/` (config.json + tokenizer, no weights) when it starts; this
 job restores the params of a checkpoint in `<workdir>/checkpoints` and writes the weights next to
 that spec, so a run interrupted before its final export, or any kept step, can be exported.
+
+Memory: only the params are read (an Orbax partial restore: the optimizer moments, 2x the params,
+stay on disk), sharded over the mesh; `models.save_hf` then gathers one tensor at a time.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
-from sentijax import checkpoint, models, sharding
+import jax
+import orbax.checkpoint as ocp
+
+from sentijax import models, sharding
 from sentijax.data import tokenizer as tokenizer_lib
 from sentijax.models import hf
-from sentijax.train import state as state_lib
 
 log = logging.getLogger("sentijax")
 
@@ -28,6 +34,36 @@ def save_student_spec(model_cfg: models.ModelConfig, tokenizer, workdir: str | P
   return out
 
 
+def params_target(model_cfg: models.ModelConfig, mesh, rules) -> dict:
+  """The restore target `{"params": ShapeDtypeStructs with their shardings}`: nothing else."""
+  shardings = sharding.param_shardings(model_cfg, mesh, rules)
+  shapes = models.param_shapes(model_cfg)
+  return {"params": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                 shapes, shardings)}
+
+
+def restore_params(checkpoints: str | Path, target: dict, step: int | None = None
+                   ) -> tuple[Any, int]:
+  """(params, step) of `step` (None = latest) under `checkpoints`, read into `target`'s
+  shardings; the rest of the train state (optimizer moments, step) is not read."""
+  checkpoints = Path(checkpoints).absolute()
+  manager = ocp.CheckpointManager(checkpoints,
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    steps = list(manager.all_steps())
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in steps:
+      raise FileNotFoundError(f"{checkpoints}: no complete checkpoint "
+                              f"{'' if step is None else f'for step {step} '}(steps: {steps})")
+    args = ocp.args.PyTreeRestore(item=target,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    restored = manager.restore(step, args=ocp.args.Composite(state=args))
+  finally:
+    manager.close()
+  return restored["state"]["params"], step
+
+
 def run(config) -> Path:
   """Restores `export.step` (0 = latest) from `workdir` and writes `export.dir`."""
   workdir = Path(config.workdir)
@@ -38,17 +74,11 @@ def run(config) -> Path:
   model_cfg = hf.read_config(spec).replace(dtype=models.resolve_dtype(config.model.dtype),
                                            param_dtype="float32")
   tok = tokenizer_lib.load_tokenizer(spec)
-  mesh = sharding.make_mesh(config.mesh)
-  tx = state_lib.make_optimizer(config.train)  # only its state structure matters here
-  target, _ = state_lib.abstract_state(model_cfg, tx, mesh, config.sharding_rules)
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=1, keep=1_000_000,
-                                 async_save=False)
-  try:
-    state, _, step = ckpt.restore(target, step=int(config.export.step) or None)
-  finally:
-    ckpt.close()
+  mesh = sharding.make_mesh(config.mesh, model_cfg=model_cfg)
+  target = params_target(model_cfg, mesh, config.sharding_rules)
+  params, step = restore_params(workdir / "checkpoints", target,
+                                step=int(config.export.step) or None)
   out = Path(config.export.dir or workdir / "hf")
-  models.save_hf(model_cfg, state.params, out, tokenizer=tok,
-                 dtype=config.export.dtype or "float32")
+  models.save_hf(model_cfg, params, out, tokenizer=tok, dtype=config.export.dtype or "float32")
   log.info("exported step %d of %s to %s", step, workdir, out)
   return out
