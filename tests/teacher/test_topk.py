@@ -213,3 +213,33 @@ def test_server_topk_equals_local_topk(local_store, server, teacher_dir, tmp_pat
     positions += len(same)
     ties += int((~same).sum())
   assert positions > 300 and ties <= positions // 50
+
+
+def test_store_trains_offline_kd(local_store, tmp_path):
+  """generate_topk's store -> `python -m sentijax.main --config=configs/kd.py
+  --config.kd.mode=offline`: a few steps with a finite loss whose KD term is active."""
+  if not (REPO / "configs" / "kd.py").is_file():
+    pytest.skip("configs/kd.py (the logit-distillation job) is not in this checkout")
+  store, _ = local_store
+  cmd = [sys.executable, "-m", "sentijax.main", f"--config={REPO}/configs/kd.py",
+         "--config.kd.mode=offline", f"--config.kd.store={store}", "--config.kd.top_k=4",
+         f"--config.workdir={tmp_path / 'kd'}", "--config.train.steps=2",
+         "--config.train.log_every=1", "--config.train.warmup_steps=1",
+         "--config.train.batch_size=8", "--config.data.seq_len=128",
+         "--config.data.val_fraction=0", "--config.data.prefetch=0",
+         "--config.checkpoint.every=100", "--config.export_hf=False"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  done = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        timeout=300, check=False)
+  out = done.stdout.decode()
+  assert done.returncode == 0, out[-3000:]
+  assert "KD (offline" in out and "KD done at step 2" in out, out[-3000:]
+  steps = [dict(kv.split("=") for kv in line.split(" I step ")[1].split()[1:])
+           for line in out.splitlines() if " I step " in line and "train/loss=" in line]
+  assert len(steps) == 2
+  for metrics in steps:
+    loss, ce, kd = (float(metrics[f"train/{m}"]) for m in ("loss", "ce", "kd"))
+    assert np.isfinite([loss, ce, kd]).all() and kd > 1e-3  # the KD term is on and not ~0
+    assert loss == pytest.approx(0.5 * ce + 0.5 * kd, rel=1e-3)  # alpha = 0.5
+  stats = json.loads((tmp_path / "kd" / "data_stats.json").read_text())
+  assert stats["train"]["pretokenized"] == N_RECORDS - 1 and stats["train"]["soft_width"] == 4
