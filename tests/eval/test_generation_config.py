@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import hf_fixtures
-from sentijax import sampling
+from sentijax import models, sampling, sharding
 from sentijax.data import sentibench
 from sentijax.eval import generation, scorer
 
@@ -131,3 +131,35 @@ def test_refused_and_ignored_keys(tmp_path):
   assert generation.load(tmp_path, "auto").eos_token_ids == (7,)
   with pytest.raises(ValueError, match="auto"):
     generation.load(tmp_path, "sometimes")
+
+
+def test_training_hooks_apply_the_generation_config(setup, sentibench_dir, tmp_path):
+  """Scoring during training (KnowDist and ICLDist hooks) applies the model.init directory's
+  generation config as the sentibench job does."""
+  from sentijax import config as config_lib
+  from sentijax.data import tasks
+  from sentijax.eval import heldout, hooks
+  s = setup
+  settings = _write_config(s["root"], repetition_penalty=PENALTY, eos_token_id=2)
+  config = config_lib.base()
+  config.model.init = str(s["root"])
+  config.workdir = str(tmp_path)
+  config.eval.data_dir = str(sentibench_dir)
+  config.eval.templates = str(sentibench_dir / "protocol.json")
+  config.eval.during_training = "multifaced/tweeteval"
+  config.eval.seeds, config.eval.max_examples = "42", 24
+  run = scorer.RunSettings.from_config(config, s["tok"])
+  assert run.generation.repetition_penalty == PENALTY
+  mesh = sharding.make_mesh(config.mesh)  # the hooks score on the config's mesh
+  cfg, params = models.load_hf(s["root"], dtype="float32", mesh=mesh,
+                               rules=config.sharding_rules)
+  kw = dict(max_examples=24, batch_size=16, progress=False, mesh=mesh)
+  args = (cfg, params, s["tok"], sentibench_dir, s["templates"], ["multifaced/tweeteval"], "42")
+  want = scorer.score(*args, generation=settings, **kw)["average"]
+  raw = scorer.score(*args, **kw)["average"]
+  assert want != raw  # the penalty changes this score
+  got = hooks.sentibench_hook(config, cfg, s["tok"])(0, params)
+  assert got["sentibench/average"] == pytest.approx(want, abs=1e-9)
+  spec = tasks.make_spec(sentibench_dir, "multifaced/tweeteval", s["templates"])
+  got = heldout.heldout_hook(config, cfg, s["tok"], [spec])(0, params)
+  assert got["sentibench/average"] == pytest.approx(want, abs=1e-9)
