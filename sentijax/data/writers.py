@@ -3,52 +3,20 @@ import json
 import logging
 import os
 import threading
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from sentijax import atomic
+from sentijax.atomic import fsync_dir, open_temp_file  # noqa: F401  (re-exported)
 from sentijax.data.records import CorpusError, Record, validate_record
 
 logger = logging.getLogger("sentijax")
 
 
-def fsync_dir(directory: Path) -> None:
-  """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
-  try:
-    fd = os.open(directory, os.O_RDONLY)
-  except OSError:
-    return  # not supported on this platform / filesystem
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
-def open_temp_file(path: Path) -> tuple[int, str]:
-  """(fd, name) of a new hidden temp file next to `path`, with the umask-default permissions."""
-  tmp_name = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
-  return os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp_name
-
-
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes `obj` as indented JSON to `path` atomically (readers see the old or the new file)."""
-  path = Path(path)
-  fd, tmp = open_temp_file(path)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=1, sort_keys=True)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except FileNotFoundError:
-      pass
-    raise
+  """Writes `obj` as indented JSON with sorted keys to `path` atomically."""
+  atomic.write_json(path, obj, indent=1, sort_keys=True)
 
 
 def write_records(path: str | os.PathLike, records: Iterable[Record | Mapping]) -> int:
@@ -57,30 +25,16 @@ def write_records(path: str | os.PathLike, records: Iterable[Record | Mapping]) 
   If validation or the `records` iterable raises, the existing file is left unchanged and the temp
   file is removed. Returns the number of records written.
   """
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp_name = open_temp_file(path)
   count = 0
   seen: set[str] = set()
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for item in records:
-        record = validate_record(item)
-        if record.id in seen:
-          raise CorpusError(f"write_records({path}): duplicate id {record.id!r}")
-        seen.add(record.id)
-        f.write(record.to_line())
-        count += 1
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_name, path)
-  except BaseException:
-    try:
-      os.unlink(tmp_name)
-    except FileNotFoundError:
-      pass
-    raise
-  fsync_dir(path.parent)
+  with atomic.atomic_open(path) as f:
+    for item in records:
+      record = validate_record(item)
+      if record.id in seen:
+        raise CorpusError(f"write_records({path}): duplicate id {record.id!r}")
+      seen.add(record.id)
+      f.write(record.to_line())
+      count += 1
   return count
 
 

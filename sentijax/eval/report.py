@@ -12,6 +12,7 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
+from sentijax import atomic
 from sentijax.data import sentibench
 
 CATEGORY_ORDER = ("basic", "multifaceted", "fine-grained")
@@ -21,25 +22,13 @@ _COLORS = {"basic": "#4C72B0", "multifaceted": "#55A868", "fine-grained": "#C44E
 
 
 def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> None:
-  """Atomic JSONL write (tmp file + os.replace)."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
+  """One JSON object per line, written atomically."""
+  with atomic.atomic_open(path) as f:
     for row in rows:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-  """Atomic JSON write (tmp file + os.replace)."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1, ensure_ascii=False)
-    f.write("\n")
-  os.replace(tmp, path)
+write_json = atomic.write_json  # results.json: indent 1, UTF-8, trailing newline
 
 
 def load_results(path: str | os.PathLike) -> dict:
@@ -167,10 +156,8 @@ def plot(results: Mapping[str, Any], path: str | os.PathLike, title: str = "Sent
   ax.legend(handles=handles, fontsize=7, loc="upper right")
   fig.tight_layout()
   path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}.png"
-  fig.savefig(tmp)
-  os.replace(tmp, path)
+  with atomic.atomic_open(path, "wb") as f:
+    fig.savefig(f, format="png")
   return path
 
 
@@ -179,8 +166,6 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike) -> tupl
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   md_path = os.path.join(out_dir, "results.md")
-  tmp = f"{md_path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
+  with atomic.atomic_open(md_path) as f:
     f.write("# SentiBench results\n\n" + markdown_table(results))
-  os.replace(tmp, md_path)
   return md_path, plot(results, os.path.join(out_dir, "results.png"))
