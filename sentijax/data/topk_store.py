@@ -172,11 +172,18 @@ class StoreWriter:
   """
 
   def __init__(self, store_dir: str | os.PathLike, *, k: int, teacher: str, tokenizer: Any,
-               render: dict):
-    self.dir = Path(store_dir)
-    self.dir.mkdir(parents=True, exist_ok=True)
+               render: dict, read_only: bool = False):
+    """`read_only`: only read what is stored (the other hosts of a multi-host job, once the
+    writing host has opened the store); `write_shard` then only records the ids."""
+    self.dir, self.read_only = Path(store_dir), read_only
     header = {"format": FORMAT, "k": int(k), "teacher": teacher,
               "tokenizer": tokenizer_identity(tokenizer), "render": dict(render)}
+    if read_only:
+      self.index = read_index(self.dir)
+      self.done_ids = {str(x) for _, a in iter_shards(self.dir, self.index, ("ids",))
+                       for x in a["ids"]}
+      return
+    self.dir.mkdir(parents=True, exist_ok=True)
     if (self.dir / INDEX).is_file():
       self.index = read_index(self.dir)
       header["tokenizer"]["name"] = self.index["tokenizer"].get("name", "")  # vocab decides
@@ -218,6 +225,9 @@ class StoreWriter:
     dup = [s.record.id for s in scored if s.record.id in self.done_ids]
     if dup or len({s.record.id for s in scored}) != len(scored):
       raise ValueError(f"write_shard: record ids already in the store or repeated: {dup[:5]}")
+    if self.read_only:
+      self.done_ids.update(s.record.id for s in scored)
+      return ""
     vocab = self.index["tokenizer"]["vocab"]
     other = [s.record.id for s in scored if s.record.tokens.vocab not in ("", vocab)]
     if other:
@@ -247,6 +257,8 @@ class StoreWriter:
 
   def finish(self, complete: bool) -> None:
     """Marks the store complete (every record of the corpus stored) or not."""
+    if self.read_only:
+      return
     self.index = self.index | {"complete": bool(complete)}
     write_json_atomic(self.dir / INDEX, self.index)
 

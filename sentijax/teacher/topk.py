@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -191,6 +192,19 @@ def _scorer(config, spec: TopKSpec):
   return teacher, teacher.tokenizer, ServerScorer(teacher, spec.k, spec.echo_max_tokens)
 
 
+def _open_store(spec: TopKSpec, teacher: str, tok: Any, mode: str) -> topk_store.StoreWriter:
+  """The writer on process 0; the other hosts read the store once process 0 has opened it."""
+  def open_store(read_only: bool) -> topk_store.StoreWriter:
+    return topk_store.StoreWriter(spec.store_dir, k=spec.k, teacher=teacher, tokenizer=tok,
+                                  render={"mode": mode}, read_only=read_only)
+  if jax.process_count() == 1:
+    return open_store(False)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  writer = open_store(False) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("generate_topk: store opened")
+  return writer or open_store(True)
+
+
 def run(config) -> dict:
   """Scores every record of `config.data.corpus` not yet in the store; returns the summary."""
   workdir, _, checker = gen.start_job(config)
@@ -207,8 +221,7 @@ def run(config) -> dict:
                                if config.teacher.backend == "local" else 0)
     keep = [i for i, s in enumerate(seqs) if (not max_len or len(s.tokens) <= max_len)
             and s.loss_mask[1:].any()]
-    writer = topk_store.StoreWriter(spec.store_dir, k=spec.k, teacher=teacher.name, tokenizer=tok,
-                                    render={"mode": token_stats["mode"]})
+    writer = _open_store(spec, teacher.name, tok, token_stats["mode"])
     vocab = writer.index["tokenizer"]["vocab"]
     summary = {"teacher": teacher.name, "k": spec.k, "store": spec.store_dir,
                "records": len(records), "too_long_or_empty": len(records) - len(keep),
@@ -219,7 +232,8 @@ def run(config) -> dict:
     shards = plan([len(seqs[i].tokens) for i in keep], spec.shard_records)
     bar = tqdm(total=len(keep) - summary["skipped"], unit="rec", desc="teacher top-k",
                disable=not spec.progress)
-    with open(workdir / "rejects.jsonl", "w", encoding="utf-8") as rejects:
+    main = jax.process_index() == 0  # the one host writing files
+    with open(workdir / "rejects.jsonl" if main else os.devnull, "w", encoding="utf-8") as rejects:
       for shard in shards:
         todo = [keep[j] for j in shard if records[keep[j]].id not in writer.done_ids]
         if not todo:
@@ -242,8 +256,8 @@ def run(config) -> dict:
             summary["leaks"]["records"] += 1
             if len(summary["leaks"]["ids"]) < 100:
               summary["leaks"]["ids"].append({"id": records[i].id, "sentences": hits[:5]})
-        if scored and jax.process_index() == 0:
-          writer.write_shard(scored)
+        if scored:
+          writer.write_shard(scored)  # other hosts: only the ids
           summary["shards_written"] += 1
           summary["written"] += len(scored)
         bar.update(len(todo))
@@ -251,8 +265,7 @@ def run(config) -> dict:
     summary["unmapped_logprob_tokens"] = scorer.unmapped
     stored = len(writer.done_ids)
     complete = stored == len(keep)
-    if jax.process_index() == 0:
-      writer.finish(complete)
+    writer.finish(complete)
     summary |= {"stored_records": stored, "complete": complete,
                 "shards": len(writer.index["shards"]),
                 "store_id": topk_store.identity(spec.store_dir),
@@ -263,7 +276,8 @@ def run(config) -> dict:
   if summary["leaks"]["records"]:
     log.warning("%d stored records contain SentiBench test sentences (summary.json: leaks)",
                 summary["leaks"]["records"])
-  write_json_atomic(workdir / "summary.json", summary)
+  if jax.process_index() == 0:
+    write_json_atomic(workdir / "summary.json", summary)
   log.info("top-k store %s: %d written, %d already there, %d rejected, %d skipped (too long or "
            "no response token); %d records in %d shards, k=%d, %d tokens scored in %.1f s",
            spec.store_dir, summary["written"], summary["skipped"], summary["rejected"],
