@@ -47,10 +47,11 @@ from typing import Any
 
 import numpy as np
 
+from sentijax import atomic
 from sentijax.data import packing
 from sentijax.data.records import BadRow, DataError, Record, make_tokens, record_from_json
 from sentijax.data.tokenizer import vocab_fingerprint
-from sentijax.data.writers import fsync_dir, open_temp_file, write_json_atomic
+from sentijax.data.writers import write_json_atomic
 
 log = logging.getLogger("sentijax")
 
@@ -196,7 +197,6 @@ class StoreWriter:
     else:
       self.index = header | {"shards": [], "complete": False}
       write_json_atomic(self.dir / INDEX, self.index)
-      fsync_dir(self.dir)
     if not (self.dir / TOKENIZER_DIR).is_dir():
       tmp = self.dir / f".{TOKENIZER_DIR}.{os.getpid()}.tmp"
       tokenizer.save_pretrained(str(tmp))
@@ -235,18 +235,8 @@ class StoreWriter:
     arrays = _shard_arrays(scored, self.k)
     data = _npz_bytes(arrays)
     name = f"shard-{len(self.index['shards']):05d}.npz"
-    path = self.dir / name
-    fd, tmp = open_temp_file(path)
-    try:
-      with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      Path(tmp).unlink(missing_ok=True)
-      raise
-    fsync_dir(self.dir)
+    with atomic.atomic_open(self.dir / name, "wb") as f:  # temp, fsync, rename, fsync dir
+      f.write(data)
     entry = {"file": name, "records": len(scored), "tokens": int(len(arrays["tokens"])),
              "positions": int(len(arrays["topk_ids"])),
              "sha256": hashlib.sha256(data).hexdigest()}
