@@ -11,6 +11,11 @@ class TeacherError(RuntimeError):
   """A request failed for good (after retries, or with a non-retryable error)."""
 
 
+class TeacherConfigError(TeacherError):
+  """The server refuses every request alike (HTTP 401/403/404: key, model name or URL): the job
+  stops at once instead of rejecting each prompt in turn."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """Decoding settings; temperature 0 = greedy. `min_tokens` blocks end-of-text until that many

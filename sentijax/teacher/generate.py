@@ -26,7 +26,7 @@ from sentijax.data import prompts as prompts_lib
 from sentijax.data.writers import ResumableWriter, write_json_atomic
 from sentijax.teacher import inputs as inputs_lib
 from sentijax.teacher import leaks as leaks_lib
-from sentijax.teacher.common import Completion, Sampling, record_key
+from sentijax.teacher.common import Completion, Sampling, TeacherConfigError, record_key
 
 log = logging.getLogger("sentijax")
 
@@ -116,6 +116,10 @@ def generate(items: Sequence[Item], teacher: Any, sampling: Sampling, workdir: s
     bar = tqdm(total=len(pending), unit="rec", desc="teacher", disable=not progress)
     for item, result in teacher.stream(pending, sampling, logprobs):
       bar.update(1)
+      if isinstance(result, TeacherConfigError):
+        bar.close()
+        raise TeacherConfigError(f"{result}; stopped after {summary['written']} new records "
+                                 "(the corpus so far is kept; fix the setting and rerun)")
       if isinstance(result, Completion) and not result.text.strip():
         result = ValueError(f"blank response (finish_reason={result.finish_reason})")
       if isinstance(result, Exception):

@@ -33,11 +33,13 @@ from typing import Any
 
 import httpx
 
-from sentijax.teacher.common import Completion, Sampling, TeacherError
+from sentijax.teacher.common import Completion, Sampling, TeacherConfigError, TeacherError
 
 log = logging.getLogger("sentijax")
 
 RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+FATAL_STATUS = {401: "check the key in teacher.api_key_env", 403: "check the key's permissions",
+                404: "check teacher.base_url (ends in /v1?), teacher.endpoint and teacher.model"}
 
 
 class _Retryable(Exception):
@@ -169,6 +171,9 @@ class OpenAITeacher:
       except ValueError:
         retry_after = 0.0
       raise _Retryable(f"HTTP {response.status_code}: {response.text[:200]}", retry_after)
+    if response.status_code in FATAL_STATUS:
+      raise TeacherConfigError(f"HTTP {response.status_code} from {url or self.url} "
+                               f"({FATAL_STATUS[response.status_code]}): {response.text[:300]}")
     if response.status_code != 200:
       raise TeacherError(f"HTTP {response.status_code} from {url or self.url}: "
                          f"{response.text[:500]}")
@@ -236,7 +241,7 @@ class OpenAITeacher:
           self.retries += 1
         time.sleep(max(delay, min(e.retry_after, self.max_backoff_s)))
       except TeacherError as e:
-        raise TeacherError(self._scrub(str(e))) from None
+        raise type(e)(self._scrub(str(e))) from None
     raise AssertionError("unreachable")
 
   def stream(self, items: Sequence[Any], s: Sampling, logprobs: int = 0
@@ -248,6 +253,8 @@ class OpenAITeacher:
         for future in concurrent.futures.as_completed(futures):
           try:
             yield futures[future], future.result()
+          except TeacherError as e:  # already scrubbed; the type tells the job to stop or not
+            yield futures[future], e
           except Exception as e:  # pylint: disable=broad-except
             yield futures[future], TeacherError(self._scrub(f"{type(e).__name__}: {e}"))
       finally:

@@ -16,7 +16,7 @@ import pytest
 from teacher import teacher_fixtures as fx
 from sentijax import serve
 from sentijax.teacher import generate, inputs
-from sentijax.teacher.common import Sampling
+from sentijax.teacher.common import Sampling, TeacherConfigError
 from sentijax.teacher.openai_api import OpenAITeacher
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -212,3 +212,40 @@ def test_logprob_strings_mapped_to_ids(server, local_teacher):
       assert value == pytest.approx(r[token_id], abs=1e-6)  # the same numbers through JSON
       mapped += 1
   assert mapped + got.unmapped >= 8 and mapped > 0
+
+
+@pytest.mark.parametrize("status", [401, 404])
+def test_refused_requests_stop_the_job(tmp_path, status):
+  """A server that refuses every request (bad key / model / URL) stops the job with the reason
+  after the first answers, instead of rejecting every prompt in turn; nothing is written."""
+  import http.server
+  import threading
+  hits = []
+
+  class Refuse(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):  # pylint: disable=invalid-name
+      hits.append(self.path)
+      self.rfile.read(int(self.headers.get("content-length", 0)))
+      body = b'{"error": {"message": "nope"}}'
+      self.send_response(status)
+      self.send_header("content-type", "application/json")
+      self.send_header("content-length", str(len(body)))
+      self.end_headers()
+      self.wfile.write(body)
+
+    def log_message(self, *args):
+      pass
+
+  srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+  threading.Thread(target=srv.serve_forever, daemon=True).start()
+  try:
+    texts = [inputs.SourceText(f"r{i}", f"Review {i}: it was fine.") for i in range(40)]
+    items = generate.knowdist_items(texts, PERSPECTIVES, SAMPLING)  # 80 prompts
+    teacher = OpenAITeacher(f"http://127.0.0.1:{srv.server_port}/v1", "tiny",
+                            endpoint="completions", concurrency=2, max_retries=3)
+    with pytest.raises(TeacherConfigError, match=f"HTTP {status}.*check (the key in )?teacher"):
+      generate.generate(items, teacher, SAMPLING, tmp_path, progress=False)
+  finally:
+    srv.shutdown()
+  assert len(hits) < 10  # the requests already in flight, not one per prompt, and no retries
+  assert _corpus(tmp_path) == [] and _rejects(tmp_path) == []
