@@ -1,8 +1,18 @@
 """Orbax checkpoints of the train state plus the data position: async, keep-N, resumable.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a job killed
-mid-save resumes from the last complete checkpoint. SIGTERM (preemption) sets a flag the loop
-polls: it saves at the current step, waits for the write, and exits cleanly.
+mid-save resumes from the last complete checkpoint. A checkpoint restores into any mesh: the
+arrays are read into the target shardings, so a run saved by N processes / D devices resumes on
+M processes / E devices.
+
+Preemption (SIGTERM):
+- one process: a Python SIGTERM handler sets a flag the loop polls; it saves at the current step,
+  waits for the write and exits cleanly.
+- several processes: every host must save the SAME step (the save has barriers) and a host
+  seeing SIGTERM cannot just stop at its own step. `jax.distributed.initialize` starts JAX's
+  preemption service, whose C++ SIGTERM notifier tells all hosts; `reached_preemption_sync_point`
+  then turns True on every host at one agreed step. No Python handler is installed there (it
+  would replace the notifier and each host would stop at a different step: a deadlock).
 """
 from __future__ import annotations
 
@@ -11,8 +21,43 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+_polls = 0
+
+
+def _next_poll() -> int:
+  """1, 2, 3, ... over the whole process (every host polls once per step, in lock-step).
+
+  JAX's sync point is (largest counter any host passed so far, 0 before the first poll) + 1. A
+  resumed run passing its training step (k + 1, ...) would never meet a sync point of 1 set by a
+  SIGTERM during start-up; a per-process poll count always reaches it, also across the stages of
+  one process (pipeline) where the training step starts again from 0.
+  """
+  global _polls
+  _polls += 1
+  return _polls
+
+
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, except that it never polls JAX's preemption sync point itself.
+
+  Orbax asks `reached_preemption(step)` inside `save` and again in its background finalize
+  thread; each such call would overwrite JAX's per-host call counter with a training step and
+  could move the agreed sync point. Only `Checkpointer.preempted` polls; Orbax gets its answer.
+  """
+  preempted_at: int | None = None
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.preempted_at == step
 
 
 class Checkpointer:
@@ -26,25 +71,44 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = _Manager(self.directory, options=options)
     self._preempted = threading.Event()
     self._old_handler = None
 
   # -- preemption ---------------------------------------------------------------------------
 
   def install_sigterm_handler(self) -> None:
+    """Makes SIGTERM a preemption notice: a Python handler on one process, JAX's preemption
+    service (checked here) on several."""
+    if jax.process_count() > 1:
+      if not jax.distributed.is_initialized():
+        raise CheckpointError(
+            f"{jax.process_count()} processes but jax.distributed is not initialized: a SIGTERM "
+            f"could not be agreed on by all hosts. Run with --config.distributed.enabled=True.")
+      if not jax.config.jax_enable_preemption_service:
+        raise CheckpointError(
+            "jax_enable_preemption_service is off: on several processes a SIGTERM could not be "
+            "synchronised across hosts. Leave JAX_ENABLE_PREEMPTION_SERVICE unset (default on).")
+      if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        raise CheckpointError(
+            "a Python SIGTERM handler is installed on a multi-process run: it replaces the "
+            "notifier of JAX's preemption service, and hosts would stop at different steps. "
+            f"Remove the handler ({signal.getsignal(signal.SIGTERM)!r}).")
+      return
     if threading.current_thread() is not threading.main_thread():
       return
     self._old_handler = signal.signal(signal.SIGTERM, lambda *_: self._preempted.set())
 
   def preempted(self, step: int) -> bool:
-    """True when this process got SIGTERM or (multi-host) any host reached preemption."""
-    if self._preempted.is_set():
-      return True
-    try:
-      return bool(self.manager.reached_preemption(step))
-    except Exception:  # no distributed preemption service: single-process runs
-      return False
+    """Whether to save and stop after `step`. Call it after every step, on every process: on
+    several processes it is True on all of them at the same (agreed) step."""
+    if jax.process_count() > 1:  # agreed on poll counts, equal on all hosts (see _next_poll)
+      hit = bool(multihost_utils.reached_preemption_sync_point(_next_poll()))
+    else:
+      hit = self._preempted.is_set()
+    if hit:
+      self.manager.preempted_at = step
+    return hit
 
   # -- save / restore -----------------------------------------------------------------------
 
@@ -59,7 +123,7 @@ class Checkpointer:
     return self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       data=ocp.args.JsonSave(data_state)),
-        force=force)
+        force=True)  # `every` is decided above, not by Orbax's save-interval policy
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
     """Restores into the shardings of `abstract_state` (jax.ShapeDtypeStruct leaves)."""

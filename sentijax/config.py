@@ -18,6 +18,12 @@ def base() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
   c.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
   c.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
+  # Seconds each process waits for all the others to connect (JAX's default, 300, is too short
+  # for large slices where hosts boot and install at different speeds).
+  c.distributed.initialization_timeout = 900
+  # This process's accelerators as a comma list ("0,1,2,3"); "" = auto (all of the host's, or
+  # JAX_LOCAL_DEVICE_IDS; launch/gpu_slurm.sbatch sets it for one process per node).
+  c.distributed.local_device_ids = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"  # used when init == "" (random init); see sentijax/models/presets.py
@@ -102,6 +108,13 @@ def base() -> ml_collections.ConfigDict:
   c.eval.batch_size = 16
   c.eval.max_new_tokens = 150
   c.eval.during_training = ""  # datasets scored every train.eval_every steps ("" = none)
+  # Fidelity to the official harness (README "Fidelity"), here and during training:
+  c.eval.generation_config = "auto"  # auto: the model.init dir's generation_config.json | ignore
+  c.eval.decode_cleanup = "auto"  # auto: as transformers 4.44 (tokenizer config) | on | off
+  c.eval.aggregation = "mean"  # mean over seeds | official (round to 4 dp, / 12, missing = 0)
+  # Tokens of compute one XLA compilation is worth when choosing batch shapes (eval/buckets.py):
+  # -1 = estimate for the model and platform, 0 = least padding (most shapes).
+  c.eval.compile_cost_tokens = -1.0
   return c
 
 
@@ -111,13 +124,6 @@ def icl() -> ml_collections.ConfigDict:
   c.task_dirs = ""  # comma list of task roots (sentijax.data.tasks); "" = the package demo tasks
   c.tasks = "all"  # source tasks (names under task_dirs), held-out ones removed
   c.heldout = ""  # never trained on, scored during training; "" = eval.during_training
-  # Fidelity to the official harness (README "Fidelity"), here and during training:
-  c.eval.generation_config = "auto"  # auto: the model.init dir's generation_config.json | ignore
-  c.eval.decode_cleanup = "auto"  # auto: as transformers 4.44 (tokenizer config) | on | off
-  c.eval.aggregation = "mean"  # mean over seeds | official (round to 4 dp, / 12, missing = 0)
-  # Tokens of compute one XLA compilation is worth when choosing batch shapes (eval/buckets.py):
-  # -1 = estimate for the model and platform, 0 = least padding (most shapes).
-  c.eval.compile_cost_tokens = -1.0
   c.shots = "0-8"  # demos per prompt: "K" or "MIN-MAX", shrunk to fit data.seq_len
   c.num_prompts = 2000  # training prompts (gold targets)
   c.val_prompts = 64  # held-out-loss prompts, queries from a hash split of each source task

@@ -1,16 +1,109 @@
-"""Multi-host start-up: `jax.distributed.initialize` from config or the cluster environment."""
+"""Multi-host start-up: `jax.distributed.initialize` from the `distributed` config section.
+
+  spec = DistributedSpec.from_config(config.distributed)   # checked once, clear errors
+  initialize(spec)                                          # no-op unless spec.enabled
+
+Unset fields (None / "") are auto-detected by JAX: the TPU metadata server on Cloud TPU slices,
+SLURM's environment on SLURM clusters, `JAX_LOCAL_DEVICE_IDS` for the local devices. The call
+also starts JAX's preemption service, whose SIGTERM notifier the training loop polls on
+multi-process runs (see sentijax/checkpoint.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
 import jax
 
 
-def initialize(dist_cfg) -> None:
-  """No-op unless `distributed.enabled`; unset fields are auto-detected (TPU pods, SLURM)."""
-  if not dist_cfg.enabled:
-    return
-  kwargs = {}
-  if dist_cfg.coordinator_address:
-    kwargs["coordinator_address"] = dist_cfg.coordinator_address
-  if dist_cfg.num_processes is not None:
-    kwargs["num_processes"] = int(dist_cfg.num_processes)
-  if dist_cfg.process_id is not None:
-    kwargs["process_id"] = int(dist_cfg.process_id)
-  jax.distributed.initialize(**kwargs)
+class DistributedConfigError(ValueError):
+  pass
+
+
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+  """'0,1,2' -> (0, 1, 2); raises ValueError on anything else."""
+  parts = [p.strip() for p in text.split(",")]
+  if not all(re.fullmatch(r"\d+", p) for p in parts):
+    raise ValueError(text)
+  return tuple(int(p) for p in parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+  """What `jax.distributed.initialize` is given (defaults = `sentijax.config.base()`)."""
+  enabled: bool = False
+  coordinator_address: str | None = None  # "host:port" of process 0; None = auto-detect
+  num_processes: int | None = None
+  process_id: int | None = None
+  initialization_timeout: int = 900  # seconds every process waits for all others to connect
+  local_device_ids: tuple[int, ...] | None = None  # this process's devices; None = auto
+
+  @classmethod
+  def from_config(cls, dist_cfg: Any) -> "DistributedSpec":
+    """Reads and checks `config.distributed`; errors name the key and what to pass."""
+    def err(key: str, value: Any, why: str) -> DistributedConfigError:
+      return DistributedConfigError(f"config.distributed.{key}={value!r}: {why}")
+
+    enabled = bool(dist_cfg.enabled)
+    address = dist_cfg.coordinator_address or None
+    nproc, pid = dist_cfg.num_processes, dist_cfg.process_id
+    timeout = dist_cfg.initialization_timeout
+    ids_text = str(dist_cfg.local_device_ids or "").strip()
+
+    if not enabled:
+      given = {k: v for k, v in (("coordinator_address", address), ("num_processes", nproc),
+                                 ("process_id", pid), ("local_device_ids", ids_text or None))
+               if v is not None}
+      if given:
+        key, value = next(iter(given.items()))
+        raise err(key, value, "is set but distributed.enabled is False; pass "
+                  "--config.distributed.enabled=True (or drop the setting)")
+    if address is not None and not _ADDRESS.match(address):
+      raise err("coordinator_address", address, "expected HOST:PORT of process 0, e.g. "
+                "10.0.0.2:1234 or [::1]:1234 (leave unset to auto-detect on TPU / SLURM)")
+    if nproc is not None and int(nproc) < 1:
+      raise err("num_processes", nproc, "must be >= 1")
+    if pid is not None:
+      if int(pid) < 0:
+        raise err("process_id", pid, "must be >= 0")
+      if nproc is not None and int(pid) >= int(nproc):
+        raise err("process_id", pid, f"must be < distributed.num_processes={nproc}")
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
+      raise err("initialization_timeout", timeout, "must be a positive number of seconds "
+                "(large slices can need 900+ while every host boots and connects)")
+    ids = None
+    if ids_text:
+      try:
+        ids = _int_list(ids_text)
+      except ValueError:
+        raise err("local_device_ids", ids_text, "expected a comma list of device numbers, e.g. "
+                  "0,1,2,3 (empty = all devices of this host / JAX_LOCAL_DEVICE_IDS)") from None
+      if len(set(ids)) != len(ids):
+        raise err("local_device_ids", ids_text, "lists a device twice")
+    return cls(enabled=enabled, coordinator_address=address,
+               num_processes=None if nproc is None else int(nproc),
+               process_id=None if pid is None else int(pid),
+               initialization_timeout=int(timeout), local_device_ids=ids)
+
+  def initialize_kwargs(self) -> dict:
+    """The keyword arguments for `jax.distributed.initialize` (unset ones left out)."""
+    kwargs = {"initialization_timeout": self.initialization_timeout}
+    for key in ("coordinator_address", "num_processes", "process_id"):
+      if getattr(self, key) is not None:
+        kwargs[key] = getattr(self, key)
+    if self.local_device_ids is not None:
+      kwargs["local_device_ids"] = list(self.local_device_ids)
+    return kwargs
+
+
+def initialize(dist_cfg: Any) -> DistributedSpec:
+  """Checks `config.distributed` (or a `DistributedSpec`) and, when enabled, joins the job."""
+  spec = dist_cfg if isinstance(dist_cfg, DistributedSpec) else DistributedSpec.from_config(
+      dist_cfg)
+  if spec.enabled:
+    jax.distributed.initialize(**spec.initialize_kwargs())
+  return spec

@@ -1,19 +1,38 @@
-"""Two local processes (jax.distributed on localhost, 2 CPU devices each) train exactly like one
-process with 4 devices: each host reads only its half of every batch."""
+"""Several processes (jax.distributed on localhost, 2 CPU devices each, fsdp across them) train
+exactly like one process, checkpoints move between process and device counts, and a SIGTERM to
+one process of two saves one checkpoint at a step both agree on.
+
+One chain of runs, 6 steps of the tiny KnowDist model:
+  ref    1 process x 4 devices, uninterrupted (the reference)
+  multi  2 processes x 2 devices, uninterrupted: same loss curve and params as ref
+  pre    2 processes resume ref's step-3 checkpoint (1 -> 2 processes); SIGTERM to process 1
+         during start-up: both save step 4 and exit 0
+  post   1 process x 2 devices resumes pre's step 4 (2 -> 1 processes, 4 -> 2 devices) and
+         ends with ref's params
+"""
 import os
+import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import safetensors.numpy
 from tensorboardX.proto import event_pb2
 
+from tolerances import assert_trees_close
+
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["--config=configs/knowdist.py", "--config.train.steps=6", "--config.train.eval_every=3",
-        "--config.checkpoint.every=3", "--config.train.log_every=3"]
+STEPS = 6
+ARGS = ["--config=configs/knowdist.py", f"--config.train.steps={STEPS}",
+        "--config.train.eval_every=3", "--config.checkpoint.every=3", "--config.checkpoint.keep=3",
+        "--config.train.log_every=1", "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
+TIMEOUT = 300  # per run; a deadlocked save would hang forever
 
 
 def _free_port() -> int:
@@ -22,11 +41,71 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(workdir, devices, extra=()):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  cmd = [sys.executable, "-m", "sentijax.main", *ARGS, f"--config.workdir={workdir}", *extra]
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+class _Run:
+  """A `sentijax.main` subprocess whose merged output is collected by a thread.
+
+  Runs of one test share a JAX compilation cache (the 2-process resume reuses the programs the
+  first 2-process run compiled); the cache only skips XLA compiles of identical programs.
+  """
+
+  def __init__(self, workdir, devices, extra=()):
+    cache = Path(workdir).parent / "jax_cache"
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    cmd = [sys.executable, "-m", "sentijax.main", *ARGS, f"--config.workdir={workdir}", *extra]
+    self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+    self.lines: list[str] = []
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self):
+    for line in self.proc.stdout:
+      self.lines.append(line)
+
+  @property
+  def out(self) -> str:
+    return "".join(self.lines)
+
+  def wait_for(self, text: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in self.out:
+      assert self.proc.poll() is None or self._reader.is_alive(), \
+          f"exited before printing {text!r}:\n{self.out[-4000:]}"
+      assert time.monotonic() < deadline, f"no {text!r} in {timeout} s:\n{self.out[-4000:]}"
+      time.sleep(0.05)
+
+  def finish(self, timeout: float = TIMEOUT) -> str:
+    """Waits for the exit; asserts return code 0 (a hang is killed and fails)."""
+    try:
+      self.proc.wait(timeout=timeout)
+    finally:
+      if self.proc.poll() is None:
+        self.proc.kill()
+        self.proc.wait()
+      self._reader.join(10)
+    assert self.proc.returncode == 0, f"returncode {self.proc.returncode}:\n{self.out[-4000:]}"
+    return self.out
+
+
+def _two_processes(workdir) -> list[_Run]:
+  port = _free_port()
+  return [_Run(workdir, 2, ["--config.distributed.enabled=True",
+                            f"--config.distributed.coordinator_address=localhost:{port}",
+                            "--config.distributed.num_processes=2",
+                            f"--config.distributed.process_id={i}",
+                            "--config.distributed.initialization_timeout=120"])
+          for i in range(2)]
+
+
+def _finish_all(runs: list[_Run], timeout: float = TIMEOUT) -> list[str]:
+  try:
+    return [r.finish(timeout) for r in runs]
+  finally:
+    for r in runs:
+      if r.proc.poll() is None:
+        r.proc.kill()
 
 
 def _scalars(logdir: Path) -> dict[str, dict[int, float]]:
@@ -43,38 +122,62 @@ def _scalars(logdir: Path) -> dict[str, dict[int, float]]:
   return out
 
 
-def test_two_processes_match_one_process(tmp_path):
-  port = _free_port()
-  procs = [_launch(tmp_path / "multi", 2, [
-      "--config.distributed.enabled=True",
-      f"--config.distributed.coordinator_address=localhost:{port}",
-      "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"])
-           for i in range(2)]
-  outs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-4000:]
-  single = _launch(tmp_path / "single", 4)
-  out = single.communicate(timeout=600)[0]
-  assert single.returncode == 0, out[-4000:]
-  assert "KnowDist done at step 6" in outs[0] and "KnowDist done at step 6" in out
-  # Both runs use the same 4-device mesh and the same global batches; they differ only in the
-  # order fp32 partial sums are reduced (across processes vs within one), a few ulps per
-  # gradient/loss (the runs measured here agree to 1 ulp). Losses: rtol 1e-5 is 10x the ~1e-6
-  # relative error bound of reordering a ~2k-term fp32 token sum, while a host reading the wrong
-  # rows moves the loss by >1e-3.
-  curves = [_scalars(tmp_path / run / "tensorboard") for run in ("multi", "single")]
-  for tag, steps in (("train/loss", [3, 6]), ("eval/loss", [0, 3, 6]), ("train/grad_norm", [3, 6])):
-    assert sorted(curves[0][tag]) == sorted(curves[1][tag]) == steps, tag
-    np.testing.assert_allclose([curves[0][tag][s] for s in steps],
-                               [curves[1][tag][s] for s in steps], rtol=1e-5, err_msg=tag)
+def _params(workdir: Path) -> dict[str, np.ndarray]:
+  return safetensors.numpy.load_file(str(workdir / "hf" / "model.safetensors"))
+
+
+def _ckpt_steps(workdir: Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _assert_curve(got: dict, want: dict, tag: str, steps: list[int]) -> None:
+  # Same global batches and params; the runs differ only in the order fp32 partial sums are
+  # reduced (across processes / over 2 or 4 devices). Losses: rtol 1e-5 is 10x the ~1e-6 relative
+  # error bound of reordering a ~2k-term fp32 token sum, while a host reading the wrong rows (or a
+  # resume at the wrong data position) moves the loss by >1e-3.
+  assert sorted(got[tag]) == steps, (tag, sorted(got[tag]))
+  np.testing.assert_allclose([got[tag][s] for s in steps], [want[tag][s] for s in steps],
+                             rtol=1e-5, err_msg=tag)
+
+
+def test_processes_and_devices_change_between_runs_and_preemption_agrees(tmp_path):
+  ref_dir, multi_dir, pre_dir = tmp_path / "ref", tmp_path / "multi", tmp_path / "pre"
+
+  # ---- 2 processes x 2 devices == 1 process x 4 devices --------------------------------------
+  multi = _two_processes(multi_dir)
+  ref = _Run(ref_dir, 4)
+  outs = _finish_all([*multi, ref])
+  assert all(f"KnowDist done at step {STEPS}" in o for o in outs)
+  ref_curve, multi_curve = _scalars(ref_dir / "tensorboard"), _scalars(multi_dir / "tensorboard")
+  every_step = list(range(1, STEPS + 1))
+  for tag, steps in (("train/loss", every_step), ("train/grad_norm", every_step),
+                     ("eval/loss", [0, 3, 6])):
+    _assert_curve(multi_curve, ref_curve, tag, steps)
+  want = _params(ref_dir)
   # Params: Adam turns a few-ulp gradient difference into an update difference of ~1e-7 of the
-  # update; after 6 steps weights (|w| < ~1) differ by a few ulps (~1e-8 measured). atol 1e-6
-  # leaves 100x margin yet is ~1% of one step's update (lr >= 1.5e-4 from step 2). Both runs
-  # execute on the same CPU, so its vector width and FMA shape both alike: only the reduction order
-  # differs between them, and that noise does not grow with the machine,
-  # so a skipped, repeated or wrongly sharded step fails.
-  multi = safetensors.numpy.load_file(str(tmp_path / "multi" / "hf" / "model.safetensors"))
-  one = safetensors.numpy.load_file(str(tmp_path / "single" / "hf" / "model.safetensors"))
-  assert multi.keys() == one.keys()
-  for name in one:
-    np.testing.assert_allclose(multi[name], one[name], rtol=1e-6, atol=1e-6, err_msg=name)
+  # update; after 6 steps weights differ by a few ulps (~1e-8 measured). 1e-5 of each tensor's
+  # largest element leaves ~100x margin, yet one skipped or repeated step (lr >= 1.5e-4 against
+  # weights ~0.02..1) is >1e-3 of that scale.
+  assert_trees_close(_params(multi_dir), want)
+
+  # ---- 1 -> 2 processes; SIGTERM to process 1 of 2 ---------------------------------------------
+  (pre_dir / "checkpoints").mkdir(parents=True)
+  shutil.copytree(ref_dir / "checkpoints" / "3", pre_dir / "checkpoints" / "3")
+  pre = _two_processes(pre_dir)
+  pre[1].wait_for("resumed from")  # restored, not yet compiled: the notice beats the first step
+  pre[1].proc.send_signal(signal.SIGTERM)
+  outs = _finish_all(pre)  # both exit 0: no deadlock at the save barrier
+  for out in outs:
+    assert f"resumed from {pre_dir / 'checkpoints'} at step 3 (24 rows read; saved by 1 " \
+           f"processes, now 2 processes, 4 devices)" in out, out[-4000:]
+    assert "preemption signal: saved step 4, exiting" in out, out[-4000:]
+  assert _ckpt_steps(pre_dir) == [3, 4]  # one checkpoint, at the agreed step
+  _assert_curve(_scalars(pre_dir / "tensorboard"), ref_curve, "train/loss", [4])
+
+  # ---- 2 -> 1 process, 4 -> 2 devices: rerunning in the same workdir finishes the run ------------
+  post = _Run(pre_dir, 2)
+  out = post.finish()
+  assert f"at step 4 (32 rows read; saved by 2 processes, now 1 processes, 2 devices)" in out
+  assert f"KnowDist done at step {STEPS}" in out
+  _assert_curve(_scalars(pre_dir / "tensorboard"), ref_curve, "train/loss", [4, 5, 6])
+  assert_trees_close(_params(pre_dir), want)

@@ -96,9 +96,12 @@ def cache_key(records: Sequence[Record], tokenizer: Any, spec: DataSpec,
 class BatchIterator:
   """Iterator over this process's share of successive global batches, resumable by step.
 
-  `get_state()` -> {"step", "batch_size", "seed", "shuffle"} (JSON-serialisable); after
-  `set_state(state)` it yields exactly the batches an uninterrupted run would have yielded. The
-  state is global (a step), so it can be restored with a different process count.
+  `get_state()` -> {"step", "rows", "batch_size", "seed", "shuffle", "process_count"}
+  (JSON-serialisable); after `set_state(state)` it yields exactly the batches an uninterrupted run
+  would have yielded. The position is global: `step` global batches = `rows` rows of the shuffled
+  stream consumed, the same number on every host. Global batch s is rows [s * B, (s + 1) * B)
+  whatever the process count P, host p reading its P-th of it, so a state saved by any number of
+  processes restores on any other (`process_count` is recorded for the log, not checked).
   """
 
   def __init__(self, dataset: "PackedDataset", batch_size: int, start_step: int,
@@ -139,8 +142,9 @@ class BatchIterator:
     return self._step
 
   def get_state(self) -> dict:
-    return {"step": self._step, "batch_size": self.batch_size, "seed": self.dataset.seed,
-            "shuffle": self.shuffle}
+    return {"step": self._step, "rows": self._step * self.batch_size,
+            "batch_size": self.batch_size, "seed": self.dataset.seed, "shuffle": self.shuffle,
+            "process_count": self.process_count}
 
   def set_state(self, state: dict) -> None:
     for key, mine in (("batch_size", self.batch_size), ("seed", self.dataset.seed),
@@ -148,7 +152,12 @@ class BatchIterator:
       if key in state and state[key] != mine:
         raise ValueError(f"Cannot resume the data iterator: checkpoint has {key}={state[key]!r} "
                          f"but this run uses {mine!r}; restore the same data settings.")
-    self._step = int(state["step"])
+    step = int(state["step"])
+    if "rows" in state and int(state["rows"]) != step * self.batch_size:
+      raise ValueError(f"Cannot resume the data iterator: checkpoint says {state['rows']} rows "
+                       f"consumed but step {step} x batch_size {self.batch_size} = "
+                       f"{step * self.batch_size}; the data state does not match the train step.")
+    self._step = step
     self._stream = None
 
 

@@ -96,8 +96,10 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
                                  async_save=config.checkpoint.async_save)
   restored_data = None
   if ckpt.latest_step() is not None:
-    state, restored_data, start = ckpt.restore(target)
-    log.info("resumed from %s at step %d", ckpt.directory, start)
+    state, restored_data, start = ckpt.restore(target)  # into this run's mesh and shardings
+    log.info("resumed from %s at step %d (%s rows read; saved by %s processes, now %d "
+             "processes, %d devices)", ckpt.directory, start, restored_data.get("rows", "?"),
+             restored_data.get("process_count", "?"), jax.process_count(), jax.device_count())
     if restored_data.get("fingerprint") not in (None, train_ds.stats.get("cache_key")):
       raise TrainingError(f"{ckpt.directory}: the checkpoint was trained on a different corpus "
                           f"or tokenisation; use a new workdir or the original data")
@@ -130,7 +132,7 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
     return {**batches.get_state(), "fingerprint": fingerprint}
 
   # ---- Loop ----------------------------------------------------------------------------------
-  ckpt.install_sigterm_handler()
+  ckpt.install_sigterm_handler()  # one process: Python handler; several: JAX preemption sync
   train_losses, val_losses = [], []
   pending = None  # (step, metrics, tokens) of the previous step, read after the next dispatch
   throughput = metrics.Throughput()  # runs during training steps only (no compile/eval/save)
@@ -197,7 +199,7 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
         throughput.pause()
         evaluate(step, eval_hooks)
         throughput.resume()
-      preempted = ckpt.preempted(step)
+      preempted = ckpt.preempted(step)  # every step on every host (multi-host: agreed step)
       if step % ckpt.every == 0 or preempted:
         if pending is not None:
           finish_step(*pending)  # never checkpoint a state we have not checked for NaN
