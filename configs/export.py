@@ -3,8 +3,10 @@
   python -m sentijax.main --config=configs/export.py --config.workdir=runs/knowdist \
       [--config.export.step=100] [--config.export.dir=/models/student] [--config.export.dtype=bfloat16]
 
-Restores the latest checkpoint (or `export.step`) of the run in `workdir` and writes it, by
-default to <workdir>/hf, in ~seconds for the demo model. `transformers.AutoModelForCausalLM`
+Restores the params of the latest checkpoint (or `export.step`) of the run in `workdir`, not the
+optimizer state, and writes them one tensor at a time (safetensors shards of <= 4 GiB plus
+model.safetensors.index.json, each written atomically), by default to <workdir>/hf, in ~seconds
+for the demo model. `transformers.AutoModelForCausalLM`
 and `python -m sentijax.main --config=configs/sentibench.py --config.model.init=DIR` load it.
 """
 import ml_collections
