@@ -1,4 +1,4 @@
-"""KV-cache decoding shared by the SentiBench scorer and the local teacher.
+"""KV-cache decoding: the one sampler of the SentiBench scorer, the local teacher and the server.
 
 One jitted function per (model config, bucketed batch, bucketed prompt length, max_new_tokens):
 prefill the left-padded prompts with `models.forward_with_cache(..., last_only=True)`, then a
@@ -36,7 +36,7 @@ from sentijax import models, sharding
 Array = jax.Array
 PyTree = Any
 
-_NOT_STOP, _STOP, _SOFT_STOP = 0, 1, 2
+_NOT_STOP, _STOP, _SOFT_STOP, _END = 0, 1, 2, 3  # _END: ends a row, never blocked
 
 
 class DecodeOutput(NamedTuple):
@@ -84,19 +84,23 @@ def left_pad(seqs: Sequence[Sequence[int]], length: int, rows: int,
 # The jitted decode loop.
 
 
-def _select(logits_BxV: Array, key: Array | None, temperature: Array, top_p: Array) -> Array:
-  """Greedy argmax (key None) or temperature + nucleus sampling."""
-  if key is None:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  logits_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
+def filter_logits(logits_BxV: Array, top_k: int, top_p: Array) -> Array:
+  """Top-k (0 = off), then nucleus: the smallest set whose mass reaches top_p (the argmax always
+  stays); the rest get -inf."""
+  if top_k:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
   sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
   probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
   before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # mass strictly above each entry
-  kept_BxV = before_BxV < top_p
-  kept_BxV = kept_BxV.at[:, 0].set(True)
+  kept_BxV = (before_BxV < top_p).at[:, 0].set(True)
   cutoff_Bx1 = jnp.min(jnp.where(kept_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-  logits_BxV = jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
-  return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+  return jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
+
+
+def row_keys(key: Array, rows: int) -> Array:
+  """Per-row PRNG keys [rows]: row r gets fold_in(key, r), whatever the batch size."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(rows, dtype=jnp.uint32))
 
 
 def seen_tokens(ids_BxT: Array, mask_BxT: Array, vocab_size: int) -> Array:
@@ -124,12 +128,13 @@ def init_decode_cache(cfg: models.ModelConfig, rows: int, length: int,
                              v=jax.lax.with_sharding_constraint(cache.v, cache_sharding))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sample", "cache_sharding",
-                                             "penalize"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sample", "top_k",
+                                             "cache_sharding", "penalize"))
 def _decode(cfg: models.ModelConfig, params: PyTree, ids_BxT: Array, mask_BxT: Array,
-            stop_kind_V: Array, blank_V: Array, pad_id: Array, key: Array, temperature: Array,
-            top_p: Array, penalty: Array, *, max_new_tokens: int, sample: bool,
-            cache_sharding: NamedSharding | None, penalize: bool) -> tuple[Array, Array]:
+            stop_kind_V: Array, blank_V: Array, pad_id: Array, keys_B: Array, temperature: Array,
+            top_p: Array, penalty: Array, min_new: Array, *, max_new_tokens: int, sample: bool,
+            top_k: int, cache_sharding: NamedSharding | None, penalize: bool
+            ) -> tuple[Array, Array]:
   b, t = ids_BxT.shape
   cache = init_decode_cache(cfg, b, t + max_new_tokens, cache_sharding)
   positions_BxT = models.default_positions(mask_BxT)
@@ -140,20 +145,25 @@ def _decode(cfg: models.ModelConfig, params: PyTree, ids_BxT: Array, mask_BxT: A
   # Tokens in each row so far (prompt without padding, then generated): repetition penalty.
   seen_BxV = (seen_tokens(ids_BxT, mask_BxT, logits_Bx1xV.shape[-1]) if penalize
               else jnp.zeros((b, 1), bool))
+  blockable_V = (stop_kind_V == _STOP) | (stop_kind_V == _SOFT_STOP)
 
   def choose(logits_Bx1xV, seen_BxV, step):
     logits_BxV = logits_Bx1xV[:, 0].astype(jnp.float32)
     if penalize:
       logits_BxV = repetition_penalty(logits_BxV, seen_BxV, penalty)
-    step_key = jax.random.fold_in(key, step) if sample else None
-    return _select(logits_BxV, step_key, temperature, top_p)
+    logits_BxV = jnp.where(blockable_V[None] & (step < min_new), -jnp.inf, logits_BxV)
+    if not sample:
+      return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = filter_logits(logits_BxV / temperature, top_k, top_p)
+    step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(keys_B, step)
+    return jax.vmap(jax.random.categorical)(step_keys_B, logits_BxV).astype(jnp.int32)
 
   def write(state, tok_B, step):
     out_BxN, done_B, text_B, len_B, seen_BxV = state
     live_B = ~done_B
     out_BxN = out_BxN.at[:, step].set(jnp.where(live_B, tok_B, pad_id))
     kind_B = stop_kind_V[tok_B]
-    stop_B = (kind_B == _STOP) | ((kind_B == _SOFT_STOP) & text_B)
+    stop_B = (kind_B == _STOP) | (kind_B == _END) | ((kind_B == _SOFT_STOP) & text_B)
     if penalize:
       seen_BxV = seen_BxV.at[rows_B, tok_B].set(True)
     return (out_BxN, done_B | stop_B, text_B | ~blank_V[tok_B], len_B + live_B.astype(jnp.int32),
@@ -182,10 +192,11 @@ def _decode(cfg: models.ModelConfig, params: PyTree, ids_BxT: Array, mask_BxT: A
 
 
 def stop_table(vocab_size: int, stop_ids: Sequence[int], soft_stop_ids: Sequence[int] = (),
-               ) -> np.ndarray:
-  """int32 [V]: 0 = continue, 1 = stop, 2 = stop once the row has produced text."""
+               end_ids: Sequence[int] = ()) -> np.ndarray:
+  """int32 [V]: 0 = continue, 1 = stop, 2 = stop once the row has produced text, 3 = end (a
+  stop that `min_new_tokens` does not block)."""
   table_V = np.zeros((vocab_size,), np.int32)
-  for ids, kind in ((soft_stop_ids, _SOFT_STOP), (stop_ids, _STOP)):
+  for ids, kind in ((end_ids, _END), (soft_stop_ids, _SOFT_STOP), (stop_ids, _STOP)):
     ids = np.asarray([i for i in ids if i is not None], np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
       raise ValueError(f"stop ids {ids.tolist()} outside the vocabulary [0, {vocab_size})")
@@ -196,8 +207,10 @@ def stop_table(vocab_size: int, stop_ids: Sequence[int], soft_stop_ids: Sequence
 def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
            prompt_mask_BxT: np.ndarray, max_new_tokens: int, stop_ids: Sequence[int],
            pad_id: int, *, soft_stop_ids: Sequence[int] = (), blank_ids: Sequence[int] = (),
+           end_ids: Sequence[int] = (),
            rng: Array | int | None = None, temperature: float = 1.0, top_p: float = 1.0,
-           mesh: Mesh | None = None, bucket: bool = True, rules=None,
+           top_k: int = 0, min_new_tokens: int = 0, row_rngs: Array | None = None,
+           mesh: Mesh | None = None, bucket: bool = True, min_rows: int = 1, rules=None,
            repetition_penalty: float = 1.0) -> DecodeOutput:
   """Decodes up to `max_new_tokens` per left-padded prompt row: greedy, or sampled with `rng`.
 
@@ -206,10 +219,16 @@ def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
     stop_ids: tokens that end a row (e.g. eos ids); kept in the output and counted in lengths.
     pad_id: written after a row's end.
     soft_stop_ids / blank_ids: see the module docstring.
-    rng: PRNG key (or int seed) for temperature/top-p sampling; None = greedy.
+    rng: PRNG key (or int seed) for temperature / top-k / top-p sampling (row r uses
+      `row_keys(rng)[r]`); None = greedy.
+    row_rngs: instead of `rng`, one key per prompt row [B] (a row then samples the same text in
+      any batch: the local teacher keys rows by record).
+    min_new_tokens: `stop_ids` and `soft_stop_ids` are blocked until a row has this many new
+      tokens; `end_ids` (e.g. tokens containing a stop string) end a row at any step.
     mesh: shard the batch over this mesh (params already placed on it) by the `batch` rule of
       `rules` (sharding rules; None = the base config's, ('data', 'fsdp')).
-    bucket: pad T and B up to `bucket_length` / `bucket_batch` to share compilations.
+    bucket: pad T and B up to `bucket_length` / `bucket_batch` to share compilations;
+      `min_rows`: pad B to at least this (a server keeps one shape per length bucket).
     repetition_penalty: transformers' repetition penalty over each row's prompt (padding
       excluded) and the tokens generated so far; 1.0 = none.
   Returns:
@@ -225,19 +244,24 @@ def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
     raise ValueError("prompts must be left-padded (mask 0...0 1...1 per row)")
   b, t = ids_BxT.shape
   divisor = sharding.batch_divisor(mesh, rules)
-  rows = bucket_batch(b, divisor) if bucket else -(-b // divisor) * divisor
+  wanted = max(b, int(min_rows))
+  rows = bucket_batch(wanted, divisor) if bucket else -(-wanted // divisor) * divisor
   length = bucket_length(t) if bucket else t
   if (rows, length) != (b, t):
     seqs = [row[m.astype(bool)] for row, m in zip(ids_BxT, mask_BxT)]
     ids_BxT, mask_BxT = left_pad(seqs, length, rows, pad_id)
-  stop_kind_V = stop_table(cfg.vocab_size, stop_ids, soft_stop_ids)
+  stop_kind_V = stop_table(cfg.vocab_size, stop_ids, soft_stop_ids, end_ids)
   blank_V = np.zeros((cfg.vocab_size,), bool)
   blank_V[np.asarray(list(blank_ids), np.int64)] = True
 
-  sample = rng is not None
-  key = jax.random.key(rng) if isinstance(rng, int) else rng
-  if key is None:
-    key = jax.random.key(0)
+  sample = rng is not None or row_rngs is not None
+  if row_rngs is not None:
+    if len(row_rngs) != b:
+      raise ValueError(f"row_rngs has {len(row_rngs)} keys for {b} prompt rows")
+    keys_B = jnp.concatenate([row_rngs, row_keys(jax.random.key(0), rows - b)])
+  else:
+    key = jax.random.key(rng) if isinstance(rng, int) else rng
+    keys_B = row_keys(jax.random.key(0) if key is None else key, rows)
   cache_sharding = None
   ids, mask = jnp.asarray(ids_BxT), jnp.asarray(mask_BxT)
   if mesh is not None:
@@ -245,11 +269,13 @@ def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
     mask = jax.device_put(mask_BxT, sharding.batch_sharding(mesh, rules))
     cache_sharding = sharding.batch_sharding(mesh, rules, batch_dim=1)
   out_BxN, len_B = _decode(cfg, params, ids, mask, jnp.asarray(stop_kind_V),
-                           jnp.asarray(blank_V), jnp.asarray(pad_id, jnp.int32), key,
-                           jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
+                           jnp.asarray(blank_V), jnp.asarray(pad_id, jnp.int32), keys_B,
+                           jnp.asarray(max(temperature, 1e-6), jnp.float32),
+                           jnp.asarray(top_p, jnp.float32),
                            jnp.asarray(repetition_penalty, jnp.float32),
+                           jnp.asarray(min_new_tokens, jnp.int32),
                            max_new_tokens=int(max_new_tokens), sample=sample,
-                           cache_sharding=cache_sharding,
+                           top_k=min(int(top_k), cfg.vocab_size), cache_sharding=cache_sharding,
                            penalize=float(repetition_penalty) != 1.0)
   return DecodeOutput(sharding.to_host(out_BxN)[:b], sharding.to_host(len_B)[:b])
 

@@ -1,10 +1,10 @@
-"""Local teacher: a sentijax model sampled in jitted, batched KV-cache decoding.
+"""Local teacher: a sentijax model sampled with `sampling.decode` (the scorer's KV-cache loop).
 
 Each row carries its own PRNG key, derived from its record key (`common.row_seed`), and every
 sampling step folds the step index into it: a row samples the same text whatever batch it lands
-in, so resumed and re-batched runs agree. Shapes are bucketed with `sampling.bucket_*` and
-prompts left-padded with `sampling.left_pad` (one compile per bucket), as the scorer's greedy
-decoder does; greedy rows match transformers `generate`.
+in, so resumed and re-batched runs agree. Shapes are bucketed (one compile per bucket); greedy
+rows match transformers `generate`. Stop strings end decoding at the first token whose text
+contains one (`stop_string_ids`); the text is cut at the string.
 
     teacher = LocalTeacher(cfg, params, tokenizer, batch_size=8)
     [c.text for c in teacher.generate(["Hello"], ["key-0"], Sampling(max_tokens=32))]
@@ -23,64 +23,6 @@ from sentijax import models, sampling, sharding
 from sentijax.teacher.common import Completion, Sampling, cut_at_stop, row_seed
 
 Array = jax.Array
-
-
-def _filter_logits(logits_BxV: Array, top_k: int, top_p: Array) -> Array:
-  """Top-k then nucleus (smallest set whose mass reaches top_p; the argmax always stays)."""
-  if top_k:
-    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-    logits_BxV = jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
-  sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-  kept_BxV = (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV) < top_p
-  kept_BxV = kept_BxV.at[:, 0].set(True)
-  cutoff_Bx1 = jnp.min(jnp.where(kept_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-  return jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "top_k",
-                                             "cache_sharding"))
-def _generate(cfg, params, ids_BxT, mask_BxT, stop_V, keys_B, temperature, top_p, min_new,
-              pad_id, *, max_new_tokens: int, greedy: bool, top_k: int, cache_sharding):
-  b, t = ids_BxT.shape
-  cache = sampling.init_decode_cache(cfg, b, t + max_new_tokens, cache_sharding)
-  logits_Bx1xV, cache = models.forward_with_cache(
-      cfg, params, ids_BxT, models.default_positions(mask_BxT), mask_BxT, cache, last_only=True)
-
-  def choose(logits_Bx1xV, step):
-    logits_BxV = logits_Bx1xV[:, 0].astype(jnp.float32)
-    logits_BxV = jnp.where(stop_V[None] & (step < min_new), -jnp.inf, logits_BxV)
-    if greedy:
-      return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    logits_BxV = _filter_logits(logits_BxV / temperature, top_k, top_p)
-    step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(keys_B, step)
-    return jax.vmap(jax.random.categorical)(step_keys_B, logits_BxV).astype(jnp.int32)
-
-  def write(out_BxN, done_B, len_B, tok_B, step):
-    out_BxN = out_BxN.at[:, step].set(jnp.where(done_B, pad_id, tok_B))
-    len_B = len_B + (~done_B).astype(jnp.int32)
-    return out_BxN, done_B | stop_V[tok_B], len_B
-
-  tok_B = choose(logits_Bx1xV, 0)
-  out_BxN, done_B, len_B = write(jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-                                 jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), tok_B, 0)
-
-  def cond(carry):
-    return (carry[0] < max_new_tokens) & ~jnp.all(carry[5])
-
-  def body(carry):
-    step, tok_B, pos_B, cache, out_BxN, done_B, len_B = carry
-    logits_Bx1xV, cache = models.forward_with_cache(
-        cfg, params, tok_B[:, None], pos_B[:, None], jnp.ones((b, 1), jnp.int32), cache,
-        last_only=True)
-    tok_B = choose(logits_Bx1xV, step)
-    out_BxN, done_B, len_B = write(out_BxN, done_B, len_B, tok_B, step)
-    return step + 1, tok_B, pos_B + 1, cache, out_BxN, done_B, len_B
-
-  pos_B = jnp.sum(mask_BxT, axis=1).astype(jnp.int32)
-  carry = (jnp.asarray(1, jnp.int32), tok_B, pos_B, cache, out_BxN, done_B, len_B)
-  carry = jax.lax.while_loop(cond, body, carry)
-  return carry[4], carry[6]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "top_n"))
@@ -115,6 +57,7 @@ class LocalTeacher:
     ids = set(stop_ids) | {tokenizer.eos_token_id}
     self.stop_ids = sorted(i for i in ids if i is not None)
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+    self._stop_cache: dict[tuple[str, ...], list[int]] = {}
 
   def encode(self, prompt: str | list[dict] | list[int], chat: bool | None = None) -> list[int]:
     """Prompt ids: a chat message list (or a string with chat=True) through the chat template;
@@ -129,38 +72,41 @@ class LocalTeacher:
       return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
     return list(self.tokenizer(prompt)["input_ids"])
 
+  def stop_string_ids(self, stop: Sequence[str]) -> list[int]:
+    """Tokens whose own text contains a stop string: decoding ends right there (the text is
+    then cut at the string). A stop string split over several tokens is still cut afterwards."""
+    stop = tuple(x for x in stop if x)
+    if not stop:
+      return []
+    if stop not in self._stop_cache:
+      pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+      self._stop_cache[stop] = [i for i, p in enumerate(pieces)
+                                if i < self.cfg.vocab_size and any(x in p for x in stop)]
+    return self._stop_cache[stop]
+
   def generate_ids(self, seqs: Sequence[Sequence[int]], keys: Sequence[str], s: Sampling,
                    min_rows: int = 1) -> list[tuple[list[int], bool]]:
-    """Per prompt: (new token ids up to and including a stop token, whether it stopped).
+    """Per prompt: (new token ids up to and including the token that ended it, whether an
+    end-of-text token (`stop_ids`) ended it).
 
     `min_rows`: pad every batch to at least this many rows (a server keeps one shape per
     prompt-length bucket instead of compiling again for each number of waiting requests).
     """
     out = []
-    divisor = sharding.batch_divisor(self.mesh, self.rules)
+    end_ids = sorted(set(self.stop_string_ids(s.stop)) - set(self.stop_ids))
     for start in range(0, len(seqs), self.batch_size):
       chunk, chunk_keys = seqs[start:start + self.batch_size], keys[start:start + self.batch_size]
-      rows = sampling.bucket_batch(max(len(chunk), min_rows), divisor)
       length = sampling.bucket_length(max(len(q) for q in chunk))
-      ids_BxT, mask_BxT = sampling.left_pad(chunk, length, rows, self.pad_id)
-      seeds = [row_seed(k, s.seed) for k in chunk_keys] + [0] * (rows - len(chunk))
-      keys_B = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-      stop_V = np.zeros((self.cfg.vocab_size,), bool)
-      stop_V[self.stop_ids] = True
-      ids, mask, cache_sharding = jnp.asarray(ids_BxT), jnp.asarray(mask_BxT), None
-      if self.mesh is not None:
-        ids = jax.device_put(ids_BxT, sharding.batch_sharding(self.mesh, self.rules))
-        mask = jax.device_put(mask_BxT, sharding.batch_sharding(self.mesh, self.rules))
-        cache_sharding = sharding.batch_sharding(self.mesh, self.rules, batch_dim=1)
-      toks_BxN, lens_B = _generate(
-          self.cfg, self.params, ids, mask, jnp.asarray(stop_V), keys_B,
-          jnp.asarray(max(s.temperature, 1e-6), jnp.float32), jnp.asarray(s.top_p, jnp.float32),
-          jnp.asarray(s.min_tokens, jnp.int32), jnp.asarray(self.pad_id, jnp.int32),
-          max_new_tokens=s.max_tokens, greedy=s.greedy,
-          top_k=min(s.top_k, self.cfg.vocab_size), cache_sharding=cache_sharding)
-      toks_BxN, lens_B = sharding.to_host(toks_BxN), sharding.to_host(lens_B)
+      ids_BxT, mask_BxT = sampling.left_pad(chunk, length, len(chunk), self.pad_id)
+      seeds = jnp.asarray([row_seed(k, s.seed) for k in chunk_keys], jnp.uint32)
+      result = sampling.decode(
+          self.cfg, self.params, ids_BxT, mask_BxT, s.max_tokens, self.stop_ids, self.pad_id,
+          end_ids=end_ids,
+          row_rngs=None if s.greedy else jax.vmap(jax.random.key)(seeds),
+          temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+          min_new_tokens=s.min_tokens, mesh=self.mesh, rules=self.rules, min_rows=min_rows)
       for r in range(len(chunk)):
-        new = [int(x) for x in toks_BxN[r, :lens_B[r]]]
+        new = [int(x) for x in result.tokens_BxN[r, :result.lengths_B[r]]]
         out.append((new, bool(new) and new[-1] in self.stop_ids))
     return out
 

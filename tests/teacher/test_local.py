@@ -69,6 +69,13 @@ def test_stop_strings_and_logprobs(local_teacher):
   [cut] = local_teacher.generate([PROMPTS[0]], KEYS[:1], Sampling(max_tokens=8, min_tokens=8,
                                                                   stop=(stop,)))
   assert cut.text == full.text[:full.text.find(stop)] and cut.finish_reason == "stop"
+  # A stop string inside one token ends decoding at that token, not at max_tokens.
+  piece = next(p for p in (local_teacher.tokenizer.decode([t]) for t in full.token_ids[3:])
+               if p.strip())
+  [early] = local_teacher.generate([PROMPTS[0]], KEYS[:1], Sampling(max_tokens=8, min_tokens=8,
+                                                                    stop=(piece,)))
+  assert early.text == full.text[:full.text.find(piece)] and early.finish_reason == "stop"
+  assert early.completion_tokens < 8 and early.completion_tokens == len(early.token_ids)
   [c] = local_teacher.generate([PROMPTS[0]], KEYS[:1], Sampling(max_tokens=8, min_tokens=8),
                                logprobs=3)
   assert len(c.top_logprobs) == len(c.token_ids) == 8
