@@ -294,7 +294,7 @@ def load_teacher(config) -> LocalTeacher:
   demo = records.demo_corpus_path().read_text(encoding="utf-8").splitlines()
   tok = student.tokenizer(config, cfg, lambda: [
       t for line in demo for t in (json.loads(line)["prompt"], json.loads(line)["response"])])
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, model_cfg=cfg)  # fsdp=0: sharded when big
   rules = sharding.rules_from_config(config.sharding_rules)
   params = student.param_initializer(config, cfg)(mesh, rules)
   return LocalTeacher(cfg, params, tok, batch_size=int(config.teacher.batch_size), mesh=mesh,

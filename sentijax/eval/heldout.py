@@ -115,7 +115,7 @@ def heldout_hook(config, model_cfg: models.ModelConfig, tokenizer,
   """(step, params) -> {"sentibench/<task>": score, "sentibench/average": ...}; each result is
   also written to <workdir>/sentibench/step_<N>.json. Seeds etc. from `config.eval`."""
   ec = config.eval
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, model_cfg=model_cfg)  # the training loop's mesh
   templates = sentibench.load_templates(ec.templates or None)
   seeds = scorer.parse_seeds(ec.seeds)
   out_dir = Path(config.workdir) / "sentibench"

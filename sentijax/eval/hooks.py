@@ -20,7 +20,7 @@ def sentibench_hook(config, model_cfg: models.ModelConfig, tokenizer
   to <workdir>/sentibench/step_<N>.json. Batch shapes compiled at one step are reused later.
   """
   ec = config.eval
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, model_cfg=model_cfg)  # the training loop's mesh
   out_dir = Path(config.workdir) / "sentibench"
   run = scorer.RunSettings.from_config(config, tokenizer)
   compiled: dict = {"forward": set(), "decode": set()}

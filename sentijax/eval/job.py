@@ -55,14 +55,14 @@ def _model_dir(config: Any) -> str:
   if not init:
     raise ValueError("the sentibench job needs a model: set --config.model.init=DIR "
                      "(a local HF directory with config.json + *.safetensors)")
+  if not os.path.isdir(init):
+    raise FileNotFoundError(f"model.init directory not found: {init}")
   return init
 
 
 def load_model(config: Any, mesh) -> tuple[models.ModelConfig, Any, Any]:
   """(model cfg, params, tokenizer) from config.model.init / .tokenizer / .dtype on `mesh`."""
   init = _model_dir(config)
-  if not os.path.isdir(init):
-    raise FileNotFoundError(f"model.init directory not found: {init}")
   dtype = models.resolve_dtype(config.model.dtype)
   cfg, params = models.load_hf(init, dtype=dtype, compute_dtype=dtype, mesh=mesh,
                                rules=config.sharding_rules)
@@ -85,7 +85,7 @@ def run(config: Any) -> dict:
     raise ValueError(f"templates {ev.templates or '(package default)'} have no instructions for "
                      f"{missing}")
 
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, model_cfg=models.hf.read_config(_model_dir(config)))
   t0 = time.time()
   cache_dir = setup_compilation_cache(ev.get("compilation_cache", "auto"))
   cfg, params, tokenizer = load_model(config, mesh)
