@@ -197,7 +197,11 @@ def jit_train_step(model_cfg, tx, state_sh: TrainState, batch_sh, num_micro: int
                     jax.device_put(teacher.params, teacher_sh))
   jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, teacher_sh),
                    out_shardings=(state_sh, None), donate_argnums=0)
-  return lambda state, batch: jitted(state, batch, teacher_params)
+
+  def step_fn(state, batch):
+    return jitted(state, batch, teacher_params)
+  step_fn.teacher_params = teacher_params  # as placed (tests, eval)
+  return step_fn
 
 
 def jit_eval_step(model_cfg, param_sh, batch_sh, loss_chunk: int = 0):
