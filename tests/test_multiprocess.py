@@ -21,10 +21,14 @@ import threading
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+import pytest
 import safetensors.numpy
 from tensorboardX.proto import event_pb2
 
+from sentijax import config as config_lib
+from sentijax import distributed
 from tolerances import assert_trees_close
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,3 +185,47 @@ def test_processes_and_devices_change_between_runs_and_preemption_agrees(tmp_pat
   assert f"KnowDist done at step {STEPS}" in out
   _assert_curve(_scalars(pre_dir / "tensorboard"), ref_curve, "train/loss", [4, 5, 6])
   assert_trees_close(_params(pre_dir), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# config.distributed: checked once, passed to jax.distributed.initialize.
+
+
+def _dist(**overrides):
+  cfg = config_lib.base().distributed
+  for key, value in overrides.items():
+    cfg[key] = value
+  return cfg
+
+
+def test_distributed_config_reaches_jax_initialize(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  assert distributed.initialize(_dist()) == distributed.DistributedSpec()  # off: no call
+  assert calls == []
+  spec = distributed.initialize(_dist(
+      enabled=True, coordinator_address="10.0.0.2:1234", num_processes=4, process_id=3,
+      initialization_timeout=1800, local_device_ids=" 0, 1,2,3"))
+  assert calls == [{"coordinator_address": "10.0.0.2:1234", "num_processes": 4, "process_id": 3,
+                    "initialization_timeout": 1800, "local_device_ids": [0, 1, 2, 3]}]
+  assert spec.local_device_ids == (0, 1, 2, 3)
+  distributed.initialize(_dist(enabled=True))  # cluster auto-detection: only the timeout
+  assert calls[-1] == {"initialization_timeout": 900}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"initialization_timeout": 0}, "initialization_timeout=0: must be a positive number"),
+    ({"local_device_ids": "0,x"}, "local_device_ids='0,x': expected a comma list"),
+    ({"local_device_ids": "0,1,1"}, "local_device_ids='0,1,1': lists a device twice"),
+    ({"num_processes": 2, "process_id": 2}, "process_id=2: must be < distributed.num_processes=2"),
+    ({"coordinator_address": "10.0.0.2"}, "coordinator_address='10.0.0.2': expected HOST:PORT"),
+])
+def test_distributed_config_errors_name_the_key(overrides, message):
+  with pytest.raises(distributed.DistributedConfigError, match=message.replace("(", r"\(")):
+    distributed.DistributedSpec.from_config(_dist(enabled=True, **overrides))
+
+
+def test_distributed_settings_without_enabled_are_refused():
+  with pytest.raises(distributed.DistributedConfigError,
+                     match=r"num_processes=2: is set but distributed.enabled is False"):
+    distributed.DistributedSpec.from_config(_dist(num_processes=2))
