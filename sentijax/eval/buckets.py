@@ -7,7 +7,7 @@ and the tail batches that minimise
 
     padded tokens + compile_cost_tokens * (number of shapes not compiled yet)
 
-by dynamic programming over the grid lengths present. Shapes compiled earlier in the same run
+over the choice of allowed lengths (`plan`). Shapes compiled earlier in the same run
 (`compiled`: another dataset, another seed) cost nothing, so datasets share shapes when that is
 cheaper. `compile_cost_tokens = 0` keeps every grid bucket and pads no rows (least compute);
 a large value pads everything to one shape. `compile_cost_tokens(...)` estimates the trade for a
@@ -19,7 +19,9 @@ the mesh's batch divisor.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 from collections.abc import Collection, Sequence
 
 from sentijax import models, sampling
@@ -68,71 +70,101 @@ def rows_for_length(length: int, batch_size: int, divisor: int = 1) -> int:
 
 
 def _tail_options(tail: int, full_rows: int, divisor: int) -> list[list[int]]:
-  """Ways to run the last `tail` (< full_rows) sequences of a bucket: lists of padded row counts.
+  """Ways to run the last `tail` (< full_rows) prompts: lists of padded row counts.
 
-  One batch of the full row count; one batch of the next power-of-two size; or exact
-  power-of-two pieces (13 -> 8 + 4 + 1; the smallest piece rounds up to the divisor).
+  One batch of the full row count; one of the next power-of-two size; exact power-of-two pieces
+  (13 -> 8 + 4 + 1; the smallest rounds up to the divisor); or halving while more than a quarter
+  of the rows would be filler (11 -> 8 + 4).
   """
   options = [[full_rows], [min(full_rows, sampling.bucket_batch(tail, divisor))]]
   units = -(-tail // divisor)  # binary digits of the row count in units of the divisor
   options.append([divisor << b for b in reversed(range(units.bit_length())) if units >> b & 1])
+  halving, left = [], tail
+  while left > 0:
+    rows = min(full_rows, sampling.bucket_batch(left, divisor))
+    while (rows - left) * 4 > rows and rows // 2 >= divisor:
+      rows //= 2
+    halving.append(rows)
+    left -= min(rows, left)
+  options.append(halving)
   return options
 
 
-def _bucket_cost(n: int, length: int, batch_size: int, divisor: int, extra_len: int,
-                 cost: float, compiled: Collection[Shape]) -> tuple[float, list[int]]:
-  """(cost, padded row counts of its batches) of `n` sequences padded to `length`."""
-  width = length + extra_len
-  full_rows = rows_for_length(width, batch_size, divisor)
-  num_full, tail = divmod(n, full_rows)
-  best = (float("inf"), [])
-  for tail_rows in _tail_options(tail, full_rows, divisor) if tail else [[]]:
-    batches = [full_rows] * num_full + tail_rows
-    new_shapes = {r for r in batches if (r, length) not in compiled}
-    total = sum(batches) * width + cost * len(new_shapes)
-    if total < best[0]:
-      best = (total, batches)
-  return best
+class _Planner:
+  """Batches for one choice of allowed lengths, and their cost (see the module docstring)."""
+
+  def __init__(self, lengths: Sequence[int], batch_size: int, divisor: int, extra_len: int,
+               cost: float, compiled: Collection[Shape]):
+    self.order = sorted(range(len(lengths)), key=lambda k: -lengths[k])  # longest first
+    self.grid = [sampling.bucket_length(lengths[k]) for k in self.order]
+    self.batch_size, self.divisor, self.extra_len = batch_size, divisor, extra_len
+    self.cost, self.compiled = cost, set(compiled)
+
+  def batches(self, allowed: Sequence[int]) -> tuple[float, list[PlannedBatch]]:
+    """Consecutive prompts (longest first) fill batches; a batch is padded to the smallest
+    allowed length that fits its first (longest) prompt; the last, partial batch takes the
+    cheapest of `_tail_options`."""
+    allowed = sorted(allowed)
+    fit = lambda g: allowed[bisect.bisect_left(allowed, g)]
+    out, pos, n = [], 0, len(self.order)
+    while pos < n:
+      length = fit(self.grid[pos])
+      full_rows = rows_for_length(length + self.extra_len, self.batch_size, self.divisor)
+      if n - pos >= full_rows:
+        out.append(PlannedBatch(tuple(self.order[pos:pos + full_rows]), full_rows, length))
+        pos += full_rows
+        continue
+      best = None
+      for rows_list in _tail_options(n - pos, full_rows, self.divisor):
+        tail, p = [], pos
+        for rows in rows_list:
+          if p < n:
+            tail.append(PlannedBatch(tuple(self.order[p:p + rows]), rows, fit(self.grid[p])))
+            p += rows
+        total = self.objective(out + tail)
+        if best is None or total < best[0]:
+          best = (total, out + tail)
+      return best
+    return self.objective(out), out
+
+  def objective(self, batches: Sequence[PlannedBatch]) -> float:
+    new_shapes = {b.shape for b in batches} - self.compiled
+    return (sum(b.rows * (b.length + self.extra_len) for b in batches)
+            + self.cost * len(new_shapes))
+
+
+EXHAUSTIVE_LENGTHS = 10  # up to this many candidate lengths every subset is tried
 
 
 def plan(lengths: Sequence[int], batch_size: int, divisor: int = 1, extra_len: int = 0,
          compile_cost: float = 0.0, compiled: Collection[Shape] = ()) -> list[PlannedBatch]:
-  """Batches (longest bucket first) covering every sequence once; see the module docstring.
+  """Batches (longest prompts first) covering every prompt once; see the module docstring.
 
-  `extra_len`: tokens each row grows by while decoding (counts as compute and memory).
+  The allowed lengths are chosen among the grid lengths of the prompts and the lengths of
+  `compiled` shapes: every subset when there are at most EXHAUSTIVE_LENGTHS of them, else a
+  local search (add or remove one length while the cost falls) from all of them and from the
+  longest alone. `extra_len`: tokens each row grows by
+  while decoding (counts as compute and memory).
   """
   if not len(lengths):
     return []
-  grid_of = [sampling.bucket_length(n) for n in lengths]
-  present = sorted(set(grid_of))
-  candidates = sorted(set(present) | {l for _, l in compiled if l >= present[0]})
-  count = {g: 0 for g in candidates}
-  for g in grid_of:
-    count[g] += 1
-  # best[j]: cheapest way to cover every sequence with grid length <= candidates[j], its last
-  # bucket at candidates[j]; choice[j] = (i, row counts): the previous bucket ends at i - 1.
-  best = [0.0] * (len(candidates) + 1)
-  choice: list[tuple[int, list[int]]] = [(0, [])] * (len(candidates) + 1)
-  for j in range(1, len(candidates) + 1):
-    best[j] = float("inf")
-    n = 0
-    for i in range(j, 0, -1):  # bucket covers candidates[i-1 .. j-1], padded to candidates[j-1]
-      n += count[candidates[i - 1]]
-      c, rows = _bucket_cost(n, candidates[j - 1], batch_size, divisor, extra_len,
-                             compile_cost, compiled) if n else (0.0, [])
-      if best[i - 1] + c < best[j]:
-        best[j], choice[j] = best[i - 1] + c, (i - 1, rows)
-  end = min((j for j in range(1, len(candidates) + 1) if candidates[j - 1] >= present[-1]),
-            key=lambda j: best[j])
-  order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
-  buckets = []
-  while end > 0:
-    start, rows = choice[end]
-    lo, hi = (candidates[start - 1] if start else 0), candidates[end - 1]
-    members = [k for k in order if lo < grid_of[k] <= hi]
-    for r in rows:
-      take, members = members[:r], members[r:]
-      if take:
-        buckets.append(PlannedBatch(tuple(take), r, hi))
-    end = start
-  return buckets
+  planner = _Planner(lengths, batch_size, divisor, extra_len, compile_cost, compiled)
+  longest = planner.grid[0]
+  candidates = sorted(set(planner.grid) | {l for _, l in compiled if l >= planner.grid[-1]})
+  if len(candidates) <= EXHAUSTIVE_LENGTHS:
+    subsets = (c for k in range(1, len(candidates) + 1)
+               for c in itertools.combinations(candidates, k) if c[-1] >= longest)
+    return min((planner.batches(c) for c in subsets), key=lambda r: r[0])[1]
+  results = []
+  for allowed in (list(candidates), [min(c for c in candidates if c >= longest)]):
+    best = planner.batches(allowed)
+    while True:  # one length removed (from all) or added (from the longest) at a time
+      moves = ([allowed[:i] + allowed[i + 1:] for i in range(len(allowed))
+                if len(allowed) > 1 and max(allowed[:i] + allowed[i + 1:]) >= longest]
+               + [sorted(allowed + [c]) for c in candidates if c not in allowed])
+      trial = min(((planner.batches(m), m) for m in moves), key=lambda t: t[0][0], default=None)
+      if trial is None or trial[0][0] >= best[0]:
+        break
+      best, allowed = trial
+    results.append(best)
+  return min(results, key=lambda r: r[0])[1]
