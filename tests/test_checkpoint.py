@@ -51,6 +51,50 @@ def test_keep_n_and_sharded_restore(tmp_path):
   ckpt.close()
 
 
+def test_restore_into_another_device_count_and_layout(tmp_path):
+  """Saved over 8 devices (fsdp=4), restored over 2 (fsdp=2) and over 3 (replicated)."""
+  ckpt = checkpoint.Checkpointer(tmp_path, every=1, keep=1)
+  w = np.arange(32, dtype=np.float32).reshape(8, 4)
+  mesh8 = sharding.make_mesh(MESH)
+  ckpt.save(1, {"w": jax.device_put(w, NamedSharding(mesh8, P("fsdp", None))),
+                "step": jnp.asarray(1, jnp.int32)}, {"step": 1})
+  ckpt.close()
+  for devices, spec in ((2, P("fsdp", None)), (3, P())):
+    mesh = sharding.make_mesh({"data": 1, "fsdp": devices, "tensor": 1},
+                              devices=jax.devices()[:devices])
+    target = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(mesh, spec)),
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    ckpt = checkpoint.Checkpointer(tmp_path, every=1, keep=1)
+    state, _, _ = ckpt.restore(target)
+    ckpt.close()
+    np.testing.assert_array_equal(np.asarray(state["w"]), w)
+    assert state["w"].sharding.mesh.devices.size == devices and state["w"].sharding.spec == spec
+
+
+def test_sigterm_on_one_process_saves_and_orbax_never_polls_the_sync_point(tmp_path, monkeypatch):
+  """One process: SIGTERM sets the flag the loop polls. Orbax's own preemption checks inside
+  save() answer from the loop's poll instead of moving JAX's multi-host sync counter."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  polls = []
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda step: polls.append(step) or False)
+  mesh = sharding.make_mesh(MESH)
+  ckpt = checkpoint.Checkpointer(tmp_path, every=100, keep=2)
+  before = signal.getsignal(signal.SIGTERM)
+  ckpt.install_sigterm_handler()
+  try:
+    assert not ckpt.preempted(1)
+    os.kill(os.getpid(), signal.SIGTERM)  # handled: the test process keeps running
+    assert ckpt.preempted(2) and ckpt.manager.reached_preemption(2)
+    assert ckpt.save(2, _state(mesh, 2), {"step": 2}, force=True)
+    ckpt.manager.wait_until_finished()
+  finally:
+    ckpt.close()
+  assert polls == []  # neither our single-process poll nor Orbax's save/finalize asked JAX
+  assert signal.getsignal(signal.SIGTERM) is before  # handler restored on close
+  assert _steps(tmp_path) == [2]
+
+
 # ---------------------------------------------------------------------------------------------
 # A real async save killed mid-write (SIGKILL to the writing process).
 
