@@ -89,7 +89,7 @@ class Checkpointer:
         raise CheckpointError(
             "jax_enable_preemption_service is off: on several processes a SIGTERM could not be "
             "synchronised across hosts. Leave JAX_ENABLE_PREEMPTION_SERVICE unset (default on).")
-      if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+      if callable(signal.getsignal(signal.SIGTERM)):
         raise CheckpointError(
             "a Python SIGTERM handler is installed on a multi-process run: it replaces the "
             "notifier of JAX's preemption service, and hosts would stop at different steps. "

@@ -11,6 +11,7 @@ One chain of runs, 6 steps of the tiny KnowDist model:
          ends with ref's params
 """
 import os
+import runpy
 import shutil
 import signal
 import socket
@@ -27,8 +28,10 @@ import pytest
 import safetensors.numpy
 from tensorboardX.proto import event_pb2
 
+from sentijax import checkpoint, distributed, sharding
 from sentijax import config as config_lib
-from sentijax import distributed
+from sentijax.train import state as state_lib
+from sentijax.train import student
 from tolerances import assert_trees_close
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,6 +147,22 @@ def _assert_curve(got: dict, want: dict, tag: str, steps: list[int]) -> None:
                              rtol=1e-5, err_msg=tag)
 
 
+def _restore_on_4_devices(workdir: Path, step: int):
+  """(train state, data state) of `workdir`'s checkpoint `step`, restored in this one process
+  onto 4 of its devices (the test process has 8) with the runs' mesh, data=1 x fsdp=4."""
+  config = runpy.run_path(str(REPO / "configs" / "knowdist.py"))["get_config"]()
+  model_cfg = student.model_config(config)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}, devices=jax.devices()[:4])
+  target, _ = state_lib.abstract_state(model_cfg, state_lib.make_optimizer(config.train), mesh,
+                                       config.sharding_rules)
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=3, keep=3)
+  try:
+    state, data, _ = ckpt.restore(target, step=step)
+  finally:
+    ckpt.close()
+  return state, data
+
+
 def test_processes_and_devices_change_between_runs_and_preemption_agrees(tmp_path):
   ref_dir, multi_dir, pre_dir = tmp_path / "ref", tmp_path / "multi", tmp_path / "pre"
 
@@ -163,6 +182,13 @@ def test_processes_and_devices_change_between_runs_and_preemption_agrees(tmp_pat
   # largest element leaves ~100x margin, yet one skipped or repeated step (lr >= 1.5e-4 against
   # weights ~0.02..1) is >1e-3 of that scale.
   assert_trees_close(_params(multi_dir), want)
+  # The 2-process checkpoint in ONE process on 4 devices: the whole train state (params, Adam
+  # moments, step) equals the 1-process run's, and the data position is the same global one.
+  (multi_state, multi_data), (ref_state, ref_data) = (
+      _restore_on_4_devices(d, STEPS) for d in (multi_dir, ref_dir))
+  assert_trees_close(multi_state, ref_state)
+  assert {x.sharding.mesh.devices.size for x in jax.tree.leaves(multi_state)} == {4}
+  assert multi_data == ref_data | {"process_count": 2} and multi_data["rows"] == STEPS * 8
 
   # ---- 1 -> 2 processes; SIGTERM to process 1 of 2 ---------------------------------------------
   (pre_dir / "checkpoints").mkdir(parents=True)
