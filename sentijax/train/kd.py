@@ -124,9 +124,11 @@ def check_same_tokenizer(student_tok: Any, student_where: str, teacher_tok: Any,
   return s["size"]
 
 
-def student_tokenizer(config, spec: KDSpec, model_cfg: models.ModelConfig, texts) -> Any:
-  """model.tokenizer / model.init, else the teacher's (online: teacher.tokenizer or
-  teacher.model_dir; offline: the store's copy), else one trained on the corpus."""
+def student_tokenizer(config, spec: KDSpec, model_cfg: models.ModelConfig, texts
+                      ) -> tuple[Any, str]:
+  """(tokenizer, where from): model.tokenizer / model.init, else the teacher's (online:
+  teacher.tokenizer or teacher.model_dir; offline: the store's copy), else one trained on the
+  corpus (<workdir>/tokenizer)."""
   mc = config.model
   if not (mc.tokenizer or mc.init):
     source = (spec.teacher_tokenizer_dir if spec.mode == "online"
@@ -135,8 +137,9 @@ def student_tokenizer(config, spec: KDSpec, model_cfg: models.ModelConfig, texts
       log.info("student tokenizer: the teacher's, %s", source)
       tok = tokenizer_lib.load_tokenizer(source)
       models.check_tokenizer(model_cfg, tok, where=source)
-      return tok
-  return student.tokenizer(config, model_cfg, texts)
+      return tok, source
+  where = str(mc.tokenizer or mc.init or Path(config.workdir) / "tokenizer")
+  return student.tokenizer(config, model_cfg, texts), where
 
 
 # --------------------------------------------------------------------------- teacher
@@ -212,7 +215,7 @@ def divergence_hook(ctx: Context, model_cfg: models.ModelConfig, val_ds, batch_s
 # --------------------------------------------------------------------------- job
 
 
-def _records(config, spec: KDSpec, data: DataSpec):
+def _records(spec: KDSpec, data: DataSpec):
   """(train records, val records, soft targets or None, stats)."""
   if spec.mode == "online":
     train, val, stats = readers.load_corpus(data)
@@ -230,18 +233,16 @@ def run(config) -> loop.Result:
   spec = KDSpec.from_config(config)
   model_cfg = student.model_config(config)
   data = DataSpec.from_config(config.data, workdir=config.workdir, seed=config.seed)
-  train_recs, val_recs, soft, corpus_stats = _records(config, spec, data)
-  tok = student_tokenizer(config, spec, model_cfg,
-                          lambda: [t for r in train_recs for t in (r.prompt, r.response)])
+  train_recs, val_recs, soft, corpus_stats = _records(spec, data)
+  tok, tok_where = student_tokenizer(
+      config, spec, model_cfg, lambda: [t for r in train_recs for t in (r.prompt, r.response)])
   vocab = len(tok)
   teacher_cfg = None
   if spec.mode == "online":
     teacher_cfg = teacher_config(spec)
     where = spec.teacher_tokenizer_dir
     if where:
-      vocab = check_same_tokenizer(tok, str(config.model.tokenizer or config.model.init or
-                                             "the student's tokenizer"),
-                                   tokenizer_lib.load_tokenizer(where), where)
+      vocab = check_same_tokenizer(tok, tok_where, tokenizer_lib.load_tokenizer(where), where)
     else:
       log.info("teacher preset %r: shares the student's tokenizer", spec.teacher_preset)
     models.check_tokenizer(teacher_cfg, tok, where=where or f"teacher preset {spec.teacher_preset}")
