@@ -4,9 +4,11 @@ one process of two saves one checkpoint at a step both agree on.
 
 One chain of runs, 6 steps of the tiny KnowDist model:
   ref    1 process x 4 devices, uninterrupted (the reference)
-  multi  2 processes x 2 devices, uninterrupted: same loss curve and params as ref
+  multi  2 processes x 2 devices, uninterrupted: same loss curve and params as ref; its
+         checkpoint restored in the test process on 4 devices equals ref's whole train state
   pre    2 processes resume ref's step-3 checkpoint (1 -> 2 processes); SIGTERM to process 1
-         during start-up: both save step 4 and exit 0
+         during start-up: both save step 4 and exit 0 (a SIGTERM mid-run is agreed on the same
+         way, at a step that depends on timing)
   post   1 process x 2 devices resumes pre's step 4 (2 -> 1 processes, 4 -> 2 devices) and
          ends with ref's params
 """
@@ -194,7 +196,10 @@ def test_processes_and_devices_change_between_runs_and_preemption_agrees(tmp_pat
   (pre_dir / "checkpoints").mkdir(parents=True)
   shutil.copytree(ref_dir / "checkpoints" / "3", pre_dir / "checkpoints" / "3")
   pre = _two_processes(pre_dir)
-  pre[1].wait_for("resumed from")  # restored, not yet compiled: the notice beats the first step
+  # After jax.distributed.initialize, before restore and compile (seconds of work): JAX's notifier
+  # (polled every 1 s) has told both hosts long before the first step, so the agreed sync point
+  # is the first poll, step 4, on any machine.
+  pre[1].wait_for("KnowDist: ")
   pre[1].proc.send_signal(signal.SIGTERM)
   outs = _finish_all(pre)  # both exit 0: no deadlock at the save barrier
   for out in outs:
