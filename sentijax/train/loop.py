@@ -70,7 +70,7 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
   workdir.mkdir(parents=True, exist_ok=True)
 
   # ---- Mesh, optimizer, shardings ----------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, model_cfg=model_cfg)  # fsdp=0: sharded when big
   rules = config.sharding_rules
   batch_size, num_micro = int(tc.batch_size), int(tc.microbatches)
   divisor = sharding.batch_divisor(mesh, rules)
