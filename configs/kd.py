@@ -1,19 +1,24 @@
 """Logit distillation: the student matches a teacher's next-token distributions.
 
-Default (offline, any CPU machine, ~1 min on 2 cores): a random `tiny` preset teacher (seed 1)
+Default (offline, any CPU machine, ~2 min on 2 cores): a random `tiny` preset teacher (seed 1)
 distilled online into a `tiny` student (seed 0) on the demo corpus shipped in the package, with
 a BPE tokenizer trained on it; loss = 0.5 CE + 0.5 KL(teacher || student), per response token:
 
   python -m sentijax.main --config=configs/kd.py
 
-logs train/ce and train/kd falling and eval/kl_teacher (held-out KL to the teacher) at steps 0,
-50, 100, and writes checkpoints, TensorBoard events, the tokenizer, data_stats.json and an HF
+logs train/ce falling (6.9 -> 4.1 in 100 steps) next to train/kd, the teacher's forward TFLOP/s
+apart from the student's, and eval/loss + eval/kl_teacher (held-out KL to the teacher) at steps
+0, 50, 100; writes checkpoints, TensorBoard events, the tokenizer, data_stats.json and an HF
 export (runs/kd/hf) into the workdir. Rerunning resumes from the last checkpoint. A random teacher
-is only a target distribution; for a trained one, distil the KnowDist demo student:
+is nearly uniform (held-out KL 0.025 at step 0, 0.34 at step 100 as the CE half fits the corpus):
+a smoke test. A trained teacher, the KnowDist demo student:
 
   python -m sentijax.main --config=configs/knowdist.py
   python -m sentijax.main --config=configs/kd.py --config.teacher.model_dir=runs/knowdist/hf \
     --config.workdir=runs/kd-from-knowdist
+
+takes the held-out KL to that teacher 2.78 -> 0.67 in 100 steps (0.80 with --config.kd.loss=ce,
+the CE-only baseline) and the held-out CE to 5.29 (5.36 CE-only).
 
 Real run (Qwen2.5-72B-Instruct teacher, Qwen2.5-1.5B-Instruct student, same tokenizer; the
 teacher forward runs in the step, sharded over the mesh with the student):
