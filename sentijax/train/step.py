@@ -186,22 +186,36 @@ def jit_train_step(model_cfg, tx, state_sh: TrainState, batch_sh, num_micro: int
                          schedule=schedule, mesh=mesh, loss_chunk=loss_chunk, rules=rules,
                          kl_alpha=kl_alpha, kl_temperature=kl_temperature, distill=distill,
                          teacher_cfg=None if teacher is None else teacher.cfg)
-  if teacher is None:
-    return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                   donate_argnums=0)
   if mesh is not None and rules is None:
     from sentijax import config as config_lib  # pylint: disable=import-outside-toplevel
     rules = config_lib.base().sharding_rules
+  if teacher is None:
+    return _traced_on(mesh, rules, jax.jit(fn, in_shardings=(state_sh, batch_sh),
+                                           out_shardings=(state_sh, None), donate_argnums=0))
   teacher_sh = None if mesh is None else sharding.param_shardings(teacher.cfg, mesh, rules)
   teacher_params = (teacher.params if mesh is None else
                     jax.device_put(teacher.params, teacher_sh))
   jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, teacher_sh),
                    out_shardings=(state_sh, None), donate_argnums=0)
 
+  traced = _traced_on(mesh, rules, jitted)
+
   def step_fn(state, batch):
-    return jitted(state, batch, teacher_params)
+    return traced(state, batch, teacher_params)
   step_fn.teacher_params = teacher_params  # as placed (tests, eval)
   return step_fn
+
+
+def _traced_on(mesh, rules, jitted):
+  """`jitted`, called (hence traced) inside `sharding.logical_context(mesh, rules)`, so the
+  decoder's activation sharding constraints apply; as it is without a mesh."""
+  if mesh is None:
+    return jitted
+
+  def call(*args):
+    with sharding.logical_context(mesh, rules):
+      return jitted(*args)
+  return call
 
 
 def jit_eval_step(model_cfg, param_sh, batch_sh, loss_chunk: int = 0):
