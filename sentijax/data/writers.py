@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from sentijax import atomic
-from sentijax.atomic import fsync_dir, open_temp_file  # noqa: F401  (re-exported)
 from sentijax.data.records import CorpusError, Record, validate_record
 
 logger = logging.getLogger("sentijax")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import re
 from pathlib import Path
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sentijax import sharding
+from sentijax import atomic, sharding
 from sentijax.models import decoder
 from sentijax.models.decoder import ModelConfig
 from sentijax.models.hf_config import (CheckpointError, config_from_hf, config_to_hf,  # noqa: F401
@@ -296,9 +295,7 @@ def save_params(cfg: ModelConfig, params: dict, directory: str | os.PathLike,
     index = {"metadata": {"total_size": sum(nbytes_of((e[0], np_dtype, e[4])) for e in plan)},
              "weight_map": {e[0]: fname for fname, entries in zip(names, shards)
                             for e in entries}}
-    tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, index_path)
+    atomic.write_json(index_path, index, indent=2)
   stale = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
   for old in directory.iterdir():  # a previous export's files this one did not rewrite
     if stale.fullmatch(old.name) and old.name not in names:

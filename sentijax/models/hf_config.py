@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sentijax import atomic
 from sentijax.models.decoder import ModelConfig, RopeScaling
 
 
@@ -173,7 +174,4 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 
 def save_config(cfg: ModelConfig, directory: str | os.PathLike, dtype: str = "float32"):
   """Writes `directory`/config.json atomically."""
-  path = Path(directory) / "config.json"
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
-  os.replace(tmp, path)
+  atomic.write_json(Path(directory) / "config.json", config_to_hf(cfg, dtype), indent=2)

@@ -20,6 +20,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from sentijax import atomic
 from sentijax.models.hf_config import CheckpointError
 
 ST_DTYPES = {
@@ -205,23 +206,14 @@ def write_stream(path: Path, specs: Sequence[TensorSpec], arrays: Iterable[np.nd
     offset += n
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)
-  path = Path(path)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      f.write(struct.pack("<Q", len(raw)))
-      f.write(raw)
-      for (name, dtype, shape), arr in zip(specs, arrays, strict=True):
-        if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape):
-          raise ValueError(f"{path}: tensor {name!r} is {arr.dtype}{list(arr.shape)}, its "
-                           f"header says {np.dtype(dtype)}{list(shape)}")
-        f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
+  with atomic.atomic_open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for (name, dtype, shape), arr in zip(specs, arrays, strict=True):
+      if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"{path}: tensor {name!r} is {arr.dtype}{list(arr.shape)}, its "
+                         f"header says {np.dtype(dtype)}{list(shape)}")
+      f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict | None = None):
