@@ -74,6 +74,8 @@ def test_load_packs_the_stored_topk_at_the_target_positions(tok, tmp_path):
       np.testing.assert_array_equal(row["weights"][span], s.record.tokens.loss_mask[1:])
       loss = np.flatnonzero(row["weights"][span]) + offset
       np.testing.assert_array_equal(row["soft_ids"][loss], s.topk_ids[:, :width])
+      # Both sides are float32 exp of the same stored float32 logprobs (no arithmetic between):
+      # a few ulps at most on any CPU; a misplaced or rescaled row is off by far more.
       np.testing.assert_allclose(row["soft_probs"][loss], np.exp(s.topk_logprobs[:, :width]),
                                  rtol=1e-6)
       assert not row["soft_probs"][span][row["weights"][span] == 0].any()
