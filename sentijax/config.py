@@ -115,6 +115,9 @@ def base() -> ml_collections.ConfigDict:
   # Tokens of compute one XLA compilation is worth when choosing batch shapes (eval/buckets.py):
   # -1 = estimate for the model and platform, 0 = least padding (most shapes).
   c.eval.compile_cost_tokens = -1.0
+  # Run the instruction every prompt of a dataset starts with once, not per prompt
+  # (sentijax/prefix.py): 19% fewer tokens on sc/sst2, ~half on the extraction datasets.
+  c.eval.shared_prefix = True
   return c
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from sentijax import models, sharding
+from sentijax import prefix as prefix_lib
 
 Array = jax.Array
 PyTree = Any
@@ -132,19 +133,27 @@ def init_decode_cache(cfg: models.ModelConfig, rows: int, length: int,
                                              "cache_sharding", "penalize"))
 def _decode(cfg: models.ModelConfig, params: PyTree, ids_BxT: Array, mask_BxT: Array,
             stop_kind_V: Array, blank_V: Array, pad_id: Array, keys_B: Array, temperature: Array,
-            top_p: Array, penalty: Array, min_new: Array, *, max_new_tokens: int, sample: bool,
-            top_k: int, cache_sharding: NamedSharding | None, penalize: bool
-            ) -> tuple[Array, Array]:
+            top_p: Array, penalty: Array, min_new: Array, shared: prefix_lib.Prefix | None, *,
+            max_new_tokens: int, sample: bool, top_k: int,
+            cache_sharding: NamedSharding | None, penalize: bool) -> tuple[Array, Array]:
   b, t = ids_BxT.shape
-  cache = init_decode_cache(cfg, b, t + max_new_tokens, cache_sharding)
-  positions_BxT = models.default_positions(mask_BxT)
+  if shared is None:
+    cache = init_decode_cache(cfg, b, t + max_new_tokens, cache_sharding)
+    positions_BxT = models.default_positions(mask_BxT)
+  else:  # the rows are suffixes of a prompt prefix already in the cache
+    cache = prefix_lib.batch_cache(cfg, shared, b, t + max_new_tokens, cache_sharding)
+    positions_BxT = prefix_lib.suffix_positions(shared, mask_BxT)
   logits_Bx1xV, cache = models.forward_with_cache(cfg, params, ids_BxT, positions_BxT, mask_BxT,
                                                   cache, last_only=True)
-  next_pos_B = jnp.sum(mask_BxT, axis=1).astype(jnp.int32)
+  next_pos_B = jnp.max(positions_BxT, axis=1).astype(jnp.int32) + 1
   rows_B = jnp.arange(b)
   # Tokens in each row so far (prompt without padding, then generated): repetition penalty.
-  seen_BxV = (seen_tokens(ids_BxT, mask_BxT, logits_Bx1xV.shape[-1]) if penalize
-              else jnp.zeros((b, 1), bool))
+  seen_BxV = jnp.zeros((b, 1), bool)
+  if penalize:
+    seen_BxV = seen_tokens(ids_BxT, mask_BxT, logits_Bx1xV.shape[-1])
+    if shared is not None:
+      seen_BxV = seen_BxV | seen_tokens(shared.ids_S[None], shared.segment_ids_S[None],
+                                        logits_Bx1xV.shape[-1])
   blockable_V = (stop_kind_V == _STOP) | (stop_kind_V == _SOFT_STOP)
 
   def choose(logits_Bx1xV, seen_BxV, step):
@@ -211,7 +220,8 @@ def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
            rng: Array | int | None = None, temperature: float = 1.0, top_p: float = 1.0,
            top_k: int = 0, min_new_tokens: int = 0, row_rngs: Array | None = None,
            mesh: Mesh | None = None, bucket: bool = True, min_rows: int = 1, rules=None,
-           repetition_penalty: float = 1.0) -> DecodeOutput:
+           repetition_penalty: float = 1.0,
+           shared: prefix_lib.Prefix | None = None) -> DecodeOutput:
   """Decodes up to `max_new_tokens` per left-padded prompt row: greedy, or sampled with `rng`.
 
   Args:
@@ -231,6 +241,7 @@ def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
       `min_rows`: pad B to at least this (a server keeps one shape per length bucket).
     repetition_penalty: transformers' repetition penalty over each row's prompt (padding
       excluded) and the tokens generated so far; 1.0 = none.
+    shared: a prefix every row continues (`prefix.compute`): the rows hold only what follows it.
   Returns:
     DecodeOutput(tokens_BxN [B, max_new_tokens] int32, lengths_B int32) as numpy.
   """
@@ -273,7 +284,7 @@ def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
                            jnp.asarray(max(temperature, 1e-6), jnp.float32),
                            jnp.asarray(top_p, jnp.float32),
                            jnp.asarray(repetition_penalty, jnp.float32),
-                           jnp.asarray(min_new_tokens, jnp.int32),
+                           jnp.asarray(min_new_tokens, jnp.int32), shared,
                            max_new_tokens=int(max_new_tokens), sample=sample,
                            top_k=min(int(top_k), cfg.vocab_size), cache_sharding=cache_sharding,
                            penalize=float(repetition_penalty) != 1.0)

@@ -2,8 +2,8 @@
 
 Every distinct batch shape is one XLA compilation (~2-3 s for SmolLM2-135M's forward on a
 2-core CPU, ~20 s for its decode loop on an H200) and every padded token is wasted compute.
-`plan` trades the two: it chooses the length buckets (from the `sampling.bucket_length` grid)
-and the tail batches that minimise
+`plan` trades the two: it chooses the length buckets (from the `grid_length` grid: multiples of
+16 tokens up to 512, then ~1/8 of an octave) and the tail batches that minimise
 
     padded tokens + compile_cost_tokens * (number of shapes not compiled yet)
 
@@ -27,6 +27,7 @@ from collections.abc import Collection, Sequence
 from sentijax import models, sampling
 
 TOKENS_PER_ROW = 512  # token budget per batch = batch_size * TOKENS_PER_ROW
+LENGTH_MULTIPLE = 16  # the scorer's grid step up to 512 tokens (sst2: 6% padding vs 23% at 64)
 Shape = tuple[int, int]  # (rows, padded prompt length)
 
 # Seconds to compile one shape, and FLOP/s a small model sustains, per platform and program.
@@ -43,7 +44,7 @@ SUSTAINED_FLOPS = {"cpu": 1e11, "gpu": 3e13, "tpu": 3e13}
 class PlannedBatch:
   order: tuple[int, ...]  # indices of the sequences in this batch (longest first)
   rows: int  # padded rows (>= len(order), a multiple of the divisor)
-  length: int  # padded prompt length (a `sampling.bucket_length` value)
+  length: int  # padded prompt length (a `grid_length` value)
 
   @property
   def shape(self) -> Shape:
@@ -58,6 +59,13 @@ def compile_cost_tokens(cfg: models.ModelConfig, program: str, platform: str) ->
   seconds = COMPILE_SECONDS.get(platform, COMPILE_SECONDS["gpu"])[program]
   forward_flops_per_token = cfg.flops_per_token(TOKENS_PER_ROW) / 3
   return seconds * SUSTAINED_FLOPS.get(platform, SUSTAINED_FLOPS["gpu"]) / forward_flops_per_token
+
+
+def grid_length(n: int, multiple: int = 64) -> int:
+  """Rounds a length up to a multiple of `multiple` up to 512 tokens, beyond that to
+  `sampling.bucket_length`'s coarser grid (~1/8 of an octave); multiple=64 is that grid."""
+  n = max(int(n), 1)
+  return -(-n // multiple) * multiple if n <= TOKENS_PER_ROW else sampling.bucket_length(n)
 
 
 def rows_for_length(length: int, batch_size: int, divisor: int = 1) -> int:
@@ -94,9 +102,9 @@ class _Planner:
   """Batches for one choice of allowed lengths, and their cost (see the module docstring)."""
 
   def __init__(self, lengths: Sequence[int], batch_size: int, divisor: int, extra_len: int,
-               cost: float, compiled: Collection[Shape]):
+               cost: float, compiled: Collection[Shape], multiple: int):
     self.order = sorted(range(len(lengths)), key=lambda k: -lengths[k])  # longest first
-    self.grid = [sampling.bucket_length(lengths[k]) for k in self.order]
+    self.grid = [grid_length(lengths[k], multiple) for k in self.order]
     self.batch_size, self.divisor, self.extra_len = batch_size, divisor, extra_len
     self.cost, self.compiled = cost, set(compiled)
 
@@ -137,18 +145,19 @@ EXHAUSTIVE_LENGTHS = 10  # up to this many candidate lengths every subset is tri
 
 
 def plan(lengths: Sequence[int], batch_size: int, divisor: int = 1, extra_len: int = 0,
-         compile_cost: float = 0.0, compiled: Collection[Shape] = ()) -> list[PlannedBatch]:
+         compile_cost: float = 0.0, compiled: Collection[Shape] = (),
+         multiple: int = 64) -> list[PlannedBatch]:
   """Batches (longest prompts first) covering every prompt once; see the module docstring.
 
   The allowed lengths are chosen among the grid lengths of the prompts and the lengths of
   `compiled` shapes: every subset when there are at most EXHAUSTIVE_LENGTHS of them, else a
   local search (add or remove one length while the cost falls) from all of them and from the
   longest alone. `extra_len`: tokens each row grows by
-  while decoding (counts as compute and memory).
+  while decoding (counts as compute and memory). `multiple`: the grid step (`grid_length`).
   """
   if not len(lengths):
     return []
-  planner = _Planner(lengths, batch_size, divisor, extra_len, compile_cost, compiled)
+  planner = _Planner(lengths, batch_size, divisor, extra_len, compile_cost, compiled, multiple)
   longest = planner.grid[0]
   candidates = sorted(set(planner.grid) | {l for _, l in compiled if l >= planner.grid[-1]})
   if len(candidates) <= EXHAUSTIVE_LENGTHS:

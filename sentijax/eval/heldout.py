@@ -38,12 +38,13 @@ def score_task(model_cfg: models.ModelConfig, params: Any, tokenizer, spec: task
   `run`: generation config, clean-up and batch-shape settings; `compiled`: as `scorer.score_run`.
   """
   run = run or scorer.RunSettings()
-  compiled = {"forward": set(), "decode": set()} if compiled is None else compiled
+  compiled = {} if compiled is None else compiled
   if spec.sentibench and spec.name in templates["instructions"]:
     return scorer.score_run(model_cfg, params, tokenizer, task, templates, seed, max_examples,
                             batch_size, mesh, max_new_tokens, progress=False, stops=stops,
                             rules=rules, generation=run.generation, cleanup=run.cleanup,
-                            compile_cost=run.compile_cost, compiled=compiled)
+                            compile_cost=run.compile_cost, compiled=compiled,
+                            shared_prefix=run.shared_prefix)
   own = dict(templates, instructions={**templates["instructions"], spec.name: spec.instruction})
   prompts = sentibench.build_prompts(task, own, seed, max_examples=max_examples)
   texts = [p.text for p in prompts]
@@ -52,7 +53,8 @@ def score_task(model_cfg: models.ModelConfig, params: Any, tokenizer, spec: task
     scores_NxC = scorer.classify(model_cfg, params, tokenizer, texts, spec.verbalizers,
                                  batch_size, mesh, rules=rules,
                                  repetition_penalty=run.generation.repetition_penalty,
-                                 compile_cost=run.compile_cost, compiled=compiled["forward"])
+                                 compile_cost=run.compile_cost, compiled=compiled,
+                                 shared_prefix=run.shared_prefix)
     preds = [spec.labels[int(j)] for j in np.argmax(scores_NxC, axis=-1)]
     for p, pred, s in zip(prompts, preds, scores_NxC):
       rows.append({"index": p.index, "gold": p.gold, "prediction": pred,
@@ -62,7 +64,7 @@ def score_task(model_cfg: models.ModelConfig, params: Any, tokenizer, spec: task
   outputs = scorer.generate(model_cfg, params, tokenizer, texts, max_new_tokens, batch_size, mesh,
                             stops=stops, rules=rules, generation=run.generation,
                             cleanup=run.cleanup, compile_cost=run.compile_cost,
-                            compiled=compiled["decode"])
+                            compiled=compiled, shared_prefix=run.shared_prefix)
   examples = [task.test[p.index] for p in prompts]
   preds = [parsers.parse_tuples(parsers.extract_answer(out), spec.parser, sentence=ex.sentence)
            for ex, out in zip(examples, outputs)]
@@ -86,7 +88,7 @@ def score_tasks(model_cfg: models.ModelConfig, params: Any, tokenizer,
   between calls; `run`: see `score_task`."""
   loaded = {} if loaded is None else loaded
   run = run or scorer.RunSettings()
-  compiled = {"forward": set(), "decode": set()} if compiled is None else compiled
+  compiled = {} if compiled is None else compiled
   stops = None
   if any(s.kind == "extraction" for s in specs):
     stops = scorer.stop_tokens(tokenizer, model_cfg, run.generation)
@@ -121,7 +123,7 @@ def heldout_hook(config, model_cfg: models.ModelConfig, tokenizer,
   out_dir = Path(config.workdir) / "sentibench"
   loaded: dict[str, sentibench.Task] = {}
   run = scorer.RunSettings.from_config(config, tokenizer)
-  compiled: dict = {"forward": set(), "decode": set()}
+  compiled: dict = {}
 
   def hook(step: int, params: Any) -> dict:
     results = score_tasks(model_cfg, params, tokenizer, specs, templates, seeds,

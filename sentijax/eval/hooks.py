@@ -23,7 +23,7 @@ def sentibench_hook(config, model_cfg: models.ModelConfig, tokenizer
   mesh = sharding.make_mesh(config.mesh, model_cfg=model_cfg)  # the training loop's mesh
   out_dir = Path(config.workdir) / "sentibench"
   run = scorer.RunSettings.from_config(config, tokenizer)
-  compiled: dict = {"forward": set(), "decode": set()}
+  compiled: dict = {}
 
   def hook(step: int, params: Any) -> dict:
     results = scorer.score(model_cfg, params, tokenizer, ec.data_dir, ec.templates or None,
@@ -31,7 +31,8 @@ def sentibench_hook(config, model_cfg: models.ModelConfig, tokenizer
                            progress=False, max_new_tokens=ec.max_new_tokens,
                            rules=config.sharding_rules, generation=run.generation,
                            decode_cleanup=run.cleanup, aggregation=str(ec.aggregation),
-                           compile_cost=run.compile_cost, compiled=compiled)
+                           compile_cost=run.compile_cost, compiled=compiled,
+                           shared_prefix=run.shared_prefix)
     if jax.process_index() == 0:
       scorer.write_json(out_dir / f"step_{step}.json", results)
     scalars = {f"sentibench/{name}": d["mean"] for name, d in results["datasets"].items()}

@@ -105,7 +105,7 @@ def run(config: Any) -> dict:
                          progress=True, max_new_tokens=int(ev.max_new_tokens),
                          rules=config.sharding_rules, generation=generation,
                          decode_cleanup=run.cleanup, aggregation=str(ev.aggregation),
-                         compile_cost=run.compile_cost)
+                         compile_cost=run.compile_cost, shared_prefix=run.shared_prefix)
   if jax.process_index() == 0:
     scorer.write_json(os.path.join(workdir, "results.json"), results)
     md_path, png_path = report.write_report(results, workdir)

@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sentijax import models, sampling, sharding
+from sentijax import prefix as prefix_lib
 from sentijax.data import sentibench
 from sentijax.eval import buckets, decoding, metrics, parsers, report
 from sentijax.eval import generation as gen_lib
@@ -119,7 +120,7 @@ def make_batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, di
   """
   compiled = set() if compiled is None else compiled
   for planned in buckets.plan([len(s) for s in seqs], batch_size, divisor, extra_len,
-                              compile_cost, compiled):
+                              compile_cost, compiled, buckets.LENGTH_MULTIPLE):
     compiled.add(planned.shape)
     ids_BxT, mask_BxT = sampling.left_pad([seqs[i] for i in planned.order], planned.length,
                                           planned.rows, pad_id)
@@ -129,19 +130,21 @@ def make_batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, di
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
   """What a scoring run applies besides the data: the model's generation config, transformers
-  4.44's decode clean-up, and the batch-shape trade (see `score`)."""
+  4.44's decode clean-up, the batch-shape trade and the shared prefix (see `score`)."""
   generation: gen_lib.GenerationSettings = gen_lib.GenerationSettings()
   cleanup: bool = False
   compile_cost: float = -1.0
+  shared_prefix: bool = True
 
   @classmethod
   def from_config(cls, config, tokenizer) -> "RunSettings":
-    """From `config.eval` (generation_config, decode_cleanup, compile_cost_tokens); the
-    generation config is read from `config.model.init` when that is a directory."""
+    """From `config.eval` (generation_config, decode_cleanup, compile_cost_tokens,
+    shared_prefix); the generation config is read from `config.model.init` when that is a
+    directory."""
     ev, init = config.eval, str(config.model.init or "")
     return cls(gen_lib.load(init if os.path.isdir(init) else None, str(ev.generation_config)),
                decoding.cleanup_enabled(tokenizer, str(ev.decode_cleanup)),
-               float(ev.compile_cost_tokens))
+               float(ev.compile_cost_tokens), bool(ev.get("shared_prefix", True)))
 
 
 def _compile_cost(cfg: models.ModelConfig, program: str, setting: float) -> float:
@@ -155,19 +158,41 @@ def _compile_cost(cfg: models.ModelConfig, program: str, setting: float) -> floa
 # Classification.
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="cache_sharding")
 def _verbalizer_logits(cfg: models.ModelConfig, params: PyTree, ids_BxT: jax.Array,
-                       mask_BxT: jax.Array, verb_ids_C: jax.Array, penalty: jax.Array
+                       mask_BxT: jax.Array, verb_ids_C: jax.Array, penalty: jax.Array,
+                       shared: prefix_lib.Prefix | None = None, *, cache_sharding=None
                        ) -> jax.Array:
   """Float32 [B, C]: last-position logits at the verbalizer first tokens, after the repetition
-  penalty of verbalizer tokens present in the prompt (`generate(...).scores[0]`)."""
-  positions_BxT = models.default_positions(mask_BxT)
-  logits_Bx1xV = models.forward(cfg, params, ids_BxT, segment_ids_BxT=mask_BxT,
-                                positions_BxT=positions_BxT, last_only=True)
-  logits_BxC = logits_Bx1xV[:, 0, :][:, verb_ids_C].astype(jnp.float32)
+  penalty of verbalizer tokens present in the prompt (`generate(...).scores[0]`). With `shared`,
+  the rows are the suffixes that follow that prefix."""
   seen_BxC = jnp.any((ids_BxT[:, :, None] == verb_ids_C[None, None, :])
                      & (mask_BxT[:, :, None] > 0), axis=1)
+  if shared is None:
+    logits_Bx1xV = models.forward(cfg, params, ids_BxT, segment_ids_BxT=mask_BxT,
+                                  positions_BxT=models.default_positions(mask_BxT),
+                                  last_only=True)
+  else:
+    cache = prefix_lib.batch_cache(cfg, shared, ids_BxT.shape[0], ids_BxT.shape[1],
+                                   cache_sharding)
+    logits_Bx1xV, _ = models.forward_with_cache(cfg, params, ids_BxT,
+                                                prefix_lib.suffix_positions(shared, mask_BxT),
+                                                mask_BxT, cache, last_only=True)
+    seen_BxC = seen_BxC | shared.seen(verb_ids_C)[None]
+  logits_BxC = logits_Bx1xV[:, 0, :][:, verb_ids_C].astype(jnp.float32)
   return sampling.repetition_penalty(logits_BxC, seen_BxC, penalty)
+
+
+def split_prefix(cfg: models.ModelConfig, params: PyTree, seqs: Sequence[Sequence[int]],
+                 program: str, enabled: bool = True
+                 ) -> tuple[prefix_lib.Prefix | None, list[Sequence[int]], str]:
+  """(the shared prefix computed once or None, the sequences after it, the program's key in
+  the `compiled` dict: its shapes are compiled with that prefix's slots)."""
+  n = prefix_lib.shared_length(seqs) if enabled else 0
+  if not n:
+    return None, list(seqs), program
+  shared = prefix_lib.compute(cfg, params, seqs[0][:n])
+  return shared, [s[n:] for s in seqs], f"{program}+prefix{shared.slots}"
 
 
 def _place(mesh: Mesh | None, rules, *arrays: np.ndarray) -> list[jax.Array]:
@@ -180,12 +205,15 @@ def classify(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
              verbalizers: Sequence[str], batch_size: int, mesh: Mesh | None = None,
              progress: bool = False, desc: str = "", rules=None,
              repetition_penalty: float = 1.0, compile_cost: float = -1.0,
-             compiled: set[buckets.Shape] | None = None) -> np.ndarray:
+             compiled: dict[str, set[buckets.Shape]] | None = None,
+             shared_prefix: bool = True) -> np.ndarray:
   """Verbalizer scores [N, C] (float32, input order) for prompts `texts`.
 
   `rules`: sharding rules whose `batch` rule shards batches on `mesh` (None = the base config's).
   `repetition_penalty`: the generation config's (applied to verbalizers seen in the prompt).
-  `compile_cost` / `compiled`: batch shapes, see `make_batches` (< 0: `compile_cost_tokens`).
+  `compile_cost` / `compiled`: batch shapes, see `make_batches` (< 0: `compile_cost_tokens`);
+  `compiled` maps programs to the shapes compiled for them so far (updated).
+  `shared_prefix`: run the prompts' common prefix once (`sentijax.prefix`).
   """
   verb_ids = verbalizer_token_ids(tokenizer, verbalizers)
   n_classes = len(verb_ids)
@@ -194,16 +222,21 @@ def classify(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
   if verb_ids_C.max() >= cfg.vocab_size:
     raise ValueError(f"verbalizer token ids {verb_ids_C.tolist()} exceed the model's vocab_size "
                      f"{cfg.vocab_size}: tokenizer and model do not match")
-  seqs = tokenize_prompts(tokenizer, texts)
+  shared, seqs, program = split_prefix(cfg, params, tokenize_prompts(tokenizer, texts),
+                                       "forward", shared_prefix)
+  compiled = {} if compiled is None else compiled
   divisor = sharding.batch_divisor(mesh, rules)
+  cache_sharding = (None if mesh is None or shared is None
+                    else sharding.batch_sharding(mesh, rules, batch_dim=1))
   scores_NxC = np.zeros((len(seqs), n_classes), np.float32)
   bar = _bar(len(seqs), desc, progress)
   cost = _compile_cost(cfg, "forward", compile_cost)
   for batch in make_batches(seqs, batch_size, pad_id_of(tokenizer, cfg), divisor, 0, cost,
-                            compiled):
+                            compiled.setdefault(program, set())):
     ids, mask = _place(mesh, rules, batch.ids_BxT, batch.mask_BxT)
     out_BxC = _verbalizer_logits(cfg, params, ids, mask, jnp.asarray(verb_ids_C),
-                                 jnp.asarray(repetition_penalty, jnp.float32))
+                                 jnp.asarray(repetition_penalty, jnp.float32), shared,
+                                 cache_sharding=cache_sharding)
     scores_NxC[batch.order] = sharding.to_host(out_BxC)[:len(batch.order), :n_classes]
     bar.update(len(batch.order))
   bar.close()
@@ -220,27 +253,32 @@ def generate(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
              stops: StopTokens | None = None, rules=None,
              generation: gen_lib.GenerationSettings | None = None,
              cleanup: bool = False, compile_cost: float = -1.0,
-             compiled: set[buckets.Shape] | None = None) -> list[str]:
+             compiled: dict[str, set[buckets.Shape]] | None = None,
+             shared_prefix: bool = True) -> list[str]:
   """Greedy continuations (decoded, special tokens skipped; input order) of prompts `texts`.
 
   `stops`: from `stop_tokens(tokenizer, cfg, generation)` (computed here when None).
   `generation`: repetition penalty and eos ids (`generation.load`); None = none / defaults.
   `cleanup`: apply transformers 4.44's `clean_up_tokenization` (`decoding.cleanup_enabled`).
-  `compile_cost` / `compiled`: as in `classify` (for the decode loop).
+  `compile_cost` / `compiled` / `shared_prefix`: as in `classify` (for the decode loop).
   """
   generation = generation or gen_lib.GenerationSettings()
-  seqs = tokenize_prompts(tokenizer, texts)
+  shared, seqs, program = split_prefix(cfg, params, tokenize_prompts(tokenizer, texts),
+                                       "decode", shared_prefix)
+  compiled = {} if compiled is None else compiled
   divisor = sharding.batch_divisor(mesh, rules)
   pad_id = pad_id_of(tokenizer, cfg)
   stops = stops if stops is not None else stop_tokens(tokenizer, cfg, generation)
   outputs: list[str] = [""] * len(seqs)
   bar = _bar(len(seqs), desc, progress)
   cost = _compile_cost(cfg, "decode", compile_cost)
-  for batch in make_batches(seqs, batch_size, pad_id, divisor, max_new_tokens, cost, compiled):
+  for batch in make_batches(seqs, batch_size, pad_id, divisor, max_new_tokens, cost,
+                            compiled.setdefault(program, set())):
     out = sampling.greedy_decode(cfg, params, batch.ids_BxT, batch.mask_BxT, max_new_tokens,
                                  stops.stop_ids, pad_id, soft_stop_ids=stops.soft_stop_ids,
                                  blank_ids=stops.blank_ids, mesh=mesh, rules=rules,
-                                 repetition_penalty=generation.repetition_penalty)
+                                 repetition_penalty=generation.repetition_penalty,
+                                 shared=shared)
     texts_b = decoding.decode(tokenizer, [out.tokens_BxN[row, :out.lengths_B[row]].tolist()
                                           for row in range(len(batch.order))], cleanup)
     for i, text in zip(batch.order, texts_b):
@@ -325,14 +363,15 @@ def score_run(cfg: models.ModelConfig, params: PyTree, tokenizer, task: sentiben
               stops: StopTokens | None = None, rules=None,
               generation: gen_lib.GenerationSettings | None = None,
               cleanup: bool = False, compile_cost: float = -1.0,
-              compiled: dict[str, set[buckets.Shape]] | None = None
-              ) -> tuple[float, list[dict]]:
+              compiled: dict[str, set[buckets.Shape]] | None = None,
+              shared_prefix: bool = True) -> tuple[float, list[dict]]:
   """One (dataset, seed) run: (score x100, prediction rows in file order).
 
-  `compiled`: {"forward": shapes, "decode": shapes} compiled earlier in the run (updated).
+  `compiled`: {program: shapes} compiled earlier in the run (updated); `shared_prefix`: run the
+  instruction the prompts share once (`sentijax.prefix`).
   """
   generation = generation or gen_lib.GenerationSettings()
-  compiled = {"forward": set(), "decode": set()} if compiled is None else compiled
+  compiled = {} if compiled is None else compiled
   prompts = sentibench.build_prompts(task, templates, seed, max_examples=max_examples)
   texts = [p.text for p in prompts]
   desc = f"{task.name} seed {seed}"
@@ -343,7 +382,8 @@ def score_run(cfg: models.ModelConfig, params: PyTree, tokenizer, task: sentiben
                                                                                 task.name),
                           batch_size, mesh, progress, desc, rules=rules,
                           repetition_penalty=generation.repetition_penalty,
-                          compile_cost=compile_cost, compiled=compiled["forward"])
+                          compile_cost=compile_cost, compiled=compiled,
+                          shared_prefix=shared_prefix)
     preds = [labels[int(j)] for j in np.argmax(scores_NxC, axis=-1)]
     golds = [p.gold for p in prompts]
     for p, pred, s in zip(prompts, preds, scores_NxC):
@@ -353,7 +393,8 @@ def score_run(cfg: models.ModelConfig, params: PyTree, tokenizer, task: sentiben
 
   outputs = generate(cfg, params, tokenizer, texts, max_new_tokens, batch_size, mesh, progress,
                      desc, stops, rules=rules, generation=generation, cleanup=cleanup,
-                     compile_cost=compile_cost, compiled=compiled["decode"])
+                     compile_cost=compile_cost, compiled=compiled,
+                     shared_prefix=shared_prefix)
   examples = [task.test[p.index] for p in prompts]
   golds = [list(p.gold) for p in prompts]
   preds = []
@@ -378,7 +419,8 @@ def score(model_cfg: models.ModelConfig, params: PyTree, tokenizer, data_dir: st
           generation: gen_lib.GenerationSettings | None = None,
           decode_cleanup: str | bool = "auto", aggregation: str = "mean",
           compile_cost: float = -1.0,
-          compiled: dict[str, set[buckets.Shape]] | None = None) -> dict:
+          compiled: dict[str, set[buckets.Shape]] | None = None,
+          shared_prefix: bool = True) -> dict:
   """Scores `datasets` x `seeds` and returns the results dict (scores x100).
 
   {"datasets": {"sc/sst2": {"seeds": {"42": 91.3}, "mean": 91.3}, ...}, "average": 91.3,
@@ -389,6 +431,7 @@ def score(model_cfg: models.ModelConfig, params: PyTree, tokenizer, data_dir: st
   `compile_cost`: tokens of compute one compilation is worth (`buckets`; < 0 = estimate);
   datasets and seeds reuse each other's batch shapes when that is cheaper; pass the same
   `compiled` dict to later calls in this process (e.g. scoring during training) to extend that.
+  `shared_prefix`: each run's common instruction runs once (`sentijax.prefix`).
   """
   if aggregation not in report.AGGREGATIONS:
     raise ValueError(f"eval.aggregation must be one of {report.AGGREGATIONS}, got {aggregation!r}")
@@ -406,7 +449,7 @@ def score(model_cfg: models.ModelConfig, params: PyTree, tokenizer, data_dir: st
     stops = stop_tokens(tokenizer, model_cfg, generation)
   per_dataset: dict[str, dict[str, float]] = {}
   if compiled is None:
-    compiled = {"forward": set(), "decode": set()}
+    compiled = {}
   for name in names:
     task = sentibench.load_task(data_dir, name)
     per_seed = {}
@@ -414,7 +457,8 @@ def score(model_cfg: models.ModelConfig, params: PyTree, tokenizer, data_dir: st
       value, rows = score_run(model_cfg, params, tokenizer, task, templates, seed, max_examples,
                               batch_size, mesh, max_new_tokens, progress, stops, rules=rules,
                               generation=generation, cleanup=cleanup,
-                              compile_cost=compile_cost, compiled=compiled)
+                              compile_cost=compile_cost, compiled=compiled,
+                              shared_prefix=shared_prefix)
       per_seed[str(seed)] = float(value)
       if predictions_dir is not None and jax.process_index() == 0:
         write_jsonl(predictions_path(predictions_dir, name, seed), rows)

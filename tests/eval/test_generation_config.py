@@ -102,6 +102,14 @@ def test_greedy_extraction_equals_generate(setup, sentibench_dir):
                                repetition_penalty=settings.repetition_penalty)
   ours = [row[:n].tolist() for row, n in zip(out.tokens_BxN, out.lengths_B)]
   assert ours == refs
+  # The instruction as a shared prefix (run once; rows hold the rest): the same tokens, the
+  # penalty counting the prefix's tokens too.
+  shared, suffixes, _ = scorer.split_prefix(s["cfg"], s["params"], seqs, "decode")
+  assert shared is not None and int(shared.length) >= 16
+  ids, mask = sampling.left_pad(suffixes, max(map(len, suffixes)), len(seqs), tok.eos_token_id)
+  out = sampling.greedy_decode(s["cfg"], s["params"], ids, mask, MAX_NEW, eos, tok.eos_token_id,
+                               repetition_penalty=settings.repetition_penalty, shared=shared)
+  assert [row[:n].tolist() for row, n in zip(out.tokens_BxN, out.lengths_B)] == refs
   assert any(len(r) < MAX_NEW and r[-1] == second_eos for r in refs)
   plain = sampling.greedy_decode(s["cfg"], s["params"], ids, mask, MAX_NEW, eos,
                                  tok.eos_token_id)

@@ -142,16 +142,53 @@ def test_batch_shapes_do_not_change_scores(setup, sentibench_dir):
   run = lambda cost, compiled: scorer.classify(setup["cfg"], setup["params"], setup["tok"], texts,
                                                verbalizers, 16, compile_cost=cost,
                                                compiled=compiled)
-  fine, coarse = set(), set()
+  fine, coarse = {}, {}
   fine_NxC = run(0.0, fine)
   coarse_NxC = run(1e12, coarse)
-  assert len(coarse) == 1 and len(fine) > 1, (fine, coarse)
+  (program,) = coarse  # one program: the forward after sst2's instruction (64 prefix slots)
+  assert program == "forward+prefix64" and list(fine) == [program]
+  assert len(coarse[program]) == 1 and len(fine[program]) > 1, (fine, coarse)
   atol = _assert_scores_close(coarse_NxC, fine_NxC)
   _assert_same_choices(list(np.argmax(coarse_NxC, -1)), list(np.argmax(fine_NxC, -1)), fine_NxC,
                        atol)
-  again = set(coarse)
+  again = {k: set(v) for k, v in coarse.items()}
   run(1e12, again)
   assert again == coarse  # nothing new to compile
+
+
+def test_shared_prefix_matches_whole_prompts(setup, sentibench_dir):
+  """The instruction run once (its keys/values in front of every batch) scores as the whole
+  prompts do, with and without a repetition penalty (a verbalizer id planted in the instruction
+  must count as seen). Sharded scoring runs the prefix path in
+  test_sharded_scoring_matches_single_device."""
+  name = "multifaced/tweeteval"
+  prompts = sentibench.build_prompts(sentibench.load_task(sentibench_dir, name),
+                                     setup["protocol"], 52, max_examples=24)
+  verbalizers = setup["protocol"]["classification"]["verbalizers"][name]
+  verb_ids = scorer.verbalizer_token_ids(setup["tok"], verbalizers)
+  whole_seqs = scorer.tokenize_prompts(setup["tok"], [p.text for p in prompts])
+  # Plant the verbalizer that fewest prompts hold in the instruction: its first token is then in
+  # the prefix, and some rows hold it nowhere else.
+  c = int(np.argmin([sum(v in s for s in whole_seqs) for v in verb_ids]))
+  texts = [f"Answer:{verbalizers[c]} or another label.\n{p.text}" for p in prompts]
+  shared, suffixes, program = scorer.split_prefix(
+      setup["cfg"], setup["params"], scorer.tokenize_prompts(setup["tok"], texts), "forward")
+  assert shared is not None and program == f"forward+prefix{shared.slots}"
+  prefix_ids = np.asarray(shared.ids_S)[:int(shared.length)]
+  only_in_prefix = np.asarray([verb_ids[c] not in s for s in suffixes])
+  assert verb_ids[c] in prefix_ids and only_in_prefix.sum() >= 3, only_in_prefix
+  scores = {}
+  for penalty in (1.0, 1.3):
+    run = lambda on: scorer.classify(setup["cfg"], setup["params"], setup["tok"], texts,
+                                     verbalizers, 8, repetition_penalty=penalty, shared_prefix=on)
+    whole_NxC, prefixed_NxC = scores[penalty] = run(False), run(True)
+    atol = _assert_scores_close(prefixed_NxC, whole_NxC)
+    _assert_same_choices(list(np.argmax(prefixed_NxC, -1)), list(np.argmax(whole_NxC, -1)),
+                         whole_NxC, atol)
+  # The penalty reached the verbalizer also where only the prefix holds it: column c is
+  # transformers' penalty of the unpenalised score.
+  raw_N, got_N = scores[1.0][1][only_in_prefix, c], scores[1.3][1][only_in_prefix, c]
+  np.testing.assert_allclose(got_N, np.where(raw_N < 0, raw_N * 1.3, raw_N / 1.3), rtol=1e-5)
 
 
 def test_parse_config_values(sentibench_dir, tmp_path):
