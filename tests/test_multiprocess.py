@@ -212,7 +212,7 @@ def test_processes_and_devices_change_between_runs_and_preemption_agrees(tmp_pat
   # ---- 2 -> 1 process, 4 -> 2 devices: rerunning in the same workdir finishes the run ------------
   post = _Run(pre_dir, 2)
   out = post.finish()
-  assert f"at step 4 (32 rows read; saved by 2 processes, now 1 processes, 2 devices)" in out
+  assert "at step 4 (32 rows read; saved by 2 processes, now 1 processes, 2 devices)" in out
   assert f"KnowDist done at step {STEPS}" in out
   _assert_curve(_scalars(pre_dir / "tensorboard"), ref_curve, "train/loss", [4, 5, 6])
   assert_trees_close(_params(pre_dir), want)

@@ -6,7 +6,7 @@ import pytest
 import hf_fixtures
 from sentijax import models, sampling, sharding
 from sentijax.data import sentibench
-from sentijax.eval import scorer
+from sentijax.eval import batching
 
 torch = pytest.importorskip("torch")
 
@@ -25,7 +25,7 @@ def setup(tmp_path_factory, sentibench_dir):
   templates = sentibench.load_templates(sentibench_dir / "protocol.json")
   task = sentibench.load_task(sentibench_dir, "absa/asqp_rest16")
   prompts = sentibench.build_prompts(task, templates, 42, max_examples=N_PROMPTS)
-  seqs = scorer.tokenize_prompts(tok, [p.text for p in prompts])
+  seqs = batching.tokenize_prompts(tok, [p.text for p in prompts])
   assert all(s[0] == tok.bos_token_id for s in seqs)
   width = max(map(len, seqs))
   ids, mask = sampling.left_pad(seqs, width, len(seqs), tok.eos_token_id)
@@ -69,7 +69,7 @@ def test_greedy_matches_transformers_generate(setup):
 
 def test_stops_at_newline_and_eos(setup):
   s = setup
-  stops = scorer.stop_tokens(s["tok"], s["cfg"])
+  stops = batching.stop_tokens(s["tok"], s["cfg"])
   newline = {i for i in range(len(s["tok"])) if "\n" in s["tok"].decode([i])}
   assert newline and set(stops.soft_stop_ids) | set(stops.stop_ids) >= newline
   assert set(s["eos"]) <= set(stops.stop_ids)

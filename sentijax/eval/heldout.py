@@ -18,7 +18,7 @@ import numpy as np
 
 from sentijax import models, sharding
 from sentijax.data import sentibench, tasks
-from sentijax.eval import metrics, parsers, scorer
+from sentijax.eval import batching, metrics, parsers, scorer
 
 log = logging.getLogger("sentijax")
 
@@ -30,7 +30,7 @@ def _accuracy(rows: Sequence[dict]) -> float:
 def score_task(model_cfg: models.ModelConfig, params: Any, tokenizer, spec: tasks.TaskSpec,
                task: sentibench.Task, templates: dict, seed: int, max_examples: int,
                batch_size: int, mesh=None, max_new_tokens: int = 150,
-               stops: scorer.StopTokens | None = None, rules=None,
+               stops: batching.StopTokens | None = None, rules=None,
                run: scorer.RunSettings | None = None, compiled: dict | None = None
                ) -> tuple[float, list[dict]]:
   """(score x100, prediction rows) of one (task, seed) run.
@@ -91,7 +91,7 @@ def score_tasks(model_cfg: models.ModelConfig, params: Any, tokenizer,
   compiled = {} if compiled is None else compiled
   stops = None
   if any(s.kind == "extraction" for s in specs):
-    stops = scorer.stop_tokens(tokenizer, model_cfg, run.generation)
+    stops = batching.stop_tokens(tokenizer, model_cfg, run.generation)
   results: dict[str, Any] = {"datasets": {}}
   for spec in specs:
     if spec.name not in loaded:

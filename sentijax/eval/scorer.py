@@ -11,10 +11,13 @@ special tokens (BOS for Llama), left padding with pad = eos.
     (`decoding.stop_tokens`); decoded with special tokens skipped and transformers 4.44's
     clean-up when the tokenizer asks for it; `parsers.extract_answer` + `parsers.parse_tuples`.
 
-Batches are formed longest-first from prompts sorted by token length, padded to a length bucket
-and to a row bucket that divides over the mesh axes of the `batch` sharding rule; rows shrink
-with length (a token budget of `batch_size * 512`, and attention memory of `batch_size` rows of
-512 tokens) so 5k-token IMDb prompts do not run out of memory. Results are restored to file order.
+The instruction every prompt of a run starts with runs once (`sentijax.prefix`): batches hold
+only what follows it, on top of its cached keys and values (`eval.shared_prefix`). Batches are
+formed longest-first from prompts sorted by token length, in the shapes `buckets.plan` picks
+(a 16-token length grid, rows that divide over the mesh axes of the `batch` sharding rule);
+rows shrink with length (a token budget of `batch_size * 512`, and attention memory of
+`batch_size` rows of 512 tokens) so 5k-token IMDb prompts do not run out of memory. Results
+are restored to file order.
 
     results = scorer.score(cfg, params, tokenizer, "../shared/sentibench", templates,
                            datasets=["sc/sst2"], seeds=[42], max_examples=0, batch_size=16)
@@ -26,7 +29,7 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -37,94 +40,11 @@ from jax.sharding import Mesh
 from sentijax import models, sampling, sharding
 from sentijax import prefix as prefix_lib
 from sentijax.data import sentibench
-from sentijax.eval import buckets, decoding, metrics, parsers, report
+from sentijax.eval import batching, buckets, decoding, metrics, parsers, report
 from sentijax.eval import generation as gen_lib
 
 PyTree = Any
 log = logging.getLogger("sentijax")
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenisation and batching.
-
-
-def tokenize_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-  """Token ids with the tokenizer's default special tokens (BOS for Llama), no truncation."""
-  if not texts:
-    return []
-  return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
-
-
-def verbalizer_token_ids(tokenizer, verbalizers: Sequence[str]) -> list[int]:
-  """First token id of each verbalizer string (leading space kept, no special tokens)."""
-  out = []
-  for v in verbalizers:
-    ids = tokenizer(v, add_special_tokens=False)["input_ids"]
-    if not ids:
-      raise ValueError(f"verbalizer {v!r} tokenises to nothing")
-    out.append(int(ids[0]))
-  if len(set(out)) != len(out):
-    log.warning("verbalizers %s share first tokens %s: argmax picks the first of equal "
-                    "scores (as the official harness)", list(verbalizers), out)
-  return out
-
-
-def pad_id_of(tokenizer, cfg: models.ModelConfig) -> int:
-  """pad = eos (protocol); falls back to the model's eos, then 0."""
-  if tokenizer.eos_token_id is not None:
-    return int(tokenizer.eos_token_id)
-  eos = cfg.eos_token_id
-  if isinstance(eos, (tuple, list)):
-    eos = eos[0] if eos else None
-  return int(eos) if eos is not None else 0
-
-
-def eos_ids_of(tokenizer, cfg: models.ModelConfig,
-               generation: gen_lib.GenerationSettings | None = None) -> list[int]:
-  """Every id that ends generation: the generation config's eos list when it has one (what
-  `generate` stops at), else the tokenizer's eos and the model config's eos ids."""
-  if generation is not None and generation.eos_token_ids:
-    return sorted({i for i in generation.eos_token_ids if 0 <= i < cfg.vocab_size})
-  ids = set()
-  if tokenizer.eos_token_id is not None:
-    ids.add(int(tokenizer.eos_token_id))
-  eos = cfg.eos_token_id
-  for i in (eos if isinstance(eos, (tuple, list)) else [eos]):
-    if i is not None:
-      ids.add(int(i))
-  return sorted(i for i in ids if 0 <= i < cfg.vocab_size)
-
-
-StopTokens = decoding.StopTokens
-
-
-def stop_tokens(tokenizer, cfg: models.ModelConfig,
-                generation: gen_lib.GenerationSettings | None = None) -> StopTokens:
-  """`decoding.stop_tokens` with the eos ids of `eos_ids_of`."""
-  return decoding.stop_tokens(tokenizer, cfg.vocab_size, eos_ids_of(tokenizer, cfg, generation))
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-  order: list[int]  # positions (in the input list) of the real rows
-  ids_BxT: np.ndarray
-  mask_BxT: np.ndarray
-
-
-def make_batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, divisor: int = 1,
-                 extra_len: int = 0, compile_cost: float = 0.0,
-                 compiled: set[buckets.Shape] | None = None) -> Iterator[Batch]:
-  """Left-padded batches in the shapes `buckets.plan` picks (longest bucket first).
-
-  `compiled`: shapes already compiled in this run (free to reuse); the new ones are added.
-  """
-  compiled = set() if compiled is None else compiled
-  for planned in buckets.plan([len(s) for s in seqs], batch_size, divisor, extra_len,
-                              compile_cost, compiled, buckets.LENGTH_MULTIPLE):
-    compiled.add(planned.shape)
-    ids_BxT, mask_BxT = sampling.left_pad([seqs[i] for i in planned.order], planned.length,
-                                          planned.rows, pad_id)
-    yield Batch(list(planned.order), ids_BxT, mask_BxT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,18 +103,6 @@ def _verbalizer_logits(cfg: models.ModelConfig, params: PyTree, ids_BxT: jax.Arr
   return sampling.repetition_penalty(logits_BxC, seen_BxC, penalty)
 
 
-def split_prefix(cfg: models.ModelConfig, params: PyTree, seqs: Sequence[Sequence[int]],
-                 program: str, enabled: bool = True
-                 ) -> tuple[prefix_lib.Prefix | None, list[Sequence[int]], str]:
-  """(the shared prefix computed once or None, the sequences after it, the program's key in
-  the `compiled` dict: its shapes are compiled with that prefix's slots)."""
-  n = prefix_lib.shared_length(seqs) if enabled else 0
-  if not n:
-    return None, list(seqs), program
-  shared = prefix_lib.compute(cfg, params, seqs[0][:n])
-  return shared, [s[n:] for s in seqs], f"{program}+prefix{shared.slots}"
-
-
 def _place(mesh: Mesh | None, rules, *arrays: np.ndarray) -> list[jax.Array]:
   if mesh is None:
     return [jnp.asarray(a) for a in arrays]
@@ -215,15 +123,15 @@ def classify(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
   `compiled` maps programs to the shapes compiled for them so far (updated).
   `shared_prefix`: run the prompts' common prefix once (`sentijax.prefix`).
   """
-  verb_ids = verbalizer_token_ids(tokenizer, verbalizers)
+  verb_ids = batching.verbalizer_token_ids(tokenizer, verbalizers)
   n_classes = len(verb_ids)
   # Padded to a multiple of 8 (repeating the first id): one compile serves 2..8 classes.
   verb_ids_C = np.asarray(verb_ids + verb_ids[:1] * (-n_classes % 8), np.int32)
   if verb_ids_C.max() >= cfg.vocab_size:
     raise ValueError(f"verbalizer token ids {verb_ids_C.tolist()} exceed the model's vocab_size "
                      f"{cfg.vocab_size}: tokenizer and model do not match")
-  shared, seqs, program = split_prefix(cfg, params, tokenize_prompts(tokenizer, texts),
-                                       "forward", shared_prefix)
+  shared, seqs, program = batching.split_prefix(
+      cfg, params, batching.tokenize_prompts(tokenizer, texts), "forward", shared_prefix)
   compiled = {} if compiled is None else compiled
   divisor = sharding.batch_divisor(mesh, rules)
   cache_sharding = (None if mesh is None or shared is None
@@ -231,8 +139,8 @@ def classify(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
   scores_NxC = np.zeros((len(seqs), n_classes), np.float32)
   bar = _bar(len(seqs), desc, progress)
   cost = _compile_cost(cfg, "forward", compile_cost)
-  for batch in make_batches(seqs, batch_size, pad_id_of(tokenizer, cfg), divisor, 0, cost,
-                            compiled.setdefault(program, set())):
+  for batch in batching.make_batches(seqs, batch_size, batching.pad_id_of(tokenizer, cfg),
+                                     divisor, 0, cost, compiled.setdefault(program, set())):
     ids, mask = _place(mesh, rules, batch.ids_BxT, batch.mask_BxT)
     out_BxC = _verbalizer_logits(cfg, params, ids, mask, jnp.asarray(verb_ids_C),
                                  jnp.asarray(repetition_penalty, jnp.float32), shared,
@@ -250,30 +158,30 @@ def classify(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence
 def generate(cfg: models.ModelConfig, params: PyTree, tokenizer, texts: Sequence[str],
              max_new_tokens: int, batch_size: int, mesh: Mesh | None = None,
              progress: bool = False, desc: str = "",
-             stops: StopTokens | None = None, rules=None,
+             stops: batching.StopTokens | None = None, rules=None,
              generation: gen_lib.GenerationSettings | None = None,
              cleanup: bool = False, compile_cost: float = -1.0,
              compiled: dict[str, set[buckets.Shape]] | None = None,
              shared_prefix: bool = True) -> list[str]:
   """Greedy continuations (decoded, special tokens skipped; input order) of prompts `texts`.
 
-  `stops`: from `stop_tokens(tokenizer, cfg, generation)` (computed here when None).
+  `stops`: from `batching.stop_tokens(tokenizer, cfg, generation)` (computed when None).
   `generation`: repetition penalty and eos ids (`generation.load`); None = none / defaults.
   `cleanup`: apply transformers 4.44's `clean_up_tokenization` (`decoding.cleanup_enabled`).
   `compile_cost` / `compiled` / `shared_prefix`: as in `classify` (for the decode loop).
   """
   generation = generation or gen_lib.GenerationSettings()
-  shared, seqs, program = split_prefix(cfg, params, tokenize_prompts(tokenizer, texts),
-                                       "decode", shared_prefix)
+  shared, seqs, program = batching.split_prefix(
+      cfg, params, batching.tokenize_prompts(tokenizer, texts), "decode", shared_prefix)
   compiled = {} if compiled is None else compiled
   divisor = sharding.batch_divisor(mesh, rules)
-  pad_id = pad_id_of(tokenizer, cfg)
-  stops = stops if stops is not None else stop_tokens(tokenizer, cfg, generation)
+  pad_id = batching.pad_id_of(tokenizer, cfg)
+  stops = stops if stops is not None else batching.stop_tokens(tokenizer, cfg, generation)
   outputs: list[str] = [""] * len(seqs)
   bar = _bar(len(seqs), desc, progress)
   cost = _compile_cost(cfg, "decode", compile_cost)
-  for batch in make_batches(seqs, batch_size, pad_id, divisor, max_new_tokens, cost,
-                            compiled.setdefault(program, set())):
+  for batch in batching.make_batches(seqs, batch_size, pad_id, divisor, max_new_tokens, cost,
+                                     compiled.setdefault(program, set())):
     out = sampling.greedy_decode(cfg, params, batch.ids_BxT, batch.mask_BxT, max_new_tokens,
                                  stops.stop_ids, pad_id, soft_stop_ids=stops.soft_stop_ids,
                                  blank_ids=stops.blank_ids, mesh=mesh, rules=rules,
@@ -360,7 +268,7 @@ def predictions_path(predictions_dir: str | os.PathLike, dataset: str, seed: int
 def score_run(cfg: models.ModelConfig, params: PyTree, tokenizer, task: sentibench.Task,
               templates: dict, seed: int, max_examples: int, batch_size: int,
               mesh: Mesh | None = None, max_new_tokens: int = 150, progress: bool = True,
-              stops: StopTokens | None = None, rules=None,
+              stops: batching.StopTokens | None = None, rules=None,
               generation: gen_lib.GenerationSettings | None = None,
               cleanup: bool = False, compile_cost: float = -1.0,
               compiled: dict[str, set[buckets.Shape]] | None = None,
@@ -446,7 +354,7 @@ def score(model_cfg: models.ModelConfig, params: PyTree, tokenizer, data_dir: st
     raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
   stops = None
   if any(n in sentibench.EXTRACTION_DATASETS for n in names):
-    stops = stop_tokens(tokenizer, model_cfg, generation)
+    stops = batching.stop_tokens(tokenizer, model_cfg, generation)
   per_dataset: dict[str, dict[str, float]] = {}
   if compiled is None:
     compiled = {}

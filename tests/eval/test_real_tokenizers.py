@@ -15,7 +15,7 @@ import hf_fixtures
 from sentijax import models
 from sentijax.data import sentibench
 from sentijax.data import tokenizer as tokenizer_lib
-from sentijax.eval import decoding, generation, parsers, scorer
+from sentijax.eval import batching, decoding, generation, parsers, scorer
 
 torch = pytest.importorskip("torch")
 
@@ -88,7 +88,7 @@ def _texts(sentibench_dir, templates, name):
 def test_bos_and_verbalizers(real, sentibench_dir):
   tok, off = real["tok"], _official_tokenizer(real["root"])
   texts = _texts(sentibench_dir, real["templates"], "sc/twitter")
-  seqs = scorer.tokenize_prompts(tok, texts)
+  seqs = batching.tokenize_prompts(tok, texts)
   enc = off(texts, padding=True)
   for seq, ids, mask in zip(seqs, enc["input_ids"], enc["attention_mask"]):
     assert seq == [i for i, m in zip(ids, mask) if m]  # the harness's rows, padding removed
@@ -98,14 +98,14 @@ def test_bos_and_verbalizers(real, sentibench_dir):
     assert all(s[0] != tok.convert_tokens_to_ids("<|endoftext|>") for s in seqs)  # no BOS
   for name, verbs in real["templates"]["classification"]["verbalizers"].items():
     want = [off(v, add_special_tokens=False)["input_ids"][0] for v in verbs]  # _get_verbalizer
-    assert scorer.verbalizer_token_ids(tok, verbs) == want
+    assert batching.verbalizer_token_ids(tok, verbs) == want
     assert len(set(want)) == len(want), f"{name}: verbalizers share a first token"
 
 
 def test_stop_classes_and_cleanup(real):
   tok, cfg = real["tok"], real["cfg"]
   settings = generation.load(real["root"], "auto")
-  stops = scorer.stop_tokens(tok, cfg, settings)
+  stops = batching.stop_tokens(tok, cfg, settings)
   ids = tok.convert_tokens_to_ids
   newline = tok("\n", add_special_tokens=False)["input_ids"]
   assert len(newline) == 1 and newline[0] in stops.soft_stop_ids

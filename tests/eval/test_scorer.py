@@ -8,7 +8,7 @@ import pytest
 import hf_fixtures
 from sentijax import models, sharding
 from sentijax.data import sentibench
-from sentijax.eval import scorer
+from sentijax.eval import batching, scorer
 
 torch = pytest.importorskip("torch")
 
@@ -43,7 +43,7 @@ def setup(tmp_path_factory, sentibench_dir):
   protocol_path = sentibench_dir / "protocol.json"
   protocol = json.loads(protocol_path.read_text(encoding="utf-8-sig"))
   for name in DATASETS:
-    ids = scorer.verbalizer_token_ids(tok, protocol["classification"]["verbalizers"][name])
+    ids = batching.verbalizer_token_ids(tok, protocol["classification"]["verbalizers"][name])
     assert len(set(ids)) == len(ids), f"{name}: verbalizer first tokens collide: {ids}"
   pred_dir = root / "predictions"
   results = scorer.score(cfg, params, tok, sentibench_dir, str(protocol_path), list(DATASETS),
@@ -165,14 +165,14 @@ def test_shared_prefix_matches_whole_prompts(setup, sentibench_dir):
   prompts = sentibench.build_prompts(sentibench.load_task(sentibench_dir, name),
                                      setup["protocol"], 52, max_examples=24)
   verbalizers = setup["protocol"]["classification"]["verbalizers"][name]
-  verb_ids = scorer.verbalizer_token_ids(setup["tok"], verbalizers)
-  whole_seqs = scorer.tokenize_prompts(setup["tok"], [p.text for p in prompts])
+  verb_ids = batching.verbalizer_token_ids(setup["tok"], verbalizers)
+  whole_seqs = batching.tokenize_prompts(setup["tok"], [p.text for p in prompts])
   # Plant the verbalizer that fewest prompts hold in the instruction: its first token is then in
   # the prefix, and some rows hold it nowhere else.
   c = int(np.argmin([sum(v in s for s in whole_seqs) for v in verb_ids]))
   texts = [f"Answer:{verbalizers[c]} or another label.\n{p.text}" for p in prompts]
-  shared, suffixes, program = scorer.split_prefix(
-      setup["cfg"], setup["params"], scorer.tokenize_prompts(setup["tok"], texts), "forward")
+  shared, suffixes, program = batching.split_prefix(
+      setup["cfg"], setup["params"], batching.tokenize_prompts(setup["tok"], texts), "forward")
   assert shared is not None and program == f"forward+prefix{shared.slots}"
   prefix_ids = np.asarray(shared.ids_S)[:int(shared.length)]
   only_in_prefix = np.asarray([verb_ids[c] not in s for s in suffixes])
