@@ -18,13 +18,15 @@ Useful overrides:
   --config.eval.compilation_cache=off   (default auto: ~/.cache/sentijax/xla, reused across runs)
   --config.eval.compile_cost_tokens=0   (batch shapes: default -1 estimates what a compilation
       costs on this platform and pads to fewer shapes when that is cheaper; 0 = least padding)
+  --config.eval.shared_prefix=False   (run whole prompts; default: the instruction once)
 
 Work per seed: 11,974 prompts (9,579 classification: one forward each, no decoding; 2,395
-extraction: greedy decoding up to 150 tokens), ~5M prompt tokens (IMDb prompts average ~1.7k
-and reach ~4.5k tokens: batches shrink with length). Expected runtime: not yet measured on an
-accelerator; on this 2-core CPU the tiny test model scores 2 datasets x 8 items in ~20 s
-(mostly compilation). Each distinct (batch, length) shape compiles once: on a CPU ~4 shapes
-per classification dataset, on a GPU 1-2 (sentijax/eval/buckets.py).
+extraction: greedy decoding up to 150 tokens), ~5M prompt tokens (IMDb prompts average ~1.6k
+and reach ~4.5k tokens: batches shrink with length); each dataset's instruction runs once
+(eval.shared_prefix). Each distinct (batch, length) shape compiles once (sentijax/eval/buckets.py:
+on a CPU ~5 shapes for 200 sst2 prompts, on a GPU 1-2 per dataset). Measured on a 2-core CPU
+with SmolLM2-135M fp32 (bench/README.md): sc/sst2 first 200 items ~2.5 min; the first 16 items
+of all 12 datasets ~15 min. Not yet measured on an accelerator.
 
 Output in OUT: results.json {"datasets": {"sc/sst2": {"seeds": {"42": ..}, "mean": ..}, ..},
 "average": ..}, predictions/<dataset>_<seed>.jsonl (index, gold, prediction, scores),
