@@ -179,8 +179,9 @@ def test_causal_blocks_equal_full_attention():
     seg_q = jnp.asarray(np.r_[[0] * 20 + [1] * 280, [1] * 130 + [2] * 170].reshape(2, t))
     seg_kv = jnp.concatenate([jnp.ones((b, cached), jnp.int32), seg_q], axis=1)
     mask = decoder.attention_mask(seg_q, seg_kv, cached)
-    full = decoder._attend(q, keys, values, mask, jnp.float32)
-    blocks = decoder._attend_causal(q, keys, values, mask, jnp.float32, block=64)
+    full = jax.jit(decoder._attend, static_argnums=4)(q, keys, values, mask, jnp.float32)
+    blocks = jax.jit(decoder._attend_causal, static_argnums=(4, 5))(q, keys, values, mask,
+                                                                     jnp.float32, 64)
     seen = np.asarray(mask.any(-1))  # queries with at least one visible key
     # Masked keys weigh exactly 0 in both; only the sums' order differs (fp32, <= 370 terms).
     _assert_close(np.asarray(blocks)[seen], np.asarray(full)[seen], 1e-5, f"cache {cached}")
