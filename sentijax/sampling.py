@@ -187,15 +187,18 @@ def _decode(cfg: models.ModelConfig, params: PyTree, ids_BxT: Array, mask_BxT: A
     step, _, _, _, state = carry
     return (step < max_new_tokens) & ~jnp.all(state[1])
 
+  layers = models.unstack_layers(params)  # sliced once, not per step (see forward_with_cache)
+
   def body(carry):
     step, tok_B, pos_B, cache, state = carry
     seg_Bx1 = jnp.ones((b, 1), jnp.int32)
     logits_Bx1xV, cache = models.forward_with_cache(cfg, params, tok_B[:, None], pos_B[:, None],
-                                                    seg_Bx1, cache, last_only=True)
+                                                    seg_Bx1, cache, last_only=True,
+                                                    layers=layers)
     tok_B = choose(logits_Bx1xV, state[4], step)
     return step + 1, tok_B, pos_B + 1, cache, write(state, tok_B, step)
 
-  carry = (jnp.asarray(1, jnp.int32), tok_B, next_pos_B, cache, state)
+  carry = (jnp.asarray(1, jnp.int32), tok_B, next_pos_B, models.unstack_cache(cache), state)
   _, _, _, _, (out_BxN, _, _, len_B, _) = jax.lax.while_loop(cond, body, carry)
   return out_BxN, len_B
 

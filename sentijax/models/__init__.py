@@ -20,14 +20,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sentijax.models import hf, presets
 from sentijax.models.decoder import (KVCache, ModelConfig, RopeScaling, default_positions,
                                      forward, forward_hidden, forward_with_cache, init_cache,
-                                     init_params, logical_axes, output_kernel, param_shapes)
+                                     init_params, logical_axes, output_kernel, param_shapes,
+                                     unstack_cache, unstack_layers)
 from sentijax.models.hf import CheckpointError
 
 __all__ = [
     "CheckpointError", "KVCache", "ModelConfig", "RopeScaling", "apply", "check_tokenizer",
     "default_positions", "forward", "forward_hidden", "forward_with_cache", "init", "init_cache",
     "init_params", "load_hf", "logical_axes", "output_kernel", "param_shapes", "presets",
-    "resolve_dtype", "save_hf", "shardings_for",
+    "resolve_dtype", "save_hf", "shardings_for", "unstack_cache", "unstack_layers",
 ]
 
 
