@@ -26,7 +26,7 @@ and reach ~4.5k tokens: batches shrink with length); each dataset's instruction 
 (eval.shared_prefix). Each distinct (batch, length) shape compiles once (sentijax/eval/buckets.py:
 on a CPU ~5 shapes for 200 sst2 prompts, on a GPU 1-2 per dataset). Measured on a 2-core CPU
 with SmolLM2-135M fp32 (bench/README.md): sc/sst2 first 200 items ~2.5 min; the first 16 items
-of all 12 datasets ~15 min. Not yet measured on an accelerator.
+of all 12 datasets ~11 min. Not yet measured on an accelerator.
 
 Output in OUT: results.json {"datasets": {"sc/sst2": {"seeds": {"42": ..}, "mean": ..}, ..},
 "average": ..}, predictions/<dataset>_<seed>.jsonl (index, gold, prediction, scores),

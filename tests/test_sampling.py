@@ -57,10 +57,11 @@ def _truncate(ref_N: np.ndarray, stops: set, pad: int) -> tuple[np.ndarray, int]
   return out, len(ref_N)
 
 
-def test_greedy_matches_transformers_generate(setup):
+@pytest.mark.parametrize("per_layer", [True, False], ids=["per-layer", "scan"])
+def test_greedy_matches_transformers_generate(setup, per_layer):
   s = setup
   out = sampling.greedy_decode(s["cfg"], s["params"], s["ids"], s["mask"], MAX_NEW, s["eos"],
-                               s["tok"].eos_token_id)
+                               s["tok"].eos_token_id, per_layer=per_layer)
   assert out.tokens_BxN.shape == (len(s["ids"]), MAX_NEW)
   np.testing.assert_array_equal(out.tokens_BxN, s["ref"])
   for row, n in zip(s["ref"], out.lengths_B):

@@ -156,13 +156,14 @@ def test_query_chunked_attention_equals_full_attention_for_any_length():
     return jnp.sum(jnp.where(seg[..., None] > 0, jax.nn.log_softmax(logits), 0.0)[..., 7])
 
   # Row by row the same math: fp32 rounding only (~1e-7 per op, a few hundred terms summed).
-  (l_full, g_full) = jax.value_and_grad(functools.partial(loss, full_cfg))(params)
-  (l_chunk, g_chunk) = jax.value_and_grad(functools.partial(loss, chunked_cfg))(params)
+  (l_full, g_full) = jax.jit(jax.value_and_grad(functools.partial(loss, full_cfg)))(params)
+  (l_chunk, g_chunk) = jax.jit(jax.value_and_grad(functools.partial(loss, chunked_cfg)))(params)
   _assert_close(l_chunk, l_full, 1e-5, "loss")
   jax.tree.map(lambda a, b: _assert_close(a, b, 1e-5, "grad"), g_chunk, g_full)
   real = np.asarray(seg) > 0
-  _assert_close(np.asarray(models.forward(chunked_cfg, params, ids, segment_ids_BxT=seg))[real],
-                np.asarray(models.forward(full_cfg, params, ids, segment_ids_BxT=seg))[real],
+  forward = jax.jit(models.forward, static_argnums=0)
+  _assert_close(np.asarray(forward(chunked_cfg, params, ids, segment_ids_BxT=seg))[real],
+                np.asarray(forward(full_cfg, params, ids, segment_ids_BxT=seg))[real],
                 1e-5, "logits")
 
   # No [B, K, G, T, S] scores (nor any [.., >=T, S] block) in the forward or backward pass;
