@@ -250,8 +250,9 @@ def decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.ndarray,
       excluded) and the tokens generated so far; 1.0 = none.
     shared: a prefix every row continues (`prefix.compute`): the rows hold only what follows it.
     per_layer: decode steps run the layers one by one on per-layer weights and caches (CPU: a
-      2x faster step, a ~4x longer compile) instead of a scan over the stacked ones (on a GPU
-      the scan's per-step slices cost little and compiles stay short). None = on CPU only.
+      2x faster step, a ~4x longer compile, a second copy of the layer weights while decoding)
+      instead of a scan over the stacked ones (on a GPU the scan's per-step slices cost little
+      and compiles stay short). None = on CPU only.
   Returns:
     DecodeOutput(tokens_BxN [B, max_new_tokens] int32, lengths_B int32) as numpy.
   """
