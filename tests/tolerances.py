@@ -16,3 +16,10 @@ def assert_trees_close(got, want, rtol=RTOL):
     w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
     np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * float(np.abs(w).max()),
                                err_msg=jax.tree_util.keystr(path))
+
+
+def assert_close(got, want, rel=RTOL, what=""):
+  """max |got - want| <= rel * max |want|: a tolerance that scales with the values compared."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  err, scale = np.abs(got - want).max(), np.abs(want).max()
+  assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel:g} x max |value| {scale:.3g}"

@@ -18,10 +18,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sentijax.models import hf, presets
-from sentijax.models.decoder import (KVCache, ModelConfig, RopeScaling, default_positions,
-                                     forward, forward_hidden, forward_with_cache, init_cache,
-                                     init_params, logical_axes, output_kernel, param_shapes,
-                                     unstack_cache, unstack_layers)
+from sentijax.models.decoder import (ModelConfig, RopeScaling, default_positions, forward,
+                                     forward_hidden, init_params, logical_axes, output_kernel,
+                                     param_shapes)
+from sentijax.models.kv_cache import (KVCache, forward_with_cache, init_cache, unstack_cache,
+                                      unstack_layers)
 from sentijax.models.hf import CheckpointError
 
 __all__ = [

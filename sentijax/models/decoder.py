@@ -9,9 +9,10 @@ Layers are stacked with `nn.scan` (one compiled layer body, fast compiles for 80
 parameter carries logical axis names (`sentijax.sharding` maps them to mesh axes). Parameters are
 plain pytrees: `{"embed": ..., "layers": ..., "final_norm": ..., ["lm_head": ...]}`.
 
-Attention masking is uniform for training, scoring and decoding: a query attends to a key slot when
-the key is at or before it, both carry the same non-zero segment id. Packed rows use segment ids
-1..k, padding is 0, a plain batch uses `attention_mask` as segment ids.
+Attention masking is uniform for training, scoring and decoding (`attention.attention_mask`): a
+query attends to a key slot when the key is at or before it, both carry the same non-zero segment
+id. Packed rows use segment ids 1..k, padding is 0, a plain batch uses `attention_mask` as
+segment ids. Cached prefill and decode steps: `kv_cache.py`.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sentijax.models import attention
 
 Array = jax.Array
 PyTree = Any
@@ -154,59 +157,6 @@ class RMSNorm(nn.Module):
     return scale.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def _attend(q_BxTxKxGxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, mask_BxTxS: Array,
-            dt) -> Array:
-  """Grouped-query softmax attention with float32 scores; masked keys get no weight."""
-  scores_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
-                                preferred_element_type=jnp.float32)
-  scores_BxKxGxTxS = scores_BxKxGxTxS / math.sqrt(q_BxTxKxGxD.shape[-1])
-  neg = jnp.finfo(jnp.float32).min
-  scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, neg)
-  probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dt)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
-
-
-def _attend_one(q_Bx1xKxGxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, mask_Bx1xS: Array,
-                dt) -> Array:
-  """`_attend` for one query per row (a decode step) as multiply-and-sum loops: XLA's CPU
-  batched dot runs these [G, D] x [D, S] products at a fraction of memory bandwidth (a
-  SmolLM2 decode step at 16 rows x 560 slots: 2x faster attention)."""
-  q_BxKxGxD = q_Bx1xKxGxD[:, 0].astype(jnp.float32)
-  scores_BxSxKxG = jnp.sum(q_BxKxGxD[:, None] * k_BxSxKxD.astype(jnp.float32)[:, :, :, None],
-                           axis=-1) / math.sqrt(q_BxKxGxD.shape[-1])
-  neg = jnp.finfo(jnp.float32).min
-  scores_BxSxKxG = jnp.where(mask_Bx1xS[:, 0, :, None, None], scores_BxSxKxG, neg)
-  probs_BxSxKxG = jax.nn.softmax(scores_BxSxKxG, axis=1)
-  out_BxKxGxD = jnp.sum(probs_BxSxKxG[..., None] * v_BxSxKxD.astype(jnp.float32)[:, :, :, None],
-                        axis=1)
-  return out_BxKxGxD[:, None].astype(dt)
-
-
-CAUSAL_BLOCK = 256  # query block of `_attend_causal`
-
-
-def _attend_causal(q_BxTxKxGxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, mask_BxTxS: Array,
-                   dt, block: int = CAUSAL_BLOCK, remat: bool = False) -> Array:
-  """`_attend` by query blocks, each over the keys up to its last query's slot only: causal
-  masking hides the rest, so a long prompt does ~half the score work (an exact skip; 3x faster
-  than one [T, S] softmax at 1.7k tokens on a CPU).
-
-  The queries' slots are at most the last T of the S key slots (no cache: S = T; a cache holds
-  the queries at cache_index <= S - T), so block [a, b) needs keys [0, S - T + b). A query whose
-  every key is masked (padding) gets a different filler output, never read: padding is masked
-  as a key everywhere and never scored. `remat`: recompute each block in the backward pass.
-  """
-  t, s = q_BxTxKxGxD.shape[1], k_BxSxKxD.shape[1]
-  attend = jax.checkpoint(_attend, static_argnums=4) if remat else _attend
-  outs = []
-  for start in range(0, t, block):
-    stop = min(start + block, t)
-    end = s - t + stop
-    outs.append(attend(q_BxTxKxGxD[:, start:stop], k_BxSxKxD[:, :end], v_BxSxKxD[:, :end],
-                       mask_BxTxS[:, start:stop, :end], dt))
-  return jnp.concatenate(outs, axis=1)
-
-
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -251,16 +201,16 @@ class Attention(nn.Module):
     b, t = q_BxTxHxD.shape[:2]
     q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, k, h // k, d)
     chunk = cfg.attention_chunk
-    block = min(CAUSAL_BLOCK, chunk) if chunk else CAUSAL_BLOCK
+    block = min(attention.CAUSAL_BLOCK, chunk) if chunk else attention.CAUSAL_BLOCK
     if t > block:
       # Query blocks, each over the keys it can see; past `attention_chunk` each block is
       # recomputed in the backward pass (peak score memory [B, H, block, S], not [B, H, T, S]).
-      out_BxTxKxGxD = _attend_causal(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, dt, block,
-                                     remat=bool(chunk) and t > chunk)
+      out_BxTxKxGxD = attention.attend_causal(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS,
+                                              dt, block, remat=bool(chunk) and t > chunk)
     elif t == 1 and jax.default_backend() == "cpu":
-      out_BxTxKxGxD = _attend_one(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, dt)
+      out_BxTxKxGxD = attention.attend_one(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, dt)
     else:
-      out_BxTxKxGxD = _attend(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, dt)
+      out_BxTxKxGxD = attention.attend(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, dt)
     out_BxTxE = jnp.einsum("bthd,hde->bte", out_BxTxKxGxD.reshape(b, t, h, d),
                            o_kernel.astype(dt))
     return out_BxTxE, new_cache_kv
@@ -337,31 +287,16 @@ class Decoder(nn.Module):
     else:
       out_ExV = _param(self, "lm_head", nn.initializers.normal(0.02),
                        (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt)
-    return _logits(x_BxTxE, out_ExV, dt), new_cache_kv
+    return project_logits(x_BxTxE, out_ExV, dt), new_cache_kv
 
 
-def _logits(x_BxTxE: Array, out_ExV: Array, dt) -> Array:
+def project_logits(x_BxTxE: Array, out_ExV: Array, dt) -> Array:
   return jnp.einsum("bte,ev->btv", x_BxTxE, out_ExV.astype(dt),
                     preferred_element_type=jnp.float32)
 
 
 # --------------------------------------------------------------------------------------------
 # Functional API over plain param pytrees.
-
-
-def attention_mask(segment_ids_BxT: Array, kv_segment_ids_BxS: Array | None = None,
-                   cache_index: Array | int = 0) -> Array:
-  """Boolean [B, T, S]: causal within equal non-zero segment ids.
-
-  Queries occupy slots cache_index..cache_index+T-1 of the key axis (0 without a cache).
-  """
-  if kv_segment_ids_BxS is None:
-    kv_segment_ids_BxS = segment_ids_BxT
-  t, s = segment_ids_BxT.shape[1], kv_segment_ids_BxS.shape[1]
-  q_slot_T = jnp.arange(t) + cache_index
-  causal_TxS = jnp.arange(s)[None, :] <= q_slot_T[:, None]
-  same_BxTxS = segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :]
-  return causal_TxS[None] & same_BxTxS & (kv_segment_ids_BxS[:, None, :] != 0)
 
 
 def default_positions(segment_ids_BxT: Array) -> Array:
@@ -404,7 +339,7 @@ def forward(cfg: ModelConfig, params: PyTree, tokens_BxT: Array, *,
     segment_ids_BxT = jnp.ones_like(tokens_BxT, dtype=jnp.int32)
   if positions_BxT is None:
     positions_BxT = default_positions(segment_ids_BxT)
-  mask_BxTxS = attention_mask(segment_ids_BxT)
+  mask_BxTxS = attention.attention_mask(segment_ids_BxT)
   logits, _ = Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, mask_BxTxS,
                                  last_only=last_only)
   return logits
@@ -413,7 +348,7 @@ def forward(cfg: ModelConfig, params: PyTree, tokens_BxT: Array, *,
 def forward_hidden(cfg: ModelConfig, params: PyTree, tokens_BxT: Array, *,
                    segment_ids_BxT: Array, positions_BxT: Array) -> Array:
   """Final-normed hidden states [B, T, E] (compute dtype): logits = hidden @ output_kernel."""
-  mask_BxTxS = attention_mask(segment_ids_BxT)
+  mask_BxTxS = attention.attention_mask(segment_ids_BxT)
   hidden, _ = Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, mask_BxTxS,
                                  return_hidden=True)
   return hidden
@@ -422,85 +357,3 @@ def forward_hidden(cfg: ModelConfig, params: PyTree, tokens_BxT: Array, *,
 def output_kernel(cfg: ModelConfig, params: PyTree) -> Array:
   """The [E, V] output projection (the embedding table, transposed, when tied)."""
   return params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
-
-
-@dataclasses.dataclass
-class KVCache:
-  """Decoding cache: k/v per layer [L, B, S, K, D] (or `unstack_cache`'s tuples of [B, S, K, D]),
-  segment id per slot [B, S], write index."""
-  k: Array
-  v: Array
-  segment_ids: Array
-  index: Array
-
-
-jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "segment_ids", "index"],
-                                 meta_fields=[])
-
-
-def unstack_layers(params: PyTree) -> tuple[PyTree, ...]:
-  """(Inside jit, outside a decode loop) the params of each layer as its own arrays."""
-  layers = params["layers"]
-  num_layers = jax.tree.leaves(layers)[0].shape[0]
-  return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers))
-
-
-def unstack_cache(cache: KVCache) -> KVCache:
-  """The cache with k/v as tuples of per-layer [B, S, K, D] arrays (`forward_with_cache`'s
-  `layers` mode)."""
-  return KVCache(tuple(cache.k), tuple(cache.v), cache.segment_ids, cache.index)
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-  dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                 jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
-
-
-def forward_with_cache(cfg: ModelConfig, params: PyTree, tokens_BxT: Array, positions_BxT: Array,
-                       segment_ids_BxT: Array, cache: KVCache, last_only: bool = False,
-                       layers: tuple[PyTree, ...] | None = None) -> tuple[Array, KVCache]:
-  """Runs T new tokens at slots cache.index.. ; returns (logits [B, T or 1, V], new cache).
-
-  Decoding: prefill with the (left-padded) prompt and its 0/1 mask as segment ids, then feed
-  one token at a time with segment id 1 and the next position of each row.
-
-  `layers` (`unstack_layers(params)`, with an `unstack_cache` cache): the layers run one after
-  another instead of as a scan. For the decode step: a scan slices every layer's weights and
-  cache out of the stacked arrays at each token (copies as large as the model and the cache);
-  here the weights are sliced once per decode and each layer's cache is updated in place
-  (a SmolLM2 step at 16 rows: 2x faster on a CPU), at the price of a longer compile.
-  """
-  kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids,
-                                                segment_ids_BxT.astype(jnp.int32),
-                                                (0, cache.index))
-  mask_BxTxS = attention_mask(segment_ids_BxT, kv_segment_ids, cache.index)
-  if layers is None:
-    logits, (k, v) = Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT,
-                                        mask_BxTxS, cache.index, (cache.k, cache.v), last_only)
-  else:
-    logits, k, v = _forward_layers(cfg, params, layers, tokens_BxT, positions_BxT, mask_BxTxS,
-                                   cache, last_only)
-  return logits, KVCache(k, v, kv_segment_ids, cache.index + tokens_BxT.shape[1])
-
-
-def _forward_layers(cfg, params, layers, tokens_BxT, positions_BxT, mask_BxTxS, cache,
-                    last_only):
-  """`Decoder` with the layers as a loop over per-layer params and caches."""
-  dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-  if len(layers) != cfg.num_layers or len(cache.k) != cfg.num_layers:
-    raise ValueError(f"{len(layers)} layer params and {len(cache.k)} layer caches for a "
-                     f"{cfg.num_layers}-layer model: use unstack_layers / unstack_cache")
-  x_BxTxE = _act(jnp.take(params["embedding"], tokens_BxT, axis=0).astype(dt), "batch",
-                 "length", "embed")
-  new_k, new_v = [], []
-  for layer_params, k, v in zip(layers, cache.k, cache.v):
-    x_BxTxE, (k, v) = Block(cfg).apply({"params": layer_params}, x_BxTxE, positions_BxT,
-                                       mask_BxTxS, cache.index, (k, v))
-    new_k.append(k)
-    new_v.append(v)
-  if last_only:
-    x_BxTxE = x_BxTxE[:, -1:]
-  x_BxTxE = RMSNorm(cfg.rms_norm_eps, pdt).apply({"params": params["final_norm"]}, x_BxTxE)
-  return _logits(x_BxTxE, output_kernel(cfg, params), dt), tuple(new_k), tuple(new_v)

@@ -1,22 +1,15 @@
-"""Decoder internals: remat, bf16 compute, KV cache, masking, chunked attention, FLOPs."""
+"""Decoder internals: remat, bf16 compute, masking, chunked attention, FLOPs."""
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from sentijax import models
-from sentijax.models import decoder
+from sentijax.models import attention
+from tolerances import assert_close
 
 CFG = models.presets.get("tiny")
-
-
-def _assert_close(got, want, rel, what=""):
-  """max |got - want| <= rel * max |want|: a tolerance that scales with the values compared."""
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  err, scale = np.abs(got - want).max(), np.abs(want).max()
-  assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel:g} x max |value| {scale:.3g}"
 
 
 def _loss(cfg, params, ids):
@@ -30,7 +23,7 @@ def test_remat_gives_identical_loss_and_grads():
   g1 = jax.jit(jax.grad(lambda p: _loss(CFG, p, ids)))(params)
   g2 = jax.jit(jax.grad(lambda p: _loss(CFG.replace(remat=True), p, ids)))(params)
   # The same math; XLA may fuse the recomputation differently: fp32 rounding only (~1e-7 per op).
-  jax.tree.map(lambda a, b: _assert_close(a, b, 1e-5, "remat grad"), g1, g2)
+  jax.tree.map(lambda a, b: assert_close(a, b, 1e-5, "remat grad"), g1, g2)
 
 
 def _rms(x):
@@ -54,40 +47,9 @@ def test_bf16_compute_close_to_fp32_with_fp32_params():
   assert np.abs(np.asarray(l16) - l32).max() < 16 * u * _rms(l32)
 
 
-@pytest.mark.parametrize("per_layer", [False, True], ids=["scan", "per-layer"])
-def test_cached_decoding_equals_full_forward_with_left_padding(per_layer):
-  """Prefill then one token at a time (the T=1 attention), with the layers as a scan over
-  stacked weights and cache, or as a loop over per-layer ones (the decode loop's mode)."""
-  params = models.init(CFG, 3)
-  ids = jnp.asarray(np.random.default_rng(2).integers(5, CFG.vocab_size, (2, 12)))
-  seg = jnp.asarray([[0, 0, 0] + [1] * 9, [1] * 12])
-  full = models.forward(CFG, params, ids, segment_ids_BxT=seg)
-  pos = models.default_positions(seg)
-  cache = models.init_cache(CFG, 2, 16)
-  layers = None
-  if per_layer:
-    cache, layers = models.unstack_cache(cache), models.unstack_layers(params)
-    assert len(layers) == len(cache.k) == CFG.num_layers
-  step = jax.jit(functools.partial(models.forward_with_cache, CFG, layers=layers))
-  logits, cache = step(params, ids[:, :8], pos[:, :8], seg[:, :8], cache)
-  outs = [logits]
-  for t in range(8, 12):  # one token at a time
-    logits, cache = step(params, ids[:, t:t + 1], pos[:, t:t + 1], seg[:, t:t + 1], cache)
-    outs.append(logits)
-  got = jnp.concatenate(outs, axis=1)
-  real = np.asarray(seg) == 1
-  # Same math over 16 cache slots instead of 12 keys: fp32 summation order only.
-  _assert_close(np.asarray(got)[real], np.asarray(full)[real], 1e-5, "cached logits")
-  assert int(cache.index) == 12
-  if per_layer:
-    with pytest.raises(ValueError, match="unstack_layers"):
-      models.forward_with_cache(CFG, params, ids[:, :1], pos[:, :1], seg[:, :1], cache,
-                                layers=layers[:-1])
-
-
 def test_segments_do_not_attend_across_and_positions_restart():
   seg = jnp.asarray([[1, 1, 2, 2, 2, 0]])
-  mask = np.asarray(decoder.attention_mask(seg))[0]
+  mask = np.asarray(attention.attention_mask(seg))[0]
   assert mask[1, 0] and not mask[2, 1] and mask[4, 2] and not mask[5].any()
   assert not mask[0, 1]  # causal
   np.testing.assert_array_equal(models.default_positions(seg), [[0, 1, 0, 1, 2, 0]])
@@ -98,7 +60,7 @@ def test_segments_do_not_attend_across_and_positions_restart():
   b = jnp.asarray([[70, 80, 9, 10, 11, 0]])
   la = models.forward(CFG, params, a, segment_ids_BxT=seg)
   lb = models.forward(CFG, params, b, segment_ids_BxT=seg)
-  _assert_close(la[0, 2:5], lb[0, 2:5], 1e-6, "segment 2 logits")
+  assert_close(la[0, 2:5], lb[0, 2:5], 1e-6, "segment 2 logits")
   assert np.abs(np.asarray(la[0, :2] - lb[0, :2])).max() > 1e-2  # segment 1 did change
 
 
@@ -158,11 +120,11 @@ def test_query_chunked_attention_equals_full_attention_for_any_length():
   # Row by row the same math: fp32 rounding only (~1e-7 per op, a few hundred terms summed).
   (l_full, g_full) = jax.jit(jax.value_and_grad(functools.partial(loss, full_cfg)))(params)
   (l_chunk, g_chunk) = jax.jit(jax.value_and_grad(functools.partial(loss, chunked_cfg)))(params)
-  _assert_close(l_chunk, l_full, 1e-5, "loss")
-  jax.tree.map(lambda a, b: _assert_close(a, b, 1e-5, "grad"), g_chunk, g_full)
+  assert_close(l_chunk, l_full, 1e-5, "loss")
+  jax.tree.map(lambda a, b: assert_close(a, b, 1e-5, "grad"), g_chunk, g_full)
   real = np.asarray(seg) > 0
   forward = jax.jit(models.forward, static_argnums=0)
-  _assert_close(np.asarray(forward(chunked_cfg, params, ids, segment_ids_BxT=seg))[real],
+  assert_close(np.asarray(forward(chunked_cfg, params, ids, segment_ids_BxT=seg))[real],
                 np.asarray(forward(full_cfg, params, ids, segment_ids_BxT=seg))[real],
                 1e-5, "logits")
 
@@ -176,25 +138,3 @@ def test_query_chunked_attention_equals_full_attention_for_any_length():
   kv, g = CFG.num_kv_heads, CFG.num_heads // CFG.num_kv_heads
   assert (2, kv, g, t, t) in score_sized(full_cfg)
   assert score_sized(chunked_cfg) == []
-
-
-def test_causal_blocks_equal_full_attention():
-  """`_attend_causal` (query blocks over the keys each can see) equals one full softmax on
-  every query with a visible key, with and without a cache in front (S > T), including a block
-  boundary inside a segment and a ragged last block."""
-  rng = np.random.default_rng(0)
-  b, t, k, g, d = 2, 300, 2, 2, 8
-  q = jnp.asarray(rng.standard_normal((b, t, k, g, d)), jnp.float32)
-  for cached in (0, 70):  # 70 cache slots in front of the queries (e.g. a shared prefix)
-    s = t + cached
-    keys = jnp.asarray(rng.standard_normal((b, s, k, d)), jnp.float32)
-    values = jnp.asarray(rng.standard_normal((b, s, k, d)), jnp.float32)
-    seg_q = jnp.asarray(np.r_[[0] * 20 + [1] * 280, [1] * 130 + [2] * 170].reshape(2, t))
-    seg_kv = jnp.concatenate([jnp.ones((b, cached), jnp.int32), seg_q], axis=1)
-    mask = decoder.attention_mask(seg_q, seg_kv, cached)
-    full = jax.jit(decoder._attend, static_argnums=4)(q, keys, values, mask, jnp.float32)
-    blocks = jax.jit(decoder._attend_causal, static_argnums=(4, 5))(q, keys, values, mask,
-                                                                     jnp.float32, 64)
-    seen = np.asarray(mask.any(-1))  # queries with at least one visible key
-    # Masked keys weigh exactly 0 in both; only the sums' order differs (fp32, <= 370 terms).
-    _assert_close(np.asarray(blocks)[seen], np.asarray(full)[seen], 1e-5, f"cache {cached}")
