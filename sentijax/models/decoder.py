@@ -291,6 +291,7 @@ class Decoder(nn.Module):
 
 
 def project_logits(x_BxTxE: Array, out_ExV: Array, dt) -> Array:
+  """Float32 logits [B, T, V] of final-normed hidden states (the LM head)."""
   return jnp.einsum("bte,ev->btv", x_BxTxE, out_ExV.astype(dt),
                     preferred_element_type=jnp.float32)
 
