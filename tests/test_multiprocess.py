@@ -11,7 +11,10 @@ One chain of runs, 6 steps of the tiny KnowDist model:
          way, at a step that depends on timing)
   post   1 process x 2 devices resumes pre's step 4 (2 -> 1 processes, 4 -> 2 devices) and
          ends with ref's params
+
+And the sentibench job on 2 processes x 2 devices writes what 1 process x 4 devices writes.
 """
+import json
 import os
 import runpy
 import shutil
@@ -34,7 +37,8 @@ from sentijax import checkpoint, distributed, sharding
 from sentijax import config as config_lib
 from sentijax.train import state as state_lib
 from sentijax.train import student
-from tolerances import assert_trees_close
+import hf_fixtures
+from tolerances import assert_close, assert_trees_close
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -57,12 +61,12 @@ class _Run:
   first 2-process run compiled); the cache only skips XLA compiles of identical programs.
   """
 
-  def __init__(self, workdir, devices, extra=()):
+  def __init__(self, workdir, devices, extra=(), args=ARGS):
     cache = Path(workdir).parent / "jax_cache"
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    cmd = [sys.executable, "-m", "sentijax.main", *ARGS, f"--config.workdir={workdir}", *extra]
+    cmd = [sys.executable, "-m", "sentijax.main", *args, f"--config.workdir={workdir}", *extra]
     self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
     self.lines: list[str] = []
@@ -98,13 +102,13 @@ class _Run:
     return self.out
 
 
-def _two_processes(workdir) -> list[_Run]:
+def _two_processes(workdir, args=ARGS) -> list[_Run]:
   port = _free_port()
   return [_Run(workdir, 2, ["--config.distributed.enabled=True",
                             f"--config.distributed.coordinator_address=localhost:{port}",
                             "--config.distributed.num_processes=2",
                             f"--config.distributed.process_id={i}",
-                            "--config.distributed.initialization_timeout=120"])
+                            "--config.distributed.initialization_timeout=120"], args)
           for i in range(2)]
 
 
@@ -216,6 +220,46 @@ def test_processes_and_devices_change_between_runs_and_preemption_agrees(tmp_pat
   assert f"KnowDist done at step {STEPS}" in out
   _assert_curve(_scalars(pre_dir / "tensorboard"), ref_curve, "train/loss", [4, 5, 6])
   assert_trees_close(_params(pre_dir), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# SentiBench scoring over 2 processes equals 1 process.
+
+
+def _predictions(workdir: Path) -> dict[str, list[dict]]:
+  return {p.name: [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()]
+          for p in sorted((workdir / "predictions").glob("*.jsonl"))}
+
+
+def test_sentibench_over_two_processes_equals_one(tmp_path, sentibench_dir):
+  """The sentibench job (classification with the shared prefix, greedy extraction) on 2
+  processes x 2 devices, rows sharded over all 4, writes what 1 process x 4 devices writes."""
+  pytest.importorskip("torch")  # the fixture model is written by transformers
+  model_dir = tmp_path / "model"
+  hf_fixtures.make_llama(model_dir, vocab_size=512, weight_std=0.3)
+  hf_fixtures.make_sentibench_tokenizer(sentibench_dir, model_dir)
+  args = ["--config=configs/sentibench.py", f"--config.model.init={model_dir}",
+          "--config.model.dtype=float32", f"--config.eval.data_dir={sentibench_dir}",
+          "--config.eval.datasets=sc/sst2,absa/opener", "--config.eval.seeds=42",
+          "--config.eval.max_examples=10", "--config.eval.max_new_tokens=24",
+          "--config.eval.batch_size=8", "--config.eval.compilation_cache=off",
+          "--config.mesh.data=-1", "--config.mesh.fsdp=1"]
+  ref_dir, multi_dir = tmp_path / "ref", tmp_path / "multi"
+  outs = _finish_all([*_two_processes(multi_dir, args), _Run(ref_dir, 4, args=args)])
+  assert all("SentiBench: 2 dataset(s) x 1 seed(s)" in o for o in (outs[0], outs[2])), outs[0]
+  assert "SentiBench:" not in outs[1]  # process 1 scores its rows but writes nothing
+  want, got = _predictions(ref_dir), _predictions(multi_dir)
+  assert list(got) == list(want) == ["absa_opener_42.jsonl", "sc_sst2_42.jsonl"]
+  for name in want:
+    assert [r["index"] for r in got[name]] == list(range(10)), name
+    for g, w in zip(got[name], want[name]):
+      # Rows are scored independently: the same row on another device of another process runs
+      # the same program (fp32 rounding at most, ~1e-7 of the scores).
+      assert (g["gold"], g["prediction"]) == (w["gold"], w["prediction"]), (name, g, w)
+      if w["scores"]:
+        assert_close(g["scores"], w["scores"], 1e-5, name)
+  ref_results = json.loads((ref_dir / "results.json").read_text(encoding="utf-8"))
+  assert json.loads((multi_dir / "results.json").read_text(encoding="utf-8")) == ref_results
 
 
 # ---------------------------------------------------------------------------------------------
