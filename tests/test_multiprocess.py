@@ -12,7 +12,7 @@ One chain of runs, 6 steps of the tiny KnowDist model:
   post   1 process x 2 devices resumes pre's step 4 (2 -> 1 processes, 4 -> 2 devices) and
          ends with ref's params
 
-And the sentibench job on 2 processes x 2 devices writes what 1 process x 4 devices writes.
+And the sentibench job on 2 processes x 1 device writes what 1 process x 2 devices writes.
 """
 import json
 import os
@@ -102,9 +102,9 @@ class _Run:
     return self.out
 
 
-def _two_processes(workdir, args=ARGS) -> list[_Run]:
+def _two_processes(workdir, args=ARGS, devices=2) -> list[_Run]:
   port = _free_port()
-  return [_Run(workdir, 2, ["--config.distributed.enabled=True",
+  return [_Run(workdir, devices, ["--config.distributed.enabled=True",
                             f"--config.distributed.coordinator_address=localhost:{port}",
                             "--config.distributed.num_processes=2",
                             f"--config.distributed.process_id={i}",
@@ -233,7 +233,7 @@ def _predictions(workdir: Path) -> dict[str, list[dict]]:
 
 def test_sentibench_over_two_processes_equals_one(tmp_path, sentibench_dir):
   """The sentibench job (classification with the shared prefix, greedy extraction) on 2
-  processes x 2 devices, rows sharded over all 4, writes what 1 process x 4 devices writes."""
+  processes x 1 device, rows sharded over both, writes what 1 process x 2 devices writes."""
   pytest.importorskip("torch")  # the fixture model is written by transformers
   model_dir = tmp_path / "model"
   hf_fixtures.make_llama(model_dir, vocab_size=512, weight_std=0.3)
@@ -245,7 +245,7 @@ def test_sentibench_over_two_processes_equals_one(tmp_path, sentibench_dir):
           "--config.eval.batch_size=8", "--config.eval.compilation_cache=off",
           "--config.mesh.data=-1", "--config.mesh.fsdp=1"]
   ref_dir, multi_dir = tmp_path / "ref", tmp_path / "multi"
-  outs = _finish_all([*_two_processes(multi_dir, args), _Run(ref_dir, 4, args=args)])
+  outs = _finish_all([*_two_processes(multi_dir, args, devices=1), _Run(ref_dir, 2, args=args)])
   assert all("SentiBench: 2 dataset(s) x 1 seed(s)" in o for o in (outs[0], outs[2])), outs[0]
   assert "SentiBench:" not in outs[1]  # process 1 scores its rows but writes nothing
   want, got = _predictions(ref_dir), _predictions(multi_dir)
