@@ -244,7 +244,7 @@ def test_prompt_text_sst2_exact(data_dir, official):
     lines.append(f"Sentence: {train[i]['sentence']}\nLabel: {train[i]['label'].lower()}\n")
   lines.append(f"Sentence: {test[0]['sentence']}\nLabel:")
   assert p.text == "\n".join(lines)
-  assert p.text.startswith("Please perform Sentiment Analysis task.")
+  assert p.text.startswith(official["instructions"]["sc/sst2"] + "\n\nSentence: ")
   assert p.text.count("\nLabel:") == 5 and p.text.endswith("\nLabel:")
   assert p.gold == test[0]["label"].lower() and p.index == 0
 
