@@ -39,14 +39,17 @@ def verbalizer_token_ids(tokenizer, verbalizers: Sequence[str]) -> list[int]:
   return out
 
 
+def _model_eos_ids(cfg: models.ModelConfig) -> list[int]:
+  """The model config's eos id(s) (an int, a list or None) as a list."""
+  eos = cfg.eos_token_id
+  return [int(i) for i in (eos if isinstance(eos, (tuple, list)) else [eos]) if i is not None]
+
+
 def pad_id_of(tokenizer, cfg: models.ModelConfig) -> int:
-  """pad = eos (protocol); falls back to the model's eos, then 0."""
+  """pad = eos (protocol); falls back to the model's (first) eos, then 0."""
   if tokenizer.eos_token_id is not None:
     return int(tokenizer.eos_token_id)
-  eos = cfg.eos_token_id
-  if isinstance(eos, (tuple, list)):
-    eos = eos[0] if eos else None
-  return int(eos) if eos is not None else 0
+  return (_model_eos_ids(cfg) or [0])[0]
 
 
 def eos_ids_of(tokenizer, cfg: models.ModelConfig,
@@ -55,13 +58,9 @@ def eos_ids_of(tokenizer, cfg: models.ModelConfig,
   `generate` stops at), else the tokenizer's eos and the model config's eos ids."""
   if generation is not None and generation.eos_token_ids:
     return sorted({i for i in generation.eos_token_ids if 0 <= i < cfg.vocab_size})
-  ids = set()
+  ids = set(_model_eos_ids(cfg))
   if tokenizer.eos_token_id is not None:
     ids.add(int(tokenizer.eos_token_id))
-  eos = cfg.eos_token_id
-  for i in (eos if isinstance(eos, (tuple, list)) else [eos]):
-    if i is not None:
-      ids.add(int(i))
   return sorted(i for i in ids if 0 <= i < cfg.vocab_size)
 
 

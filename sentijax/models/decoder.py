@@ -260,8 +260,7 @@ class Decoder(nn.Module):
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     embedding_VxE = _param(self, "embedding", nn.initializers.normal(0.02),
                            (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
-    x_BxTxE = _act(jnp.take(embedding_VxE, tokens_BxT, axis=0).astype(dt), "batch", "length",
-                   "embed")
+    x_BxTxE = embed_tokens(embedding_VxE, tokens_BxT, dt)
 
     block = Block
     if cfg.remat:
@@ -288,6 +287,11 @@ class Decoder(nn.Module):
       out_ExV = _param(self, "lm_head", nn.initializers.normal(0.02),
                        (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt)
     return project_logits(x_BxTxE, out_ExV, dt), new_cache_kv
+
+
+def embed_tokens(embedding_VxE: Array, tokens_BxT: Array, dt) -> Array:
+  """The input embeddings [B, T, E] in the compute dtype (batch-sharded activations)."""
+  return _act(jnp.take(embedding_VxE, tokens_BxT, axis=0).astype(dt), "batch", "length", "embed")
 
 
 def project_logits(x_BxTxE: Array, out_ExV: Array, dt) -> Array:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -91,8 +90,7 @@ def _forward_layers(cfg, params, layers, tokens_BxT, positions_BxT, mask_BxTxS, 
   if len(layers) != cfg.num_layers or len(cache.k) != cfg.num_layers:
     raise ValueError(f"{len(layers)} layer params and {len(cache.k)} layer caches for a "
                      f"{cfg.num_layers}-layer model: use unstack_layers / unstack_cache")
-  x_BxTxE = nn.with_logical_constraint(
-      jnp.take(params["embedding"], tokens_BxT, axis=0).astype(dt), ("batch", "length", "embed"))
+  x_BxTxE = decoder.embed_tokens(params["embedding"], tokens_BxT, dt)
   new_k, new_v = [], []
   for layer_params, k, v in zip(layers, cache.k, cache.v):
     x_BxTxE, (k, v) = decoder.Block(cfg).apply({"params": layer_params}, x_BxTxE,
