@@ -28,6 +28,9 @@ def base() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"  # used when init == "" (random init); see sentijax/models/presets.py
   c.model.init = ""  # local HF directory (config.json + safetensors) to start from
+  # Only these decoder layers of model.init, ascending ("0,3,6,9,12,15,18,21,24,27": a 10-layer
+  # student of a 30-layer teacher; embeddings, final norm, head and tokenizer kept); "" = all.
+  c.model.init_layers = ""
   c.model.tokenizer = ""  # tokenizer dir; "" = model.init, or a demo tokenizer for presets
   c.model.dtype = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
   c.model.remat = False  # rematerialise each layer in the backward pass

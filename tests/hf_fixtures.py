@@ -10,7 +10,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                "original_max_position_embeddings": 64}
 
 
-def make_llama(path: pathlib.Path, seed: int = 0, vocab_size: int = 256, weight_std: float = 0.05):
+def make_llama(path: pathlib.Path, seed: int = 0, vocab_size: int = 256, weight_std: float = 0.05,
+               num_layers: int = 2):
   """LlamaForCausalLM with llama3 rope scaling and tied embeddings.
 
   weight_std=0.3 makes predictions vary between prompts (greedy outputs that are not constant),
@@ -20,7 +21,7 @@ def make_llama(path: pathlib.Path, seed: int = 0, vocab_size: int = 256, weight_
   from transformers import LlamaConfig, LlamaForCausalLM
   torch.manual_seed(seed)
   cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                     max_position_embeddings=256, rope_parameters=dict(LLAMA3_ROPE),
                     tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1,
                     eos_token_id=2)
@@ -30,13 +31,13 @@ def make_llama(path: pathlib.Path, seed: int = 0, vocab_size: int = 256, weight_
   return model
 
 
-def make_qwen2(path: pathlib.Path, seed: int = 0, vocab_size: int = 256):
+def make_qwen2(path: pathlib.Path, seed: int = 0, vocab_size: int = 256, num_layers: int = 2):
   """Qwen2ForCausalLM with untied embeddings and q/k/v bias (randomised, not zero)."""
   import torch
   from transformers import Qwen2Config, Qwen2ForCausalLM
   torch.manual_seed(seed)
   cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                     max_position_embeddings=256, rope_parameters={"rope_type": "default",
                                                                   "rope_theta": 1e6},
                     tie_word_embeddings=False, rms_norm_eps=1e-6, bos_token_id=1,

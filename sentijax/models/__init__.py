@@ -56,20 +56,24 @@ def init(cfg: ModelConfig, rng: jax.Array | int = 0, mesh=None, rules=None) -> A
 
 
 def load_hf(path: str | os.PathLike, dtype: Any = None, *, compute_dtype: str | None = None,
-            mesh=None, rules=None) -> tuple[ModelConfig, Any]:
+            mesh=None, rules=None, layers=None) -> tuple[ModelConfig, Any]:
   """Loads a local HF directory. Returns (config, params).
 
   `dtype`: param dtype (default float32). `compute_dtype`: activations (default = param dtype).
-  With `mesh` and `rules`, each tensor is streamed straight into its sharding.
+  With `mesh` and `rules`, each tensor is streamed straight into its sharding. `layers`: only
+  these decoder layers (ascending indices; embeddings, final norm and head kept), the others
+  never read; None = all.
   """
   path = Path(path)
   if not path.is_dir():
     raise CheckpointError(f"{path}: model directory not found")
   cfg = hf.read_config(path)
+  if layers is not None:
+    cfg = hf.select_layers(cfg, layers, source=path / "config.json")
   param_dtype = str(jnp.dtype(dtype or "float32"))
   cfg = cfg.replace(param_dtype=param_dtype, dtype=compute_dtype or param_dtype)
   shardings = shardings_for(cfg, mesh, rules) if mesh is not None else None
-  return cfg, hf.load_params(cfg, path, shardings, dtype=param_dtype)
+  return cfg, hf.load_params(cfg, path, shardings, dtype=param_dtype, layers=layers)
 
 
 def save_hf(cfg: ModelConfig, params: Any, path: str | os.PathLike, tokenizer=None,

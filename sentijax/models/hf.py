@@ -19,7 +19,7 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -183,27 +183,69 @@ def _stack_fns(shape: tuple[int, ...], dtype: str, stacked: jax.sharding.Shardin
   return zeros, put
 
 
+def select_layers(cfg: ModelConfig, layers: Sequence[int], setting: str = "layers",
+                  source: str | os.PathLike = "the checkpoint") -> ModelConfig:
+  """`cfg` (a checkpoint's config) keeping only decoder `layers`, in order; embeddings, final
+  norm and head are kept. Raises naming `setting`, its value and the checkpoint's layer count."""
+  n = cfg.num_layers
+  value = ",".join(str(i) for i in layers)
+
+  def bad(why: str) -> CheckpointError:
+    return CheckpointError(f"{setting}={value!r}: {why}; {source} has {n} layers (0..{n - 1})")
+
+  if not layers:
+    raise bad("selects no layers; list at least one layer index (or leave it empty for all)")
+  for i in layers:
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+      raise bad(f"{i!r} is not a layer index")
+    if not 0 <= i < n:
+      raise bad(f"layer {i} is out of range")
+  if len(set(layers)) != len(layers):
+    twice = next(i for i in layers if list(layers).count(i) > 1)
+    raise bad(f"layer {twice} is listed twice")
+  if list(layers) != sorted(layers):
+    raise bad("layers must be listed in ascending order (the student runs them in the "
+              "checkpoint's order)")
+  return cfg.replace(num_layers=len(layers))
+
+
+def _source_layers(cfg: ModelConfig, directory, layers: Sequence[int] | None
+                   ) -> tuple[tuple[int, ...], int]:
+  """(checkpoint layer filling each of cfg's layers, number of layers in the checkpoint)."""
+  if layers is None:
+    return tuple(range(cfg.num_layers)), cfg.num_layers
+  source = read_config(directory)
+  picked = select_layers(source, layers, source=Path(directory) / "config.json")
+  if picked.num_layers != cfg.num_layers:
+    raise ValueError(f"layers={list(layers)} selects {picked.num_layers} layers but the model "
+                     f"config has num_layers={cfg.num_layers}; build it with select_layers")
+  return tuple(int(i) for i in layers), source.num_layers
+
+
 def load_params(cfg: ModelConfig, directory: str | os.PathLike, shardings: Any = None,
-                dtype: Any = None) -> dict:
+                dtype: Any = None, layers: Sequence[int] | None = None) -> dict:
   """Builds the param pytree from safetensors, each leaf placed into its sharding.
 
   `shardings`: pytree of jax.sharding.Sharding matching the params (None = first device).
   `dtype`: param dtype (default cfg.param_dtype).
+  `layers`: the checkpoint layers that become cfg's layers 0, 1, ... (cfg from `select_layers`);
+  None = all. Skipped layers are never read from disk.
   """
   dtype = np.dtype(dtype or cfg.param_dtype)
   top, per_layer = _spec(cfg)
+  src, n_src = _source_layers(cfg, directory, layers)
   if shardings is None:
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: dev, decoder.param_shapes(cfg))
   with SafetensorsFiles(directory) as files:
-    _check_no_unused(files, cfg, [name for _, name, *_ in top] + [
-        name.format(i=i) for _, name, *_ in per_layer for i in range(cfg.num_layers)])
+    _check_no_unused(files, cfg.replace(num_layers=n_src), [name for _, name, *_ in top] + [
+        name.format(i=i) for _, name, *_ in per_layer for i in range(n_src)])
     for _, name, hf_shape, _ in top + per_layer:  # validate every tensor: fail before transfers
-      for i in range(cfg.num_layers if "{i}" in name else 1):
+      for i in (src if "{i}" in name else (0,)):
         n = name.format(i=i)
         if n not in files:
           raise CheckpointError(f"{directory}: tensor {n!r} is missing from the checkpoint "
-                                f"(config says {cfg.architecture}, {cfg.num_layers} layers, "
+                                f"(config says {cfg.architecture}, {n_src} layers, "
                                 f"tie_word_embeddings={cfg.tie_embeddings})")
         if files.shape(n) != hf_shape:
           raise CheckpointError(f"{files.file_of(n)}: tensor {n!r} has shape "
@@ -218,8 +260,8 @@ def load_params(cfg: ModelConfig, directory: str | os.PathLike, shardings: Any =
       layer_sh = _layer_sharding(stacked_sh, len(shape))
       zeros, put = _stack_fns((cfg.num_layers, *shape), dtype.name, stacked_sh)
       stacked = zeros()
-      for i in range(cfg.num_layers):
-        layer = _place(files, name.format(i=i), layout, shape, layer_sh, dtype)
+      for i, source_layer in enumerate(src):
+        layer = _place(files, name.format(i=source_layer), layout, shape, layer_sh, dtype)
         stacked = put(stacked, layer, np.int32(i))
         del layer
       _set(params, path, stacked)

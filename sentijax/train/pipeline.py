@@ -41,6 +41,8 @@ def stage_config(config, stage: str, init: str):
         cfg[section][key] = value
     cfg.job = stage
     cfg.workdir = os.path.join(config.workdir, stage)
+    if init != str(config.model.init or ""):  # the previous stage's export: already a subset
+      cfg.model.init_layers = ""
     cfg.model.init = init
     cfg.export_hf = True
   return cfg

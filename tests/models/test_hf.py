@@ -321,3 +321,93 @@ def test_sliding_window_and_unknown_rope_are_refused(qwen_dir, tmp_path):
     (d / "config.json").write_text(json.dumps(c))
     with pytest.raises(models.CheckpointError, match=rf"config\.json: {match}"):
       models.load_hf(d)
+
+
+# --------------------------------------------------------------------------------------------
+# A student from a subset of the checkpoint's layers.
+
+_DEEP = 5  # layers of the checkpoints below
+
+
+@pytest.fixture(scope="module")
+def deep_dirs(tmp_path_factory):
+  """{arch: (dir, torch model)}: 5-layer Llama (tied) and Qwen2 (untied, q/k/v bias)."""
+  out = {}
+  for arch, make in [("llama", hf_fixtures.make_llama), ("qwen2", hf_fixtures.make_qwen2)]:
+    path = tmp_path_factory.mktemp(f"{arch}_deep")
+    out[arch] = path, make(path, seed=3, num_layers=_DEEP)
+  return out
+
+
+def _torch_subset(model, layers):
+  """A fresh transformers model of len(layers) layers holding `model`'s weights of `layers`
+  (state-dict renaming in torch: independent of sentijax's loader)."""
+  config = model.config.to_dict()
+  config.update(num_hidden_layers=len(layers))
+  config.pop("layer_types", None)  # Qwen2 derives it from num_hidden_layers
+  small = type(model)(type(model.config)(**config)).eval()
+  renamed = {}
+  for name, w in model.state_dict().items():
+    parts = name.split(".")
+    if parts[:2] == ["model", "layers"]:
+      if int(parts[2]) not in layers:
+        continue
+      parts[2] = str(layers.index(int(parts[2])))
+    renamed[".".join(parts)] = w
+  small.load_state_dict(renamed, strict=True)
+  return small
+
+
+@pytest.mark.parametrize("arch,layers", [("llama", (0, 2, 4)), ("qwen2", (1, 2, 4))])
+def test_layer_subset_logits_equal_truncated_transformers(arch, layers, deep_dirs, tmp_path):
+  path, model = deep_dirs[arch]
+  cfg, params = models.load_hf(path, layers=layers)
+  assert cfg.num_layers == len(layers)
+  assert params["layers"]["mlp"]["up_kernel"].shape[0] == len(layers)
+  ids, mask = hf_fixtures.padded_batch(np.random.default_rng(5), cfg.vocab_size, [23, 40], "left")
+  ours = np.asarray(models.apply(cfg, params, ids, attention_mask=mask))
+  real = mask.astype(bool)
+  ref = hf_fixtures.torch_logits(_torch_subset(model, list(layers)), ids, mask)
+  _assert_close(ours[real], ref[real], what=f"{arch} layers {layers}")
+  full = hf_fixtures.torch_logits(model, ids, mask)  # the subset is not the full model
+  assert np.abs(full[real] - ref[real]).max() > 100 * PARITY_REL * np.abs(ref[real]).max()
+  if arch != "qwen2":  # the export check once, where config.json has per-layer keys
+    return
+  # Its export is a plain len(layers)-layer checkpoint for transformers.
+  out = tmp_path / "student"
+  models.save_hf(cfg, params, out)
+  from transformers import AutoModelForCausalLM
+  reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  assert reloaded.config.num_hidden_layers == len(layers)
+  _assert_close(hf_fixtures.torch_logits(reloaded, ids, mask)[real], ours[real], what="export")
+
+
+def test_layer_subset_never_reads_skipped_layers(deep_dirs, monkeypatch):
+  path, _ = deep_dirs["qwen2"]
+  read = []
+  original = hf.SafetensorsFiles.read_slices
+
+  def spy(self, name, *args, **kwargs):
+    read.append(name)
+    return original(self, name, *args, **kwargs)
+
+  monkeypatch.setattr(hf.SafetensorsFiles, "read_slices", spy)
+  models.load_hf(path, layers=(1, 3))
+  layers_read = {int(n.split(".")[2]) for n in read if n.startswith("model.layers.")}
+  assert layers_read == {1, 3}
+  assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= set(read)
+
+
+@pytest.mark.parametrize("layers,why", [
+    ((0, 5), r"layer 5 is out of range"),
+    ((-1, 2), r"layer -1 is out of range"),
+    ((0, 2, 2), r"layer 2 is listed twice"),
+    ((3, 1), r"layers must be listed in ascending order"),
+    ((), r"selects no layers"),
+])
+def test_bad_layer_subsets_are_refused(layers, why, deep_dirs):
+  path, _ = deep_dirs["llama"]
+  value = ",".join(map(str, layers))
+  with pytest.raises(models.CheckpointError,
+                     match=rf"layers='{value}': {why}.*config\.json has 5 layers \(0\.\.4\)"):
+    models.load_hf(path, layers=layers)
