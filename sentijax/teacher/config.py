@@ -18,6 +18,9 @@ def teacher() -> ml_collections.ConfigDict:
   c.max_retries = 5
   c.backoff_s = 0.5
   c.max_backoff_s = 30.0
+  # openai: longest wait a server's Retry-After (seconds or HTTP-date) may ask for; a 429 pauses
+  # every worker of the client that long (plus a small random spread)
+  c.max_retry_after_s = 300.0
   c.tokenizer = ""  # openai: tokenizer dir mapping logprob token strings to ids
   c.system_prompt = ""
   return c

@@ -79,7 +79,8 @@ def make_teacher(config) -> Any:
                          concurrency=tc.concurrency, timeout_s=tc.timeout_s,
                          max_retries=tc.max_retries, backoff_s=tc.backoff_s,
                          max_backoff_s=tc.max_backoff_s, tokenizer=tokenizer,
-                         system_prompt=tc.system_prompt)
+                         system_prompt=tc.system_prompt,
+                         max_retry_after_s=float(tc.max_retry_after_s))
   raise ValueError(f"teacher.backend must be 'local' or 'openai', got {tc.backend!r}")
 
 

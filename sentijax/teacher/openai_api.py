@@ -1,10 +1,16 @@
 """OpenAI-compatible teacher: vLLM, SGLang, TGI, llama.cpp's server, lmdeploy, `sentijax.serve`.
 
 Requests go through one `httpx.Client` from a pool of `concurrency` threads. A request is retried
-with exponential backoff and full jitter (sleep ~ U(0, min(max_backoff, backoff * 2^attempt)),
-or the server's Retry-After when larger) on 408/409/429/5xx, timeouts, dropped or refused
-connections, and bodies that are not the JSON an OpenAI server sends; other 4xx fail at once.
-After `max_retries` retries the item fails with a TeacherError (the job writes it to rejects).
+with exponential backoff and full jitter (sleep ~ U(0, min(max_backoff, backoff * 2^attempt)))
+on 408/409/429/5xx, timeouts, dropped or refused connections, and bodies that are not the JSON an
+OpenAI server sends; other 4xx fail at once. After `max_retries` retries the item fails with a
+TeacherError (the job writes it to rejects).
+
+Rate limits: a 429, or any retryable answer carrying `Retry-After` (seconds or an HTTP-date),
+pauses the WHOLE client: no worker sends until the pause ends (Retry-After, capped at
+`max_retry_after_s`; without one, the backoff delay), and each then waits its own small random
+extra (up to 10% of the pause + `backoff_s`), so workers do not retry in lock-step. Waiting out
+a pause costs no retry.
 
 Logprobs: servers return token STRINGS (llama.cpp and vLLM: decoded pieces, <= 20 per position).
 Each is mapped to an id with the tokenizer when it encodes to exactly one token; otherwise it is
@@ -17,11 +23,13 @@ return_tokens_as_token_ids: true`, so the server scores exactly these ids (teach
 returns its top-k at every prompt position (vLLM and `sentijax.serve` do).
 
 The API key is read from the environment variable named in the config, sent only in the
-Authorization header, and scrubbed from every error message this module produces.
+Authorization header, and scrubbed from every error message this module produces (from the
+server's text before it is cut short, so no prefix of the key survives).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import email.utils
 import json
 import logging
 import os
@@ -43,11 +51,30 @@ FATAL_STATUS = {401: "check the key in teacher.api_key_env", 403: "check the key
 
 
 class _Retryable(Exception):
-  """A failure worth another try."""
+  """A failure worth another try; `pause`: the whole client should wait (429 / Retry-After)."""
 
-  def __init__(self, message: str, retry_after: float = 0.0):
+  def __init__(self, message: str, retry_after: float = 0.0, pause: bool = False):
     super().__init__(message)
-    self.retry_after = retry_after
+    self.retry_after, self.pause = retry_after, pause
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+  """Seconds to wait from a Retry-After header (delta-seconds or an HTTP-date); None when absent
+  or unreadable. A date in the past gives 0."""
+  if value is None or not value.strip():
+    return None
+  value = value.strip()
+  try:
+    seconds = float(value)
+  except ValueError:
+    try:
+      when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+      return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+      return None
+    seconds = when.timestamp() - (time.time() if now is None else now)
+  return max(0.0, seconds) if seconds == seconds else None  # NaN -> None
 
 
 class OpenAITeacher:
@@ -64,7 +91,7 @@ class OpenAITeacher:
   def __init__(self, base_url: str, model: str, *, endpoint: str = "chat", api_key_env: str = "",
                concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 5,
                backoff_s: float = 0.5, max_backoff_s: float = 30.0, tokenizer: Any = None,
-               system_prompt: str = ""):
+               system_prompt: str = "", max_retry_after_s: float = 300.0):
     if endpoint not in ("chat", "completions"):
       raise ValueError(f"teacher.endpoint must be 'chat' or 'completions', got {endpoint!r}")
     self.url = base_url.rstrip("/") + ("/chat/completions" if endpoint == "chat"
@@ -73,6 +100,9 @@ class OpenAITeacher:
     self.model, self.endpoint, self.tokenizer = model, endpoint, tokenizer
     self.concurrency, self.max_retries = max(1, int(concurrency)), int(max_retries)
     self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
+    self.max_retry_after_s = float(max_retry_after_s)
+    if self.max_retry_after_s < 0:
+      raise ValueError(f"teacher.max_retry_after_s must be >= 0, got {max_retry_after_s}")
     self.system_prompt = system_prompt
     self.name = f"openai:{model}"
     self._key = ""
@@ -88,10 +118,17 @@ class OpenAITeacher:
                             max_keepalive_connections=self.concurrency))
     self._rng = random.Random()
     self._rng_lock = threading.Lock()
+    self._pause_until = 0.0  # time.monotonic() before which no request is sent (429)
     self.retries = 0  # retries made so far (all items)
+    self.pauses = 0  # client-wide pauses (429 / Retry-After)
 
   def _scrub(self, text: str) -> str:
     return text.replace(self._key, "***") if self._key else text
+
+  def _server_text(self, response: httpx.Response, limit: int) -> str:
+    """The server's text, key scrubbed, THEN cut to `limit` characters (a cut key would not
+    match the scrub and would leak its prefix)."""
+    return self._scrub(response.text)[:limit]
 
   def body(self, prompt: str, s: Sampling, logprobs: int) -> dict:
     """The JSON request for one prompt (non-OpenAI extras only when set: top_k, min_tokens)."""
@@ -165,18 +202,17 @@ class OpenAITeacher:
       raise _Retryable(f"timeout ({type(e).__name__})") from None
     except httpx.TransportError as e:  # refused, reset, dropped mid-response, protocol errors
       raise _Retryable(f"connection error ({type(e).__name__}: {e})") from None
-    if response.status_code in RETRY_STATUS:
-      try:
-        retry_after = float(response.headers.get("retry-after", 0))
-      except ValueError:
-        retry_after = 0.0
-      raise _Retryable(f"HTTP {response.status_code}: {response.text[:200]}", retry_after)
-    if response.status_code in FATAL_STATUS:
-      raise TeacherConfigError(f"HTTP {response.status_code} from {url or self.url} "
-                               f"({FATAL_STATUS[response.status_code]}): {response.text[:300]}")
-    if response.status_code != 200:
-      raise TeacherError(f"HTTP {response.status_code} from {url or self.url}: "
-                         f"{response.text[:500]}")
+    status = response.status_code
+    if status in RETRY_STATUS:
+      retry_after = parse_retry_after(response.headers.get("retry-after"))
+      raise _Retryable(f"HTTP {status}: {self._server_text(response, 200)}",
+                       retry_after or 0.0, pause=status == 429 or retry_after is not None)
+    if status in FATAL_STATUS:
+      raise TeacherConfigError(f"HTTP {status} from {url or self.url} ({FATAL_STATUS[status]}): "
+                               f"{self._server_text(response, 300)}")
+    if status != 200:
+      raise TeacherError(f"HTTP {status} from {url or self.url}: "
+                         f"{self._server_text(response, 500)}")
     try:
       obj = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -229,17 +265,44 @@ class OpenAITeacher:
 
     return self._retried(body, self.completions_url, parse)
 
+  def _wait_for_pause(self) -> None:
+    """Sleeps while a client-wide pause lasts, then a random extra so workers spread out."""
+    while True:
+      with self._rng_lock:
+        left = self._pause_until - time.monotonic()
+        if left <= 0:
+          return
+        extra = self._rng.uniform(0, 0.1 * left + self.backoff_s)
+      time.sleep(left + extra)
+
+  def _backoff(self, attempt: int, e: _Retryable) -> None:
+    """After failed `attempt`: a client-wide pause (429 / Retry-After) or this worker's own
+    backoff sleep."""
+    with self._rng_lock:
+      delay = self._rng.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
+      self.retries += 1
+      if e.pause:
+        wanted = e.retry_after
+        if wanted > self.max_retry_after_s:
+          log.warning("teacher: server asks to wait %.0f s (Retry-After); waiting "
+                      "teacher.max_retry_after_s=%.0f s", wanted, self.max_retry_after_s)
+          wanted = self.max_retry_after_s
+        until = time.monotonic() + max(wanted, delay)
+        if until > self._pause_until:
+          self._pause_until = until
+          self.pauses += 1
+    if not e.pause:
+      time.sleep(delay)
+
   def _retried(self, body: dict, url: str | None = None, parse=None) -> Any:
     for attempt in range(self.max_retries + 1):
+      self._wait_for_pause()
       try:
         return self._once(body, url, parse)
       except _Retryable as e:
         if attempt == self.max_retries:
           raise TeacherError(self._scrub(f"gave up after {attempt + 1} attempts: {e}")) from None
-        with self._rng_lock:
-          delay = self._rng.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
-          self.retries += 1
-        time.sleep(max(delay, min(e.retry_after, self.max_backoff_s)))
+        self._backoff(attempt, e)
       except TeacherError as e:
         raise type(e)(self._scrub(str(e))) from None
     raise AssertionError("unreachable")

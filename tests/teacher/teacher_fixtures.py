@@ -111,3 +111,62 @@ class FaultProxy:
     self.release.set()
     self.httpd.shutdown()
     self.httpd.server_close()
+
+
+class ScriptedServer:
+  """A stand-in OpenAI /v1/completions server on 127.0.0.1 (no model): `script(n, body)` gives
+  request n either None (answer: `answer(prompt)`) or (status, headers, text). Arrival times
+  (time.time()) and bodies of every request are kept; answers take `delay_s`."""
+
+  def __init__(self, script=lambda n, body: None, delay_s: float = 0.0):
+    self.script, self.delay_s = script, delay_s
+    self.lock = threading.Lock()
+    self.arrivals: list[tuple[float, int, dict]] = []  # (time, n, body)
+    self.replies: list[tuple[float, int, int]] = []  # (time sent, n, status)
+    server = self
+
+    class Handler(BaseHTTPRequestHandler):
+      protocol_version = "HTTP/1.1"
+
+      def log_message(self, *args):
+        pass
+
+      def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        with server.lock:
+          n = len(server.arrivals)
+          server.arrivals.append((time.time(), n, body))
+        plan = server.script(n, body)
+        if plan is None:
+          time.sleep(server.delay_s)
+          status, headers = 200, {}
+          text = json.dumps({"choices": [{"text": answer(body["prompt"]),
+                                          "finish_reason": "stop"}],
+                             "usage": {"completion_tokens": 3}})
+        else:
+          status, headers, text = plan
+        data = text.encode()
+        self.send_response(status)
+        for key, value in headers.items():
+          self.send_header(key, value)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        with server.lock:
+          server.replies.append((time.time(), n, status))
+        self.wfile.write(data)
+
+    self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.httpd.daemon_threads = True
+    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+    threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+  def stop(self):
+    self.httpd.shutdown()
+    self.httpd.server_close()
+
+
+def answer(prompt: str) -> str:
+  """The scripted server's deterministic answer to `prompt`."""
+  import hashlib
+  return " analysis " + hashlib.sha256(prompt.encode()).hexdigest()[:12]
