@@ -7,7 +7,7 @@ corpus) scores the 49 records of the package's demo corpus, k=20:
 
   python -m sentijax.main --config=configs/generate_topk.py
 
-writes runs/generate_topk/store/{index.json, shard-0000N.npz, tokenizer/} (4 shards of 16
+writes runs/generate_topk/store/{index.json, shard-0000N.bin, tokenizer/} (4 shards of 16
 records) and runs/generate_topk/summary.json, and logs
   "top-k store runs/generate_topk/store: 49 written, 0 already there, 0 rejected, 0 skipped
   ...; 49 records in 4 shards, k=20, 8752 tokens scored in 49.6 s" (~1 min on a loaded 2-core
@@ -24,6 +24,15 @@ A real teacher (local, sharded over the mesh) on a real corpus, rendered with th
     --config.model.init=/models/Llama-3.1-8B-Instruct --config.mesh.tensor=4 \
     --config.data.corpus=/data/knowdist.jsonl --config.data.chat_template=True \
     --config.teacher.batch_size=32 --config.topk.shard_records=1024 --config.workdir=runs/topk-8b
+
+A sampled store (unbiased estimate of the forward KL at the KD temperature; Anshumann et al.
+2025): 24 draws per response token at T = 1 (bytes per position close to top-k at k=20: compare
+the two at equal bytes with bench/bench_store.py's figures):
+
+  python -m sentijax.main --config=configs/generate_topk.py --config.topk.mode=sample \
+    --config.topk.k=24 --config.workdir=runs/generate_sample
+  python -m sentijax.main --config=configs/kd.py --config.kd.mode=offline \
+    --config.kd.store=runs/generate_sample/store --config.kd.top_k=24
 
 A served teacher that echoes prompt logprobs (vLLM, `sentijax.serve`; k <= 20):
 
@@ -47,7 +56,9 @@ def get_config():
   c.teacher.endpoint = "completions"  # prompt logprobs (echo) exist only there
   c.serve = teacher_config.serve()
   c.topk = ml_collections.ConfigDict()
-  c.topk.k = 20  # top-k ids + logprobs per response token (servers: <= 20)
+  c.topk.mode = "topk"  # topk: the k most likely ids + tail mass | sample: k draws (local only)
+  c.topk.k = 20  # topk: ids + logprobs per response token (servers: <= 20); sample: draws (<= 255)
+  c.topk.temperature = 1.0  # sample: draws from softmax(logits / T): train with kd.temperature=T
   c.topk.store_dir = ""  # "" = <workdir>/store
   c.topk.shard_records = 16  # records per shard (one atomic write); real corpora: ~1024
   c.topk.logits_chunk = 256  # positions per output-projection chunk (local teacher)
@@ -55,5 +66,6 @@ def get_config():
   c.topk.echo_max_tokens = 0  # servers that refuse max_tokens=0 with echo: 1 (ignored token)
   c.topk.progress = True
   c.generate = ml_collections.ConfigDict()
+  c.generate.leak_check = "on"  # off: no check (a missing leak_check_dirs stops the job)
   c.generate.leak_check_dirs = "../shared/sentibench"  # responses holding test sentences flagged
   return c

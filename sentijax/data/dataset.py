@@ -34,13 +34,15 @@ from sentijax.data.tokenizer import tokenizer_fingerprint
 
 logger = logging.getLogger("sentijax")
 
-_CACHE_VERSION = "packed-v1"
+_CACHE_VERSION = "packed-v3"  # v2: chat records keep the response string as it is; v3: soft
+# fields stored only where nonzero (packing.compact_row)
 _SPLIT = "rows"
 _STATS_FILE = "sentijax_stats.json"
 
 
-def _make_builder_class(seq_len: int, soft_width: int):
-  """A tfds builder (unregistered) writing/reading packed rows of `seq_len` (and soft width)."""
+def _make_builder_class(seq_len: int, soft_width: int, extra_fields: tuple[str, ...] = ()):
+  """A tfds builder (unregistered) writing/reading packed rows of `seq_len` (and soft width) in
+  the stored layout (`packing.compact_row`: soft fields only where they are nonzero)."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
   class PackedRows(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -61,7 +63,8 @@ def _make_builder_class(seq_len: int, soft_width: int):
     def _info(self):
       features = tfds.features.FeaturesDict({
           name: tfds.features.Tensor(shape=shape, dtype=dtype)
-          for name, (shape, dtype) in packing.row_spec(seq_len, soft_width).items()})
+          for name, (shape, dtype) in packing.row_spec(seq_len, soft_width, extra_fields,
+                                                       compact=True).items()})
       return tfds.core.DatasetInfo(builder=self, features=features,
                                    description="sentijax packed training rows")
 
@@ -73,7 +76,7 @@ def _make_builder_class(seq_len: int, soft_width: int):
       if self._row_generator is None:
         raise DataError("PackedRows was opened for reading but the data is not prepared.")
       for index, row in enumerate(self._row_generator()):
-        yield index, row
+        yield index, packing.compact_row(row)
 
   return PackedRows
 
@@ -86,7 +89,8 @@ def cache_key(records: Sequence[Record], tokenizer: Any, spec: DataSpec,
            "chat_template": packing.uses_chat_template(tokenizer, spec.chat_template),
            "truncation": spec.truncation}
   if soft_targets is not None:
-    parts["soft_targets"] = [soft_targets.width, soft_targets.key]
+    parts["soft_targets"] = [soft_targets.width, soft_targets.key,
+                             list(soft_targets.extra_fields)]
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -173,19 +177,21 @@ class PackedDataset:
   stats: dict
   soft_width: int = 0  # K of the soft_ids / soft_probs fields; 0 = no soft targets
   prefetch: int = 0  # what the training loop passes to `batches`
+  extra_fields: tuple[str, ...] = ()  # packing.EXTRA_SOFT_FIELDS the rows carry
   _source: Any = dataclasses.field(default=None, repr=False)
 
   @property
   def fields(self) -> tuple[str, ...]:
     """The names of the batch fields."""
-    return tuple(packing.row_spec(self.seq_len, self.soft_width))
+    return tuple(packing.row_spec(self.seq_len, self.soft_width, self.extra_fields))
 
   @property
   def source(self) -> Any:
-    """The tfds array_record data source (random access: len(), [i] -> dict of arrays)."""
+    """Random access to the stored rows (len(), [i] -> dict of arrays, soft fields dense)."""
     if self._source is None:
-      builder = _make_builder_class(self.seq_len, self.soft_width)(data_dir=self.data_dir)
-      self._source = builder.as_data_source(_SPLIT)
+      builder = _make_builder_class(self.seq_len, self.soft_width, self.extra_fields)(
+          data_dir=self.data_dir)
+      self._source = _DenseRows(builder.as_data_source(_SPLIT))
     return self._source
 
   def steps_per_epoch(self, batch_size: int) -> int:
@@ -211,7 +217,7 @@ class PackedDataset:
       rows = rows.repeat()  # reseeds the shuffle every epoch
     else:
       num_rows, padded = self.num_rows, self.steps_per_epoch(batch_size) * batch_size
-      empty = packing.empty_row(self.seq_len, self.soft_width)
+      empty = packing.empty_row(self.seq_len, self.soft_width, self.extra_fields)
       one_epoch = rows
       rows = grain.MapDataset.range(padded).map(
           lambda i: one_epoch[i] if i < num_rows else empty)
@@ -235,6 +241,19 @@ class PackedDataset:
     return self.grain_batches(batch_size, process_index, process_count, shuffle)[step]
 
 
+class _DenseRows:
+  """A stored-row source read back in the dense row layout (`packing.expand_row`)."""
+
+  def __init__(self, source: Any):
+    self._rows = source
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return packing.expand_row(self._rows[index])
+
+
 def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # pylint: disable=import-outside-toplevel
@@ -247,7 +266,7 @@ def _process_info(process_index: int | None, process_count: int | None) -> tuple
 
 
 def _store(packed: packing.PackedRows, data_dir: Path) -> None:
-  builder_class = _make_builder_class(packed.seq_len, packed.soft_width)
+  builder_class = _make_builder_class(packed.seq_len, packed.soft_width, packed.extra_fields)
   data_dir.mkdir(parents=True, exist_ok=True)
   builder = builder_class(rows=packed.iter_rows, data_dir=str(data_dir))
   try:
@@ -293,7 +312,9 @@ def build_dataset(records: Sequence[Record], tokenizer: Any, spec: DataSpec,
   return PackedDataset(data_dir=str(data_dir), seq_len=spec.seq_len, num_rows=stats["num_rows"],
                        num_tokens=stats["num_tokens"], seed=spec.seed,
                        shuffle=spec.shuffle and split == "train", stats=stats,
-                       soft_width=int(stats.get("soft_width", 0)), prefetch=spec.prefetch)
+                       soft_width=int(stats.get("soft_width", 0)), prefetch=spec.prefetch,
+                       extra_fields=tuple(f for f in stats.get("soft_fields", ())
+                                          if f in packing.EXTRA_SOFT_FIELDS))
 
 
 def build_train_val(train_records: Sequence[Record], val_records: Sequence[Record],

@@ -17,6 +17,14 @@ Row schema (`pack_row`; the batches of dataset.py stack rows to [B, seq_len, ...
                                 ids for targets[t] ...
   soft_probs   float32  [L, K]  ... and their probabilities (a teacher's distribution, e.g. over
                                 the verbalizers' first tokens). All K zero = no soft target at t.
+  soft_tail    float32  [L]     ONLY when the SoftTargets name it (an offline top-k store): the
+                                teacher's mass outside the K ids
+  soft_logp    float32  [L, K]  ONLY when named (a sampled store): the teacher's log-probability
+                                of each id at the KD temperature
+
+Stored rows (dataset.py) keep the soft fields only where a soft field is nonzero (for a store:
+the loss positions): `soft_pos` int32 [S] and each soft field [S, ...] (`compact_row`), expanded
+back to the dense [L, ...] fields when read (`expand_row`).
 
 The loss is sum(weights * CE(logits, targets)) / sum(weights); a soft-target term uses the
 positions where soft_probs.sum(-1) > 0.
@@ -26,9 +34,11 @@ with `tokens`: row t is the distribution for tokens[t] (like loss_mask[t]); row 
 (no position predicts the first token). Packing shifts them with the tokens, so in a packed row
 soft_*[p] belongs to targets[p] (p = offset + t - 1 for tokens[t]); truncation drops the same
 token positions from them. A distribution with fewer than K entries is padded with id 0, prob 0.
-`SoftTargets(width, fn, key)`, given to `pack_records` / `dataset.build_train_val`, attaches them:
-`fn(record, sequence)` returns ([n, K] ids, [n, K] probs) or None (no soft target for that record:
-zeros); `key` names fn's logic and settings and joins the cache key. `soft_targets_at` builds the
+`SoftTargets(width, fn, key, extra_fields)`, given to `pack_records` / `dataset.build_train_val`,
+attaches them: `fn(record, sequence)` returns ([n, K] ids, [n, K] probs), a dict of the soft
+fields (with `extra_fields`), or None (no soft target for that record: zeros); `key` names fn's
+logic and settings and joins the cache key. fn runs when a row holding the record is built (one
+record at a time: all records' soft targets are never in memory together). `soft_targets_at` builds the
 arrays for one distribution at one token (e.g. the first response token, `first_response_index`).
 Probabilities must be finite, >= 0, and sum to <= 1 per position (a top-K truncation may leave
 mass out). Without soft targets rows and batches carry only the five fields above.
@@ -67,25 +77,66 @@ logger = logging.getLogger("sentijax")
 
 FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions")
 SOFT_FIELDS = ("soft_ids", "soft_probs")
+EXTRA_SOFT_FIELDS = ("soft_tail", "soft_logp")  # per position [L] / per entry [L, K]
 _FIELD_DTYPES = {"inputs": np.int32, "targets": np.int32, "weights": np.float32,
                  "segment_ids": np.int32, "positions": np.int32, "soft_ids": np.int32,
-                 "soft_probs": np.float32}
+                 "soft_probs": np.float32, "soft_tail": np.float32, "soft_logp": np.float32,
+                 "soft_pos": np.int32}
 _TOKENIZE_CHUNK = 1024
 _PROB_SUM_SLACK = 1e-4  # fp32 rounding of probabilities that sum to 1
 
 
-def row_spec(seq_len: int, soft_width: int = 0) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """name -> (shape, dtype) of one packed row; soft fields only when soft_width > 0."""
+def row_spec(seq_len: int, soft_width: int = 0, extra_fields: Sequence[str] = (),
+             compact: bool = False) -> dict[str, tuple[tuple[int | None, ...], Any]]:
+  """name -> (shape, dtype) of one packed row; soft fields only when soft_width > 0.
+  `compact`: the stored layout (soft fields at `soft_pos` only: first dimension None)."""
   spec = {name: ((seq_len,), _FIELD_DTYPES[name]) for name in FIELDS}
   if soft_width:
-    spec |= {name: ((seq_len, soft_width), _FIELD_DTYPES[name]) for name in SOFT_FIELDS}
+    length = None if compact else seq_len
+    if compact:
+      spec["soft_pos"] = ((None,), _FIELD_DTYPES["soft_pos"])
+    for name in SOFT_FIELDS + tuple(f for f in EXTRA_SOFT_FIELDS if f in extra_fields):
+      shape = (length,) if name == "soft_tail" else (length, soft_width)
+      spec[name] = (shape, _FIELD_DTYPES[name])
   return spec
 
 
-def empty_row(seq_len: int, soft_width: int = 0) -> dict[str, np.ndarray]:
+def empty_row(seq_len: int, soft_width: int = 0, extra_fields: Sequence[str] = ()
+              ) -> dict[str, np.ndarray]:
   """An all-padding row (zeros everywhere)."""
   return {name: np.zeros(shape, dtype) for name, (shape, dtype) in
-          row_spec(seq_len, soft_width).items()}
+          row_spec(seq_len, soft_width, extra_fields).items()}
+
+
+def _soft_names(row: dict) -> list[str]:
+  return [n for n in SOFT_FIELDS + EXTRA_SOFT_FIELDS if n in row]
+
+
+def compact_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The stored layout of a packed row: soft fields only at the positions where one is nonzero
+  (`soft_pos`); rows without soft fields unchanged."""
+  names = _soft_names(row)
+  if not names:
+    return row
+  used = np.zeros(len(row["inputs"]), bool)
+  for name in names:
+    used |= row[name].reshape(len(used), -1).any(-1)
+  pos = np.flatnonzero(used).astype(np.int32)
+  return {k: v for k, v in row.items() if k not in names} | {"soft_pos": pos} | {
+      name: row[name][pos] for name in names}
+
+
+def expand_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Inverse of `compact_row`: the dense [L, ...] soft fields."""
+  if "soft_pos" not in row:
+    return row
+  seq_len, pos = len(row["inputs"]), row["soft_pos"]
+  out = {k: v for k, v in row.items() if k != "soft_pos"}
+  for name in _soft_names(row):
+    dense = np.zeros((seq_len,) + row[name].shape[1:], _FIELD_DTYPES[name])
+    dense[pos] = row[name]
+    out[name] = dense
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +146,8 @@ class TokenizedSequence:
   loss_mask: np.ndarray  # int32 [n], 1 on response tokens
   soft_ids: np.ndarray | None = None  # int32 [n, K]
   soft_probs: np.ndarray | None = None  # float32 [n, K], 0 where absent
+  soft_tail: np.ndarray | None = None  # float32 [n] (EXTRA_SOFT_FIELDS)
+  soft_logp: np.ndarray | None = None  # float32 [n, K]
 
   @property
   def soft_width(self) -> int:
@@ -102,10 +155,9 @@ class TokenizedSequence:
 
   def keep(self, mask: np.ndarray) -> "TokenizedSequence":
     """The sequence with only the token positions where `mask` is True."""
-    if self.soft_ids is None:
-      return TokenizedSequence(self.tokens[mask], self.loss_mask[mask])
-    return TokenizedSequence(self.tokens[mask], self.loss_mask[mask], self.soft_ids[mask],
-                             self.soft_probs[mask])
+    return TokenizedSequence(*(None if x is None else x[mask] for x in (
+        self.tokens, self.loss_mask, self.soft_ids, self.soft_probs, self.soft_tail,
+        self.soft_logp)))
 
 
 SoftTargetFn = Callable[[Record, TokenizedSequence], "tuple[np.ndarray, np.ndarray] | None"]
@@ -117,20 +169,29 @@ class SoftTargets:
   width: int
   fn: SoftTargetFn
   key: str
+  extra_fields: tuple[str, ...] = ()  # of EXTRA_SOFT_FIELDS, in the dict fn returns
 
   def __post_init__(self):
     if self.width <= 0:
       raise DataError(f"SoftTargets.width must be > 0, got {self.width}.")
     if not self.key:
       raise DataError("SoftTargets.key must name the soft-target logic (it joins the cache key).")
+    if not set(self.extra_fields) <= set(EXTRA_SOFT_FIELDS):
+      raise DataError(f"SoftTargets.extra_fields={self.extra_fields}: expected a subset of "
+                      f"{EXTRA_SOFT_FIELDS}.")
 
   def attach(self, record: Record, sequence: TokenizedSequence) -> TokenizedSequence:
     """`sequence` with fn's soft targets (zeros when fn returns None), checked."""
     n, k = len(sequence.tokens), self.width
     out = self.fn(record, sequence)
+    extra = {"soft_tail": np.zeros(n, np.float32), "soft_logp": np.zeros((n, k), np.float32)}
+    extra = {name: extra[name] for name in self.extra_fields}
     if out is None:
       ids, probs = np.zeros((n, k), np.int32), np.zeros((n, k), np.float32)
     else:
+      if isinstance(out, dict):
+        extra = self._check_extra(record, out, n)
+        out = (out["soft_ids"], out["soft_probs"])
       ids, probs = np.asarray(out[0]), np.asarray(out[1])
       where = f"soft targets of record {record.id!r}"
       if ids.shape != (n, k) or probs.shape != (n, k):
@@ -144,7 +205,26 @@ class SoftTargets:
       if (probs.sum(-1) > 1 + _PROB_SUM_SLACK).any():
         raise DataError(f"{where}: soft_probs sum to more than 1 at a position.")
       ids = ids.astype(np.int32)
-    return dataclasses.replace(sequence, soft_ids=ids, soft_probs=probs)
+    return dataclasses.replace(sequence, soft_ids=ids, soft_probs=probs, **extra)
+
+  def _check_extra(self, record: Record, out: dict, n: int) -> dict[str, np.ndarray]:
+    where = f"soft targets of record {record.id!r}"
+    missing = [f for f in SOFT_FIELDS + self.extra_fields if f not in out]
+    if missing:
+      raise DataError(f"{where}: fields {missing} missing (SoftTargets.extra_fields="
+                      f"{self.extra_fields}).")
+    extra = {}
+    for name in self.extra_fields:
+      value = np.asarray(out[name], np.float32)
+      shape = (n,) if name == "soft_tail" else (n, self.width)
+      if value.shape != shape or not np.isfinite(value).all():
+        raise DataError(f"{where}: {name} must be finite of shape {shape}, got {value.shape}.")
+      if name == "soft_tail" and ((value < 0) | (value > 1 + _PROB_SUM_SLACK)).any():
+        raise DataError(f"{where}: soft_tail must be a probability in [0, 1].")
+      if name == "soft_logp" and (value > _PROB_SUM_SLACK).any():
+        raise DataError(f"{where}: soft_logp must be log-probabilities (<= 0).")
+      extra[name] = value
+    return extra
 
 
 def first_response_index(sequence: TokenizedSequence) -> int:
@@ -325,10 +405,10 @@ def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
   return rows
 
 
-def pack_row(sequences: Sequence[TokenizedSequence], seq_len: int, soft_width: int = 0
-             ) -> dict[str, np.ndarray]:
+def pack_row(sequences: Sequence[TokenizedSequence], seq_len: int, soft_width: int = 0,
+             extra_fields: Sequence[str] = ()) -> dict[str, np.ndarray]:
   """One packed row (see the module docstring) from sequences with total n - 1 <= seq_len."""
-  row = empty_row(seq_len, soft_width)
+  row = empty_row(seq_len, soft_width, extra_fields)
   offset = 0
   for segment, sequence in enumerate(sequences, start=1):
     if sequence.soft_width != soft_width:
@@ -344,24 +424,40 @@ def pack_row(sequences: Sequence[TokenizedSequence], seq_len: int, soft_width: i
     row["segment_ids"][offset:end] = segment
     row["positions"][offset:end] = np.arange(length)
     if soft_width:  # aligned with targets: the distribution for tokens[t] sits at t - 1
-      row["soft_ids"][offset:end] = sequence.soft_ids[1:]
-      row["soft_probs"][offset:end] = sequence.soft_probs[1:]
+      for name in _soft_names(row):
+        value = getattr(sequence, name)
+        if value is None:
+          raise ValueError(f"A sequence has no {name}; the row expects it.")
+        row[name][offset:end] = value[1:]
     offset = end
   return row
 
 
 @dataclasses.dataclass
 class PackedRows:
-  """Fitted sequences and their first-fit assignment to rows; `iter_rows()` builds the rows."""
+  """Fitted sequences and their first-fit assignment to rows; `iter_rows()` builds the rows.
+
+  With soft targets, `with_soft(i)` gives fitted sequence i with its soft targets (fn runs
+  then, row by row); iterating the rows adds "num_soft_targets" to `stats`.
+  """
   sequences: list[TokenizedSequence]
   rows: list[list[int]]
   seq_len: int
   soft_width: int
   stats: dict
+  with_soft: Callable[[int], TokenizedSequence] | None = None
+  extra_fields: tuple[str, ...] = ()
 
   def iter_rows(self) -> Iterator[dict[str, np.ndarray]]:
+    soft_positions = 0
     for row in self.rows:
-      yield pack_row([self.sequences[i] for i in row], self.seq_len, self.soft_width)
+      get = self.with_soft or self.sequences.__getitem__
+      out = pack_row([get(i) for i in row], self.seq_len, self.soft_width, self.extra_fields)
+      if self.soft_width:
+        soft_positions += int((out["soft_probs"].sum(-1) > 0).sum())
+      yield out
+    if self.soft_width:
+      self.stats["num_soft_targets"] = soft_positions
 
 
 def pack_records(records: Sequence[Record], tokenizer: Any, spec: DataSpec,
@@ -371,17 +467,16 @@ def pack_records(records: Sequence[Record], tokenizer: Any, spec: DataSpec,
   if not records:
     raise DataError("No records to pack.")
   raw, token_stats = tokenize_records(records, tokenizer, spec.chat_template, show_progress)
-  if soft_targets is not None:
-    raw = [soft_targets.attach(r, s) for r, s in zip(records, raw)]
   counts = {"kept": 0, "truncated_prompt": 0, "truncated_response": 0, "dropped_too_long": 0,
             "dropped_empty_response": 0}
-  sequences = []
-  for sequence in raw:
+  sequences, sources = [], []
+  for i, sequence in enumerate(raw):
     fitted, outcome = fit_sequence(sequence, spec.seq_len, spec.truncation,
                                    tokenizer.bos_token_id)
     counts[outcome] += 1
     if fitted is not None:
       sequences.append(fitted)
+      sources.append(i)
   if not sequences:
     raise DataError(f"All {len(records)} records were dropped ({counts}); raise data.seq_len or "
                     "use data.truncation='left_prompt'.")
@@ -392,8 +487,15 @@ def pack_records(records: Sequence[Record], tokenizer: Any, spec: DataSpec,
       "num_tokens": num_tokens, "seq_len": spec.seq_len, "truncation": spec.truncation,
       "num_loss_tokens": int(sum(int(s.loss_mask[1:].sum()) for s in sequences)),
       "fill_ratio": num_tokens / (len(rows) * spec.seq_len)}
-  soft_width = soft_targets.width if soft_targets is not None else 0
-  if soft_width:
-    stats |= {"soft_width": soft_width, "soft_key": soft_targets.key, "num_soft_targets": int(
-        sum(int((s.soft_probs[1:].sum(-1) > 0).sum()) for s in sequences))}
-  return PackedRows(sequences, rows, spec.seq_len, soft_width, stats)
+  if soft_targets is None:
+    return PackedRows(sequences, rows, spec.seq_len, 0, stats)
+
+  def with_soft(i: int) -> TokenizedSequence:  # the same fit, now with the soft targets
+    j = sources[i]
+    return fit_sequence(soft_targets.attach(records[j], raw[j]), spec.seq_len, spec.truncation,
+                        tokenizer.bos_token_id)[0]
+
+  stats |= {"soft_width": soft_targets.width, "soft_key": soft_targets.key,
+            "soft_fields": list(SOFT_FIELDS + soft_targets.extra_fields)}
+  return PackedRows(sequences, rows, spec.seq_len, soft_targets.width, stats, with_soft,
+                    soft_targets.extra_fields)

@@ -1,5 +1,6 @@
-"""`config.job = "generate_topk"`: the teacher's top-k next-token distribution at every response
-token of an existing corpus, stored offline (sentijax/data/topk_store.py) for logit distillation.
+"""`config.job = "generate_topk"`: the teacher's top-k next-token distribution (and the mass of
+the rest) at every response token of an existing corpus, or N tokens drawn from it
+(`topk.mode=sample`), stored offline (sentijax/data/topk_store.py) for logit distillation.
 
     python -m sentijax.main --config=configs/generate_topk.py
 
@@ -8,8 +9,12 @@ each record exactly as the student trains (`packing.tokenize_records` with the t
 and `data.chat_template`) -> plan: records sorted by length (stable), cut into shards of
 `topk.shard_records`, each scored in batches of `teacher.batch_size` -> teacher forcing: one
 forward per batch over prompt + response (no generation), fp32 log-softmax at temperature 1,
-top `topk.k` at every position -> keep the positions that predict a response token -> one atomic
-shard at a time, then the index. A killed job rerun with the same command skips the stored
+top `topk.k` at every position and the log of the mass outside them (`topk.mode=topk`), or
+`topk.k` draws from softmax(logits / topk.temperature) (`topk.mode=sample`: inverse-CDF sampling
+with a key per record and position, so the draws do not depend on batching; stored as distinct
+ids, counts and their tempered log-probabilities: an unbiased sampled estimate of the forward KL
+at that temperature, Anshumann et al. 2025) -> keep the positions that predict a response token
+-> one atomic shard at a time, then the index. A killed job rerun with the same command skips the stored
 records; the plan does not depend on what was stored, so the rerun scores the remaining shards in
 the same batches and writes the same bytes as an uninterrupted run.
 
@@ -28,6 +33,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,7 +55,9 @@ log = logging.getLogger("sentijax")
 @dataclasses.dataclass(frozen=True)
 class TopKSpec:
   """`config.topk`, read and checked once."""
-  k: int = 20
+  k: int = 20  # topk: entries per position; sample: draws per position (<= 255)
+  mode: str = "topk"  # topk | sample
+  temperature: float = 1.0  # sample: the KD temperature the draws come from
   store_dir: str = ""  # "" = <workdir>/store
   shard_records: int = 256
   logits_chunk: int = 256
@@ -60,7 +68,11 @@ class TopKSpec:
   @classmethod
   def from_config(cls, config) -> "TopKSpec":
     c = config.topk
-    spec = cls(k=int(c.k), store_dir=str(c.store_dir or f"{config.workdir}/store"),
+    mode = str(c.get("mode", "topk"))
+    if mode not in topk_store.MODES:
+      raise ValueError(f"topk.mode={mode!r}: expected one of {topk_store.MODES}")
+    spec = cls(k=int(c.k), mode=mode, temperature=float(c.get("temperature", 1.0)),
+               store_dir=str(c.store_dir or f"{config.workdir}/store"),
                shard_records=int(c.shard_records), logits_chunk=int(c.logits_chunk),
                max_len=int(c.max_len), echo_max_tokens=int(c.echo_max_tokens),
                progress=bool(c.progress))
@@ -68,6 +80,9 @@ class TopKSpec:
                      ("echo_max_tokens", 0)):
       if getattr(spec, key) < low:
         raise ValueError(f"topk.{key}={getattr(spec, key)!r}: must be >= {low}")
+    if spec.mode == "sample" and not (spec.k <= 255 and spec.temperature > 0):
+      raise ValueError(f"topk.mode=sample: topk.k={spec.k} draws (<= 255) at topk.temperature="
+                       f"{spec.temperature} (> 0)")
     return spec
 
 
@@ -85,10 +100,37 @@ def _at_loss(mask: np.ndarray, tops_TxK: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- local teacher
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "chunk"))
-def topk_logprobs(cfg, params, ids_BxT, mask_BxT, *, k: int, chunk: int):
-  """fp32 log-softmax top-k at every position: ([B, T, k] logprobs, [B, T, k] ids); position t
-  is the distribution for the token at t + 1. Chunks of `chunk` positions at a time."""
+def _top_and_tail(lp_BxCxV, k: int):
+  """([B, C, k] top log-probs, their ids, [B, C] log of the mass outside them)."""
+  top_lp, top_id = jax.lax.top_k(lp_BxCxV, k)
+  rest = jnp.put_along_axis(lp_BxCxV, top_id, -jnp.inf, axis=-1, inplace=False)
+  return top_lp, top_id, jax.nn.logsumexp(rest, axis=-1)
+
+
+def draw(lp_BxCxV, keys_BxC, n: int):
+  """n draws per position from exp(lp) by inverse CDF: ([B, C, n] ids, [B, C, n] their lp)."""
+  def one(lp_V, key):
+    cdf_V = jnp.cumsum(jnp.exp(lp_V))
+    u_N = jax.random.uniform(key, (n,), jnp.float32) * cdf_V[-1]
+    ids_N = jnp.minimum(jnp.searchsorted(cdf_V, u_N, side="right"), lp_V.shape[-1] - 1)
+    return ids_N, lp_V[ids_N]
+  return jax.vmap(jax.vmap(one))(lp_BxCxV, keys_BxC)
+
+
+def position_keys(seed: int, row_seeds_B, t: int):
+  """A key per (row, position): fold_in(fold_in(seed, row seed), position) -> [B, t] keys."""
+  base = jax.random.key(seed)
+  row = jax.vmap(lambda s: jax.random.fold_in(base, s))(row_seeds_B)
+  return jax.vmap(lambda k: jax.vmap(lambda p: jax.random.fold_in(k, p))(jnp.arange(t)))(row)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "chunk", "mode", "temperature"))
+def topk_logprobs(cfg, params, ids_BxT, mask_BxT, row_seeds_B=None, *, k: int, chunk: int,
+                  mode: str = "topk", temperature: float = 1.0, seed: int = 0):
+  """At every position (t: the distribution for the token at t + 1), in chunks of `chunk`:
+  topk: fp32 log-softmax top-k ([B, T, k] logprobs, [B, T, k] ids, [B, T] log tail mass);
+  sample: k draws from softmax(logits / temperature) ([B, T, k] their tempered logprobs, ids,
+  [B, T] zeros), keyed by `row_seeds_B` and position."""
   hidden_BxTxE = models.forward_hidden(cfg, params, ids_BxT, segment_ids_BxT=mask_BxT,
                                        positions_BxT=models.default_positions(mask_BxT))
   b, t, e = hidden_BxTxE.shape
@@ -96,27 +138,61 @@ def topk_logprobs(cfg, params, ids_BxT, mask_BxT, *, k: int, chunk: int):
   h_NxBxCxE = jnp.pad(hidden_BxTxE, ((0, 0), (0, pad), (0, 0))).reshape(
       b, (t + pad) // chunk, chunk, e).swapaxes(0, 1)
   out_ExV = models.output_kernel(cfg, params).astype(hidden_BxTxE.dtype)
+  if mode == "sample":
+    keys = position_keys(seed, row_seeds_B, t + pad)
+    keys_NxBxC = keys.reshape(b, (t + pad) // chunk, chunk).swapaxes(0, 1)
+  else:
+    keys_NxBxC = jnp.zeros(((t + pad) // chunk, b, chunk), jnp.int32)
 
-  def one(h_BxCxE):
+  def one(args):
+    h_BxCxE, keys_BxC = args
     logits_BxCxV = jnp.einsum("bce,ev->bcv", h_BxCxE, out_ExV, preferred_element_type=jnp.float32)
-    return jax.lax.top_k(jax.nn.log_softmax(logits_BxCxV, axis=-1), k)
+    if mode == "sample":
+      ids, lp = draw(jax.nn.log_softmax(logits_BxCxV / temperature, axis=-1), keys_BxC, k)
+      return lp, ids, jnp.zeros(lp.shape[:2], jnp.float32)
+    return _top_and_tail(jax.nn.log_softmax(logits_BxCxV, axis=-1), k)
 
-  lp_NxBxCxK, id_NxBxCxK = jax.lax.map(one, h_NxBxCxE)
-  unchunk = lambda x: x.swapaxes(0, 1).reshape(b, t + pad, k)[:, :t]  # noqa: E731
-  return unchunk(lp_NxBxCxK), unchunk(id_NxBxCxK).astype(jnp.int32)
+  lp_NxBxCxK, id_NxBxCxK, tail_NxBxC = jax.lax.map(one, (h_NxBxCxE, keys_NxBxC))
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(b, t + pad, *x.shape[3:])[:, :t]  # noqa: E731
+  return unchunk(lp_NxBxCxK), unchunk(id_NxBxCxK).astype(jnp.int32), unchunk(tail_NxBxC)
+
+
+def distinct_counts(ids_MxN: np.ndarray, lp_MxN: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Draws -> (distinct ids ascending, padded with 0; their counts, 0 = padding; their lp)."""
+  m, n = ids_MxN.shape
+  order = np.argsort(ids_MxN, axis=1, kind="stable")
+  ids, lp = np.take_along_axis(ids_MxN, order, 1), np.take_along_axis(lp_MxN, order, 1)
+  new = np.ones((m, n), bool)
+  new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+  slot = np.cumsum(new, axis=1) - 1
+  rows = np.repeat(np.arange(m), n).reshape(m, n)
+  out_ids, out_lp = np.zeros((m, n), np.int32), np.zeros((m, n), np.float32)
+  counts = np.zeros((m, n), np.int32)
+  out_ids[rows[new], slot[new]], out_lp[rows[new], slot[new]] = ids[new], lp[new]
+  np.add.at(counts, (rows, slot), 1)
+  return out_ids, counts, out_lp
+
+
+def record_seed(record_id: str) -> int:
+  """A record's sampling seed: crc32 of its id (the draws do not depend on batching)."""
+  return zlib.crc32(record_id.encode("utf-8")) & 0x7FFFFFFF
 
 
 class LocalScorer:
   """Top-k of a LocalTeacher's model over right-padded, length-bucketed batches."""
 
-  def __init__(self, teacher: Any, k: int, chunk: int):
+  def __init__(self, teacher: Any, k: int, chunk: int, mode: str = "topk",
+               temperature: float = 1.0, seed: int = 0):
     self.teacher, self.k, self.chunk = teacher, k, chunk
+    self.mode, self.temperature, self.seed = mode, temperature, seed
     self.unmapped = 0
-    if k > teacher.cfg.vocab_size:
+    if mode == "topk" and k > teacher.cfg.vocab_size:
       raise ValueError(f"topk.k={k} exceeds the teacher's vocab_size {teacher.cfg.vocab_size}")
 
-  def score(self, seqs: Sequence[np.ndarray], masks: Sequence[np.ndarray]
-            ) -> list[tuple[np.ndarray, np.ndarray] | Exception]:
+  def score(self, seqs: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+            ids: Sequence[str] = ()) -> list[topk_store.ScoredRecord | Exception]:
+    """Per sequence: a ScoredRecord without its record (the job adds it) or the exception."""
     t = self.teacher
     divisor = sharding.batch_divisor(t.mesh, t.rules)
     out = []
@@ -126,18 +202,26 @@ class LocalScorer:
       length = sampling.bucket_length(max(len(s) for s in chunk))
       ids_BxT = np.full((rows, length), t.pad_id, np.int32)
       mask_BxT = np.zeros((rows, length), np.int32)
+      seeds_B = np.zeros(rows, np.int32)
       for r, s in enumerate(chunk):
         ids_BxT[r, :len(s)], mask_BxT[r, :len(s)] = s, 1
-      ids, mask = jnp.asarray(ids_BxT), jnp.asarray(mask_BxT)
+        seeds_B[r] = record_seed(ids[start + r]) if ids else start + r
+      ids_dev, mask = jnp.asarray(ids_BxT), jnp.asarray(mask_BxT)
       if t.mesh is not None:
-        ids = jax.device_put(ids_BxT, sharding.batch_sharding(t.mesh, t.rules))
+        ids_dev = jax.device_put(ids_BxT, sharding.batch_sharding(t.mesh, t.rules))
         mask = jax.device_put(mask_BxT, sharding.batch_sharding(t.mesh, t.rules))
-      lp, top = topk_logprobs(t.cfg, t.params, ids, mask, k=self.k,
-                              chunk=min(self.chunk, length))
-      lp, top = sharding.to_host(lp), sharding.to_host(top)
+      lp, top, tail = topk_logprobs(t.cfg, t.params, ids_dev, mask, jnp.asarray(seeds_B),
+                                    k=self.k, chunk=min(self.chunk, length), mode=self.mode,
+                                    temperature=self.temperature, seed=self.seed)
+      lp, top, tail = (sharding.to_host(x) for x in (lp, top, tail))
       for r, m in enumerate(masks[start:start + t.batch_size]):
         n = len(m)
-        out.append((_at_loss(m, top[r, :n - 1]), _at_loss(m, lp[r, :n - 1])))
+        top_m, lp_m = _at_loss(m, top[r, :n - 1]), _at_loss(m, lp[r, :n - 1])
+        if self.mode == "sample":
+          d_ids, counts, d_lp = distinct_counts(top_m, lp_m)
+          out.append(topk_store.ScoredRecord(None, d_ids, d_lp, counts=counts))
+        else:
+          out.append(topk_store.ScoredRecord(None, top_m, lp_m, _at_loss(m, tail[r, :n - 1])))
     return out
 
 
@@ -154,7 +238,7 @@ class ServerScorer:
     self.client, self.k, self.echo_max_tokens = client, k, echo_max_tokens
     self.unmapped = 0
 
-  def _one(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def _one(self, ids: np.ndarray, mask: np.ndarray) -> topk_store.ScoredRecord:
     tops, unmapped = self.client.prompt_logprobs(ids.tolist(), self.k, self.echo_max_tokens)
     self.unmapped += unmapped
     positions = np.flatnonzero(mask)
@@ -164,10 +248,11 @@ class ServerScorer:
       best = sorted((tops[t] or {}).items(), key=lambda kv: (-kv[1], kv[0]))[:self.k]
       ids_MxK[row, :len(best)] = [i for i, _ in best]
       lp_MxK[row, :len(best)] = [v for _, v in best]
-    return ids_MxK, lp_MxK
+    return topk_store.ScoredRecord(None, ids_MxK, lp_MxK)  # tail: 1 - sum, on writing
 
-  def score(self, seqs: Sequence[np.ndarray], masks: Sequence[np.ndarray]
-            ) -> list[tuple[np.ndarray, np.ndarray] | Exception]:
+  def score(self, seqs: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+            ids: Sequence[str] = ()) -> list[topk_store.ScoredRecord | Exception]:
+    del ids
     with concurrent.futures.ThreadPoolExecutor(self.client.concurrency) as pool:
       futures = [pool.submit(self._one, s, m) for s, m in zip(seqs, masks)]
       out = []
@@ -185,18 +270,26 @@ class ServerScorer:
 def _scorer(config, spec: TopKSpec):
   teacher = gen.make_teacher(config)
   if config.teacher.backend == "local":
-    return teacher, teacher.tokenizer, LocalScorer(teacher, spec.k, spec.logits_chunk)
+    return teacher, teacher.tokenizer, LocalScorer(teacher, spec.k, spec.logits_chunk, spec.mode,
+                                                   spec.temperature, int(config.seed))
+  if spec.mode == "sample":
+    teacher.close()
+    raise ValueError("topk.mode=sample draws from the teacher's full distribution: it needs "
+                     "teacher.backend=local (a server returns at most 20 logprobs)")
   if teacher.tokenizer is None:
     raise ValueError("teacher.backend=openai: set teacher.tokenizer to the teacher's tokenizer "
                      "dir (records are tokenised here and sent as token ids)")
   return teacher, teacher.tokenizer, ServerScorer(teacher, spec.k, spec.echo_max_tokens)
 
 
-def _open_store(spec: TopKSpec, teacher: str, tok: Any, mode: str) -> topk_store.StoreWriter:
+def _open_store(spec: TopKSpec, teacher: str, tok: Any, mode: str, vocab_size: int
+                ) -> topk_store.StoreWriter:
   """The writer on process 0; the other hosts read the store once process 0 has opened it."""
   def open_store(read_only: bool) -> topk_store.StoreWriter:
     return topk_store.StoreWriter(spec.store_dir, k=spec.k, teacher=teacher, tokenizer=tok,
-                                  render={"mode": mode}, read_only=read_only)
+                                  render={"mode": mode}, mode=spec.mode,
+                                  temperature=spec.temperature, vocab_size=vocab_size,
+                                  read_only=read_only)
   if jax.process_count() == 1:
     return open_store(False)
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
@@ -221,9 +314,10 @@ def run(config) -> dict:
                                if config.teacher.backend == "local" else 0)
     keep = [i for i, s in enumerate(seqs) if (not max_len or len(s.tokens) <= max_len)
             and s.loss_mask[1:].any()]
-    writer = _open_store(spec, teacher.name, tok, token_stats["mode"])
+    vocab_size = teacher.cfg.vocab_size if config.teacher.backend == "local" else 0
+    writer = _open_store(spec, teacher.name, tok, token_stats["mode"], vocab_size)
     vocab = writer.index["tokenizer"]["vocab"]
-    summary = {"teacher": teacher.name, "k": spec.k, "store": spec.store_dir,
+    summary = {"teacher": teacher.name, "k": spec.k, "mode": spec.mode, "store": spec.store_dir,
                "records": len(records), "too_long_or_empty": len(records) - len(keep),
                "skipped": sum(records[i].id in writer.done_ids for i in keep), "written": 0,
                "rejected": 0, "shards_written": 0, "tokens_scored": 0, "response_tokens": 0,
@@ -238,7 +332,8 @@ def run(config) -> dict:
         todo = [keep[j] for j in shard if records[keep[j]].id not in writer.done_ids]
         if not todo:
           continue
-        results = scorer.score([seqs[i].tokens for i in todo], [seqs[i].loss_mask for i in todo])
+        results = scorer.score([seqs[i].tokens for i in todo], [seqs[i].loss_mask for i in todo],
+                               [records[i].id for i in todo])
         scored = []
         for i, result in zip(todo, results):
           if isinstance(result, Exception):
@@ -247,10 +342,10 @@ def run(config) -> dict:
             summary["rejected"] += 1
             continue
           tokens = Tokens(seqs[i].tokens, seqs[i].loss_mask, vocab)
-          scored.append(topk_store.ScoredRecord(
-              dataclasses.replace(records[i], tokens=tokens), result[0], result[1]))
+          scored.append(dataclasses.replace(
+              result, record=dataclasses.replace(records[i], tokens=tokens)))
           summary["tokens_scored"] += len(tokens.ids)
-          summary["response_tokens"] += len(result[0])
+          summary["response_tokens"] += len(result.ids)
           hits = checker.hits(records[i].response) if checker else []
           if hits:
             summary["leaks"]["records"] += 1

@@ -221,9 +221,11 @@ def _records(spec: KDSpec, data: DataSpec):
     train, val, stats = readers.load_corpus(data)
     return train, val, None, stats
   from sentijax.data import topk_store  # pylint: disable=import-outside-toplevel
+  support = topk_store.distill_support(spec.store, spec.temperature)  # checks a sample store's T
   recs, soft = topk_store.load(spec.store, spec.top_k)
   train, val = records.split_train_val(recs, data.val_fraction)
-  return train, val, soft, {"store": spec.store, "num_train": len(train), "num_val": len(val)}
+  return train, val, soft, {"store": spec.store, "store_support": support,
+                            "num_train": len(train), "num_val": len(val)}
 
 
 def run(config) -> loop.Result:

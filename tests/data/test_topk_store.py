@@ -1,13 +1,19 @@
-"""The offline top-k store format: write -> load -> packed rows carry exactly the stored top-k at
-the right target positions; packing takes the stored ids as they are; resumable writer; clear
-errors for a missing or corrupt shard, a width above k and another tokenizer."""
+"""The offline teacher store (format v2): write -> load -> packed rows carry the stored top-k (to
+the quantisation bound) and tail at the right target positions; packing takes the stored ids as
+they are; resumable writer; stored rows keep soft fields only at loss positions; the sampled
+mode; the quantisation KL bound; ids in the narrowest width; the streaming loader's memory bound;
+clear errors for a missing or corrupt shard, a width above k, another tokenizer and a v1 store
+(with its converter)."""
 import dataclasses
 import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 
-from sentijax.data import packing, records, tokenizer as tok_lib, topk_store
+from sentijax.data import dataset, packing, records, tokenizer as tok_lib, topk_codec, topk_store
 from sentijax.data.records import BadRow, Record, Tokens
 from sentijax.data.spec import DataSpec
 
@@ -52,6 +58,7 @@ def test_load_packs_the_stored_topk_at_the_target_positions(tok, tmp_path):
   _write(tmp_path, tok, scored)
   width = 4
   recs, soft = topk_store.load(tmp_path, width)
+  assert soft.extra_fields == ("soft_tail",)
   assert [r.id for r in recs] == [s.record.id for s in scored]
   vocab = tok_lib.vocab_fingerprint(tok)
   assert all(r.tokens == dataclasses.replace(s.record.tokens, vocab=vocab)
@@ -61,8 +68,8 @@ def test_load_packs_the_stored_topk_at_the_target_positions(tok, tmp_path):
   packed = packing.pack_records(recs, tok, spec, soft, show_progress=False)
   assert packed.stats["pretokenized"] == 7 and packed.stats["records_used"] == 7
   by_seq = {}
-  for row_ids in packed.rows:
-    row = packing.pack_row([packed.sequences[i] for i in row_ids], 40, width)
+  half = topk_store.LOGPROB_STEP / 2
+  for row_ids, row in zip(packed.rows, packed.iter_rows()):
     offset = 0
     for j in row_ids:
       s = scored[j]
@@ -73,12 +80,21 @@ def test_load_packs_the_stored_topk_at_the_target_positions(tok, tmp_path):
       np.testing.assert_array_equal(row["targets"][span], s.record.tokens.ids[1:])
       np.testing.assert_array_equal(row["weights"][span], s.record.tokens.loss_mask[1:])
       loss = np.flatnonzero(row["weights"][span]) + offset
-      np.testing.assert_array_equal(row["soft_ids"][loss], s.topk_ids[:, :width])
-      # Both sides are float32 exp of the same stored float32 logprobs (no arithmetic between):
-      # a few ulps at most on any CPU; a misplaced or rescaled row is off by far more.
-      np.testing.assert_allclose(row["soft_probs"][loss], np.exp(s.topk_logprobs[:, :width]),
-                                 rtol=1e-6)
+      np.testing.assert_array_equal(row["soft_ids"][loss], s.ids[:, :width])
+      # ratios to the top-1 within half a quantisation step; the tail (the mass beyond the
+      # first `width`, stored as float16 log) within float16's relative precision
+      got = np.log(row["soft_probs"][loss].astype(np.float64))
+      want = s.logprobs[:, :width].astype(np.float64)
+      np.testing.assert_allclose(got - got[:, :1], want - want[:, :1], atol=half + 1e-6, rtol=0)
+      tail = 1 - np.exp(want).sum(-1)
+      # the stored tail (beyond k) to float16; the dropped entries k > i >= width quantised
+      beyond = 1 - np.exp(s.logprobs.astype(np.float64)).sum(-1)
+      bound = 2e-3 * beyond + np.expm1(2 * half) * (tail - beyond) + 1e-6
+      assert (np.abs(row["soft_tail"][loss] - tail) <= bound).all()
+      np.testing.assert_allclose(row["soft_probs"][loss].sum(-1) + row["soft_tail"][loss], 1,
+                                 atol=1e-5)
       assert not row["soft_probs"][span][row["weights"][span] == 0].any()
+      assert not row["soft_tail"][span][row["weights"][span] == 0].any()
       by_seq[j] = True
       offset += n - 1
     assert not row["soft_probs"][offset:].any()
@@ -89,8 +105,8 @@ def test_identity_depends_on_content_only(tok, tmp_path):
   _write(tmp_path / "a", tok, _scored(5))
   _write(tmp_path / "b", tok, _scored(5))
   _write(tmp_path / "c", tok, _scored(5, seed=1))
-  assert (tmp_path / "a" / "shard-00000.npz").read_bytes() == (
-      tmp_path / "b" / "shard-00000.npz").read_bytes()
+  assert (tmp_path / "a" / "shard-00000.bin").read_bytes() == (
+      tmp_path / "b" / "shard-00000.bin").read_bytes()
   assert topk_store.identity(tmp_path / "a") == topk_store.identity(tmp_path / "b")
   assert topk_store.identity(tmp_path / "a") != topk_store.identity(tmp_path / "c")
 
@@ -103,10 +119,10 @@ def test_writer_resumes_and_removes_a_shard_the_index_does_not_list(tok, tmp_pat
   w.write_shard(scored[3:])
   # a kill between the shard's rename and the index update: the shard exists, unlisted
   (tmp_path / "index.json").write_text(index_before)
-  (tmp_path / ".shard-00002.npz.dead.tmp").write_bytes(b"half")
+  (tmp_path / ".shard-00002.bin.dead.tmp").write_bytes(b"half")
   w2 = topk_store.StoreWriter(tmp_path, k=K, teacher="t", tokenizer=tok, render={"mode": "raw"})
   assert w2.done_ids == {"r0", "r1", "r2"}
-  assert sorted(p.name for p in tmp_path.glob("*shard*")) == ["shard-00000.npz"]
+  assert sorted(p.name for p in tmp_path.glob("*shard*")) == ["shard-00000.bin"]
   with pytest.raises(ValueError, match="already in the store"):
     w2.write_shard(scored[2:4])
   w2.write_shard(scored[3:])
@@ -117,18 +133,19 @@ def test_writer_resumes_and_removes_a_shard_the_index_does_not_list(tok, tmp_pat
 
 def test_clear_errors(tok, tmp_path):
   _write(tmp_path, tok, _scored(6))
-  with pytest.raises(topk_store.StoreError, match=r"holds the top 6 .* width of 7"):
+  with pytest.raises(topk_store.StoreError,
+                     match=rf"{tmp_path}/index.json: the store holds the top 6 .* kd.top_k=7"):
     topk_store.load(tmp_path, 7)
   with pytest.raises(topk_store.StoreError, match="index.json not found"):
     topk_store.load(tmp_path / "nothing", 2)
-  shard = tmp_path / "shard-00001.npz"
+  shard = tmp_path / "shard-00001.bin"
   data = bytearray(shard.read_bytes())
   data[-100] ^= 1
   shard.write_bytes(bytes(data))
-  with pytest.raises(topk_store.StoreError, match="shard-00001.npz: content does not match"):
+  with pytest.raises(topk_store.StoreError, match="shard-00001.bin: content does not match"):
     topk_store.load(tmp_path, 2)
   shard.unlink()
-  with pytest.raises(topk_store.StoreError, match="shard-00001.npz: shard listed in .* missing"):
+  with pytest.raises(topk_store.StoreError, match="shard-00001.bin: shard listed in .* missing"):
     topk_store.load(tmp_path, 2)
 
 
@@ -145,7 +162,7 @@ def test_another_tokenizer_is_refused(tok, tmp_path):
     topk_store.check_tokenizer(tmp_path / "store", other)
   recs, soft = topk_store.load(tmp_path / "store", 2)
   spec = DataSpec(seq_len=40, cache_dir=str(tmp_path / "cache"))
-  with pytest.raises(records.DataError, match=r"shard-00000.npz: record 'r0'.*another vocabulary"):
+  with pytest.raises(records.DataError, match=r"shard-00000.bin: record 'r0'.*another vocabulary"):
     packing.pack_records(recs, other, spec, soft, show_progress=False)
 
 
