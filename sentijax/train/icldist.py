@@ -16,12 +16,14 @@ from pathlib import Path
 
 import jax
 
-from sentijax.data import dataset, icl, packing, readers, records, sentibench, tasks
+from sentijax import atomic
+from sentijax.data import dataset, icl, identity, packing, readers, records, sentibench, tasks
 from sentijax.data.spec import DataSpec
 from sentijax.train import export, loop, student
 
 log = logging.getLogger("sentijax")
 TARGETS = ("gold", "teacher", "teacher_probs")
+LEAK_CHECK = ("on", "off")
 DEMO_TASKS = Path(__file__).resolve().parent.parent / "assets" / "icl_demo"
 
 
@@ -44,6 +46,7 @@ class ICLSpec:
   mix_corpus: str
   mix_fraction: float
   sentibench_dir: str
+  leak_check: str
 
   @classmethod
   def from_config(cls, config) -> "ICLSpec":
@@ -60,8 +63,9 @@ class ICLSpec:
         teacher_corpus=str(c.teacher_corpus), temperature=float(c.temperature),
         alpha=float(c.alpha), soft_width=int(c.soft_width), drop_leaks=bool(c.drop_leaks),
         mix_corpus=str(c.mix_corpus), mix_fraction=float(c.mix_fraction),
-        sentibench_dir=str(config.eval.data_dir))
+        sentibench_dir=str(config.eval.data_dir), leak_check=str(c.leak_check))
     checks = (("target", spec.target in TARGETS, f"expected one of {TARGETS}"),
+              ("leak_check", spec.leak_check in LEAK_CHECK, f"expected one of {LEAK_CHECK}"),
               ("num_prompts", spec.num_prompts > 0, "must be > 0"),
               ("val_prompts", spec.val_prompts >= 0, "must be >= 0"),
               ("val_fraction", 0 <= spec.val_fraction < 1, "must be in [0, 1)"),
@@ -80,44 +84,65 @@ class ICLSpec:
 # --------------------------------------------------------------------------- tasks
 
 
+def _sentibench(spec: ICLSpec, templates) -> tasks.Registry:
+  """SentiBench's tasks (`eval.data_dir`). Its test sentences are kept out of training, so with
+  `icl.leak_check=on` a missing or empty directory stops the job."""
+  where = f"eval.data_dir={spec.sentibench_dir!r} ({os.path.abspath(spec.sentibench_dir)})"
+  sb = (tasks.discover(spec.sentibench_dir, templates) if os.path.isdir(spec.sentibench_dir)
+        else tasks.Registry({}))
+  if spec.leak_check == "off":
+    log.warning("icl.leak_check=off: SentiBench test sentences are NOT kept out of training "
+                "(%s%s); only the held-out tasks' own sentences are", where,
+                "" if sb.tasks else ", not found")
+    return sb
+  if not any(t.sentibench and "test" in t.splits for t in sb.tasks.values()):
+    why = "holds no SentiBench dataset" if os.path.isdir(spec.sentibench_dir) else "not found"
+    raise FileNotFoundError(
+        f"{where}: {why}. ICLDist keeps every SentiBench test sentence out of training "
+        "(icl.leak_check=on) and cannot check that without it: set --config.eval.data_dir to "
+        "the SentiBench directory (e.g. ../shared/sentibench), or --config.icl.leak_check=off "
+        "to train without this check (held-out SentiBench tasks are then not scored)")
+  return sb
+
+
 def resolve_tasks(spec: ICLSpec) -> tuple[list[tasks.TaskSpec], list[tasks.TaskSpec],
                                           dict[str, list[str]]]:
-  """(source tasks, held-out tasks that can be scored, forbidden sentence groups).
+  """(source tasks, held-out tasks, forbidden sentences {task: sentences}).
 
-  Held-out names are looked up in `task_dirs`, then in SentiBench (`eval.data_dir`); SentiBench
-  ones are skipped with a log line when that directory does not exist. Forbidden sentences: the
-  test split of every SentiBench dataset and every split of every held-out task.
+  `icl.heldout` entries are task names or families ('atsa/*' a glob on names, 'layout:atsa'
+  every task of that layout), matched in `task_dirs` and SentiBench (`eval.data_dir`); every
+  match leaves the sources and is scored. Forbidden: every split of every held-out task and,
+  with `icl.leak_check=on`, the test split of every SentiBench dataset.
   """
   templates = sentibench.load_templates(None)
   registry = tasks.discover(spec.task_dirs, templates)
-  have_sb = os.path.isdir(spec.sentibench_dir)
-  sb = tasks.discover(spec.sentibench_dir, templates) if have_sb else tasks.Registry({})
-  heldout = []
-  for name in spec.heldout:
-    if name in registry.tasks:
-      heldout.append(registry.get(name))
-    elif have_sb:
-      heldout.append(sb.get(name))
-    elif name in sentibench.LAYOUT:
-      log.info("held-out task %s not scored: eval.data_dir=%s does not exist", name,
+  sb = _sentibench(spec, templates)
+  known = {**sb.tasks, **registry.tasks}  # a task_dirs task wins a name clash
+  held: dict[str, tasks.TaskSpec] = {}
+  for entry in spec.heldout:
+    names = tasks.match(entry, known)
+    if not names and entry in sentibench.LAYOUT and not sb.tasks:
+      log.info("held-out task %s not scored: eval.data_dir=%s does not exist", entry,
                spec.sentibench_dir)
-    else:
-      registry.get(name)  # raises: unknown task
-  held = {t.name for t in heldout} | set(spec.heldout)
+    elif not names:
+      what = (f"icl.heldout entry {entry!r} matches no task" if tasks.is_family(entry)
+              else f"unknown task {entry!r} in icl.heldout")
+      raise tasks.TaskError(f"{what}; registered: {', '.join(sorted(known))}")
+    elif tasks.is_family(entry):
+      log.info("icl.heldout %s: %s", entry, ", ".join(names))
+    held.update((n, known[n]) for n in names if n not in held)
   sources = [t for t in registry.select(spec.tasks) if t.name not in held]
   if not sources:
     raise ValueError(f"no source tasks left: icl.tasks={spec.tasks!r} minus icl.heldout="
                      f"{','.join(spec.heldout)!r} (registered: {', '.join(registry.names())})")
   groups: dict[str, list[str]] = {}
-  if have_sb:
+  for t in held.values():
+    groups[t.name] = [ex.sentence for split in t.splits for ex in tasks.load_examples(t, split)]
+  if spec.leak_check == "on":
     for t in sb.tasks.values():
-      groups[f"{t.name} (SentiBench {t.eval_split})"] = [
-          ex.sentence for ex in tasks.load_examples(t, t.eval_split)]
-  for t in heldout:
-    for split in t.splits:
-      groups.setdefault(f"{t.name} (held out, {split})", []).extend(
-          ex.sentence for ex in tasks.load_examples(t, split))
-  return sources, heldout, groups
+      if t.name not in held and "test" in t.splits:
+        groups[t.name] = [ex.sentence for ex in tasks.load_examples(t, "test")]
+  return sources, list(held.values()), groups
 
 
 # --------------------------------------------------------------------------- records
@@ -138,18 +163,22 @@ def _length_fn(tok, chat_template: bool) -> icl.LengthFn:
   return raw
 
 
-def gold_records(spec: ICLSpec, sources: list[tasks.TaskSpec], forbidden: dict[str, str],
+def gold_records(spec: ICLSpec, sources: list[tasks.TaskSpec], forbidden: identity.SentenceIndex,
                  length: icl.LengthFn, seq_len: int
                  ) -> tuple[list[records.Record], list[records.Record], dict]:
   """ICL prompts with gold answers: (train, val, stats); `length` as `_length_fn`."""
-  train_srcs, val_srcs, stats = [], [], {"dropped_leaks": {}}
+  train_srcs, val_srcs = [], []
+  stats = {"source_examples": {}, "dropped_leaks": {}, "found_in": {}}
   for t in sources:
-    pool, dropped = icl.drop_forbidden(tasks.load_examples(t, "train"), forbidden)
+    full = tasks.load_examples(t, "train")
+    pool, found = icl.drop_forbidden(full, forbidden)
+    dropped = len(full) - len(pool)
+    stats["source_examples"][t.name] = len(full)
     if dropped:
       stats["dropped_leaks"][t.name] = dropped
-    if not spec.drop_leaks and dropped:
-      icl.check_no_leaks([(t.name, [ex.sentence for ex in tasks.load_examples(t, "train")])],
-                         forbidden)
+      stats["found_in"][t.name] = found
+      if not spec.drop_leaks:
+        icl.check_no_leaks([(t.name, ex.sentence, (ex.sentence,)) for ex in full], forbidden)
     if len(pool) < 2:  # e.g. acsa_rest16 when atsa_rest16 (the same sentences) is held out
       log.info("source task %s skipped: %d of its train sentences are held-out/test sentences",
                t.name, dropped)
@@ -173,19 +202,20 @@ def gold_records(spec: ICLSpec, sources: list[tasks.TaskSpec], forbidden: dict[s
     val_opts = dataclasses.replace(spec.options, seed=spec.options.seed + 1)
     val, stats["val"] = icl.build_prompts(val_srcs, spec.val_prompts, val_opts, length,
                                           seq_len + 1, fmt)
-  icl.check_no_leaks([(p.task, p.sentences) for p in train + val], forbidden)
+  icl.check_no_leaks([(p.task, p.text, p.sentences) for p in train + val], forbidden)
+  stats["prompts_checked"] = len(train) + len(val)
   return icl.to_records(train, "icl"), icl.to_records(val, "icl-val"), stats
 
 
 def teacher_records(spec: ICLSpec, sources: list[tasks.TaskSpec], heldout: list[tasks.TaskSpec],
-                    forbidden: dict[str, str]
+                    forbidden: identity.SentenceIndex
                     ) -> tuple[list[records.Record], list[records.Record], dict]:
   """Records of `icl.teacher_corpus` for the source tasks: (train, val, stats)."""
   recs, read_stats = readers.read_corpus(spec.teacher_corpus)
   names = {t.name for t in sources}
   held = {t.name for t in heldout} | set(spec.heldout)
   kept, stats = [], {"corpus": read_stats.to_dict(), "heldout": 0, "not_source": 0,
-                     "dropped_leaks": 0}
+                     "source_examples": {}, "dropped_leaks": {}, "found_in": {}}
   for r in recs:
     task = r.meta.get("task")
     if not isinstance(task, str) or not task:
@@ -197,11 +227,19 @@ def teacher_records(spec: ICLSpec, sources: list[tasks.TaskSpec], heldout: list[
     if task not in names:
       stats["not_source"] += 1
       continue
-    sentences = icl.prompt_sentences(r.prompt)
-    if spec.drop_leaks and any(tasks.normalize_sentence(s) in forbidden for s in sentences):
-      stats["dropped_leaks"] += 1
+    stats["source_examples"][task] = stats["source_examples"].get(task, 0) + 1
+    # Prompt of any layout (its SentiBench-layout sentences when it has them) and response.
+    text = f"{r.prompt}\n\n{r.response}"
+    candidates = ((icl.prompt_sentences(r.prompt) or identity.candidate_sentences(r.prompt))
+                  + identity.candidate_sentences(r.response))
+    keys = forbidden.find(text, candidates)
+    if keys and spec.drop_leaks:
+      stats["dropped_leaks"][task] = stats["dropped_leaks"].get(task, 0) + 1
+      found = stats["found_in"].setdefault(task, {})
+      for group in dict.fromkeys(g for k in keys for g in forbidden.groups_of[k]):
+        found[group] = found.get(group, 0) + 1
       continue
-    icl.check_no_leaks([(task, sentences)], forbidden)
+    icl.check_no_leaks([(task, text, candidates)], forbidden)
     if spec.target == "teacher_probs":
       _teacher_probs(r, spec)  # validates
     kept.append(r)
@@ -249,6 +287,62 @@ def _mix(spec: ICLSpec, n_train: int) -> list[records.Record]:
   return recs[:int(round(spec.mix_fraction * n_train))]
 
 
+# --------------------------------------------------------------------------- audit
+
+
+def heldout_audit(spec: ICLSpec, heldout: list[tasks.TaskSpec], groups: dict[str, list[str]],
+                  forbidden: identity.SentenceIndex, stats: dict) -> dict:
+  """What the held-out filter did (`<workdir>/heldout_audit.json`): per forbidden task, its
+  sentences and the source examples (gold: train sentences; teacher: records) carrying one, per
+  source task; per source task, its examples and how many were dropped; the settings."""
+  held = {t.name for t in heldout}
+  found_in = stats.get("found_in", {})
+  per_task = {}
+  for name, sentences in groups.items():
+    found = {src: f[name] for src, f in sorted(found_in.items()) if f.get(name)}
+    per_task[name] = {"role": "held out (every split)" if name in held else "SentiBench test",
+                      "sentences": len(sentences), "found_in": found,
+                      "dropped": sum(found.values())}
+  sources = {name: {"examples": n, "dropped": stats["dropped_leaks"].get(name, 0)}
+             for name, n in stats["source_examples"].items()}
+  return {
+      "settings": {"leak_check": spec.leak_check, "sentibench_dir": spec.sentibench_dir,
+                   "sentibench_dir_found": os.path.isdir(spec.sentibench_dir),
+                   "heldout": list(spec.heldout), "task_dirs": list(spec.task_dirs),
+                   "tasks": spec.tasks, "target": spec.target, "drop_leaks": spec.drop_leaks,
+                   "identity": identity.DESCRIPTION},
+      "heldout_tasks": sorted(held),
+      "forbidden": per_task,
+      "sources": sources,
+      "totals": {"forbidden_tasks": len(groups), "forbidden_sentences": len(forbidden),
+                 "source_examples": sum(v["examples"] for v in sources.values()),
+                 "dropped": sum(v["dropped"] for v in sources.values()),
+                 "skipped_tasks": stats.get("skipped_tasks", []),
+                 "prompts_checked": stats.get("prompts_checked", 0)},
+  }
+
+
+def _log_audit(audit: dict) -> None:
+  for name, a in audit["forbidden"].items():
+    if a["role"].startswith("held out") or a["dropped"]:
+      log.info("held-out filter: %s (%s, %d sentences): %s", name, a["role"], a["sentences"],
+               ", ".join(f"{n} in {src}" for src, n in a["found_in"].items()) or "in no source")
+  t = audit["totals"]
+  log.info("held-out filter: %d forbidden sentences of %d tasks; %d of %d source examples "
+           "dropped%s (heldout_audit.json)", t["forbidden_sentences"], t["forbidden_tasks"],
+           t["dropped"], t["source_examples"],
+           f"; skipped: {', '.join(t['skipped_tasks'])}" if t["skipped_tasks"] else "")
+
+
+def write_prompts(path: Path, parts: dict[str, list[records.Record]]) -> None:
+  """The records trained on, one JSON line each (prompt, response, meta with its split)."""
+  with atomic.atomic_open(path) as f:
+    for split, recs in parts.items():
+      for r in recs:
+        f.write(json.dumps({"id": r.id, "prompt": r.prompt, "response": r.response,
+                            "meta": dict(r.meta) | {"split": split}}, ensure_ascii=False) + "\n")
+
+
 # --------------------------------------------------------------------------- job
 
 
@@ -280,15 +374,20 @@ def run(config) -> loop.Result:
     train, val, stats = teacher_records(spec, sources, heldout, forbidden)
     if spec.target == "teacher_probs":
       soft = soft_targets(spec, tok)
+  audit = heldout_audit(spec, heldout, groups, forbidden, stats)
+  _log_audit(audit)
   mixed = _mix(spec, len(train))
   stats["mixed_records"] = len(mixed)
+  if jax.process_index() == 0:
+    atomic.write_json(workdir / "heldout_audit.json", audit)
+    write_prompts(workdir / "icl_prompts.jsonl", {"train": train, "val": val, "mix": mixed})
   train = train + mixed
   train_ds, val_ds, ds_stats = dataset.build_train_val(
       train, val, tok, data, soft_targets=soft, show_progress=jax.process_index() == 0)
   if jax.process_index() == 0:
     all_stats = {"icl": stats, "tasks": [t.name for t in sources],
-                 "heldout": [t.name for t in heldout]} | ds_stats
-    (workdir / "data_stats.json").write_text(json.dumps(all_stats, indent=2, default=str))
+                 "heldout": [t.name for t in heldout], "heldout_audit": audit} | ds_stats
+    atomic.write_json(workdir / "data_stats.json", json.loads(json.dumps(all_stats, default=str)))
     export.save_student_spec(model_cfg, tok, workdir)
   log.info("ICLDist: %s, %d params, %d train records -> %d rows x %d tokens (target %s)",
            model_cfg.architecture, model_cfg.num_params, len(train), train_ds.num_rows,

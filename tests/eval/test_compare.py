@@ -97,6 +97,9 @@ def test_recomputed_scores_equal_results_and_independent_f1(tests, tmp_path, sen
   for label, acc in (("a", 0.6), ("b", 0.8)):
     spec = {n: {s: make_rows(n, tests[n][:k], draw(k, acc, rng)) for s in (42, 52)}
             for n, k in sizes.items()}
+    for rows in spec[ATSA].values():  # repeated tuples count each time (official F1Measure)
+      for r in rows[::4]:
+        r["prediction"] = r["prediction"] + [["zzz", "positive"]] * 2 + r["prediction"][:1]
     write_run(tmp_path / label, spec, tests)
     runs[label] = spec
   result = compare.compare([compare.load_run(tmp_path / "a"), compare.load_run(tmp_path / "b")],
