@@ -45,6 +45,10 @@ def get_config():
   c.generate = ml_collections.ConfigDict()
   # > 0: meta.teacher_probs (local backend: exact; openai: from the top-N first-token logprobs)
   c.generate.logprobs = 20
+  # on: responses checked against leak_check_dirs and, as icl.leak_check (the same setting),
+  # prompts built without SentiBench test sentences (eval.data_dir); a missing dir stops the job.
+  c.generate.leak_check = "on"
+  c.icl.leak_check = c.generate.get_ref("leak_check")
   c.generate.leak_check_dirs = "../shared/sentibench"
   c.generate.progress = True
   return c

@@ -129,7 +129,10 @@ def icl() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task_dirs = ""  # comma list of task roots (sentijax.data.tasks); "" = the package demo tasks
   c.tasks = "all"  # source tasks (names under task_dirs), held-out ones removed
-  c.heldout = ""  # never trained on, scored during training; "" = eval.during_training
+  # Never trained on (no task, no sentence of any split), scored during training; names or
+  # families: "atsa/*" (a glob on names), "layout:atsa" (every task of that layout);
+  # "" = eval.during_training.
+  c.heldout = ""
   c.shots = "0-8"  # demos per prompt: "K" or "MIN-MAX", shrunk to fit data.seq_len
   c.num_prompts = 2000  # training prompts (gold targets)
   c.val_prompts = 64  # held-out-loss prompts, queries from a hash split of each source task
@@ -144,6 +147,9 @@ def icl() -> ml_collections.ConfigDict:
   c.alpha = 0.5  # teacher_probs: loss = (1 - alpha) CE + alpha KL
   c.soft_width = 8  # teacher_probs: most verbalizers per record
   c.drop_leaks = True  # drop source examples carrying held-out/test sentences (else fail)
+  # on: every SentiBench test sentence (eval.data_dir) is kept out of training, and a missing
+  # eval.data_dir stops the job; off: not checked (a warning; held-out tasks still filtered).
+  c.leak_check = "on"
   c.mix_corpus = ""  # optional KnowDist corpus mixed into the training records
   c.mix_fraction = 0.0  # mixed records = mix_fraction x training prompts
   c.seed = 0  # prompt sampling seed (added to config.seed)

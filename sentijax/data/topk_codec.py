@@ -32,7 +32,7 @@ MAGIC = b"SJTOPK2\n"
 MISSING = 255  # logprob code of "no entry"
 MAX_CODE = 254
 CODECS = ("lzma", "zlib", "none")  # zstd (PyPI zstandard) measured: no smaller than lzma
-_CHUNK = 1 << 20  # values bit-packed at a time (bounds the temporary bit array)
+_CHUNK = 1 << 16  # values bit-packed at a time (bounds the temporary bit arrays: 32 B each)
 
 
 class CodecError(ValueError):
@@ -93,11 +93,13 @@ def quantise(logprobs_MxK: np.ndarray, step: float) -> np.ndarray:
 
 def dequantise(codes_MxK: np.ndarray, log_tail_M: np.ndarray, step: float) -> np.ndarray:
   """float32 probabilities [M, K] (0 where MISSING) summing to 1 - exp(log_tail) per row."""
-  rel = -codes_MxK.astype(np.float64) * step
-  w = np.where(codes_MxK == MISSING, 0.0, np.exp(rel))
-  total = w.sum(-1, keepdims=True)
-  listed = -np.expm1(np.asarray(log_tail_M, np.float64))[:, None]  # 1 - tail
-  return (w * (np.clip(listed, 0.0, 1.0) / np.where(total > 0, total, 1.0))).astype(np.float32)
+  table = np.exp(-np.arange(256, dtype=np.float64) * step).astype(np.float32)
+  table[MISSING] = 0.0
+  w = table[codes_MxK]  # the one [M, K] array made here (a shard's worth: no float64 copies)
+  total = w.sum(-1, dtype=np.float64)
+  listed = np.clip(-np.expm1(np.asarray(log_tail_M, np.float64)), 0.0, 1.0)  # 1 - tail
+  w *= (listed / np.where(total > 0, total, 1.0)).astype(np.float32)[:, None]
+  return w
 
 
 def log_tail(logprobs_MxK: np.ndarray) -> np.ndarray:
@@ -114,7 +116,7 @@ def codes_to_deltas(codes_MxK: np.ndarray) -> np.ndarray:
 
 
 def deltas_to_codes(deltas_MxK: np.ndarray) -> np.ndarray:
-  return np.cumsum(deltas_MxK, axis=1, dtype=np.int32).astype(np.uint8)
+  return np.cumsum(deltas_MxK, axis=1, dtype=np.uint8)  # codes <= 255: no wrap-around
 
 
 # --------------------------------------------------------------------------- container
@@ -192,11 +194,12 @@ def decode_arrays(data: bytes | memoryview, names: Sequence[str]) -> dict[str, n
     dtype, shape = np.dtype(e["dtype"]), tuple(e["shape"])
     count = int(np.prod(shape, dtype=np.int64))
     if e["bits"]:
-      array = unpack_bits(np.frombuffer(raw, np.uint8), e["bits"], count).astype(dtype)
+      array = unpack_bits(np.frombuffer(raw, np.uint8), e["bits"], count).astype(dtype,
+                                                                                copy=False)
     elif dtype.kind == "U":
       array = np.array(json.loads(raw.decode("utf-8")), dtype=str)
     else:
-      array = np.frombuffer(raw, dtype).copy()
+      array = np.frombuffer(raw, dtype)  # read-only view of the decompressed bytes
     if array.size != count:
       raise CodecError(f"array {name!r}: {array.size} values, header says shape {shape}")
     out[name] = array.reshape(shape)

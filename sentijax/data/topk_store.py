@@ -383,13 +383,13 @@ def _decode_entries(path: Path, index: dict, a: dict[str, np.ndarray], positions
   k = int(index["k"])
   if index["mode"] == "sample":
     ids, counts, lp = a["sample_ids"], a["sample_counts"], a["sample_logprobs"]
-    out = {"ids": ids.astype(np.int32), "counts": counts.astype(np.int32),
+    out = {"ids": ids.view(np.int32), "counts": counts.astype(np.int32),
            "logp": lp.astype(np.float32)}
   else:
     ids, deltas, log_tail = a["topk_ids"], a["logprob_deltas"], a["log_tail"]
     probs = topk_codec.dequantise(topk_codec.deltas_to_codes(deltas), log_tail,
                                   index["encoding"]["logprob_step"])
-    out = {"ids": ids.astype(np.int32), "probs": probs,
+    out = {"ids": ids.view(np.int32), "probs": probs,  # ids < 2**31: a view, no copy
            "tail": np.exp(log_tail.astype(np.float64)).astype(np.float32)}
   if any(v.shape[0] != positions for v in out.values()) or out["ids"].shape[1:] != (k,):
     raise StoreError(f"{path}: entry arrays {[v.shape for v in out.values()]}, expected "

@@ -51,6 +51,7 @@ def inputs() -> ml_collections.ConfigDict:
   c.dedupe = True
   c.limit = 0  # 0 = all texts
   c.skip_bad_rows = False
+  c.on_leak = "drop"  # a text holding a SentiBench test sentence: drop | flag (kept, listed) | fail
   return c
 
 

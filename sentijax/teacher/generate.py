@@ -171,15 +171,15 @@ def start_job(config):
   workdir = Path(config.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   write_json_atomic(workdir / "generate_config.json", json.loads(config.to_json()))
-  dirs = config.generate.leak_check_dirs
   return workdir, Sampling.from_config(config.sampling) if "sampling" in config else None, (
-      leaks_lib.from_task_dirs(dirs) if dirs else None)
+      leaks_lib.checker_from_config(config))
 
 
 def run(config) -> dict:
   """`config.job = "generate_knowdist"`: user texts x perspectives -> teacher analyses."""
   workdir, sampling, checker = start_job(config)
-  texts, input_stats = inputs_lib.load_texts(inputs_lib.InputSpec.from_config(config.inputs))
+  texts, input_stats = inputs_lib.load_texts(inputs_lib.InputSpec.from_config(config.inputs),
+                                             checker)
   items = knowdist_items(texts, parse_perspectives(config.generate.perspectives), sampling)
   gc = config.generate
   teacher = make_teacher(config)

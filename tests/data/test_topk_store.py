@@ -179,3 +179,207 @@ def test_pretokenized_json_records_round_trip():
   for bad, needle in cases:
     with pytest.raises(BadRow, match=needle):
       records.record_from_json(bad)
+
+
+def _write_v1(store, tok, scored):
+  """A version-1 store as the old writer made it: one npz shard of int32 ids, float32 logprobs."""
+  store.mkdir(parents=True)
+  lines = [json.dumps(s.record.to_json(with_tokens=False), sort_keys=True).encode()
+           for s in scored]
+  arrays = {"ids": np.array([s.record.id for s in scored], dtype=str),
+            "records_json": np.frombuffer(b"".join(lines), np.uint8),
+            "record_offsets": np.cumsum([0] + [len(x) for x in lines], dtype=np.int64),
+            "tokens": np.concatenate([s.record.tokens.ids for s in scored]).astype(np.int32),
+            "token_offsets": np.cumsum([0] + [len(s.record.tokens.ids) for s in scored]),
+            "loss_mask": np.concatenate([s.record.tokens.loss_mask for s in scored]).astype(
+                np.uint8),
+            "topk_ids": np.concatenate([s.ids for s in scored]).astype(np.int32),
+            "topk_logprobs": np.concatenate([s.logprobs for s in scored]).astype(np.float32)}
+  np.savez(store / "shard-00000.npz", **arrays)
+  tok.save_pretrained(str(store / "tokenizer"))
+  index = {"format": "sentijax-topk-v1", "k": K, "teacher": "t",
+           "tokenizer": topk_store.tokenizer_identity(tok), "render": {"mode": "raw"},
+           "shards": [{"file": "shard-00000.npz", "records": len(scored)}], "complete": True}
+  (store / "index.json").write_text(json.dumps(index))
+
+
+def test_a_v1_store_is_refused_with_the_converter_and_converts(tok, tmp_path):
+  scored = _scored(5)
+  _write_v1(tmp_path / "old", tok, scored)
+  with pytest.raises(topk_store.StoreError, match=(
+      rf"{tmp_path}/old/index.json: store format version 1 .*reads version 2.*"
+      rf"python -m sentijax.data.topk_store convert {tmp_path}/old")):
+    topk_store.load(tmp_path / "old", 2)
+  done = subprocess.run([sys.executable, "-m", "sentijax.data.topk_store", "convert",
+                         str(tmp_path / "old"), str(tmp_path / "new")], capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  got = topk_store.read_records(tmp_path / "new")
+  assert [g.record.id for g in got] == [s.record.id for s in scored]
+  for g, s in zip(got, scored):
+    assert g.record.tokens.ids.tolist() == s.record.tokens.ids.tolist()
+    np.testing.assert_array_equal(g.ids, s.ids)
+    rel = lambda x: x - x[:, :1]  # noqa: E731
+    np.testing.assert_allclose(rel(g.logprobs), rel(s.logprobs), atol=topk_store.LOGPROB_STEP / 2
+                               + 1e-6)
+
+
+def _realistic_logits(positions: int, vocab: int, seed: int) -> np.ndarray:
+  """float64 logits like an LM's: a Zipf prior over ids, per-position noise and a few strong
+  candidates (top-1 probabilities from ~0.1 to ~0.99)."""
+  rng = np.random.default_rng(seed)
+  logits = -1.1 * np.log1p(np.arange(vocab))[None] + rng.normal(0, 2.0, (positions, vocab))
+  for i in range(positions):
+    picks = rng.choice(vocab, 5, replace=False)
+    logits[i, picks] += rng.uniform(4, 14) * np.sort(rng.random(5))[::-1]
+  return logits
+
+
+@pytest.mark.parametrize("k", [20, 128])
+def test_quantised_logprobs_cost_less_than_1e3_nats(k):
+  """KL(float store || quantised store) over the k + 1 buckets (top-k and the tail), mean per
+  position, on a 49152-token vocabulary: <= 1e-3 nats (the budget) and about step^2 / 24."""
+  logits = _realistic_logits(48, 49152, seed=k)
+  lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  top_id = np.argsort(-lp, axis=1)[:, :k]
+  top_lp = np.take_along_axis(lp, top_id, 1)
+  p = np.exp(top_lp)
+  tail = np.exp(np.log1p(-np.clip(p.sum(-1), 0, 1)))
+  codes = topk_codec.quantise(top_lp.astype(np.float32), topk_store.LOGPROB_STEP)
+  # through the stored bytes: deltas, then float16 log tail
+  codes = topk_codec.deltas_to_codes(topk_codec.codes_to_deltas(codes))
+  q = topk_codec.dequantise(codes, np.log(tail).astype(np.float16),
+                            topk_store.LOGPROB_STEP).astype(np.float64)
+  q_tail = 1 - q.sum(-1)
+  kl = (p * np.log(p / q)).sum(-1) + tail * np.log(tail / q_tail)
+  assert kl.min() >= -1e-9 and kl.mean() <= 1e-3, kl.mean()
+  assert kl.mean() <= 2 * topk_store.LOGPROB_STEP ** 2 / 24
+
+
+@pytest.mark.parametrize("vocab, bits", [(300, 9), (49152, 16), (65536, 16), (65537, 17),
+                                         (128256, 17)])
+def test_ids_take_the_narrowest_width(vocab, bits):
+  assert topk_codec.id_bits(vocab) == bits
+  values = np.random.default_rng(vocab).integers(0, vocab, 1001)
+  values[0] = vocab - 1
+  packed = topk_codec.pack_bits(values, bits)
+  assert len(packed) == (1001 * bits + 7) // 8
+  np.testing.assert_array_equal(topk_codec.unpack_bits(packed, bits, 1001), values)
+  with pytest.raises(ValueError, match="more than"):
+    topk_codec.pack_bits(np.array([1 << bits]), bits)
+
+
+def _sampled(scored, n_draws: int, seed: int = 0):
+  """The records of `scored` with N draws per position from their top-K (as the distribution)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for s in scored:
+    p = np.exp(s.logprobs.astype(np.float64))
+    ids, counts = np.zeros((len(p), n_draws), np.int32), np.zeros((len(p), n_draws), np.int32)
+    lp = np.zeros((len(p), n_draws), np.float32)
+    for m in range(len(p)):
+      u, c = np.unique(rng.choice(K, n_draws, p=p[m] / p[m].sum()), return_counts=True)
+      ids[m, :len(u)], counts[m, :len(u)], lp[m, :len(u)] = s.ids[m, u], c, s.logprobs[m, u]
+    out.append(topk_store.ScoredRecord(s.record, ids, lp, counts=counts))
+  return out
+
+
+def test_sample_store_gives_weights_and_tempered_logprobs(tok, tmp_path):
+  n_draws = 12
+  sampled = _sampled(_scored(4), n_draws)
+  w = topk_store.StoreWriter(tmp_path, k=n_draws, teacher="t", tokenizer=tok,
+                             render={"mode": "raw"}, mode="sample", temperature=2.0)
+  w.write_shard(sampled)
+  w.finish(True)
+  assert topk_store.distill_support(tmp_path, 2.0) == "sampled"
+  with pytest.raises(topk_store.StoreError, match=r"drawn at temperature 2.0; kd.temperature=1"):
+    topk_store.distill_support(tmp_path, 1.0)
+  with pytest.raises(topk_store.StoreError, match=r"12 draws per token; kd.top_k=5 must be 0 or"):
+    topk_store.load(tmp_path, 5)
+  recs, soft = topk_store.load(tmp_path, 0)
+  assert soft.width == n_draws and soft.extra_fields == ("soft_logp",)
+  packed = packing.pack_records(recs, tok, DataSpec(seq_len=40), soft, show_progress=False)
+  for row_ids, row in zip(packed.rows, packed.iter_rows()):
+    offset = 0
+    for j in row_ids:
+      s, n = sampled[j], len(sampled[j].record.tokens.ids)
+      loss = np.flatnonzero(row["weights"][offset:offset + n - 1]) + offset
+      np.testing.assert_array_equal(row["soft_ids"][loss], s.ids)
+      np.testing.assert_allclose(row["soft_probs"][loss], s.counts / n_draws, rtol=1e-6)
+      np.testing.assert_allclose(row["soft_logp"][loss], s.logprobs, atol=2e-3, rtol=0)  # fp16
+      offset += n - 1
+
+
+def test_stored_rows_keep_soft_fields_only_at_loss_positions(tok, tmp_path):
+  scored = _scored(9)
+  _write(tmp_path / "store", tok, scored)
+  recs, soft = topk_store.load(tmp_path / "store", 4)
+  spec = DataSpec(seq_len=40, cache_dir=str(tmp_path / "cache"))
+  ds = dataset.build_dataset(recs, tok, spec, soft_targets=soft, show_progress=False)
+  stored = ds.source._rows  # pylint: disable=protected-access  # the layout on disk
+  dense = [ds.source[i] for i in range(len(ds.source))]
+  for i in range(len(stored)):
+    row = stored[i]
+    assert row["soft_ids"].shape == (len(row["soft_pos"]), 4)
+    np.testing.assert_array_equal(row["soft_pos"], np.flatnonzero(row["weights"] > 0))
+    assert dense[i]["soft_probs"].shape == (40, 4) and dense[i]["soft_tail"].shape == (40,)
+  want = sorted(r["inputs"].tobytes() + r["soft_probs"].tobytes() + r["soft_tail"].tobytes()
+                for r in packing.pack_records(recs, tok, spec, soft,
+                                              show_progress=False).iter_rows())
+  assert sorted(r["inputs"].tobytes() + r["soft_probs"].tobytes() + r["soft_tail"].tobytes()
+                for r in dense) == want
+  batch = ds.batch_at(0, 4, process_index=0, process_count=1)
+  assert batch["soft_tail"].shape == (4, 40) and batch["soft_ids"].shape == (4, 40, 4)
+  assert ds.stats["num_soft_targets"] == sum(int(s.record.tokens.loss_mask.sum()) for s in scored)
+
+
+_MEMORY_PROBE = textwrap.dedent("""
+    import json, sys, tracemalloc
+    import numpy as np
+    from sentijax.data import packing, tokenizer as tok_lib, topk_store
+    from sentijax.data.spec import DataSpec
+    store = sys.argv[1]
+    tok = tok_lib.load_tokenizer(store + "/tokenizer")
+    tracemalloc.start()
+    recs, soft = topk_store.load(store, 128)
+    packed = packing.pack_records(recs, tok, DataSpec(seq_len=512), soft, show_progress=False)
+    own = tracemalloc.get_traced_memory()[0]  # records and fitted sequences: training's own
+    tracemalloc.reset_peak()
+    rows = 0
+    for row in packed.iter_rows():
+      rows += 1
+    print(json.dumps({"own": own, "peak": tracemalloc.get_traced_memory()[1], "rows": rows,
+                      "positions": packed.stats["num_soft_targets"]}))
+""")
+
+
+def test_streaming_load_holds_about_two_decoded_shards(tok, tmp_path):
+  """12 shards of 3000 positions at k=128: building every packed row holds about two decoded
+  shards beyond the records themselves (tracemalloc peak in a fresh process; numpy buffers are
+  traced)."""
+  rng = np.random.default_rng(0)
+  k, shards, per_shard, response = 128, 12, 30, 100
+  w = topk_store.StoreWriter(tmp_path, k=k, teacher="t", tokenizer=tok, render={"mode": "raw"},
+                             codec="none")
+  for shard in range(shards):
+    batch = []
+    for i in range(per_shard):
+      ids = rng.integers(5, 300, 20 + response).astype(np.int32)
+      mask = np.array([0] * 20 + [1] * response, np.int32)
+      lp = -rng.exponential(0.05, (response, k)).cumsum(1)  # descending, top-1 near 0
+      top = rng.integers(0, 300, (response, k)).astype(np.int32)
+      rec = Record(f"r{shard}-{i}", "p", "r", tokens=Tokens(ids, mask))
+      batch.append(topk_store.ScoredRecord(rec, top, lp))
+    w.write_shard(batch)
+  w.finish(True)
+  done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(tmp_path)], capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  got = json.loads(done.stdout.strip().splitlines()[-1])
+  assert got["positions"] == shards * per_shard * response
+  decoded_shard = per_shard * response * (k * (4 + 4) + 4)  # ids, probs, tail
+  row = 512 * (5 * 4 + k * 8 + 4)
+  # two decoded shards cached and the temporaries of decoding a third (measured: 3.3 shards);
+  # every shard decoded at once (the v1 loader) would be >= 12
+  assert got["peak"] <= 3.5 * decoded_shard + 4 * row + (1 << 20), (got, decoded_shard)

@@ -149,7 +149,7 @@ def test_sigkill_and_restart_equal_uninterrupted_run(server, reference, tmp_path
          "--config.teacher.endpoint=completions", "--config.teacher.concurrency=1",
          f"--config.teacher.api_key_env={KEY_ENV}", f"--config.inputs.path={texts}",
          f"--config.generate.perspectives={','.join(PERSPECTIVES)}",
-         "--config.generate.leak_check_dirs=",
+         "--config.generate.leak_check=off",
          f"--config.sampling.temperature={sampling.temperature}",
          "--config.sampling.top_p=0.95", "--config.sampling.max_tokens=8",
          "--config.sampling.min_tokens=8", "--config.sampling.seed=3"]

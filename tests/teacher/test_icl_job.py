@@ -21,14 +21,14 @@ def _config(teacher_dir, workdir):
   c.model.init = str(teacher_dir)
   c.icl.num_prompts = 6
   c.sampling.max_tokens = 8
-  c.generate.leak_check_dirs = ""
+  c.generate.leak_check = "off"  # also icl.leak_check: no SentiBench needed
   c.generate.progress = False
   return c
 
 
 def test_icl_corpus_with_exact_verbalizer_probs(teacher_dir, tmp_path):
   from transformers import LlamaForCausalLM
-  from sentijax.data import readers, tokenizer as tok_lib
+  from sentijax.data import icl, readers, tokenizer as tok_lib
   from sentijax.train import icldist
   config = _config(teacher_dir, tmp_path)
   summary = icl_job.run(config)
@@ -52,5 +52,6 @@ def test_icl_corpus_with_exact_verbalizer_probs(teacher_dir, tmp_path):
   config.icl.target, config.icl.teacher_corpus = "teacher_probs", str(tmp_path / "corpus.jsonl")
   spec = icldist.ICLSpec.from_config(config)
   sources, heldout, groups = icldist.resolve_tasks(spec)
-  train, val, _ = icldist.teacher_records(spec, sources, heldout, {})
+  train, val, _ = icldist.teacher_records(spec, sources, heldout,
+                                         icl.forbidden_sentences(groups))
   assert len(train) + len(val) == len(records)
