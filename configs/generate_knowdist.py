@@ -34,6 +34,9 @@ def get_config():
   c.generate = ml_collections.ConfigDict()
   c.generate.perspectives = "all"  # comma list of sentijax.data.prompts names, or all
   c.generate.logprobs = 0  # top-k logprobs per generated token stored in meta (0 = none)
-  c.generate.leak_check_dirs = "../shared/sentibench"  # test sentences flagged ("" = off)
+  # Inputs holding a SentiBench test sentence: inputs.on_leak (drop); responses: listed in
+  # summary.json. A missing dir stops the job; generate.leak_check=off skips the check.
+  c.generate.leak_check = "on"
+  c.generate.leak_check_dirs = "../shared/sentibench"
   c.generate.progress = True
   return c

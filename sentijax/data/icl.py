@@ -16,10 +16,12 @@ the demos instead of learning label priors:
 The answer (the training target for `gold`) is what a SentiBench demo writes after `Label:`, with
 its leading space: ' positive', " [('food', 'positive')]", " against(opinion towards 'X')".
 
-Held-out sentences: `forbidden_sentences` maps the normalised sentences that must never reach a
-training prompt (SentiBench test splits, every split of a held-out task) to their task;
-`drop_forbidden` removes source examples that carry one, and `check_no_leaks` re-reads the
-sentences of every built prompt (demos and query) and raises `LeakError` naming task and sentence.
+Held-out sentences: `forbidden_sentences` indexes the sentences that must never reach a training
+prompt (SentiBench test splits, every split of a held-out task) by their identity
+(`identity.sentence_key`: tokenisation, case, unicode and escaping variants are one sentence);
+`drop_forbidden` removes source examples that are, or contain, one of them (counted per task it
+belongs to), and `check_no_leaks` searches every built prompt's text and raises `LeakError`
+naming task and sentence.
 """
 from __future__ import annotations
 
@@ -27,11 +29,11 @@ import dataclasses
 import hashlib
 import random
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from sentijax.data import sentibench
-from sentijax.data.tasks import TaskSpec, normalize_sentence
+from sentijax.data import identity, sentibench
+from sentijax.data.tasks import TaskSpec
 
 POLARITY_LABELS = frozenset({"positive", "negative", "neutral", "conflict"})
 # Label synonyms for semantic renaming; other labels (and half of the renamings) get words from
@@ -294,9 +296,10 @@ def build_prompts(sources: Sequence[tuple[TaskSpec, Sequence[sentibench.Example]
       q = src.queries[rng.randrange(len(src.queries))]
     query = src.pool[q]
     k = rng.randint(*opts.shots)
-    q_key = normalize_sentence(query.sentence)
+    q_key = identity.sentence_key(query.sentence) or query.sentence
     others = [i for i in rng.sample(range(len(src.pool)), min(len(src.pool), k + 8))
-              if i != q and normalize_sentence(src.pool[i].sentence) != q_key][:k]
+              if i != q and (identity.sentence_key(src.pool[i].sentence)
+                             or src.pool[i].sentence) != q_key][:k]
     label_map = _label_map(rng, src.label_set, opts.rename_prob)
     idx, instruction = _instruction(rng, src, opts, label_map, query.target)
     demos = [_format_demo(fmt, spec, src.pool[i], _relabel(src.pool[i], spec, label_map))
@@ -329,20 +332,24 @@ def build_prompts(sources: Sequence[tuple[TaskSpec, Sequence[sentibench.Example]
 # --------------------------------------------------------------------------- held-out sentences
 
 
-def forbidden_sentences(groups: Mapping[str, Sequence[str]]) -> dict[str, str]:
-  """{normalised sentence: task} from {task: sentences}."""
-  out: dict[str, str] = {}
-  for task, sentences in groups.items():
-    for s in sentences:
-      out.setdefault(normalize_sentence(s), task)
-  return out
+def forbidden_sentences(groups: Mapping[str, Iterable[str]]) -> identity.SentenceIndex:
+  """The sentences of {task: sentences} indexed by identity, each with the tasks it belongs to."""
+  return identity.SentenceIndex(groups)
 
 
-def drop_forbidden(pool: Sequence[sentibench.Example], forbidden: Mapping[str, str]
-                   ) -> tuple[list[sentibench.Example], int]:
-  """(examples whose sentence is not forbidden, how many were dropped)."""
-  kept = [ex for ex in pool if normalize_sentence(ex.sentence) not in forbidden]
-  return kept, len(pool) - len(kept)
+def drop_forbidden(pool: Sequence[sentibench.Example], forbidden: identity.SentenceIndex
+                   ) -> tuple[list[sentibench.Example], dict[str, int]]:
+  """(examples whose sentence neither is nor contains a forbidden one, {forbidden task: examples
+  of `pool` carrying one of its sentences}); dropped = len(pool) - len(kept)."""
+  kept, found = [], {}
+  for ex in pool:
+    keys = forbidden.find(ex.sentence, (ex.sentence,))
+    if not keys:
+      kept.append(ex)
+      continue
+    for group in dict.fromkeys(g for k in keys for g in forbidden.groups_of[k]):
+      found[group] = found.get(group, 0) + 1
+  return kept, found
 
 
 def prompt_sentences(text: str) -> list[str]:
@@ -350,21 +357,24 @@ def prompt_sentences(text: str) -> list[str]:
   return _PROMPT_SENTENCE.findall(text)
 
 
-def check_no_leaks(items: Sequence[tuple[str, Sequence[str]]], forbidden: Mapping[str, str]
-                   ) -> None:
-  """Raises LeakError for the first (task, sentences) item with a forbidden sentence."""
-  for task, sentences in items:
-    for s in sentences:
-      hit = forbidden.get(normalize_sentence(s))
-      if hit is not None:
-        raise LeakError(f"held-out sentence in a training prompt of task {task!r}: {s!r} "
-                        f"(a sentence of held-out/test data of {hit!r})")
+def check_no_leaks(items: Iterable[tuple[str, str, Sequence[str] | None]],
+                   forbidden: identity.SentenceIndex) -> None:
+  """Raises LeakError for the first (task, prompt text, its sentences) item holding a forbidden
+  sentence: inside the text, or equal to one of the sentences (None: to any candidate sentence
+  of the text, for prompts of any layout)."""
+  for task, text, sentences in items:
+    keys = forbidden.find(text, sentences)
+    if keys:
+      k = keys[0]
+      raise LeakError(f"held-out sentence in a training prompt of task {task!r}: "
+                      f"{forbidden.text_of[k]!r} (a sentence of held-out/test data of "
+                      f"{', '.join(forbidden.groups_of[k])})")
 
 
 def val_split(pool: Sequence[sentibench.Example], fraction: float, salt: str) -> list[bool]:
-  """Per example: True = val query (hash of the normalised sentence; stable, order-free)."""
+  """Per example: True = val query (hash of the sentence identity; stable, order-free)."""
   def unit(s: str) -> float:
-    h = hashlib.sha256(f"{salt}:{normalize_sentence(s)}".encode()).digest()
+    h = hashlib.sha256(f"{salt}:{identity.sentence_key(s) or s}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2.0**64
   return [unit(ex.sentence) < fraction for ex in pool]
 

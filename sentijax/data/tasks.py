@@ -19,6 +19,7 @@ name when it is a layout ('atsa/laptop14' -> atsa); else the first train record'
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -253,6 +254,21 @@ def load_task(spec: TaskSpec, split: str | None = None) -> sentibench.Task:
   return sentibench.load_task(spec.root, spec.name, split or spec.eval_split, layout=spec.layout)
 
 
-def normalize_sentence(text: str) -> str:
-  """Key for sentence-level leak checks: whitespace collapsed, lower-cased."""
-  return " ".join(text.split()).lower()
+def is_family(entry: str) -> bool:
+  """True for a task family: 'layout:NAME' or a glob ('atsa/*')."""
+  return entry.startswith("layout:") or any(c in entry for c in "*?[")
+
+
+def match(entry: str, specs: Mapping[str, TaskSpec]) -> list[str]:
+  """Names of `specs` that `entry` stands for: 'layout:atsa' every task of that layout, a glob
+  on names ('atsa/*': the tasks under atsa/, not absa/atsa_rest16) the names it matches, else
+  the name itself; [] when none."""
+  if entry.startswith("layout:"):
+    layout = entry[len("layout:"):].strip()
+    if layout not in sentibench.LAYOUTS:
+      raise TaskError(f"task family {entry!r}: unknown layout {layout!r}; known: "
+                      f"{', '.join(sentibench.LAYOUTS)}")
+    return [n for n, spec in specs.items() if spec.layout == layout]
+  if is_family(entry):
+    return [n for n in specs if fnmatch.fnmatchcase(n, entry)]
+  return [entry] if entry in specs else []

@@ -6,9 +6,12 @@
 Rows are validated one by one; a bad row (not an object, missing or non-string text, duplicate
 id) raises InputError naming the file and the 1-based line (CSV: the line the row ends on,
 Parquet/HF: the row), unless `skip_bad_rows`. Texts are stripped; texts outside
-[min_chars, max_chars] are dropped; with `dedupe` a text equal to an earlier one (case and
-whitespace ignored) is dropped. An empty path gives the demo texts of the package (the user texts
-of the demo corpus).
+[min_chars, max_chars] are dropped; with `dedupe` a text with the identity of an earlier one
+(`identity.sentence_key`: case, spacing, punctuation, tokenisation ignored) is dropped. An empty
+path gives the demo texts of the package (the user texts of the demo corpus).
+
+With a leak checker (the SentiBench test sentences), a text that is or contains one is dropped,
+kept and listed, or fails the job (`inputs.on_leak` = drop | flag | fail); stats count them.
 """
 from __future__ import annotations
 
@@ -20,9 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sentijax.data import records
+from sentijax.data import identity, records
 
 FORMATS = ("auto", "jsonl", "csv", "parquet", "hf")
+ON_LEAK = ("drop", "flag", "fail")
+_MAX_LISTED = 100
 
 
 class InputError(ValueError):
@@ -47,6 +52,11 @@ class InputSpec:
   dedupe: bool = True
   limit: int = 0  # 0 = all
   skip_bad_rows: bool = False
+  on_leak: str = "drop"  # a text holding a SentiBench test sentence: drop | flag | fail
+
+  def __post_init__(self):
+    if self.on_leak not in ON_LEAK:
+      raise InputError(f"inputs.on_leak={self.on_leak!r}: expected one of {ON_LEAK}")
 
   @classmethod
   def from_config(cls, c) -> "InputSpec":
@@ -111,14 +121,26 @@ def _rows(spec: InputSpec, fmt: str) -> Iterator[tuple[str, int, Any]]:
       yield "row", number, row
 
 
-def _normal(text: str) -> str:
-  return " ".join(text.split()).lower()
+def _leaks(spec: InputSpec, checker, text_id: str, text: str, where: str, stats: dict) -> bool:
+  """True when the text is to be dropped for holding SentiBench test sentences."""
+  hits = checker.hits(text) if checker is not None else []
+  if not hits:
+    return False
+  stats["leaks"] += 1
+  if len(stats["leak_ids"]) < _MAX_LISTED:
+    stats["leak_ids"].append({"id": text_id, "sentences": hits[:5]})
+  if spec.on_leak == "fail":
+    raise InputError(f"{where}: text {text_id!r} holds a SentiBench test sentence: {hits[0]!r}; "
+                     "remove it, or set inputs.on_leak=drop (or flag)")
+  return spec.on_leak == "drop"
 
 
-def load_texts(spec: InputSpec) -> tuple[list[SourceText], dict]:
-  """The kept texts and stats (rows, kept, dropped per reason)."""
+def load_texts(spec: InputSpec, checker=None) -> tuple[list[SourceText], dict]:
+  """The kept texts and stats (rows, kept, dropped per reason, texts holding test sentences);
+  `checker`: a `leaks.LeakChecker` of SentiBench test sentences, or None (not checked)."""
   stats = {"path": spec.path or "(demo texts)", "rows": 0, "kept": 0, "bad": 0, "too_short": 0,
-           "too_long": 0, "duplicates": 0}
+           "too_long": 0, "duplicates": 0, "on_leak": spec.on_leak if checker else "unchecked",
+           "leaks": 0, "leak_ids": []}
   if not spec.path:
     rows = ((("demo", i + 1, {spec.text_column: t.text, spec.id_column: t.id})
              for i, t in enumerate(demo_texts())))
@@ -155,8 +177,11 @@ def load_texts(spec: InputSpec) -> tuple[list[SourceText], dict]:
     if spec.max_chars and len(text) > spec.max_chars:
       stats["too_long"] += 1
       continue
+    if _leaks(spec, checker, text_id, text, f"{spec.path or 'demo texts'}, {unit} {number}",
+              stats):
+      continue
     if spec.dedupe:
-      key = _normal(text)
+      key = identity.sentence_key(text) or text
       if key in seen:
         stats["duplicates"] += 1
         continue

@@ -1,62 +1,76 @@
-"""Flags generated text that contains a SentiBench test sentence (case/whitespace ignored).
+"""The SentiBench test sentences a teacher job must not feed or keep (`generate.leak_check`).
 
-Test sentences are indexed by their first `_PREFIX_WORDS` words; a text is scanned word by word
-and a candidate is confirmed by a substring test, so a check is linear in the text, not in the
-number of test sentences. Sentences shorter than that are matched as whole sentences.
+Sentences are matched by `identity.sentence_key` (tokenisation, case, unicode, escaping and
+quoting ignored): a test sentence quoted inside a response or an input text is found. A check
+that cannot run (a missing directory, one holding no test split) stops the job; only
+`generate.leak_check=off` turns it off, with a warning.
 """
 from __future__ import annotations
 
 import logging
 import os
-import re
+from collections.abc import Mapping
 
-from sentijax.data import tasks
+from sentijax.data import identity, tasks
 
 log = logging.getLogger("sentijax")
 
-_PREFIX_WORDS = 4
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+MODES = ("on", "off")
 
 
-class LeakChecker:
-  """`hits(text)` -> the test sentences (normalised) found in `text`."""
+class LeakChecker(identity.SentenceIndex):
+  """`hits(text)` -> the test sentences (as first read) found in `text`."""
 
-  def __init__(self, sentences: dict[str, str]):
-    self.task_of = sentences  # normalised sentence -> task
-    self.by_prefix: dict[tuple[str, ...], list[str]] = {}
-    self.short: set[str] = set()
-    for s in sentences:
-      words = s.split()
-      if len(words) >= _PREFIX_WORDS:
-        self.by_prefix.setdefault(tuple(words[:_PREFIX_WORDS]), []).append(s)
-      elif s:
-        self.short.add(s)
+  def __init__(self, sentences: Mapping[str, str]):
+    super().__init__()
+    for sentence, task in sentences.items():
+      self.add(sentence, task)
+
+  @property
+  def task_of(self) -> dict[str, str]:
+    """Sentence (as first read) -> its first task."""
+    return {self.text_of[k]: groups[0] for k, groups in self.groups_of.items()}
 
   def hits(self, text: str) -> list[str]:
-    norm = tasks.normalize_sentence(text)
-    words = norm.split()
-    found = set()
-    for i in range(len(words) - _PREFIX_WORDS + 1):
-      for s in self.by_prefix.get(tuple(words[i:i + _PREFIX_WORDS]), ()):
-        if s in norm:
-          found.add(s)
-    for part in _SENTENCE_END.split(text):
-      p = tasks.normalize_sentence(part)
-      if p in self.short:
-        found.add(p)
-    return sorted(found)
+    return [self.text_of[k] for k in self.find(text)]
 
 
-def from_task_dirs(roots: str, split: str = "test") -> LeakChecker | None:
-  """Every `split` sentence of every task under `roots` (comma list); None when absent."""
-  existing = [r for r in tasks.parse_names(roots) if os.path.isdir(r)]
-  if not existing:
-    log.warning("leak check off: no task directory among %r", roots)
-    return None
-  registry = tasks.discover(existing)
-  sentences: dict[str, str] = {}
-  for spec in registry.tasks.values():
+def from_task_dirs(roots: str, split: str = "test",
+                   setting: str = "generate.leak_check_dirs") -> LeakChecker:
+  """Every `split` sentence of every task under `roots` (comma list, read from `setting`).
+
+  Raises FileNotFoundError naming the path and the settings to fix when a root is missing or
+  the roots hold no `split` sentence.
+  """
+  names = tasks.parse_names(roots)
+  missing = [r for r in names if not os.path.isdir(r)]
+  fix = (f"set {setting} to the SentiBench directory (e.g. ../shared/sentibench), or "
+         "generate.leak_check=off to run without the check")
+  if not names or missing:
+    what = "not found: " + ", ".join(os.path.abspath(m) for m in missing) if missing else "empty"
+    raise FileNotFoundError(f"{setting}={roots!r}: {what}; the leak check needs the SentiBench "
+                            f"{split} sentences: {fix}")
+  checker = LeakChecker({})
+  for spec in tasks.discover(names).tasks.values():
     if split in spec.splits:
       for ex in tasks.load_examples(spec, split):
-        sentences.setdefault(tasks.normalize_sentence(ex.sentence), spec.name)
-  return LeakChecker(sentences)
+        checker.add(ex.sentence, spec.name)
+  if not len(checker):
+    raise FileNotFoundError(f"{setting}={roots!r}: no task with a {split} split below it; {fix}")
+  return checker
+
+
+def checker_from_config(config) -> LeakChecker | None:
+  """The teacher jobs' checker (`generate.leak_check`, `generate.leak_check_dirs`); None, with a
+  warning, when `generate.leak_check=off`."""
+  gc = config.generate
+  mode = str(gc.leak_check)
+  if mode not in MODES:
+    raise ValueError(f"generate.leak_check={mode!r}: expected one of {MODES}")
+  if mode == "off":
+    log.warning("generate.leak_check=off: inputs and responses are NOT checked for SentiBench "
+                "test sentences")
+    return None
+  checker = from_task_dirs(str(gc.leak_check_dirs))
+  log.info("leak check: %d test sentences from %s", len(checker), gc.leak_check_dirs)
+  return checker

@@ -37,6 +37,7 @@ def _config(workdir, **overrides):
   c.train.update(steps=300, learning_rate=3e-3, warmup_steps=10, log_every=50, eval_every=300)
   c.checkpoint.every = 300
   c.eval.update(data_dir=str(workdir / "no-sentibench"), max_examples=60, seeds="42")
+  c.icl.leak_check = "off"  # no SentiBench here (test_heldout_audit_* checks it on)
   c.export_hf = False
   for k, v in overrides.items():
     section, key = k.split(".")
@@ -230,7 +231,8 @@ def _main(workdir):
          "--config.checkpoint.every=5", "--config.train.eval_every=15",
          "--config.icl.num_prompts=300", "--config.icl.val_prompts=8",
          "--config.icl.heldout=sc/movies", "--config.eval.max_examples=4",
-         f"--config.eval.data_dir={workdir}/none", "--config.data.seq_len=128"]
+         f"--config.eval.data_dir={workdir}/none", "--config.icl.leak_check=off",
+         "--config.data.seq_len=128"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -284,6 +286,7 @@ def test_pipeline_chains_stages_and_skips_finished_ones(tmp_path, caplog):
   c.workdir = str(tmp_path)
   c.model.dtype = "float32"
   c.eval.data_dir = str(tmp_path / "none")
+  c.icl.leak_check = "off"
   c.stage.knowdist.train.update(steps=3, eval_every=0)
   c.stage.icldist.train.update(steps=3, eval_every=3)
   c.stage.icldist.icl.update(num_prompts=40, heldout="sc/movies")
@@ -301,3 +304,64 @@ def test_pipeline_chains_stages_and_skips_finished_ones(tmp_path, caplog):
   assert caplog.text.count("already complete") == 2
   with pytest.raises(ValueError, match="pipeline.stages='icl'"):
     pipeline.parse_stages("icl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Held out means held out: the audit files, and no run without the SentiBench leak check.
+
+# sc/restaurants demo train sentences as a PTB-tokenising source would write them (by hand).
+PTB_COPIES = {"Our wine was disappointing, and so was the bread.":
+              "our wine was disappointing , and so was the bread .",
+              "I thought the atmosphere was perfect.": "i thought the atmosphere was perfect .",
+              "Our bread was pleasant, and so was the wine.":
+              "OUR BREAD WAS PLEASANT , AND SO WAS THE WINE"}
+
+
+def _tiny_sentibench(root):
+  """A SentiBench-layout dir whose sc/sst2 test split holds PTB_COPIES."""
+  task = root / "sc" / "sst2"
+  task.mkdir(parents=True)
+  (task / "train.json").write_text(json.dumps([{"sentence": "fine .", "label": "positive"}]))
+  (task / "test.json").write_text(json.dumps([{"sentence": s, "label": "negative"}
+                                              for s in PTB_COPIES.values()]))
+  return root
+
+
+def test_heldout_audit_and_training_prompts_are_written(tmp_path, caplog, monkeypatch):
+  """The job's data side: training itself is replaced by a stand-in that keeps the datasets."""
+  trained = {}
+  monkeypatch.setattr(icldist.loop, "train", lambda config, model_cfg, init, train_ds, val_ds,
+                      **kw: trained.update(train=train_ds, val=val_ds))
+  cfg = _config(tmp_path / "run", **{"icl.num_prompts": 40, "icl.val_prompts": 8})
+  cfg.icl.leak_check = "on"
+  with pytest.raises(FileNotFoundError, match=r"eval.data_dir=.*no-sentibench.*not found.*"
+                                              r"--config.icl.leak_check=off"):
+    icldist.run(cfg)
+  assert not trained and not (tmp_path / "run" / "icl_prompts.jsonl").exists()
+  cfg.eval.data_dir = str(_tiny_sentibench(tmp_path / "sb"))
+  caplog.set_level(logging.INFO, logger="sentijax")
+  with pytest.raises(AttributeError):  # the stand-in returns no loop.Result
+    icldist.run(cfg)
+  assert trained["train"].stats["records_in"] == 40
+  audit = json.loads((tmp_path / "run" / "heldout_audit.json").read_text())
+  movies = tasks.discover(str(icldist.DEMO_TASKS)).get("sc/movies")
+  n_movies = sum(len(tasks.load_examples(movies, s)) for s in movies.splits)
+  assert audit["forbidden"] == {
+      "sc/movies": {"role": "held out (every split)", "sentences": n_movies, "found_in": {},
+                    "dropped": 0},
+      "sc/sst2": {"role": "SentiBench test", "sentences": 3, "found_in": {"sc/restaurants": 3},
+                  "dropped": 3}}
+  assert audit["sources"]["sc/restaurants"] == {"examples": 160, "dropped": 3}
+  assert audit["totals"]["dropped"] == 3 and audit["totals"]["prompts_checked"] == 48
+  assert audit["settings"]["leak_check"] == "on" and audit["heldout_tasks"] == ["sc/movies"]
+  stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
+  assert stats["heldout_audit"] == audit
+  assert f"held-out filter: {audit['totals']['forbidden_sentences']} forbidden sentences of 2 " \
+      "tasks; 3 of 440 source examples dropped" in caplog.text
+  rows = [json.loads(x) for x in (tmp_path / "run" / "icl_prompts.jsonl").read_text()
+          .splitlines()]
+  assert [r["meta"]["split"] for r in rows] == ["train"] * 40 + ["val"] * 8
+  assert {r["meta"]["task"] for r in rows} == {"sc/restaurants", "sc/products", "emotion/chat"}
+  # The raw copies of the test sentences are in no prompt, character for character.
+  assert not [r for r in rows for s in PTB_COPIES if s in r["prompt"]]
+  assert sum("Sentence: Our " in r["prompt"] for r in rows) > 0  # restaurant prompts are there
