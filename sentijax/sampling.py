@@ -311,3 +311,76 @@ def greedy_decode(cfg: models.ModelConfig, params: PyTree, prompt_ids_BxT: np.nd
   kw.pop("rng", None)
   return decode(cfg, params, prompt_ids_BxT, prompt_mask_BxT, max_new_tokens, stop_ids, pad_id,
                 **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-row sampling: rows with different settings in one jitted step (the server's batches).
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSampling:
+  """Sampler settings per row, arrays [B]: temperature (0 = greedy), top_p (1 = off), top_k
+  (0 = off), min_new (end-of-text blocked before this many new tokens), keys (PRNG keys; a row's
+  token n uses fold_in(key, n), so a row samples the same text in any batch)."""
+  temperature_B: Array
+  top_p_B: Array
+  top_k_B: Array
+  min_new_B: Array
+  keys_B: Array
+
+  @classmethod
+  def build(cls, temperature: Sequence[float], top_p: Sequence[float], top_k: Sequence[int],
+            min_new: Sequence[int], seeds: Sequence[int]) -> "RowSampling":
+    """From host lists (one entry per row); `seeds` are 32-bit PRNG seeds."""
+    return cls(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
+               jnp.asarray(top_k, jnp.int32), jnp.asarray(min_new, jnp.int32),
+               jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)))
+
+
+jax.tree_util.register_dataclass(
+    RowSampling, data_fields=["temperature_B", "top_p_B", "top_k_B", "min_new_B", "keys_B"],
+    meta_fields=[])
+
+
+def filter_logits_rows(logits_BxV: Array, top_k_B: Array, top_p_B: Array) -> Array:
+  """`filter_logits` with each row's own top_k (0 = off) and top_p: one sort for both."""
+  v = logits_BxV.shape[-1]
+  sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+  kth_Bx1 = jnp.take_along_axis(sorted_BxV, jnp.clip(top_k_B - 1, 0, v - 1)[:, None], axis=-1)
+  kth_Bx1 = jnp.where(top_k_B[:, None] > 0, kth_Bx1, -jnp.inf)
+  sorted_BxV = jnp.where(sorted_BxV >= kth_Bx1, sorted_BxV, -jnp.inf)
+  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+  before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # mass strictly above each entry
+  kept_BxV = (before_BxV < top_p_B[:, None]).at[:, 0].set(True)
+  cutoff_Bx1 = jnp.min(jnp.where(kept_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits_BxV >= jnp.maximum(cutoff_Bx1, kth_Bx1), logits_BxV, -jnp.inf)
+
+
+def sample_rows(logits_BxV: Array, rows: RowSampling, step_B: Array, blockable_V: Array) -> Array:
+  """Next token per row [B] int32: argmax where temperature is 0, else drawn from the tempered,
+  top-k / top-p filtered logits; `blockable_V` tokens are barred while step < min_new. The sort
+  and the draw run only when some row needs them."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  logits_BxV = jnp.where(blockable_V[None] & (step_B < rows.min_new_B)[:, None], -jnp.inf,
+                         logits_BxV)
+  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  sampled_B = rows.temperature_B > 0
+
+  def draw(logits_BxV):
+    scaled_BxV = logits_BxV / jnp.maximum(rows.temperature_B, 1e-6)[:, None]
+    scaled_BxV = jax.lax.cond(jnp.any((rows.top_k_B > 0) | (rows.top_p_B < 1)),
+                              lambda x: filter_logits_rows(x, rows.top_k_B, rows.top_p_B),
+                              lambda x: x, scaled_BxV)
+    step_keys_B = jax.vmap(jax.random.fold_in)(rows.keys_B, step_B)
+    return jax.vmap(jax.random.categorical)(step_keys_B, scaled_BxV).astype(jnp.int32)
+
+  drawn_B = jax.lax.cond(jnp.any(sampled_B), draw, lambda _: greedy_B, logits_BxV)
+  return jnp.where(sampled_B, drawn_B, greedy_B)
+
+
+def token_logprobs(logits_BxV: Array, tok_B: Array, top_n: int) -> tuple[Array, Array, Array]:
+  """The model's (untempered) logprob of each row's token [B] and its top_n (logprobs, ids)."""
+  logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+  chosen_B = jnp.take_along_axis(logp_BxV, tok_B[:, None], axis=-1)[:, 0]
+  top_lp_BxN, top_id_BxN = jax.lax.top_k(logp_BxV, top_n)
+  return chosen_B, top_lp_BxN, top_id_BxN

@@ -1,0 +1,468 @@
+"""Continuous batching for `sentijax.serve`: a fixed set of decode rows sharing one KV cache.
+
+Each row holds one choice of one request with its own settings (`sampling.RowSampling`: the
+temperature, top_p, top_k, min_tokens and seed of every row differ freely inside one jitted step;
+max_tokens and stop strings are checked per row on the host). At every step boundary waiting
+requests join and finished rows leave: the joiners' prompts are prefilled together (left-padded
+to one bucketed length) and written into the cache just before the shared write index, so each
+row's prompt ends where its next token goes; positions are per row, so a row decodes exactly as
+alone. The cache length is a power of two that follows what the live rows need (`_relayout` rolls
+the oldest live row to slot 0, then grows or shrinks it). Prompt scoring (echo + logprobs) comes
+from the same batched prefill. A row's text is tracked on the host: a stop string ends the row,
+and the tail a stop string could still claim is held back, so the streamed pieces add up to the
+final text.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sentijax import models, sampling
+from sentijax.teacher.common import Sampling, cut_at_stop, row_seed
+
+log = logging.getLogger("sentijax")
+
+TOP_N = 20  # logprob alternatives computed when a row asks for any (the OpenAI API's maximum)
+MIN_CONTEXT = 128  # smallest cache length (slots per row)
+
+
+class QueueFull(RuntimeError):
+  """The waiting queue is full (HTTP 429)."""
+
+
+class Draining(RuntimeError):
+  """The server is shutting down and takes no new requests (HTTP 503)."""
+
+
+@dataclasses.dataclass
+class Request:
+  """One API request: `n` choices continuing `prompt_ids`; results arrive in `events`."""
+  prompt_ids: list[int]
+  sampling: Sampling
+  n: int = 1
+  logprobs: bool = False  # per generated token: its logprob and the TOP_N alternatives
+  score_prompt: bool = False  # the prompt's token logprobs (echo)
+  generate: bool = True  # False: score the prompt only (echo with max_tokens 0)
+  events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+  cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+@dataclasses.dataclass
+class Delta:
+  """New text of choice `index` and the tokens of this step (ids, logprobs when asked)."""
+  index: int
+  text: str
+  token_ids: list[int]
+  token_logprobs: list[float] | None = None
+  top_logprobs: list[dict[int, float]] | None = None
+
+
+@dataclasses.dataclass
+class Finished:
+  index: int
+  reason: str  # stop | length
+  completion_tokens: int
+
+
+@dataclasses.dataclass
+class PromptScores:
+  """Per prompt token: its logprob and top alternatives (None for the first token)."""
+  token_logprobs: list[float | None]
+  top_logprobs: list[dict[int, float] | None]
+
+
+@dataclasses.dataclass
+class Failed:
+  error: Exception
+
+
+class TextTracker:
+  """A row's text as tokens arrive: `add` returns the piece that is safe to send (not claimable
+  by a stop string, no half-decoded character) and whether a stop string ended the text."""
+
+  def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str]):
+    self.decode, self.stop = decode, tuple(s for s in stop if s)
+    self.hold = max((len(s) for s in self.stop), default=1) - 1
+    self.ids: list[int] = []
+    self.sent = ""
+
+  def _emit(self, text: str, end: int) -> str:
+    piece = text[len(self.sent):end] if end > len(self.sent) else ""
+    self.sent += piece
+    return piece
+
+  def add(self, token_id: int) -> tuple[str, bool]:
+    self.ids.append(token_id)
+    text, cut = cut_at_stop(self.decode(self.ids), self.stop)
+    if cut:
+      return self._emit(text, len(text)), True
+    end = len(text) - self.hold
+    while end > 0 and text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence so far
+      end -= 1
+    return self._emit(text, end), False
+
+  def flush(self) -> str:
+    text = cut_at_stop(self.decode(self.ids), self.stop)[0]
+    return self._emit(text, len(text))
+
+
+@dataclasses.dataclass
+class _Row:
+  request: Request
+  index: int  # choice index
+  seed: int
+  start: int  # first cache slot of the row (its padded prompt)
+  end: int  # the row never writes at or past this slot
+  position: int  # position of the token fed next
+  text: TextTracker
+  last: int = 0  # token fed next
+  count: int = 0  # tokens generated (the end-of-text token included)
+
+
+# --------------------------------------------------------------------------------------------
+# Jitted pieces: prefill of joining rows, one decode step of all rows, cache moves.
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "score", "top_n"))
+def _prefill(cfg, params, ids_KxP, mask_KxP, rows: sampling.RowSampling, blockable_V, *,
+             score: bool, top_n: int) -> dict[str, Any]:
+  """Caches and first tokens of K left-padded prompts; with `score`, each prompt token's logprob
+  given the tokens before it and the TOP_N alternatives."""
+  k, p = ids_KxP.shape
+  cache = models.init_cache(cfg, k, p)
+  logits_KxTxV, cache = models.forward_with_cache(cfg, params, ids_KxP,
+                                                  models.default_positions(mask_KxP), mask_KxP,
+                                                  cache, last_only=not score)
+  last_KxV = logits_KxTxV[:, -1]
+  tok_K = sampling.sample_rows(last_KxV, rows, jnp.zeros((k,), jnp.int32), blockable_V)
+  out = {"k": cache.k, "v": cache.v, "tok": tok_K}
+  if top_n:
+    out["chosen"], out["top_lp"], out["top_id"] = sampling.token_logprobs(last_KxV, tok_K, top_n)
+  if score:
+    logp_KxTxV = jax.nn.log_softmax(logits_KxTxV[:, :-1].astype(jnp.float32), axis=-1)
+    out["p_chosen"] = jnp.take_along_axis(logp_KxTxV, ids_KxP[:, 1:, None], axis=-1)[..., 0]
+    out["p_top_lp"], out["p_top_id"] = jax.lax.top_k(logp_KxTxV, TOP_N)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "top_n"), donate_argnames=("cache",))
+def _step(cfg, params, layers, cache, tok_S, pos_S, rows: sampling.RowSampling, step_S,
+          blockable_V, *, top_n: int):
+  """One token for every row (dead rows compute filler)."""
+  seg_Sx1 = jnp.ones((tok_S.shape[0], 1), jnp.int32)
+  logits_Sx1xV, cache = models.forward_with_cache(cfg, params, tok_S[:, None], pos_S[:, None],
+                                                  seg_Sx1, cache, last_only=True, layers=layers)
+  next_S = sampling.sample_rows(logits_Sx1xV[:, 0], rows, step_S, blockable_V)
+  lp = sampling.token_logprobs(logits_Sx1xV[:, 0], next_S, top_n) if top_n else ()
+  return cache, next_S, lp
+
+
+def _slot_axis(x) -> int:
+  return x.ndim - 3  # [..., B, S, K, D]
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _insert(cache: models.KVCache, k_new, v_new, mask_KxP, slots_K, index) -> models.KVCache:
+  """Writes K prefilled rows (stacked [L, K, P, ...] caches) into cache rows `slots_K` at slots
+  index-P..index-1; slot ids past the batch are dropped (filler rows)."""
+  p = mask_KxP.shape[1]
+  rows_Kx1, cols_1xP = slots_K[:, None], (index - p + jnp.arange(p))[None, :]
+
+  def put(dst, src):
+    if dst.ndim == 5:
+      return dst.at[:, rows_Kx1, cols_1xP].set(src.astype(dst.dtype), mode="drop")
+    return dst.at[rows_Kx1, cols_1xP].set(src.astype(dst.dtype), mode="drop")
+
+  if isinstance(cache.k, tuple):
+    k = tuple(put(d, k_new[i]) for i, d in enumerate(cache.k))
+    v = tuple(put(d, v_new[i]) for i, d in enumerate(cache.v))
+  else:
+    k, v = put(cache.k, k_new), put(cache.v, v_new)
+  seg = cache.segment_ids.at[slots_K].set(0, mode="drop")
+  seg = seg.at[rows_Kx1, cols_1xP].set(mask_KxP, mode="drop")
+  return models.KVCache(k, v, seg, cache.index)
+
+
+@functools.partial(jax.jit, static_argnames=("new_len",))
+def _relayout(cache: models.KVCache, shift, old_index, *, new_len: int) -> models.KVCache:
+  """Slot j moves to j - shift and the length becomes new_len; only slots that held
+  [0, old_index) keep their segment ids."""
+
+  def move(x, axis):
+    size = max(x.shape[axis], new_len)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    x = jnp.roll(jnp.pad(x, pad), -shift, axis=axis)
+    return jax.lax.slice_in_dim(x, 0, new_len, axis=axis)
+
+  k = jax.tree.map(lambda x: move(x, _slot_axis(x)), cache.k)
+  v = jax.tree.map(lambda x: move(x, _slot_axis(x)), cache.v)
+  src_S = jnp.arange(new_len) + shift
+  valid_S = (src_S >= 0) & (src_S < old_index)
+  seg = jnp.where(valid_S[None], move(cache.segment_ids, 1), 0)
+  return models.KVCache(k, v, seg, cache.index)
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(int(n) - 1, 0).bit_length()
+
+
+# --------------------------------------------------------------------------------------------
+# The engine: a worker thread that admits, prefills and steps.
+
+
+class Engine:
+  """Decodes every admitted request in `slots` shared rows; `submit` queues a request."""
+
+  def __init__(self, cfg: models.ModelConfig, params: Any, *, decode: Callable[[list[int]], str],
+               stop_ids: Sequence[int], pad_id: int, slots: int = 16, max_queue: int = 64,
+               max_wait_s: float = 0.0, per_layer: bool | None = None):
+    self.cfg, self.params, self.decode = cfg, params, decode
+    self.stop_ids, self.pad_id = set(int(i) for i in stop_ids), int(pad_id)
+    self.slots, self.max_queue, self.max_wait_s = int(slots), int(max_queue), float(max_wait_s)
+    per_layer = jax.default_backend() == "cpu" if per_layer is None else per_layer
+    self.layers = jax.jit(models.unstack_layers)(params) if per_layer else None
+    # Room for a lone request of up to the model's positions (its prompt bucketed up).
+    self.max_context = _pow2(2 * cfg.max_position_embeddings + 64)
+    blockable = np.zeros((cfg.vocab_size,), bool)
+    blockable[[i for i in self.stop_ids if i < cfg.vocab_size]] = True
+    self.blockable_V = jnp.asarray(blockable)
+    self.rows: list[_Row | None] = [None] * self.slots
+    self.waiting: collections.deque[Request] = collections.deque()
+    self.cv = threading.Condition()
+    self.draining = False
+    self.cache: models.KVCache | None = None
+    self.capacity = self.index = 0
+    self._row_sampling: sampling.RowSampling | None = None
+    self._joining: list[Request] = []
+    self.stats: collections.Counter = collections.Counter()
+    self._thread = threading.Thread(target=self._loop, daemon=True, name="sentijax-engine")
+    self._thread.start()
+
+  # ---- public
+
+  def submit(self, req: Request) -> None:
+    with self.cv:
+      if self.draining:
+        raise Draining("the server is shutting down")
+      if len(self.waiting) >= self.max_queue:
+        raise QueueFull(f"{len(self.waiting)} requests are already waiting (serve.max_queue)")
+      self.waiting.append(req)
+      self.stats["requests"] += 1
+      self.cv.notify_all()
+
+  def busy(self) -> bool:
+    with self.cv:
+      return bool(self.waiting) or any(self.rows)
+
+  def drain(self) -> None:
+    """Takes no new requests from now on (those in flight finish)."""
+    with self.cv:
+      self.draining = True
+
+  # ---- loop
+
+  def _live(self) -> list[tuple[int, _Row]]:
+    return [(s, r) for s, r in enumerate(self.rows) if r is not None]
+
+  def _loop(self) -> None:
+    while True:
+      with self.cv:
+        while not self.waiting and not any(self.rows):
+          self.cv.wait()
+        if not any(self.rows):  # idle: gather concurrent arrivals into one prefill
+          deadline = time.monotonic() + self.max_wait_s
+          while (sum(q.n for q in self.waiting) < self.slots
+                 and deadline - time.monotonic() > 0):
+            self.cv.wait(deadline - time.monotonic())
+      try:
+        self._admit()
+        if any(self.rows):
+          self._step()
+      except Exception as e:  # pylint: disable=broad-except
+        log.exception("decoding failed")
+        failed = ({id(r.request): r.request for _, r in self._live()}
+                  | {id(q): q for q in self._joining})
+        for req in failed.values():
+          req.events.put(Failed(e))
+        self.rows, self._joining = [None] * self.slots, []
+        self._row_sampling = None
+
+  def _drop_cancelled(self) -> None:
+    for s, r in self._live():
+      if r.request.cancelled.is_set():
+        self.rows[s] = None
+        self._row_sampling = None
+
+  def _layout(self, live: list[_Row], reqs: list[Request], p: int) -> tuple[int, int, int] | None:
+    """(shift left, new write index, cache length) with the joiners' prompts ending at the new
+    index; None when the live rows and the joiners need more than max_context slots."""
+    lo = min((r.start for r in live), default=self.index)
+    i0 = self.index - lo
+    i1 = max(i0, p)
+    shift = lo - (i1 - i0)
+    ends = [r.end - shift for r in live] + [i1 + q.sampling.max_tokens - 1 for q in reqs
+                                            if q.generate]
+    need = max(ends + [i1 + 1])
+    length = max(MIN_CONTEXT, _pow2(need))
+    return None if length > self.max_context else (shift, i1, length)
+
+  def _admit(self) -> None:
+    """Moves the waiting requests that fit (FIFO) into free rows and prefills them together."""
+    with self.cv:
+      self._drop_cancelled()
+      live = [r for _, r in self._live()]
+      free = self.slots - len(live)
+      take: list[Request] = []
+      layout = None
+      while self.waiting:
+        req = self.waiting[0]
+        if req.cancelled.is_set():
+          self.waiting.popleft()
+          continue
+        need = req.n if req.generate else 0
+        if need > free:
+          break
+        p = sampling.bucket_length(max(len(q.prompt_ids) for q in take + [req]))
+        fits = self._layout(live, take + [req], p)
+        if fits is None:
+          if not live and not take:  # cannot happen for a request within the model's positions
+            self.waiting.popleft()
+            req.events.put(Failed(ValueError("the request does not fit the cache")))
+            continue
+          break
+        take.append(self.waiting.popleft())
+        free -= need
+        layout = fits
+    if take:
+      self._joining = take
+      self._prefill(take, layout)
+      self._joining = []
+
+  def _move_cache(self, shift: int, index: int, length: int) -> None:
+    live = [r for _, r in self._live()]
+    if self.cache is None or (not live and length != self.capacity):
+      cache = models.init_cache(self.cfg, self.slots, length)
+      self.cache = models.unstack_cache(cache) if self.layers is not None else cache
+    elif live and (shift or length != self.capacity):
+      self.cache = _relayout(self.cache, jnp.int32(shift), jnp.int32(self.index), new_len=length)
+      for r in live:
+        r.start, r.end = r.start - shift, r.end - shift
+    self.index, self.capacity = index, length
+
+  def _prefill(self, take: list[Request], layout: tuple[int, int, int]) -> None:
+    specs = [(q, c) for q in take for c in (range(q.n) if q.generate else [None])]
+    p = sampling.bucket_length(max(len(q.prompt_ids) for q in take))
+    k = sampling.bucket_batch(len(specs))
+    ids_KxP, mask_KxP = sampling.left_pad([q.prompt_ids for q, _ in specs], p, k, self.pad_id)
+    seeds = [row_seed(str(c or 0), q.sampling.seed) for q, c in specs]
+    rows = self._settings([q.sampling for q, _ in specs], seeds, k)
+    score = any(q.score_prompt for q in take)
+    top_n = TOP_N if any(q.logprobs for q in take) else 0
+    out = _prefill(self.cfg, self.params, jnp.asarray(ids_KxP), jnp.asarray(mask_KxP), rows,
+                   self.blockable_V, score=score, top_n=top_n)
+    self._move_cache(*layout)
+    free = iter(s for s, r in enumerate(self.rows) if r is None)
+    slots = [next(free) if c is not None else self.slots for _, c in specs]
+    self.cache = _insert(self.cache, out["k"], out["v"], jnp.asarray(mask_KxP),
+                         jnp.asarray(slots + [self.slots] * (k - len(specs)), jnp.int32),
+                         jnp.int32(self.index))
+    host = {name: np.asarray(x) for name, x in out.items() if name not in ("k", "v")}
+    self.stats["prefills"] += 1
+    self.stats["prefill_rows"] += len(specs)
+    for j, (q, c) in enumerate(specs):
+      if q.score_prompt and c in (None, 0):
+        q.events.put(self._prompt_scores(host, j, len(q.prompt_ids), p))
+      if c is None:
+        continue
+      n = len(q.prompt_ids)
+      self.rows[slots[j]] = _Row(q, c, seeds[j], start=self.index - p,
+                                 end=self.index + q.sampling.max_tokens - 1, position=n,
+                                 text=TextTracker(self.decode, q.sampling.stop))
+      self._advance(slots[j], host, j)
+    self._row_sampling = None
+
+  @staticmethod
+  def _prompt_scores(host: dict, j: int, n: int, p: int) -> PromptScores:
+    span = range(p - n, p - 1)  # logits at t score token t + 1
+    chosen = [None] + [float(host["p_chosen"][j, t]) for t in span]
+    tops = [None] + [{int(i): float(lp) for i, lp in zip(host["p_top_id"][j, t],
+                                                         host["p_top_lp"][j, t])} for t in span]
+    return PromptScores(chosen, tops)
+
+  def _settings(self, sps: Sequence[Sampling], seeds: Sequence[int], rows: int
+                ) -> sampling.RowSampling:
+    filler = rows - len(sps)
+    return sampling.RowSampling.build(
+        [s.temperature for s in sps] + [0.0] * filler, [s.top_p for s in sps] + [1.0] * filler,
+        [s.top_k for s in sps] + [0] * filler, [s.min_tokens for s in sps] + [0] * filler,
+        list(seeds) + [0] * filler)
+
+  def _advance(self, slot: int, host: dict, j: int) -> None:
+    """Takes row `slot`'s new token (entry j of the host arrays): text, events, finish."""
+    r = self.rows[slot]
+    q, tok = r.request, int(host["tok"][j])
+    r.count += 1
+    ended = tok in self.stop_ids
+    piece, cut = ("", False) if ended else r.text.add(tok)
+    done = ended or cut or r.count >= q.sampling.max_tokens
+    if done:
+      piece += r.text.flush()
+    delta = Delta(r.index, piece, [] if ended else [tok])
+    if q.logprobs and not ended:
+      delta.token_logprobs = [float(host["chosen"][j])]
+      delta.top_logprobs = [{int(i): float(lp) for i, lp in zip(host["top_id"][j],
+                                                                host["top_lp"][j])}]
+    if delta.text or delta.token_ids:
+      q.events.put(delta)
+    if done:
+      q.events.put(Finished(r.index, "stop" if ended or cut else "length", r.count))
+      self.rows[slot] = None
+      self._row_sampling = None
+    else:
+      r.last = tok
+
+  def _step(self) -> None:
+    with self.cv:
+      self._drop_cancelled()
+    live = self._live()
+    if not live:
+      return
+    if self._row_sampling is None:
+      by_slot = {s: r for s, r in live}
+      default = Sampling(max_tokens=1)
+      sps = [by_slot[s].request.sampling if s in by_slot else default for s in range(self.slots)]
+      seeds = [by_slot[s].seed if s in by_slot else 0 for s in range(self.slots)]
+      self._row_sampling = self._settings(sps, seeds, self.slots)
+    tok_S = np.full((self.slots,), self.pad_id, np.int32)
+    pos_S, step_S = np.zeros((self.slots,), np.int32), np.zeros((self.slots,), np.int32)
+    for s, r in live:
+      tok_S[s], pos_S[s], step_S[s] = r.last, r.position, r.count
+    top_n = TOP_N if any(r.request.logprobs for _, r in live) else 0
+    cache = dataclasses.replace(self.cache, index=jnp.int32(self.index))
+    self.cache, next_S, lp = _step(self.cfg, self.params, self.layers, cache, jnp.asarray(tok_S),
+                                   jnp.asarray(pos_S), self._row_sampling, jnp.asarray(step_S),
+                                   self.blockable_V, top_n=top_n)
+    self.index += 1
+    host = {"tok": np.asarray(next_S)}
+    if top_n:
+      host["chosen"], host["top_lp"], host["top_id"] = (np.asarray(x) for x in lp)
+    self.stats["decode_steps"] += 1
+    self.stats["row_steps"] += len(live)
+    self.stats["max_live_rows"] = max(self.stats["max_live_rows"], len(live))
+    if len({id(r.request) for _, r in live}) > 1:
+      self.stats["shared_steps"] += 1
+    for s, r in live:
+      r.position += 1
+      self._advance(s, host, s)
