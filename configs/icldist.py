@@ -2,14 +2,18 @@
 
 Default (offline, any CPU machine, a few minutes on 2 cores): the `tiny` preset from scratch, a BPE
 tokenizer trained on the demo tasks shipped in the package (sentijax/assets/icl_demo), `gold`
-targets, sc/movies held out and scored (with sc/sst2 and multifaced/irony18 when
-eval.data_dir=../shared/sentibench exists, else skipped with a log line) at step 0, every
+targets, sc/movies, sc/sst2 and multifaced/irony18 held out and scored at step 0, every
 train.eval_every steps and at the end:
 
   python -m sentijax.main --config=configs/icldist.py
 
-writes checkpoints, TensorBoard events, <workdir>/sentibench/step_N.json and an HF export
-(runs/icldist/hf). Rerunning resumes from the last checkpoint. Measured (4.4 min wall on a
+writes checkpoints, TensorBoard events, <workdir>/sentibench/step_N.json, an HF export
+(runs/icldist/hf), <workdir>/heldout_audit.json (what the held-out filter dropped, per task) and
+<workdir>/icl_prompts.jsonl (every prompt trained on). Rerunning resumes from the last
+checkpoint. Every SentiBench test sentence is kept out of training, so SentiBench must be at
+eval.data_dir (../shared/sentibench); without it the job stops, naming the setting. On the repo
+alone add --config.icl.leak_check=off (a warning; sc/movies scored, sc/sst2 and irony18 skipped
+with a log line). Measured (4.4 min wall on a
 shared 2-core CPU): train loss 6.95 -> 0.84, val loss 0.96; the 164k-param model stays near
 chance on the held-out tasks with this full recipe (sc/movies 33.3 -> 33.3, sc/sst2 33.3 -> 43.7,
 irony18 28.6 -> 38.7 macro-F1 on 40 items): it shows the mechanics, not the effect (see
@@ -23,6 +27,10 @@ After KnowDist, on SentiBench train splits of the non-held-out tasks plus ../sha
     --config.icl.task_dirs=../shared/sentibench,../shared/icl_sources \
     --config.icl.heldout=sc/sst2,multifaced/irony18,absa/atsa_rest16 \
     --config.eval.data_dir=../shared/sentibench --config.workdir=runs/icldist-real
+
+An unseen task TYPE rather than an unseen data set: icl.heldout takes families, 'layout:atsa'
+(every ATSA task of every dir: absa/atsa_rest16, atsa/laptop14, atsa/rest14) or 'atsa/*' (a glob
+on names); add --config.icl.heldout=layout:atsa,sc/sst2,multifaced/irony18 to the command above.
 
 Targets: icl.target=gold (the label / tuple list as SentiBench demos write it), teacher (records of
 icl.teacher_corpus, KnowDist format, meta.task naming the task) or teacher_probs (also
