@@ -100,8 +100,8 @@ def default_label(results_path: str) -> str:
   if m:
     owner = os.path.dirname(directory) if os.path.basename(directory) == "sentibench" else directory
     return f"{os.path.basename(owner)}@step_{m.group(1)}"
-  stem = os.path.splitext(name)[0]
-  return os.path.basename(directory) if stem == "results" else f"{os.path.basename(directory)}/{stem}"
+  stem, owner = os.path.splitext(name)[0], os.path.basename(directory)
+  return owner if stem == "results" else f"{owner}/{stem}"
 
 
 def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
@@ -116,8 +116,14 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
     raise ValueError(f"{results_path}: no 'datasets' mapping; expected the scorer's results "
                      "schema {\"datasets\": {name: {\"seeds\": {seed: score}, ...}}, ...}")
   for name, entry in datasets.items():
-    if not isinstance(entry, dict) or not isinstance(entry.get("seeds"), dict) or not entry["seeds"]:
+    seeds = entry.get("seeds") if isinstance(entry, dict) else None
+    if not isinstance(seeds, dict) or not seeds:
       raise ValueError(f"{results_path}: datasets[{name!r}] has no 'seeds' mapping of scores")
+    bad = [s for s, v in seeds.items() if not str(s).lstrip("-").isdigit()
+           or not isinstance(v, (int, float))]
+    if bad:
+      raise ValueError(f"{results_path}: datasets[{name!r}]['seeds'] needs integer seeds with "
+                       f"numeric scores; got {bad[0]!r}: {seeds[bad[0]]!r}")
   return Run(label or default_label(results_path), results_path, results,
              preds if os.path.isdir(preds) else None, preds)
 
@@ -295,9 +301,8 @@ def _dataset(runs: Sequence[Run], name: str, seeds: list[str], items: _Items
   if any(len(s) != len(common) for s in sets):
     counts = ", ".join(f"{lab}: {len(next(iter(per.values()))[1])}" for lab, per in loaded.items())
     notes.append(f"{name}: compared on the {len(common)} test items every run scored ({counts})")
-  ref_label, ref = next(iter(loaded.items()))
-  ref_path, ref_rows = next(iter(ref.values()))
-  for label, per in loaded.items():
+  ref_path, ref_rows = next(iter(next(iter(loaded.values())).values()))
+  for per in loaded.values():
     for path, rows in per.values():
       for i in common:
         if rows[i][0] != ref_rows[i][0]:
@@ -345,7 +350,8 @@ def _collect(runs: Sequence[Run], items: _Items
 def _row_specs(names: Sequence[str]) -> list[dict]:
   """Table rows: datasets grouped by category, category means (2+ datasets), the Average."""
   specs = []
-  for cat, members in report._grouped({"datasets": dict.fromkeys(names)}):  # pylint: disable=protected-access
+  groups = report._grouped({"datasets": dict.fromkeys(names)})  # pylint: disable=protected-access
+  for cat, members in groups:
     specs.extend({"kind": "dataset", "name": n, "category": cat, "datasets": [n]}
                  for n in members)
     if len(members) > 1:

@@ -283,7 +283,8 @@ def test_cli_prints_table_and_writes_md_json_png(tests, tmp_path, capsys):
   out = tmp_path / "cmp"
   assert compare.main([str(tmp_path / "base"), str(tmp_path / "kd"), "--out", str(out)]) == 0
   printed = capsys.readouterr().out
-  assert "| Category | Dataset | Items × seeds | base (baseline) | kd | Δ kd (95% CI) |" in printed
+  header = "| Category | Dataset | Items × seeds | base (baseline) | kd | Δ kd (95% CI) |"
+  assert header in printed
   assert "| basic | sc/sst2 | 40 × 1 |" in printed
   assert "**Average** (2 of 12 datasets)" in printed
   assert (out / "compare.md").read_text(encoding="utf-8").count("| fine-grained |") == 1
@@ -301,3 +302,21 @@ def test_cli_prints_table_and_writes_md_json_png(tests, tmp_path, capsys):
     compare.main([str(tmp_path / "base"), str(tmp_path / "kd"), "--resamples", "100"])
   assert compare.main([str(tmp_path / "base"), str(tmp_path / "nope")]) == 2
   assert "nope: no such run directory" in capsys.readouterr().err
+
+
+def test_malformed_inputs_name_the_file(tmp_path):
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match=r"empty: no results\.json, sentibench/step_N"):
+    compare.load_run(tmp_path / "empty")
+  for name, body, match in (
+      ("nodata", {"average": 1.0}, r"nodata/results\.json: no 'datasets' mapping"),
+      ("badseed", {"datasets": {SST2: {"seeds": {"x": 1.0}, "mean": 1.0}}},
+       r"badseed/results\.json: datasets\['sc/sst2'\]\['seeds'\] needs integer seeds")):
+    scorer.write_json(tmp_path / name / "results.json", body)
+    with pytest.raises(ValueError, match=match):
+      compare.load_run(tmp_path / name)
+  (tmp_path / "rows").mkdir()
+  (tmp_path / "rows" / "p.jsonl").write_text('{"index": 0, "gold": "a", "prediction": "a"}\n'
+                                             '{"index": 0, "gold": "a"}\n', encoding="utf-8")
+  with pytest.raises(ValueError, match=r"p\.jsonl:2: row lacks \['prediction'\]"):
+    compare.read_predictions(str(tmp_path / "rows" / "p.jsonl"))
