@@ -116,6 +116,7 @@ def resolve_tasks(spec: ICLSpec) -> tuple[list[tasks.TaskSpec], list[tasks.TaskS
   """
   templates = sentibench.load_templates(None)
   registry = tasks.discover(spec.task_dirs, templates)
+  selected = registry.select(spec.tasks)  # unknown names fail first
   sb = _sentibench(spec, templates)
   known = {**sb.tasks, **registry.tasks}  # a task_dirs task wins a name clash
   held: dict[str, tasks.TaskSpec] = {}
@@ -131,7 +132,7 @@ def resolve_tasks(spec: ICLSpec) -> tuple[list[tasks.TaskSpec], list[tasks.TaskS
     elif tasks.is_family(entry):
       log.info("icl.heldout %s: %s", entry, ", ".join(names))
     held.update((n, known[n]) for n in names if n not in held)
-  sources = [t for t in registry.select(spec.tasks) if t.name not in held]
+  sources = [t for t in selected if t.name not in held]
   if not sources:
     raise ValueError(f"no source tasks left: icl.tasks={spec.tasks!r} minus icl.heldout="
                      f"{','.join(spec.heldout)!r} (registered: {', '.join(registry.names())})")

@@ -259,8 +259,8 @@ def test_heldout_task_type_spans_every_task_dir(shared_dir):
 
 def test_missing_sentibench_dir_stops_unless_leak_check_is_off(tmp_path, caplog):
   nowhere = tmp_path / "nowhere"
-  with pytest.raises(FileNotFoundError, match=r"eval.data_dir='.*nowhere'.*not found.*"
-                                              r"--config.eval.data_dir.*--config.icl.leak_check=off"):
+  with pytest.raises(FileNotFoundError, match=r"eval.data_dir='.*nowhere'.*not found.*--config"
+                                              r".eval.data_dir.*--config.icl.leak_check=off"):
     _resolve(heldout="sc/movies", data_dir=str(nowhere))
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="holds no SentiBench dataset"):

@@ -15,7 +15,7 @@ SAME = [
      "we've been twice"),
     ("I 'm sure I 'd go , but I wo n't", "I'm sure I'd go, but I won't"),
     ("We 're gon na love it", "we're gonna love it"),
-    ("The lobster -LRB- special of the day -RRB- was ok", "The lobster (special of the day) was ok"),
+    ("The lobster -LRB- special -RRB- was ok", "The lobster (special) was ok"),
     ("A -LSB- sic -RSB- note -LCB- x -RCB-", "A [sic] note {x}"),
     ("He said `` wow '' loudly", 'He said "wow" loudly'),
     ("He said \u201cwow\u201d loudly", "He said 'wow' loudly"),
