@@ -107,3 +107,69 @@ def initialize(dist_cfg: Any) -> DistributedSpec:
   if spec.enabled:
     jax.distributed.initialize(**spec.initialize_kwargs())
   return spec
+
+
+
+def process_index_and_count() -> tuple[int, int]:
+  """(this process's index, number of processes): (0, 1) without jax.distributed."""
+  return jax.process_index(), jax.process_count()
+
+
+def _client():
+  """The jax.distributed coordination client (None when not initialised)."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+  return jax_distributed.global_state.client
+
+
+_calls: dict[str, int] = {}
+
+
+def _unique(name: str) -> str:
+  """`name` made unique per call (every process makes the same calls in the same order)."""
+  _calls[name] = _calls.get(name, 0) + 1
+  return f"sentijax/{name}/{_calls[name]}"
+
+
+def barrier(name: str, timeout_s: float = 7 * 24 * 3600.0) -> None:
+  """Every process waits here until all have arrived (no-op on one process).
+
+  Through the coordination service, not a device collective: a process may wait hours for a
+  slower one (CPU collectives time out far sooner), and a process that died fails the wait once
+  the service has noticed (its heartbeat timeout) instead of hanging.
+  """
+  if jax.process_count() == 1:
+    return
+  client = _client()
+  if client is None:  # a multi-process runtime without jax.distributed: a device collective
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(_unique(name), int(timeout_s * 1000))
+
+
+def check_same_on_all_processes(value: str, what: str, timeout_s: float = 600.0) -> None:
+  """Raises DistributedConfigError unless every process passes the same `value` (all wait for
+  all, like a barrier); `what` names it in the error."""
+  if jax.process_count() == 1:
+    return
+  import hashlib  # pylint: disable=import-outside-toplevel
+  digest = hashlib.sha256(value.encode("utf-8")).hexdigest()
+  client = _client()
+  if client is None:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    mine = np.frombuffer(bytes.fromhex(digest)[:8], np.uint32)
+    digests = [bytes(np.asarray(x).tobytes()).hex() for x in
+               np.asarray(multihost_utils.process_allgather(mine))]
+  else:
+    key = _unique(f"same/{what}")
+    client.key_value_set(f"{key}/{jax.process_index()}", digest)
+    digests = [client.blocking_key_value_get(f"{key}/{i}", int(timeout_s * 1000))
+               for i in range(jax.process_count())]
+  if len(set(digests)) > 1:
+    groups: dict[str, list[int]] = {}
+    for index, d in enumerate(digests):
+      groups.setdefault(d, []).append(index)
+    raise DistributedConfigError(
+        f"processes disagree on {what}: process groups {sorted(groups.values())} see different "
+        "values; give every process the same config, inputs and workdir")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 class TeacherError(RuntimeError):
@@ -65,9 +66,14 @@ class Completion:
   unmapped: int = 0
 
 
-def record_key(prompt: str, sampling: Sampling) -> str:
-  """The id of a generated record: a hash of the prompt and the sampling settings."""
-  blob = json.dumps({"prompt": prompt, "sampling": sampling.to_json()}, sort_keys=True)
+def record_key(prompt: str, sampling: Sampling, settings: Mapping[str, Any] | None = None) -> str:
+  """The id of a generated record: a hash of the prompt, the sampling settings and `settings`
+  (everything else that changes an answer: backend, model, endpoint, system prompt, logprobs;
+  `generate.answer_settings`). None hashes prompt + sampling only (callers that key by hand)."""
+  payload = {"prompt": prompt, "sampling": sampling.to_json()}
+  if settings is not None:
+    payload["settings"] = dict(settings)
+  blob = json.dumps(payload, sort_keys=True)
   return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
 

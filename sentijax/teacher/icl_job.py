@@ -40,12 +40,13 @@ def build_items(config, tokenizer, sampling: Sampling) -> tuple[list[gen.Item], 
   train, val, stats = icldist.gold_records(spec, sources, forbidden, _length_fn(tokenizer),
                                            int(config.data.seq_len))
   labels = {t.name: t.labels for t in sources}
+  settings = gen.answer_settings(config)  # part of every record id
   items = []
   for r in train + val:
     label_map = r.meta.get("label_map") or {}
     shown = [" " + label_map.get(label, label) for label in labels[r.meta["task"]]]
     meta = dict(r.meta) | {"source_id": r.id, "gold": r.response, "verbalizers": shown}
-    items.append(gen.Item(record_key(r.prompt, sampling), r.prompt, meta))
+    items.append(gen.Item(record_key(r.prompt, sampling, settings), r.prompt, meta))
   unique = {i.id: i for i in items}  # the same prompt drawn twice is asked once
   return list(unique.values()), stats
 
@@ -89,6 +90,7 @@ def run(config) -> dict:
     gc = config.generate
     exact = getattr(teacher, "next_logprobs", None)  # local: no per-token top-N needed
     summary = gen.generate(items, teacher, sampling, workdir, logprobs=0 if exact else logprobs,
+                           settings=gen.answer_settings(config),
                            leak_checker=checker, progress=bool(gc.progress),
                            extra_summary={"icl": stats},
                            postprocess=verbalizer_probs(tokenizer, exact)

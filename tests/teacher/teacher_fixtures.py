@@ -115,11 +115,13 @@ class FaultProxy:
 
 class ScriptedServer:
   """A stand-in OpenAI /v1/completions server on 127.0.0.1 (no model): `script(n, body)` gives
-  request n either None (answer: `answer(prompt)`) or (status, headers, text). Arrival times
-  (time.time()) and bodies of every request are kept; answers take `delay_s`."""
+  request n either None (answer: `answer(prompt)`), "hold" (answer once `release` is set) or
+  (status, headers, text). Arrival times (time.time()) and bodies of every request are kept;
+  answers take `delay_s`."""
 
   def __init__(self, script=lambda n, body: None, delay_s: float = 0.0):
     self.script, self.delay_s = script, delay_s
+    self.release = threading.Event()
     self.lock = threading.Lock()
     self.arrivals: list[tuple[float, int, dict]] = []  # (time, n, body)
     self.replies: list[tuple[float, int, int]] = []  # (time sent, n, status)
@@ -137,6 +139,9 @@ class ScriptedServer:
           n = len(server.arrivals)
           server.arrivals.append((time.time(), n, body))
         plan = server.script(n, body)
+        if plan == "hold":
+          server.release.wait()
+          plan = None
         if plan is None:
           time.sleep(server.delay_s)
           status, headers = 200, {}
@@ -162,6 +167,7 @@ class ScriptedServer:
     threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
   def stop(self):
+    self.release.set()
     self.httpd.shutdown()
     self.httpd.server_close()
 

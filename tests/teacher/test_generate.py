@@ -15,8 +15,9 @@ import pytest
 
 from teacher import teacher_fixtures as fx
 from sentijax import serve
+from sentijax.teacher import corpus as corpus_lib
 from sentijax.teacher import generate, inputs
-from sentijax.teacher.common import Sampling, TeacherConfigError
+from sentijax.teacher.common import Sampling, TeacherConfigError, record_key
 from sentijax.teacher.openai_api import OpenAITeacher
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -171,10 +172,13 @@ def test_sigkill_and_restart_equal_uninterrupted_run(server, reference, tmp_path
     assert done.returncode == 0, outputs[-1][-3000:]
   finally:
     proxy.stop()
-  got = {r["id"]: r["response"] for r in _corpus(workdir)}
-  ref = {r["id"]: r["response"] for r in _corpus(ref_dir)}
+  # By prompt: the ids differ from the reference's (base_url, the proxy's, is in the id).
+  got = {r["prompt"]: r["response"] for r in _corpus(workdir)}
+  ref = {r["prompt"]: r["response"] for r in _corpus(ref_dir)}
   assert len(_corpus(workdir)) == len(got) == len(items)  # no duplicates
-  assert got == ref and len(set(got.values())) > 1  # same keys, same (varied) texts
+  assert got == ref and len(set(got.values())) > 1  # same prompts, same (varied) texts
+  assert all(r["id"] == record_key(r["prompt"], sampling, r["meta"]["settings"])
+             and r["meta"]["settings"]["base_url"] == proxy.url for r in _corpus(workdir))
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["skipped"] == 3 and summary["written"] == len(items) - 3
   for path in workdir.rglob("*"):
@@ -249,3 +253,116 @@ def test_refused_requests_stop_the_job(tmp_path, status):
     srv.shutdown()
   assert len(hits) < 10  # the requests already in flight, not one per prompt, and no retries
   assert _corpus(tmp_path) == [] and _rejects(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Record ids and reruns: everything that changes an answer is in the id, and a workdir holds
+# the records of one set of settings.
+
+
+def _knowdist_config(**overrides):
+  config = _load_config("generate_knowdist")
+  config.teacher.backend, config.teacher.model = "openai", "fake"
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+SETTING_CHANGES = [("teacher.backend", "local"), ("teacher.model", "other"),
+                   ("teacher.base_url", "http://10.0.0.9:8000/v1"),
+                   ("teacher.endpoint", "completions"), ("teacher.system_prompt", "Be brief."),
+                   ("teacher.tokenizer", "/models/tok"), ("generate.logprobs", 5),
+                   ("sampling.temperature", 0.3), ("sampling.seed", 9)]
+
+
+@pytest.mark.parametrize("key, value", SETTING_CHANGES, ids=[k for k, _ in SETTING_CHANGES])
+def test_record_ids_cover_every_answer_setting(key, value):
+  def ids(config):
+    items = generate.knowdist_items(TEXTS, PERSPECTIVES, Sampling.from_config(config.sampling),
+                                    generate.answer_settings(config))
+    return [i.id for i in items]
+  base, changed = ids(_knowdist_config()), ids(_knowdist_config(**{key: value}))
+  assert base == ids(_knowdist_config()) and not set(base) & set(changed)
+
+
+def test_local_teacher_ids_cover_model_and_chat_template():
+  local = {"teacher.backend": "local"}
+  settings = [generate.answer_settings(_knowdist_config(**local | extra)) for extra in (
+      {}, {"model.init": "/models/a"}, {"model.preset": "small"}, {"teacher.chat_template": True},
+      {"model.dtype": "bfloat16"}, {"seed": 5})]
+  assert len({json.dumps(s, sort_keys=True) for s in settings}) == len(settings)
+
+
+def _scripted_run(server, workdir, system_prompt="", logprobs=0):
+  config = _knowdist_config(**{"teacher.base_url": server.url, "teacher.endpoint": "completions",
+                               "teacher.system_prompt": system_prompt,
+                               "generate.logprobs": logprobs})
+  settings = generate.answer_settings(config)
+  items = generate.knowdist_items(TEXTS, PERSPECTIVES, SAMPLING, settings)
+  teacher = OpenAITeacher(server.url, "fake", endpoint="completions", concurrency=2)
+  try:
+    return generate.generate(items, teacher, SAMPLING, workdir, settings=settings,
+                             progress=False), items
+  finally:
+    teacher.close()
+
+
+def test_rerun_with_other_settings_is_refused_naming_them(tmp_path):
+  """Not '0 written, 8 already there': the differing settings are named, nothing is written."""
+  server = fx.ScriptedServer()
+  try:
+    summary, items = _scripted_run(server, tmp_path)
+    assert summary["written"] == len(items) == 8
+    corpus = (tmp_path / "corpus.jsonl").read_bytes()
+    assert all(r["meta"]["settings"]["base_url"] == server.url for r in _corpus(tmp_path))
+    asked = len(server.arrivals)
+    with pytest.raises(corpus_lib.SettingsMismatch,
+                       match=r"8 record\(s\).*teacher.system_prompt='' there, 'Be brief.' now"):
+      _scripted_run(server, tmp_path, system_prompt="Be brief.")
+    with pytest.raises(corpus_lib.SettingsMismatch, match=r"generate.logprobs=0 there, 3 now"):
+      _scripted_run(server, tmp_path, logprobs=3)
+    assert len(server.arrivals) == asked and (tmp_path / "corpus.jsonl").read_bytes() == corpus
+    assert _scripted_run(server, tmp_path)[0]["skipped"] == 8  # same settings: resumes
+    # A corpus from before settings were recorded (ids of prompt + sampling only).
+    old = tmp_path / "old"
+    teacher = OpenAITeacher(server.url, "fake", endpoint="completions")
+    generate.generate(generate.knowdist_items(TEXTS, PERSPECTIVES, SAMPLING), teacher, SAMPLING,
+                      old, progress=False)
+    with pytest.raises(corpus_lib.SettingsMismatch, match="records no answer settings"):
+      _scripted_run(server, old)
+  finally:
+    server.stop()
+
+
+def test_generate_icl_rerun_with_logprobs(teacher_dir, tmp_path):
+  """generate_icl without logprobs, then with them in the same workdir: refused with the setting
+  named (the old job wrote '0 written' and teacher_probs then failed); in a new workdir every
+  classification record gets its distribution and icl.target=teacher_probs reads them."""
+  from sentijax.data import icl
+  from sentijax.teacher import icl_job
+  from sentijax.train import icldist
+  config = _load_config("generate_icl")
+  config.workdir, config.model.init = str(tmp_path / "a"), str(teacher_dir)
+  config.icl.num_prompts, config.sampling.max_tokens = 3, 2
+  config.generate.leak_check, config.generate.progress = "off", False
+  config.generate.logprobs = 0
+  first = icl_job.run(config)
+  assert first["written"] == first["items"] >= 2
+  assert not any("teacher_probs" in r["meta"] for r in _corpus(tmp_path / "a"))
+  config.generate.logprobs = 20
+  with pytest.raises(corpus_lib.SettingsMismatch, match=r"generate.logprobs=0 there, 20 now"):
+    icl_job.run(config)
+  config.workdir = str(tmp_path / "b")
+  assert icl_job.run(config)["written"] == first["items"]
+  records = _corpus(tmp_path / "b")
+  assert all(r["meta"]["teacher_probs"] for r in records)
+  config.icl.target, config.icl.teacher_corpus = "teacher_probs", str(tmp_path / "b/corpus.jsonl")
+  spec = icldist.ICLSpec.from_config(config)
+  sources, heldout, groups = icldist.resolve_tasks(spec)
+  train, val, _ = icldist.teacher_records(spec, sources, heldout,
+                                          icl.forbidden_sentences(groups))
+  assert len(train) + len(val) == len(records)
