@@ -132,3 +132,28 @@ def test_two_processes_sigkill_then_rerun_write_every_input_once(tmp_path):
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["processes"] == 2 and summary["corpus_records"] == 24
   assert summary["skipped"] == len(before) and summary["written"] == 24 - len(before)
+
+
+def test_generate_icl_on_two_processes_equals_one(tmp_path):
+  """generate_icl (ICL prompts of the demo tasks) on 2 processes writes the corpus one process
+  writes: the same records in the same (item) order, each prompt asked once."""
+  from sentijax.teacher import icl_job
+  server = fx.ScriptedServer()
+  extra = ["--config.icl.num_prompts=8", "--config.generate.logprobs=0"]
+  try:
+    _finish(_start(_args("generate_icl", tmp_path / "multi", server.url, extra)))
+    asked = [body["prompt"] for _, _, body in server.arrivals]
+    spec = importlib.util.spec_from_file_location("cfg_gicl", REPO / "configs/generate_icl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.workdir, config.teacher.backend = str(tmp_path / "one"), "openai"
+    config.teacher.base_url, config.teacher.model = server.url, "fake"
+    config.teacher.concurrency, config.generate.leak_check = 1, "off"
+    config.generate.progress, config.icl.num_prompts, config.generate.logprobs = False, 8, 0
+    icl_job.run(config)
+  finally:
+    server.stop()
+  multi, one = _records(tmp_path / "multi/corpus.jsonl"), _records(tmp_path / "one/corpus.jsonl")
+  assert len(one) >= 6 and multi == one
+  assert sorted(asked) == sorted(r["prompt"] for r in one)  # split, not repeated
