@@ -197,6 +197,16 @@ class _Dataset:
     return metric_fn(self.metric)(golds, preds)
 
 
+def dataset_metric(runs: Sequence[Run], name: str) -> str:
+  """The metric a results file records for `name` (held-out tasks outside SentiBench record
+  theirs), else SentiBench's; runs that disagree are refused."""
+  recorded = {r.results["datasets"][name].get("metric") for r in runs
+              if name in r.results.get("datasets", {})} - {None}
+  if len(recorded) > 1:
+    raise ValueError(f"{name}: the runs record different metrics {sorted(recorded)}")
+  return recorded.pop() if recorded else metrics.metric_of(name)
+
+
 def metric_fn(metric: str) -> Callable[[Sequence[Any], Sequence[Any]], float]:
   """(metric-ready golds, preds) -> score x100 with the scorer's metric functions."""
   if metric == "macro_f1":
@@ -284,7 +294,7 @@ def _dataset(runs: Sequence[Run], name: str, seeds: list[str], items: _Items
   """A dataset's items on the intersection of every run's items (None without predictions)."""
   if any(r.predictions_dir is None for r in runs):
     return None, []  # noted once per run
-  metric = metrics.metric_of(name)
+  metric = dataset_metric(runs, name)
   loaded: dict[str, dict[str, tuple[str, dict]]] = {}
   for run in runs:
     for seed in seeds:
@@ -437,7 +447,7 @@ def compare(runs: Sequence[Run], baseline: int = 0, resamples: int = MIN_RESAMPL
   for k, spec in enumerate(specs):
     members = [datasets[n] for n in spec["datasets"]]
     has_ci = all(d is not None for d in members)
-    row = dict(spec, metric=(metrics.metric_of(spec["name"]) if spec["kind"] == "dataset"
+    row = dict(spec, metric=(dataset_metric(runs, spec["name"]) if spec["kind"] == "dataset"
                              and has_ci else None),
                items=sum(len(d.indices) for d in members) if has_ci else None,
                seeds=sorted({s for n in spec["datasets"] for s in seeds[n]}, key=int),

@@ -83,9 +83,10 @@ def score_tasks(model_cfg: models.ModelConfig, params: Any, tokenizer,
                 specs: Sequence[tasks.TaskSpec], templates: dict, seeds: Sequence[int],
                 max_examples: int, batch_size: int, mesh=None, max_new_tokens: int = 150,
                 rules=None, loaded: dict[str, sentibench.Task] | None = None,
-                run: scorer.RunSettings | None = None, compiled: dict | None = None) -> dict:
-  """Scores every task x seed; `loaded` caches the loaded tasks and `compiled` the batch shapes
-  between calls; `run`: see `score_task`."""
+                run: scorer.RunSettings | None = None, compiled: dict | None = None
+                ) -> tuple[dict, dict[tuple[str, int], list[dict]]]:
+  """(results, {(task, seed): prediction rows}) of every task x seed; `loaded` caches the
+  loaded tasks and `compiled` the batch shapes between calls; `run`: see `score_task`."""
   loaded = {} if loaded is None else loaded
   run = run or scorer.RunSettings()
   compiled = {} if compiled is None else compiled
@@ -93,6 +94,7 @@ def score_tasks(model_cfg: models.ModelConfig, params: Any, tokenizer,
   if any(s.kind == "extraction" for s in specs):
     stops = batching.stop_tokens(tokenizer, model_cfg, run.generation)
   results: dict[str, Any] = {"datasets": {}}
+  predictions: dict[tuple[str, int], list[dict]] = {}
   for spec in specs:
     if spec.name not in loaded:
       loaded[spec.name] = tasks.load_task(spec)
@@ -102,20 +104,26 @@ def score_tasks(model_cfg: models.ModelConfig, params: Any, tokenizer,
                                seed, max_examples, batch_size, mesh, max_new_tokens, stops, rules,
                                run, compiled)
       per_seed[str(seed)] = float(value)
+      predictions[(spec.name, seed)] = rows
       if spec.kind == "classification":
         acc.append(_accuracy(rows))
-    entry = {"seeds": per_seed, "mean": float(np.mean(list(per_seed.values())))}
+    entry = {"seeds": per_seed, "mean": float(np.mean(list(per_seed.values()))),
+             "metric": spec.metric}
     if acc:
       entry["accuracy"] = float(np.mean(acc))
     results["datasets"][spec.name] = entry
   results["average"] = float(np.mean([d["mean"] for d in results["datasets"].values()]))
-  return results
+  results["aggregation"] = "mean"
+  results["settings"] = scorer.protocol_settings(templates, max_new_tokens, run.generation,
+                                                 run.cleanup)
+  return results, predictions
 
 
 def heldout_hook(config, model_cfg: models.ModelConfig, tokenizer,
                  specs: Sequence[tasks.TaskSpec]) -> Callable[[int, Any], dict]:
   """(step, params) -> {"sentibench/<task>": score, "sentibench/average": ...}; each result is
-  also written to <workdir>/sentibench/step_<N>.json. Seeds etc. from `config.eval`."""
+  also written to <workdir>/sentibench/step_<N>.json and its predictions to
+  sentibench/predictions/step_<N>/ (for `sentijax.compare`). Seeds etc. from `config.eval`."""
   ec = config.eval
   mesh = sharding.make_mesh(config.mesh, model_cfg=model_cfg)  # the training loop's mesh
   templates = sentibench.load_templates(ec.templates or None)
@@ -126,11 +134,14 @@ def heldout_hook(config, model_cfg: models.ModelConfig, tokenizer,
   compiled: dict = {}
 
   def hook(step: int, params: Any) -> dict:
-    results = score_tasks(model_cfg, params, tokenizer, specs, templates, seeds,
+    results, predictions = score_tasks(model_cfg, params, tokenizer, specs, templates, seeds,
                           int(ec.max_examples), int(ec.batch_size), mesh, int(ec.max_new_tokens),
                           config.sharding_rules, loaded, run, compiled)
     if jax.process_index() == 0:
       scorer.write_json(out_dir / f"step_{step}.json", results)
+      for (name, seed), rows in predictions.items():
+        scorer.write_jsonl(scorer.predictions_path(out_dir / "predictions" / f"step_{step}",
+                                                   name, seed), rows)
       log.info("held-out at step %d: %s", step, ", ".join(
           f"{n} {d['mean']:.2f}" for n, d in results["datasets"].items()))
     scalars = {f"sentibench/{name}": d["mean"] for name, d in results["datasets"].items()}

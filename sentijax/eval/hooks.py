@@ -17,7 +17,8 @@ def sentibench_hook(config, model_cfg: models.ModelConfig, tokenizer
   Datasets from `eval.during_training` (comma list), seeds/max_examples/batch size and the
   fidelity settings (generation config of the `model.init` directory, decode clean-up,
   aggregation) from `eval.*`, as the sentibench job applies them; each result is also written
-  to <workdir>/sentibench/step_<N>.json. Batch shapes compiled at one step are reused later.
+  to <workdir>/sentibench/step_<N>.json, its predictions to sentibench/predictions/step_<N>/
+  (what `sentijax.compare` needs for confidence intervals). Batch shapes compiled at one step are reused later.
   """
   ec = config.eval
   mesh = sharding.make_mesh(config.mesh, model_cfg=model_cfg)  # the training loop's mesh
@@ -32,7 +33,8 @@ def sentibench_hook(config, model_cfg: models.ModelConfig, tokenizer
                            rules=config.sharding_rules, generation=run.generation,
                            decode_cleanup=run.cleanup, aggregation=str(ec.aggregation),
                            compile_cost=run.compile_cost, compiled=compiled,
-                           shared_prefix=run.shared_prefix)
+                           shared_prefix=run.shared_prefix,
+                           predictions_dir=out_dir / "predictions" / f"step_{step}")
     if jax.process_index() == 0:
       scorer.write_json(out_dir / f"step_{step}.json", results)
     scalars = {f"sentibench/{name}": d["mean"] for name, d in results["datasets"].items()}

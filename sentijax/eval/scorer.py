@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -373,4 +375,19 @@ def score(model_cfg: models.ModelConfig, params: PyTree, tokenizer, data_dir: st
       if progress and jax.process_index() == 0:
         log.info("%s seed %d: %.2f", name, seed, value)
     per_dataset[name] = per_seed
-  return report.aggregate(per_dataset, aggregation)
+  results = report.aggregate(per_dataset, aggregation)
+  results["settings"] = protocol_settings(templates, max_new_tokens, generation, cleanup)
+  return results
+
+
+def protocol_settings(templates: dict, max_new_tokens: int,
+                      generation: gen_lib.GenerationSettings | None, cleanup: bool) -> dict:
+  """What makes two runs' scores comparable besides the items: the prompt templates (k shots
+  and a digest of the instructions and formats), the decoding budget and generation config."""
+  generation = generation or gen_lib.GenerationSettings()
+  digest = hashlib.sha256(json.dumps(templates, sort_keys=True, default=str).encode())
+  return {"templates": digest.hexdigest()[:16], "k_shot": int(templates["k_shot"]),
+          "max_new_tokens": int(max_new_tokens),
+          "repetition_penalty": float(generation.repetition_penalty),
+          "eos_token_ids": sorted(int(i) for i in (generation.eos_token_ids or ())),
+          "decode_cleanup": bool(cleanup)}

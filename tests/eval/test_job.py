@@ -50,7 +50,12 @@ def test_job_end_to_end(model_dir, sentibench_dir, tmp_path, capsys):
   out = tmp_path / "out"
   on_disk = json.loads((out / "results.json").read_text(encoding="utf-8"))
   assert on_disk == results
-  assert set(results) == {"datasets", "average", "aggregation"} and list(results["datasets"]) == list(DATASETS)
+  assert set(results) == {"datasets", "average", "aggregation", "settings"}
+  assert list(results["datasets"]) == list(DATASETS)
+  # What sentijax.compare refuses to compare across: k, templates, decoding budget, generation.
+  settings = results["settings"]
+  assert settings["k_shot"] == 4 and settings["max_new_tokens"] == 20, settings
+  assert len(settings["templates"]) == 16 and settings["repetition_penalty"] == 1.0
   for entry in results["datasets"].values():
     assert set(entry) == {"seeds", "mean"} and set(entry["seeds"]) == {"42"}
     assert 0.0 <= entry["mean"] <= 100.0

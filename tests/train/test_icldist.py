@@ -17,6 +17,7 @@ import safetensors.numpy
 
 from sentijax import models
 from sentijax.data import records, tasks
+from sentijax.eval import compare
 from sentijax.train import icldist, losses, step
 from tolerances import assert_trees_close
 
@@ -68,6 +69,12 @@ def test_gold_raises_heldout_accuracy_on_an_unseen_task(tmp_path, caplog):
   f1_0, f1_1 = before["sc/movies"]["mean"], after["sc/movies"]["mean"]
   assert f1_1 >= f1_0 + 10.0, (f1_0, f1_1)
   assert after["sc/movies"]["accuracy"] >= before["sc/movies"]["accuracy"]
+  # The hook wrote predictions: the before/after delta gets a paired-bootstrap CI above 0.
+  runs = [compare.load_run(tmp_path / "sentibench" / f"step_{n}.json") for n in (0, 300)]
+  row = next(r for r in compare.compare(runs)["rows"] if r["name"] == "sc/movies")
+  delta = row["deltas"][runs[1].label]
+  assert row["items"] == 60 and abs(delta["delta"] - (f1_1 - f1_0)) < 1e-6 * abs(f1_1), delta
+  assert 0 < delta["ci_low"] < delta["delta"] < delta["ci_high"], delta
   stats = json.loads((tmp_path / "data_stats.json").read_text())
   assert stats["heldout"] == ["sc/movies"] and "sc/movies" not in stats["tasks"]
   assert stats["train"]["dropped_too_long"] == 0 and stats["train"]["truncated_prompt"] == 0
