@@ -2,18 +2,28 @@
 with logprobs, the teacher's distribution over the verbalizers (`meta.teacher_probs`).
 
 Default (offline, ~1 min on 2 cores): a random `tiny` local teacher answers 64 greedy prompts
-built from the demo tasks of the package into runs/generate_icl/corpus.jsonl; rerunning adds
-nothing. Train on it with
+built from the demo tasks of the package into runs/generate_icl/corpus.jsonl (rerunning adds
+nothing); the second command trains ICLDist on it:
 
   python -m sentijax.main --config=configs/generate_icl.py
   python -m sentijax.main --config=configs/icldist.py --config.icl.target=teacher_probs \
     --config.icl.teacher_corpus=runs/generate_icl/corpus.jsonl
 
-A served teacher (raw prompts: the completions endpoint; its tokenizer maps logprob strings):
+A served teacher (raw prompts: the completions endpoint; its tokenizer maps logprob strings) on
+real source tasks: the SentiBench train splits and ../shared/icl_sources, the held-out tasks
+removed (the config's own icl.tasks / icl.heldout name the package demo tasks, which are not in
+these dirs, so both are given). Extraction tasks (atsa, acsa, asqp, ...) get no
+meta.teacher_probs; with icl.target=teacher_probs those records train on CE only and are counted
+(data_stats.json: icl.no_distribution):
 
   python -m sentijax.main --config=configs/generate_icl.py --config.teacher.backend=openai \
     --config.teacher.base_url=http://127.0.0.1:8000/v1 --config.teacher.model=MODEL \
-    --config.teacher.tokenizer=/models/MODEL --config.icl.task_dirs=../shared/icl_sources
+    --config.teacher.tokenizer=/models/MODEL --config.workdir=runs/generate_icl-served \
+    --config.icl.task_dirs=../shared/sentibench,../shared/icl_sources --config.icl.tasks=all \
+    --config.icl.heldout=sc/sst2,multifaced/irony18,absa/atsa_rest16
+
+Train on it as above, with icl.teacher_corpus=runs/generate_icl-served/corpus.jsonl and the same
+icl.task_dirs and icl.heldout.
 """
 import ml_collections
 
@@ -35,8 +45,8 @@ def get_config():
   c.sampling.stop = "\n"
   c.serve = teacher_config.serve()
   c.icl = base_config.icl()
-  # Classification tasks only: icl.target=teacher_probs needs a verbalizer distribution in
-  # every record (extraction tasks such as atsa/cafe have none; use icl.target=teacher there).
+  # Classification tasks: their records carry a verbalizer distribution (extraction tasks such
+  # as atsa/cafe have none; with icl.target=teacher_probs they would train on CE only).
   c.icl.tasks = "sc/products,sc/restaurants,emotion/chat"
   c.icl.heldout = "sc/movies"
   c.icl.num_prompts = 64

@@ -44,12 +44,17 @@ Probabilities must be finite, >= 0, and sum to <= 1 per position (a top-K trunca
 mass out). Without soft targets rows and batches carry only the five fields above.
 
 Per record: with `chat_template=True` and a tokenizer that has one, the conversation
-[user: prompt (or record.messages), assistant: response] is rendered with the chat template; the
-prompt rendering with add_generation_prompt=True marks where the loss starts (prompt and response
-strings are tokenised separately, exactly as the student sees them at generation time). Otherwise
-raw: [bos] + tok(prompt) + tok(response) + [eos], loss on the response tokens and eos. A sequence
-of n tokens becomes one example of n - 1 positions (inputs = tokens[:-1], targets = tokens[1:],
-weights = loss_mask[1:]), so a sequence fits a row when n - 1 <= seq_len.
+[user: prompt (or record.messages), assistant: response] is rendered with the chat template: the
+prompt rendering with add_generation_prompt=True, then the template's own text before the
+assistant's content (prompt too: e.g. Qwen3's empty think block), then the response string as it
+is (a template that trims content would otherwise turn " positive" into "positive", a token
+SentiBench never scores), then the end of turn; the loss covers the response and the end of turn.
+Each piece is tokenised on its own, as the student sees the prompt at generation time (stats
+count the rare templates that render the prompt differently once answered, or rewrite the
+content). Otherwise raw: [bos] + tok(prompt) + tok(response) + [eos], loss on the response tokens
+and eos. `sequence_length_fn` gives the token count of a (prompt, response) by the same code.
+A sequence of n tokens becomes one example of n - 1 positions (inputs = tokens[:-1], targets =
+tokens[1:], weights = loss_mask[1:]), so a sequence fits a row when n - 1 <= seq_len.
 
 Pre-tokenised records (`Record.tokens`, e.g. from the offline top-k store): their token ids and
 loss mask are used as they are (the teacher's ids: re-tokenising text could shift positions);
@@ -264,26 +269,106 @@ def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
   return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
-def _render_chat(tokenizer: Any, record: Record) -> tuple[str, str]:
-  """(prompt rendering with generation prompt, full rendering with the assistant turn)."""
+# Stands in for the assistant's content when locating it in the template's rendering: no
+# whitespace at its ends (templates that trim content keep it whole), nothing a template parses.
+_CONTENT_MARK = "@@sentijax-response-7d1c@@"
+
+
+def _render(tokenizer: Any, record: Record, answer: str | None) -> str:
+  """The conversation rendered with the generation prompt (answer None) or answered."""
   conversation = record.messages or [{"role": "user", "content": record.prompt}]
-  prompt_text = tokenizer.apply_chat_template(conversation, tokenize=False,
-                                              add_generation_prompt=True)
-  full_text = tokenizer.apply_chat_template(
-      conversation + [{"role": "assistant", "content": record.response}], tokenize=False)
-  return prompt_text, full_text
+  if answer is None:
+    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+  return tokenizer.apply_chat_template(
+      conversation + [{"role": "assistant", "content": answer}], tokenize=False)
 
 
-def _chat_sequence(p_ids: list[int], t_ids: list[int], split_ok: bool, stats: dict
-                  ) -> tuple[list[int], list[int]]:
-  if split_ok:
-    return p_ids + t_ids, [0] * len(p_ids) + [1] * len(t_ids)
-  # The template renders the prompt differently once answered: use the common token prefix.
-  stats["chat_boundary_fallback"] += 1
+def _chat_segments(tokenizer: Any, record: Record) -> tuple[list[tuple[str, int]] | None,
+                                                           tuple[str, str], str]:
+  """How a chat-templated record is tokenised: (segments, (prompt, full) renderings, outcome).
+
+  segments: [(text, loss bit)], each text tokenised on its own, or None when the template
+  renders the prompt differently once answered (then the common token prefix of the two
+  renderings marks the boundary). The template's own text before the assistant's content (e.g.
+  Qwen3's empty think block, which its non-thinking generation prompt already holds) is prompt;
+  the content is the record's response string as it is, so a template that trims content does
+  not turn the answer " positive" into "positive" (SentiBench and the soft targets score the
+  first token of " positive"); the end of turn is response. A template that rewrites the content
+  beyond whitespace (outcome "rewritten") keeps its own rendering, all of it response.
+  """
+  prompt_text = _render(tokenizer, record, None)
+  full_text = _render(tokenizer, record, record.response)
+  if not full_text.startswith(prompt_text):
+    return None, (prompt_text, full_text), "fallback"
+  tail = full_text[len(prompt_text):]
+  marked = _render(tokenizer, record, _CONTENT_MARK)
+  parts = marked[len(prompt_text):].split(_CONTENT_MARK)
+  if marked.startswith(prompt_text) and len(parts) == 2:
+    pre, post = parts
+    rendered = tail[len(pre):len(tail) - len(post)]
+    if (tail.startswith(pre) and tail.endswith(post) and len(tail) >= len(pre) + len(post)
+        and rendered.strip() == record.response.strip()):
+      return ([(prompt_text, 0), (pre, 0), (record.response, 1), (post, 1)],
+              (prompt_text, full_text), "split")
+  return [(prompt_text, 0), (tail, 1)], (prompt_text, full_text), "rewritten"
+
+
+def _common_prefix_sequence(p_ids: list[int], t_ids: list[int]) -> tuple[list[int], list[int]]:
   boundary = 0
   while boundary < min(len(p_ids), len(t_ids)) and p_ids[boundary] == t_ids[boundary]:
     boundary += 1
   return t_ids, [0] * boundary + [1] * (len(t_ids) - boundary)
+
+
+def _chat_pairs(tokenizer: Any, records: Sequence[Record], stats: dict
+                ) -> list[tuple[list[int], list[int]]]:
+  """(tokens, loss mask) of chat-templated records; texts tokenised in one batch."""
+  plans = [_chat_segments(tokenizer, r) for r in records]
+  texts: list[str] = []
+  for segments, rendered, outcome in plans:
+    texts.extend([t for t, _ in segments] if segments is not None else list(rendered))
+    if outcome == "fallback":
+      stats["chat_boundary_fallback"] += 1
+    elif outcome == "rewritten":
+      stats["chat_content_rewritten"] += 1
+  ids = iter(_encode_batch(tokenizer, texts))
+  pairs = []
+  for segments, _, _ in plans:
+    if segments is None:
+      pairs.append(_common_prefix_sequence(next(ids), next(ids)))
+      continue
+    tokens, mask = [], []
+    for _, bit in segments:
+      piece = next(ids)
+      tokens += piece
+      mask += [bit] * len(piece)
+    pairs.append((tokens, mask))
+  return pairs
+
+
+def _raw_pairs(tokenizer: Any, records: Sequence[Record]) -> list[tuple[list[int], list[int]]]:
+  """[bos] + prompt + response + [eos]: loss on the response and eos."""
+  bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+  eos_id = tokenizer.eos_token_id
+  return [(bos + p_ids + r_ids + [eos_id], [0] * (len(bos) + len(p_ids)) + [1] * (len(r_ids) + 1))
+          for p_ids, r_ids in zip(_encode_batch(tokenizer, [r.prompt for r in records]),
+                                  _encode_batch(tokenizer, [r.response for r in records]))]
+
+
+def sequence_length_fn(tokenizer: Any, chat_template: bool) -> Callable[[str, str], int]:
+  """(prompt, response) -> the number of tokens `tokenize_records` makes of that record (the
+  same code), for builders that must fit prompts to `data.seq_len` before packing."""
+  use_chat = uses_chat_template(tokenizer, chat_template)
+  if not use_chat and tokenizer.eos_token_id is None:
+    raise DataError("The tokenizer has no eos token; the raw format needs one to end responses.")
+
+  def length(prompt: str, response: str) -> int:
+    record = [Record(id="", prompt=prompt, response=response)]
+    if use_chat:
+      return len(_chat_pairs(tokenizer, record, {"chat_boundary_fallback": 0,
+                                                 "chat_content_rewritten": 0})[0][0])
+    return len(_raw_pairs(tokenizer, record)[0][0])
+  return length
 
 
 def pretokenized_sequence(record: Record, tokenizer: Any, vocab: str) -> TokenizedSequence:
@@ -313,11 +398,10 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, chat_template: b
   if chat_template and not use_chat:
     logger.warning("data.chat_template=True but the tokenizer has no chat template: using the "
                    "raw [bos] prompt response [eos] format.")
-  eos_id = tokenizer.eos_token_id
-  if not use_chat and eos_id is None:
+  if not use_chat and tokenizer.eos_token_id is None:
     raise DataError("The tokenizer has no eos token; the raw format needs one to end responses.")
-  bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-  stats = {"mode": "chat" if use_chat else "raw", "chat_boundary_fallback": 0, "pretokenized": 0}
+  stats = {"mode": "chat" if use_chat else "raw", "chat_boundary_fallback": 0,
+           "chat_content_rewritten": 0, "pretokenized": 0}
   sequences: list[TokenizedSequence] = []
   vocab = (vocab_fingerprint(tokenizer) if any(r.tokens is not None for r in records) else "")
   progress = tqdm(total=len(records), desc="Tokenising", unit="rec", disable=not show_progress)
@@ -326,18 +410,7 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, chat_template: b
              for i, r in enumerate(records[start:start + _TOKENIZE_CHUNK]) if r.tokens is not None}
     stats["pretokenized"] += len(given)
     chunk = [r for r in records[start:start + _TOKENIZE_CHUNK] if r.tokens is None]
-    if use_chat:
-      rendered = [_render_chat(tokenizer, r) for r in chunk]
-      split_ok = [full.startswith(p) for p, full in rendered]
-      tails = [full[len(p):] if ok else full for (p, full), ok in zip(rendered, split_ok)]
-      pairs = [_chat_sequence(p_ids, t_ids, ok, stats) for p_ids, t_ids, ok in zip(
-          _encode_batch(tokenizer, [p for p, _ in rendered]), _encode_batch(tokenizer, tails),
-          split_ok)]
-    else:
-      pairs = [(bos + p_ids + r_ids + [eos_id],
-                [0] * (len(bos) + len(p_ids)) + [1] * (len(r_ids) + 1))
-               for p_ids, r_ids in zip(_encode_batch(tokenizer, [r.prompt for r in chunk]),
-                                       _encode_batch(tokenizer, [r.response for r in chunk]))]
+    pairs = _chat_pairs(tokenizer, chunk, stats) if use_chat else _raw_pairs(tokenizer, chunk)
     made = iter(TokenizedSequence(np.asarray(tokens, np.int32), np.asarray(mask, np.int32))
                 for tokens, mask in pairs)
     n = len(chunk) + len(given)

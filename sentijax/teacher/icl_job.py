@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 
-from sentijax.data import icl
+from sentijax.data import icl, packing
 from sentijax.teacher import generate as gen
 from sentijax.teacher.common import Completion, Sampling, record_key
 from sentijax.train import icldist
@@ -27,9 +27,10 @@ log = logging.getLogger("sentijax")
 
 
 def _length_fn(tokenizer) -> icl.LengthFn:
+  """Tokens of (prompt, answer) under the teacher's tokenizer, raw as the prompts are sent."""
   if tokenizer is None:  # no tokenizer for a remote teacher: ~3 characters per token
     return lambda prompt, answer: (len(prompt) + len(answer)) // 3 + 2
-  return icldist._length_fn(tokenizer, False)  # pylint: disable=protected-access
+  return packing.sequence_length_fn(tokenizer, False)
 
 
 def build_items(config, tokenizer, sampling: Sampling) -> tuple[list[gen.Item], dict]:

