@@ -9,7 +9,9 @@ teacher's tokenizer), sent raw (no chat template). Each record keeps `meta.task`
 teacher's answer with the leading space of a SentiBench answer. With `generate.logprobs=N`,
 classification records get `meta.teacher_probs = {verbalizer: p}`: the teacher's probability of
 each verbalizer's first token at the first answer position (verbalizers absent from the top N get
-none; a first token shared by several verbalizers counts once, for the first).
+none; a first token shared by several verbalizers counts once, for the first). Records with none
+(extraction tasks; no verbalizer in the top N) train on CE only under icl.target=teacher_probs,
+counted in its data_stats.json.
 
     python -m sentijax.main --config=configs/generate_icl.py
 """
