@@ -3,7 +3,8 @@
 Default (offline, ~1 min on 2 cores): a random `tiny` local teacher (tokenizer trained on the demo
 corpus) analyses the 49 demo texts of the package under all seven perspectives (343 records) into
 runs/generate_knowdist/corpus.jsonl; `min_tokens` keeps a random teacher from stopping at once.
-Running it again adds nothing (records are keyed by prompt + sampling):
+Running it again adds nothing (records are keyed by prompt, sampling and the teacher settings;
+a rerun with other settings in the same workdir stops, naming them):
 
   python -m sentijax.main --config=configs/generate_knowdist.py
 
@@ -14,7 +15,8 @@ Against an OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, `sentijax.ser
     --config.teacher.base_url=http://127.0.0.1:8000/v1 --config.teacher.model=MODEL \
     --config.inputs.path=texts.jsonl --config.workdir=runs/kd-corpus
 
-The same file serves a model (`--config.job=serve --config.model.init=HF_DIR`).
+On N processes (`--config.distributed.*`, a workdir every host sees) each asks for its share and
+process 0 merges the parts into one corpus.jsonl. The same file serves a model (`--config.job=serve --config.model.init=HF_DIR`).
 """
 import ml_collections
 

@@ -86,66 +86,28 @@ def test_gold_raises_heldout_accuracy_on_an_unseen_task(tmp_path, caplog):
 # teacher_probs: the KL term.
 
 
-def _kl_inputs():
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(2, 3, 11)).astype(np.float32) * 3
-  ids = np.array([[[1, 4, 0], [2, 3, 5], [0, 0, 0]], [[7, 8, 9], [1, 2, 0], [6, 5, 4]]], np.int32)
-  probs = np.array([[[0.7, 0.3, 0], [0.2, 0.5, 0.3], [0, 0, 0]],
-                    [[0.1, 0.1, 0.8], [0.5, 0.5, 0], [0.6, 0.3, 0.1]]], np.float32)
-  return logits, ids, probs
+def test_teacher_probs_is_the_one_distillation_term(tmp_path):
+  """icl.alpha / icl.temperature / icl.tail are read once into a losses.Distill: forward KL over
+  the verbalizers' first tokens + the "any other answer" bucket, counted wherever a distribution
+  is; gold / teacher targets have none; bad values name the key. (The divergence itself is checked
+  against numpy in tests/train/test_losses.py.)"""
+  def spec(**kw):
+    return icldist.ICLSpec.from_config(_config(tmp_path, **{
+        "icl.target": "teacher_probs", "icl.teacher_corpus": "t.jsonl", **kw}))
+  assert spec(**{"icl.alpha": 0.25, "icl.temperature": 2.0}).distill == losses.Distill(
+      kind="forward", alpha=0.25, temperature=2.0, support="listed", tail="bucket",
+      weighted=False)
+  assert spec(**{"icl.tail": "renorm"}).distill.tail == "renorm"
+  assert spec(**{"icl.target": "gold"}).distill is None
+  for kw, match in (({"icl.tail": "drop"}, r"icl.tail='drop'.*\('bucket', 'renorm'\)"),
+                    ({"icl.tail": "renorm", "icl.soft_width": 1}, "icl.soft_width=1"),
+                    ({"icl.temperature": 0.0}, "icl.temperature"),
+                    ({"icl.alpha": 1.5}, "icl.alpha")):
+    with pytest.raises(ValueError, match=match):
+      spec(**kw)
 
 
-def test_kl_is_zero_when_distributions_match_and_matches_numpy():
-  logits, ids, probs = _kl_inputs()
-  for t in (1.0, 2.0):
-    # Student logits = log(teacher probs) at the listed tokens (others arbitrary): same
-    # distribution over the verbalizers, at any temperature (both are tempered alike).
-    matched = logits.copy()
-    np.put_along_axis(matched, ids, np.log(np.maximum(probs, 1e-30)), axis=-1)
-    kl = np.asarray(losses.verbalizer_kl(jnp.asarray(matched), ids, probs, t))
-    # fp32: each of the <= 3 terms p * (log p - log q) carries a few ulps of |log p| <= ~3,
-    # scaled by t^2; 64 ulps of the largest |log p| per unit t^2 bounds it (~2e-5 t^2), far below
-    # the >1e-3 of any mismatched pair (asserted below).
-    log_p = np.abs(np.log(probs[probs > 0])).max()
-    np.testing.assert_allclose(kl, 0.0, atol=t**2 * 64 * np.finfo(np.float32).eps * log_p)
-  kl = np.asarray(losses.verbalizer_kl(jnp.asarray(logits), ids, probs, 2.0))
-  assert kl[0, 2] == 0.0 and (np.delete(kl.ravel(), 2) > 1e-3).all()
-  # Reference in float64 numpy.
-  for b in range(2):
-    for l in range(3):
-      m = probs[b, l] > 0
-      if not m.any():
-        continue
-      pt = probs[b, l][m].astype(np.float64) ** 0.5
-      pt /= pt.sum()
-      s = logits[b, l][ids[b, l]][m].astype(np.float64) / 2.0
-      ls = s - np.log(np.exp(s - s.max()).sum()) - s.max()
-      ref = 4.0 * np.sum(pt * (np.log(pt) - ls))
-      np.testing.assert_allclose(kl[b, l], ref, rtol=1e-5)  # fp32 vs fp64, a few O(1) terms
-
-
-def test_kl_gradient_matches_finite_differences():
-  logits, ids, probs = _kl_inputs()
-  with jax.enable_x64(True):
-    x = jnp.asarray(logits, jnp.float64)
-    f = lambda z: jnp.sum(losses.verbalizer_kl(z, ids, probs, 1.5))
-    grad = np.asarray(jax.grad(f)(x))
-    eps = 1e-6
-    num = np.zeros_like(grad)
-    for idx in np.ndindex(*x.shape):
-      d = np.zeros(x.shape)
-      d[idx] = eps
-      num[idx] = (float(f(x + d)) - float(f(x - d))) / (2 * eps)
-  # Central differences in float64: error ~eps^2 * f''' + rounding 1e-16 * |f| / eps ~ 1e-10.
-  # The bound is float64 arithmetic, not CPU-dependent fp32 rounding, so 1e-8 holds on any CPU.
-  np.testing.assert_allclose(grad, num, atol=1e-8)
-  assert np.abs(grad).max() > 0.05  # the check is not vacuous
-  not_listed = np.ones(x.shape, bool)
-  np.put_along_axis(not_listed, ids, False, axis=-1)
-  assert (grad[not_listed] == 0).all()  # only the verbalizer tokens get gradient
-
-
-def test_loss_sums_mix_ce_and_kl_and_chunking_agrees():
+def test_loss_sums_mix_ce_and_kl_and_chunking_agrees(tmp_path):
   cfg = models.presets.get("tiny").replace(dtype="float32")
   params = models.init(cfg, 0)
   rng = np.random.default_rng(1)
@@ -157,16 +119,19 @@ def test_loss_sums_mix_ce_and_kl_and_chunking_agrees():
            "positions": np.tile(np.arange(l, dtype=np.int32), (b, 1)),
            "soft_ids": np.zeros((b, l, k), np.int32), "soft_probs": np.zeros((b, l, k), np.float32)}
   batch["soft_ids"][:, 5] = [[3, 4, 5], [6, 7, 8]]
-  batch["soft_probs"][:, 5] = [[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]
+  batch["soft_probs"][:, 5] = [[0.6, 0.3, 0.1], [0.2, 0.2, 0.5]]
+  distill = icldist.ICLSpec.from_config(_config(tmp_path, **{
+      "icl.target": "teacher_probs", "icl.teacher_corpus": "t.jsonl", "icl.alpha": 0.25,
+      "icl.temperature": 2.0})).distill
   nll, w = step.loss_sums(cfg, params, batch)
   logits = models.forward(cfg, params, batch["inputs"], segment_ids_BxT=batch["segment_ids"],
                           positions_BxT=batch["positions"])
-  kl = float(jnp.sum(losses.verbalizer_kl(logits, batch["soft_ids"], batch["soft_probs"], 2.0)))
+  kl = float(jnp.sum(losses.soft_divergence(logits, batch["soft_ids"], batch["soft_probs"],
+                                            temperature=2.0)))
   assert kl > 0.01
-  mixed, w2 = step.loss_sums(cfg, params, batch, kl_alpha=0.25, kl_temperature=2.0)
+  mixed, w2 = step.loss_sums(cfg, params, batch, distill=distill)
   np.testing.assert_allclose(float(mixed), 0.75 * float(nll) + 0.25 * kl, rtol=1e-5)
-  chunked, _ = step.loss_sums(cfg, params, batch, loss_chunk=8, kl_alpha=0.25,
-                              kl_temperature=2.0)
+  chunked, _ = step.loss_sums(cfg, params, batch, loss_chunk=8, distill=distill)
   np.testing.assert_allclose(float(chunked), float(mixed), rtol=1e-5)  # sums of ~30 fp32 terms
   assert float(w) == float(w2)
 
