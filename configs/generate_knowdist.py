@@ -16,7 +16,9 @@ Against an OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, `sentijax.ser
     --config.inputs.path=texts.jsonl --config.workdir=runs/kd-corpus
 
 On N processes (`--config.distributed.*`, a workdir every host sees) each asks for its share and
-process 0 merges the parts into one corpus.jsonl. The same file serves a model (`--config.job=serve --config.model.init=HF_DIR`).
+process 0 merges the parts into one corpus.jsonl.
+
+The same file serves a model (`--config.job=serve --config.model.init=HF_DIR`).
 """
 import ml_collections
 
