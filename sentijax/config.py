@@ -145,6 +145,9 @@ def icl() -> ml_collections.ConfigDict:
   c.teacher_corpus = ""  # JSONL records (KnowDist format) whose meta.task names the task
   c.temperature = 1.0  # teacher_probs: KL temperature
   c.alpha = 0.5  # teacher_probs: loss = (1 - alpha) CE + alpha KL
+  # teacher_probs: bucket = the verbalizers + one bucket for "any other answer" (the student's
+  # mass there is charged); renorm = both renormalised over the verbalizers (biased: blind to it)
+  c.tail = "bucket"
   c.soft_width = 8  # teacher_probs: most verbalizers per record
   c.drop_leaks = True  # drop source examples carrying held-out/test sentences (else fail)
   # on: every SentiBench test sentence (eval.data_dir) is kept out of training, and a missing
@@ -163,10 +166,18 @@ def kd() -> ml_collections.ConfigDict:
   c.alpha = 0.5  # loss = (1 - alpha) CE + alpha divergence, both per response token
   c.beta = 0.5  # jsd: M = beta teacher + (1 - beta) student; 0 = forward KL, 1 = reverse KL
   c.temperature = 1.0  # both distributions tempered; the divergence is scaled by T^2
-  c.top_k = 0  # online: 0 = full vocab, k = the teacher's top-k (student renormalised there);
+  c.top_k = 0  # online: 0 = full vocab, k = the teacher's top-k + one tail bucket;
   #              offline: stored entries per token used (required, > 0)
+  # Sparse supports (top_k > 0, offline stores): bucket = the k listed tokens + one bucket for
+  # all others, the student's probabilities from its full softmax (its leaked mass is charged; a
+  # lower bound of the full divergence); renorm = both renormalised over the k tokens (biased:
+  # blind to the student's mass elsewhere; refused for top_k = 1)
+  c.tail = "bucket"
   c.mode = "online"  # online (teacher forward in the step) | offline (a top-k teacher store)
   c.store = ""  # offline: directory of a top-k teacher store
+  # offline: an HF teacher dir used only to score the held-out FULL-vocabulary KL
+  # (eval/kl_teacher); "" = the store's support only (eval/kl_teacher_bucketed)
+  c.eval_teacher = ""
   return c
 
 

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sentijax.models import hf, presets
 from sentijax.models.decoder import (ModelConfig, RopeScaling, default_positions, forward,
                                      forward_hidden, init_params, logical_axes, output_kernel,
-                                     param_shapes)
+                                     param_shapes, project_logits)
 from sentijax.models.kv_cache import (KVCache, forward_with_cache, init_cache, unstack_cache,
                                       unstack_layers)
 from sentijax.models.hf import CheckpointError
@@ -29,6 +29,7 @@ __all__ = [
     "CheckpointError", "KVCache", "ModelConfig", "RopeScaling", "apply", "check_tokenizer",
     "default_positions", "forward", "forward_hidden", "forward_with_cache", "init", "init_cache",
     "init_params", "load_hf", "logical_axes", "output_kernel", "param_shapes", "presets",
+    "project_logits",
     "resolve_dtype", "save_hf", "shardings_for", "unstack_cache", "unstack_layers",
 ]
 

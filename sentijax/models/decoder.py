@@ -295,7 +295,8 @@ def embed_tokens(embedding_VxE: Array, tokens_BxT: Array, dt) -> Array:
 
 
 def project_logits(x_BxTxE: Array, out_ExV: Array, dt) -> Array:
-  """Float32 logits [B, T, V] of final-normed hidden states (the LM head)."""
+  """Float32 logits [B, T, V] of final-normed hidden states: THE LM head (the decoder, the
+  chunked losses and the top-k teacher all project through it; `dt` = the compute dtype)."""
   return jnp.einsum("bte,ev->btv", x_BxTxE, out_ExV.astype(dt),
                     preferred_element_type=jnp.float32)
 

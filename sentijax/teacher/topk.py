@@ -137,7 +137,7 @@ def topk_logprobs(cfg, params, ids_BxT, mask_BxT, row_seeds_B=None, *, k: int, c
   pad = -t % chunk
   h_NxBxCxE = jnp.pad(hidden_BxTxE, ((0, 0), (0, pad), (0, 0))).reshape(
       b, (t + pad) // chunk, chunk, e).swapaxes(0, 1)
-  out_ExV = models.output_kernel(cfg, params).astype(hidden_BxTxE.dtype)
+  out_ExV = models.output_kernel(cfg, params)
   if mode == "sample":
     keys = position_keys(seed, row_seeds_B, t + pad)
     keys_NxBxC = keys.reshape(b, (t + pad) // chunk, chunk).swapaxes(0, 1)
@@ -146,7 +146,7 @@ def topk_logprobs(cfg, params, ids_BxT, mask_BxT, row_seeds_B=None, *, k: int, c
 
   def one(args):
     h_BxCxE, keys_BxC = args
-    logits_BxCxV = jnp.einsum("bce,ev->bcv", h_BxCxE, out_ExV, preferred_element_type=jnp.float32)
+    logits_BxCxV = models.project_logits(h_BxCxE, out_ExV, hidden_BxTxE.dtype)
     if mode == "sample":
       ids, lp = draw(jax.nn.log_softmax(logits_BxCxV / temperature, axis=-1), keys_BxC, k)
       return lp, ids, jnp.zeros(lp.shape[:2], jnp.float32)

@@ -19,7 +19,7 @@ import jax
 from sentijax import atomic
 from sentijax.data import dataset, icl, identity, packing, readers, records, sentibench, tasks
 from sentijax.data.spec import DataSpec
-from sentijax.train import export, loop, student
+from sentijax.train import export, loop, losses, student
 
 log = logging.getLogger("sentijax")
 TARGETS = ("gold", "teacher", "teacher_probs")
@@ -39,8 +39,7 @@ class ICLSpec:
   val_fraction: float
   target: str
   teacher_corpus: str
-  temperature: float
-  alpha: float
+  distill: losses.Distill | None  # teacher_probs: the verbalizer KL (icl.alpha/temperature/tail)
   soft_width: int
   drop_leaks: bool
   mix_corpus: str
@@ -60,8 +59,8 @@ class ICLSpec:
                             balance=bool(c.balance), seed=int(config.seed) + int(c.seed)),
         num_prompts=int(c.num_prompts), val_prompts=int(c.val_prompts),
         val_fraction=float(c.val_fraction), target=str(c.target),
-        teacher_corpus=str(c.teacher_corpus), temperature=float(c.temperature),
-        alpha=float(c.alpha), soft_width=int(c.soft_width), drop_leaks=bool(c.drop_leaks),
+        teacher_corpus=str(c.teacher_corpus), distill=_distill(c),
+        soft_width=int(c.soft_width), drop_leaks=bool(c.drop_leaks),
         mix_corpus=str(c.mix_corpus), mix_fraction=float(c.mix_fraction),
         sentibench_dir=str(config.eval.data_dir), leak_check=str(c.leak_check))
     checks = (("target", spec.target in TARGETS, f"expected one of {TARGETS}"),
@@ -69,9 +68,11 @@ class ICLSpec:
               ("num_prompts", spec.num_prompts > 0, "must be > 0"),
               ("val_prompts", spec.val_prompts >= 0, "must be >= 0"),
               ("val_fraction", 0 <= spec.val_fraction < 1, "must be in [0, 1)"),
-              ("temperature", spec.temperature > 0, "must be > 0"),
-              ("alpha", 0 <= spec.alpha <= 1, "must be in [0, 1]"),
               ("soft_width", spec.soft_width > 0, "must be > 0"),
+              ("soft_width", not (spec.soft_width == 1 and spec.distill is not None
+                                  and spec.distill.tail == "renorm"),
+               "with icl.tail=renorm one verbalizer renormalised is probability 1 on both sides "
+               "(a KL of 0): use icl.tail=bucket"),
               ("mix_fraction", spec.mix_fraction >= 0, "must be >= 0"),
               ("teacher_corpus", spec.target == "gold" or spec.teacher_corpus,
                f"required for icl.target={spec.target!r}"))
@@ -79,6 +80,22 @@ class ICLSpec:
       if not ok:
         raise ValueError(f"icl.{key}={getattr(spec, key)!r}: {why}")
     return spec
+
+
+def _distill(c) -> losses.Distill | None:
+  """icl.target=teacher_probs: forward KL(teacher || student) over the verbalizers' first tokens
+  plus the tail bucket ("any other answer"), at icl.temperature, mixed with CE by icl.alpha,
+  counted wherever a distribution is (unweighted); else None."""
+  checks = (("icl.temperature", float(c.temperature) > 0, "must be > 0"),
+            ("icl.alpha", 0 <= float(c.alpha) <= 1, "must be in [0, 1]"),
+            ("icl.tail", str(c.tail) in losses.TAILS, f"expected one of {losses.TAILS}"))
+  for key, ok, why in checks:
+    if not ok:
+      raise ValueError(f"{key}={c[key.split('.')[1]]!r}: {why}")
+  if str(c.target) != "teacher_probs":
+    return None
+  return losses.Distill(kind="forward", alpha=float(c.alpha), temperature=float(c.temperature),
+                        support="listed", tail=str(c.tail), weighted=False)
 
 
 # --------------------------------------------------------------------------- tasks
@@ -407,8 +424,7 @@ def run(config) -> loop.Result:
   if heldout:
     from sentijax.eval import heldout as heldout_lib  # pylint: disable=import-outside-toplevel
     hooks = (heldout_lib.heldout_hook(config, model_cfg, tok, heldout),)
-  loss_options = ({"kl_alpha": spec.alpha, "kl_temperature": spec.temperature}
-                  if spec.target == "teacher_probs" else None)
+  loss_options = {"distill": spec.distill} if spec.distill is not None else None
   result = loop.train(config, model_cfg, student.param_initializer(config, model_cfg), train_ds,
                       val_ds, tokenizer=tok, eval_hooks=hooks, loss_options=loss_options)
   if result.train_losses:

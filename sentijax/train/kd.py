@@ -6,8 +6,12 @@ the corpus of `config.data`; offline: a top-k teacher store, its top-k as the ba
 targets) -> the shared loop (`loop.train`): per step (1 - alpha) CE + alpha divergence, both per
 response token; online, the teacher runs forward inside the jitted step (stop_gradient, its params
 sharded over the same mesh, a separate non-donated argument, never in the optimizer state).
-Held-out KL(teacher || student) (`eval/kl_teacher`) is scored at step 0, every `train.eval_every`
-steps and at the end, also for `kd.loss=ce` (the baseline).
+Sparse supports (online `kd.top_k`, offline stores) keep the teacher's tail as one bucket
+(`kd.tail=bucket`, losses.py); `train/kd_support_mass` logs the student's mass on the teacher's
+support. Held out (`divergence_hook`), at step 0, every `train.eval_every` steps and at the end,
+also for `kd.loss=ce` (the baseline): the full-vocabulary KL to a teacher model when one is at hand
+(`eval/kl_teacher`: online, or `kd.eval_teacher` offline), else a top-k store's bucketed KL
+(`eval/kl_teacher_bucketed`), the training divergence (`eval/kd`) and `eval/kd_support_mass`.
 """
 from __future__ import annotations
 
@@ -42,8 +46,10 @@ class KDSpec:
   beta: float
   temperature: float
   top_k: int
+  tail: str
   mode: str
   store: str
+  eval_teacher: str
   teacher_dir: str
   teacher_preset: str
   teacher_tokenizer: str
@@ -54,8 +60,9 @@ class KDSpec:
   def from_config(cls, config) -> "KDSpec":
     k, t = config.kd, config.teacher
     spec = cls(loss=str(k.loss), alpha=float(k.alpha), beta=float(k.beta),
-               temperature=float(k.temperature), top_k=int(k.top_k), mode=str(k.mode),
-               store=str(k.store), teacher_dir=str(t.model_dir), teacher_preset=str(t.preset),
+               temperature=float(k.temperature), top_k=int(k.top_k), tail=str(k.tail),
+               mode=str(k.mode), store=str(k.store), eval_teacher=str(k.eval_teacher),
+               teacher_dir=str(t.model_dir), teacher_preset=str(t.preset),
                teacher_tokenizer=str(t.tokenizer), teacher_dtype=str(t.dtype),
                teacher_seed=int(t.seed))
     checks = (("kd.loss", spec.loss in LOSSES, f"expected one of {LOSSES}"),
@@ -64,6 +71,12 @@ class KDSpec:
               ("kd.beta", 0 <= spec.beta <= 1, "must be in [0, 1] (0 = forward KL, 1 = reverse)"),
               ("kd.temperature", spec.temperature > 0, "must be > 0"),
               ("kd.top_k", spec.top_k >= 0, "must be >= 0 (0 = full vocabulary)"),
+              ("kd.tail", spec.tail in losses.TAILS, f"expected one of {losses.TAILS}"),
+              ("kd.top_k", spec.top_k != 1 or spec.tail != "renorm",
+               "with kd.tail=renorm one token renormalised is probability 1 on both sides (a "
+               "divergence of 0): use kd.tail=bucket or kd.top_k >= 2"),
+              ("kd.eval_teacher", spec.mode == "offline" or not spec.eval_teacher,
+               "only for kd.mode=offline (an online run scores the teacher it trains with)"),
               ("kd.store", spec.mode == "online" or spec.store,
                "kd.mode=offline needs the directory of a top-k teacher store"),
               ("kd.top_k", spec.mode == "online" or spec.top_k > 0,
@@ -74,21 +87,36 @@ class KDSpec:
     for key, ok, why in checks:
       if not ok:
         raise ValueError(f"{key}={_value(spec, key)!r}: {why}")
-    if spec.teacher_dir and not Path(spec.teacher_dir).is_dir():
-      raise FileNotFoundError(f"teacher.model_dir={spec.teacher_dir!r}: directory not found")
+    for key, where in (("teacher.model_dir", spec.teacher_dir),
+                       ("kd.eval_teacher", spec.eval_teacher)):
+      if where and not Path(where).is_dir():
+        raise FileNotFoundError(f"{key}={where!r}: directory not found")
     return spec
 
   @property
-  def teacher_tokenizer_dir(self) -> str:
-    return self.teacher_tokenizer or self.teacher_dir
+  def teacher_model_dir(self) -> str:
+    """The HF dir of the teacher model run here: online the one trained with, offline the
+    held-out scorer (kd.eval_teacher); "" = a preset (online) or none (offline)."""
+    return self.teacher_dir if self.mode == "online" else self.eval_teacher
 
-  def distill(self, vocab: int) -> losses.Distill | None:
-    """The training term (None for kd.loss=ce); logits cut to the tokenizer's `vocab` ids."""
+  @property
+  def teacher_tokenizer_dir(self) -> str:
+    return self.teacher_tokenizer or self.teacher_model_dir
+
+  def distill(self, vocab: int, store_support: str = "listed") -> losses.Distill | None:
+    """The training term (None for kd.loss=ce); logits cut to the tokenizer's `vocab` ids.
+    Online: the full vocabulary, or the teacher's top-k + tail; offline: `store_support`, the
+    store's (`listed` top-k + tail, or `sampled`)."""
     if self.loss == "ce":
       return None
+    support = ("topk" if self.top_k else "full") if self.mode == "online" else store_support
+    if support == "sampled" and self.loss != "forward":
+      raise ValueError(f"kd.loss={self.loss!r}: {self.store} is a sampled store, an unbiased "
+                       "estimate of forward KL only: set kd.loss=forward or use a top-k store")
     return losses.Distill(kind=self.loss, alpha=self.alpha, beta=self.beta,
-                          temperature=self.temperature,
-                          top_k=self.top_k if self.mode == "online" else 0, vocab=vocab)
+                          temperature=self.temperature, support=support,
+                          top_k=self.top_k if support == "topk" else 0, tail=self.tail,
+                          vocab=vocab)
 
 
 def _value(spec: KDSpec, key: str) -> Any:
@@ -145,16 +173,21 @@ def student_tokenizer(config, spec: KDSpec, model_cfg: models.ModelConfig, texts
 # --------------------------------------------------------------------------- teacher
 
 
-def teacher_config(spec: KDSpec) -> models.ModelConfig:
+def teacher_config(spec: KDSpec) -> models.ModelConfig | None:
+  """The config of the teacher model run here (`KDSpec.teacher_model_dir`), None offline
+  without kd.eval_teacher."""
+  if spec.mode == "offline" and not spec.eval_teacher:
+    return None
   dtype = models.resolve_dtype(spec.teacher_dtype)
-  cfg = (models.hf.read_config(spec.teacher_dir) if spec.teacher_dir
+  cfg = (models.hf.read_config(spec.teacher_model_dir) if spec.teacher_model_dir
          else models.presets.get(spec.teacher_preset))
   return cfg.replace(dtype=dtype, param_dtype=dtype)
 
 
 class Context:
-  """What the loop builds on its mesh (the online teacher's sharded params) and the held-out
-  divergence hook reads; `loss_options(mesh, rules)` is passed to `loop.train`."""
+  """What the loop builds on its mesh (the teacher model's sharded params: online, or the
+  offline held-out scorer) and the held-out divergence hook reads; `loss_options(mesh, rules)`
+  is passed to `loop.train`."""
 
   def __init__(self, spec: KDSpec, teacher_cfg: models.ModelConfig | None,
                distill: losses.Distill | None):
@@ -163,9 +196,9 @@ class Context:
 
   def load_teacher(self, mesh, rules) -> step.Teacher:
     s = self.spec
-    if s.teacher_dir:
-      _, params = models.load_hf(s.teacher_dir, dtype=self.teacher_cfg.param_dtype, mesh=mesh,
-                                 rules=rules)
+    if s.teacher_model_dir:
+      _, params = models.load_hf(s.teacher_model_dir, dtype=self.teacher_cfg.param_dtype,
+                                 mesh=mesh, rules=rules)
     else:
       params = models.init(self.teacher_cfg, s.teacher_seed, mesh=mesh, rules=rules)
     return step.Teacher(self.teacher_cfg, params)
@@ -176,17 +209,31 @@ class Context:
       self.teacher = self.load_teacher(mesh, rules)
     if self.distill is None:
       return {}
-    return {"distill": self.distill, "teacher": self.teacher}
+    return {"distill": self.distill, "teacher": self.teacher if self.distill.online else None}
+
+
+def eval_terms(ctx: Context, vocab: int, store_support: str | None) -> dict[str, losses.Distill]:
+  """The held-out divergences, each named for what it measures: "kl_teacher" (a teacher model
+  at hand: KL(teacher || student) at T = 1 over the whole shared vocabulary), else
+  "kl_teacher_bucketed" (a top-k store: the same over its listed ids + the tail bucket, a lower
+  bound of it); "kd" (the training divergence)."""
+  terms = {}
+  if ctx.teacher_cfg is not None:
+    terms["kl_teacher"] = losses.Distill(alpha=0.0, vocab=vocab)
+  elif store_support == "listed":
+    terms["kl_teacher_bucketed"] = losses.Distill(alpha=0.0, support="listed", vocab=vocab)
+  if ctx.distill is not None:
+    terms["kd"] = ctx.distill
+  return terms
 
 
 def divergence_hook(ctx: Context, model_cfg: models.ModelConfig, val_ds, batch_size: int,
-                    num_batches: int, loss_chunk: int, vocab: int):
-  """(step, params) -> {"kl_teacher": held-out KL(teacher || student) at T = 1 over the whole
-  shared vocabulary (offline: the stored support), "kd": the training divergence}, per response
-  token over the first `num_batches` val batches (the ones `eval/loss` uses)."""
-  terms = {"kl_teacher": losses.Distill(alpha=0.0, vocab=vocab)}
-  if ctx.distill is not None:
-    terms["kd"] = ctx.distill
+                    num_batches: int, loss_chunk: int, terms: dict[str, losses.Distill]):
+  """(step, params) -> `terms` (see `eval_terms`) and "kd_support_mass" (the student's mass on
+  the teacher's support, for a sparse "kd" or "kl_teacher_bucketed"), per response token over the
+  first `num_batches` val batches (the ones `eval/loss` uses)."""
+  mass_term = next((n for n in ("kd", "kl_teacher_bucketed") if n in terms and terms[n].sparse),
+                   None)
   fn = None
 
   def hook(step_num: int, params) -> dict:
@@ -200,15 +247,21 @@ def divergence_hook(ctx: Context, model_cfg: models.ModelConfig, val_ds, batch_s
     batch_sh = sharding.batch_sharding(ctx.mesh, ctx.rules)
     t_params = None if ctx.teacher is None else ctx.teacher.params
     sums = {name: 0.0 for name in terms}
-    tokens = 0.0
+    tokens = mass = mass_tokens = 0.0
     for i in range(num_batches):
       local = val_ds.batch_at(i, batch_size)
       batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
       out = jax.device_get(fn(params, batch, t_params))
       for name in terms:
         sums[name] += float(out[name]["kd"])
-      tokens += float(out["kl_teacher"]["tokens"])
-    return {name: total / max(tokens, 1.0) for name, total in sums.items()}
+      tokens += float(next(iter(out.values()))["tokens"])
+      if mass_term:
+        mass += float(out[mass_term]["support_mass"])
+        mass_tokens += float(out[mass_term]["support_tokens"])
+    scalars = {name: total / max(tokens, 1.0) for name, total in sums.items()}
+    if mass_term:
+      scalars["kd_support_mass"] = mass / max(mass_tokens, 1.0)
+    return scalars
   return hook
 
 
@@ -239,21 +292,21 @@ def run(config) -> loop.Result:
   tok, tok_where = student_tokenizer(
       config, spec, model_cfg, lambda: [t for r in train_recs for t in (r.prompt, r.response)])
   vocab = len(tok)
-  teacher_cfg = None
-  if spec.mode == "online":
-    teacher_cfg = teacher_config(spec)
+  if spec.mode == "offline":
+    from sentijax.data import topk_store  # pylint: disable=import-outside-toplevel
+    topk_store.check_tokenizer(spec.store, tok)
+  teacher_cfg = teacher_config(spec)
+  if teacher_cfg is not None:
     where = spec.teacher_tokenizer_dir
     if where:
       vocab = check_same_tokenizer(tok, tok_where, tokenizer_lib.load_tokenizer(where), where)
     else:
       log.info("teacher preset %r: shares the student's tokenizer", spec.teacher_preset)
     models.check_tokenizer(teacher_cfg, tok, where=where or f"teacher preset {spec.teacher_preset}")
-  else:
-    from sentijax.data import topk_store  # pylint: disable=import-outside-toplevel
-    topk_store.check_tokenizer(spec.store, tok)
   if spec.top_k > vocab:
     raise ValueError(f"kd.top_k={spec.top_k} exceeds the tokenizer's {vocab} tokens")
-  distill = spec.distill(vocab)
+  store_support = corpus_stats.get("store_support")
+  distill = spec.distill(vocab, store_support or "listed")
 
   train_ds, val_ds, ds_stats = dataset.build_train_val(
       train_recs, val_recs, tok, data, soft_targets=soft,
@@ -272,11 +325,12 @@ def run(config) -> loop.Result:
   ctx = Context(spec, teacher_cfg, distill)
   tc = config.train
   hooks = ()
-  if val_ds is not None:
+  terms = eval_terms(ctx, vocab, store_support)
+  if val_ds is not None and terms:
     hooks = (divergence_hook(ctx, model_cfg, val_ds, int(tc.batch_size), int(tc.eval_batches),
-                             int(tc.loss_chunk), vocab),)
+                             int(tc.loss_chunk), terms),)
   teacher_flops = 0.0
-  if teacher_cfg is not None and distill is not None:  # forward only: 1/3 of a training step
+  if distill is not None and distill.online:  # forward only: 1/3 of a training step
     teacher_flops = teacher_cfg.flops_per_token(train_ds.seq_len) / 3
   result = loop.train(config, model_cfg, student.param_initializer(config, model_cfg), train_ds,
                       val_ds, tokenizer=tok, eval_hooks=hooks, loss_options=ctx.loss_options,

@@ -59,8 +59,8 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
 
   `init_params(mesh, rules)` returns sharded fp32 params for a fresh run (HF import or random).
   `eval_hooks` run with the held-out loss: at step 0 (the baseline), every `train.eval_every`
-  steps and at the end. `loss_options`: extra `step.jit_train_step` arguments (kl_alpha,
-  distill, teacher, ...), or `(mesh, rules) -> them`. `teacher_flops_per_token`: forward FLOPs
+  steps and at the end. `loss_options`: extra `step.jit_train_step` arguments (distill,
+  teacher), or `(mesh, rules) -> them`. `teacher_flops_per_token`: forward FLOPs
   per token of an online teacher, logged apart from the student's training FLOPs
   (`teacher_tflops_per_device`, `teacher_mfu`).
   `train_ds` / `val_ds` are `sentijax.data.dataset.PackedDataset`s.
@@ -163,7 +163,7 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
     if log_every and (step % log_every == 0 or step == int(tc.steps)):
       scalars = {"loss": m["loss"], "learning_rate": m["learning_rate"],
                  "grad_norm": m["grad_norm"]}
-      scalars.update({k: m[k] for k in ("ce", "kd") if k in m})  # distillation terms
+      scalars.update({k: m[k] for k in ("ce", "kd", "kd_support_mass") if k in m})  # distillation
       tok_s, n = throughput.read(), jax.device_count()
       if tok_s is not None:  # None: no step timed yet (the first one compiles)
         scalars.update(tokens_per_s=tok_s, tokens_per_s_per_device=tok_s / n,

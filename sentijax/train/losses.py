@@ -1,9 +1,9 @@
-"""Token-level losses: next-token cross-entropy and logit distillation divergences.
+"""Token-level losses: next-token cross-entropy and ONE distillation term (`Distill`).
 
-All functions return per-token values [B, L] in float32 (or wider); callers weight and normalise
+All per-token functions return [B, L] values in float32 (or wider); callers weight and normalise
 them, so the loss is a mean over completion tokens across microbatches and devices.
 
-Divergences (P = teacher, Q = student, both over the same support; `divergence` is the one core):
+Divergences (P = teacher, Q = student, both over the same buckets; `divergence` is the one core):
 
   forward  KL(P || Q) = sum P (log P - log Q)     mass-covering
   reverse  KL(Q || P) = sum Q (log Q - log P)     mode-seeking
@@ -13,40 +13,84 @@ Divergences (P = teacher, Q = student, both over the same support; `divergence` 
 are special-cased, beta = 0 IS forward KL and beta = 1 IS reverse KL. (The mixture formula itself
 vanishes at both ends, JSD_beta ~ beta KL(P || Q) as beta -> 0 and ~ (1 - beta) KL(Q || P) as
 beta -> 1, so the special cases are its rescaled limits.) beta = 0.5 is the symmetric
-Jensen-Shannon divergence.
+Jensen-Shannon divergence. Every form is tempered (logits / T) and scaled by T^2 (Hinton et al.).
 
-Supports: the full vocabulary (`kl_divergence`), the teacher's top-k tokens (`kl_divergence` with
-`top_k`: both renormalised there) and a listed support (`soft_divergence`: ids and teacher
-probabilities per position, e.g. verbalizers or an offline top-k store). Both sides are tempered
-(logits / T; listed probabilities p^(1/T), renormalised) and the result is scaled by T^2 (Hinton
-et al.). `chunked_loss_sums` computes CE and any of these from hidden states, chunk by chunk.
+Supports (`Distill.support`):
+  full     the whole vocabulary (an online teacher's logits): exact.
+  topk     the online teacher's k most likely tokens S, plus ONE tail bucket for every other token.
+  listed   ids + teacher probabilities per position (an offline top-k store, ICLDist's
+           verbalizers), plus the tail bucket ("any other token / answer").
+  sampled  ids drawn from the tempered teacher with weights c_i / N and the teacher's log-probs of
+           them: an unbiased estimate of the full-vocabulary forward KL (`sampled_kl`).
+
+The tail (`Distill.tail = "bucket"`, the default). The divergence is taken over k + 1 buckets:
+p_i, q_i for i in S and p_tail = 1 - sum_S p, q_tail = 1 - sum_S q. The student's probabilities
+come from its FULL softmax (its tail as the log-sum-exp of the logits outside S, never
+1 - sum), so mass the student leaks outside S is charged. Temperature: the buckets are a
+coarse-graining of the TEMPERED distributions. Online both sides are exact (p_T and q_T from the
+full tempered softmaxes, then bucketed), so by the data-processing inequality every kind is
+<= its full-vocabulary value at the same T, with equality when the tail is one token (k = V - 1).
+Offline the store holds teacher probabilities at T = 1 (`soft_probs`; the tail is `soft_tail` if
+given, else 1 - sum(soft_probs), floored at TAIL_FLOOR so reverse KL and JSD stay finite); at
+T != 1 its tail is tempered AS ONE TOKEN (p_i^(1/T) and p_tail^(1/T), renormalised over the
+k + 1 buckets) while the student's side stays exact. That is exact at T = 1 and when the tail is
+one token; for T > 1 a tail spread over many tokens is under-weighted (sum_v p_v^(1/T) >=
+p_tail^(1/T)), so the offline bound is approximate there (tests/train/test_losses.py shows both).
+
+`tail = "renorm"` restricts BOTH distributions to S and renormalises them there: the form of
+issue 12, kept only on explicit request. It is biased: a student that matches the teacher's shape
+on S scores 0 however much mass it puts elsewhere, and with one token in S it is identically 0
+(refused for top_k = 1).
+
+`chunked_loss_sums` computes CE and the distillation term from hidden states, chunk by chunk (one
+chunk = the unchunked case), through the one LM head `models.project_logits`.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from sentijax import models
 
 Array = jax.Array
 KINDS = ("forward", "reverse", "jsd")
+SUPPORTS = ("full", "topk", "listed", "sampled")
+TAILS = ("bucket", "renorm")
+# Batch fields a listed / sampled support reads ([B, L, K]; soft_tail [B, L]):
+#   soft_ids    int32  the listed (or drawn) token ids
+#   soft_probs  float  listed: the teacher's probabilities at T = 1 (0 = padding, all 0 = no
+#                      target); sampled: weights c_i / N (counts of the N draws; they sum to 1)
+#   soft_tail   float  listed, optional: the teacher's mass outside the listed ids at T = 1
+#   soft_logp   float  sampled: the teacher's log-probability of each id at the KD temperature
+SOFT_FIELDS = ("soft_ids", "soft_probs", "soft_tail", "soft_logp")
 _NEG = -1e30  # a finite "minus infinity": masked entries get zero probability, no NaN gradients
+# The smallest teacher tail mass an offline store is taken to mean: 1 - sum(fp32 probs) has
+# rounding error of this order, so a smaller (or zero) tail is indistinguishable from it.
+TAIL_FLOOR = float(np.finfo(np.float32).eps)
 
 
 @dataclasses.dataclass(frozen=True)
 class Distill:
-  """A distillation term (static under jit): loss = (1 - alpha) CE + alpha divergence.
+  """The distillation term (static under jit): loss = (1 - alpha) CE + alpha divergence.
 
-  `top_k` (online teacher): 0 = full vocabulary, k = the teacher's k most likely tokens.
-  `vocab`: logits of both models are cut to the first `vocab` ids (the shared tokenizer's length;
-  extra embedding rows are padding); 0 = no cut. `weighted`: a listed-support term counts where
-  the batch `weights` are (KD on response tokens); False = wherever a soft target is (ICLDist).
+  `support` (module docstring): full | topk (`top_k` = k) need an online teacher; listed |
+  sampled read the batch's soft fields (SOFT_FIELDS). `tail`: bucket (default) | renorm (biased,
+  explicit request only). `vocab`: both models' logits are cut to the first `vocab` ids (the
+  shared tokenizer's length; extra embedding rows are padding); 0 = no cut. `weighted`: the term
+  counts where the batch `weights` are (KD on response tokens); False = wherever a soft target is
+  (ICLDist).
   """
   kind: str = "forward"
   alpha: float = 0.5
   beta: float = 0.5
   temperature: float = 1.0
+  support: str = "full"
   top_k: int = 0
+  tail: str = "bucket"
   vocab: int = 0
   weighted: bool = True
 
@@ -55,11 +99,30 @@ class Distill:
               ("alpha", 0.0 <= self.alpha <= 1.0, "must be in [0, 1]"),
               ("beta", 0.0 <= self.beta <= 1.0, "must be in [0, 1]"),
               ("temperature", self.temperature > 0, "must be > 0"),
+              ("support", self.support in SUPPORTS, f"expected one of {SUPPORTS}"),
+              ("tail", self.tail in TAILS, f"expected one of {TAILS}"),
               ("top_k", self.top_k >= 0, "must be >= 0"),
+              ("top_k", (self.top_k > 0) == (self.support == "topk"),
+               "> 0 exactly when support='topk' (the online teacher's k most likely tokens)"),
+              ("top_k", not (self.top_k == 1 and self.tail == "renorm"),
+               "with tail='renorm' one token renormalised is probability 1 on both sides: the "
+               "divergence is identically 0. Use tail='bucket' or top_k >= 2"),
+              ("kind", self.support != "sampled" or self.kind == "forward",
+               "support='sampled' estimates forward KL only (draws come from the teacher)"),
               ("vocab", self.vocab >= 0, "must be >= 0"))
     for key, ok, why in checks:
       if not ok:
         raise ValueError(f"distillation {key}={getattr(self, key)!r}: {why}")
+
+  @property
+  def online(self) -> bool:
+    """True when the term needs the teacher's logits (support full / topk)."""
+    return self.support in ("full", "topk")
+
+  @property
+  def sparse(self) -> bool:
+    """True when the teacher's support is a subset (its student mass is worth logging)."""
+    return self.support != "full"
 
 
 def cross_entropy(logits_BxLxV: Array, targets_BxL: Array) -> Array:
@@ -98,100 +161,196 @@ def divergence(log_p_BxLxK: Array, log_q_BxLxK: Array, kind: str = "forward", be
   raise ValueError(f"unknown divergence {kind!r}: use forward | reverse | jsd")
 
 
+def _support_mask(ids_BxLxK: Array, valid_BxLxK: Array, vocab: int) -> Array:
+  """[B, L, V] bool: the listed ids (padding entries dropped)."""
+  b, l, _ = ids_BxLxK.shape
+  ids = jnp.where(valid_BxLxK, ids_BxLxK, vocab)  # out of range: dropped by the scatter
+  return jnp.zeros((b, l, vocab), bool).at[
+      jnp.arange(b)[:, None, None], jnp.arange(l)[None, :, None], ids].set(True, mode="drop")
+
+
+def _buckets(logits_BxLxV: Array, ids_BxLxK: Array, in_s_BxLxV: Array) -> tuple[Array, Array]:
+  """(log-probs at the ids [B, L, K], log-mass of the tokens outside the support [B, L]) of
+  softmax(logits): the tail as the log-sum-exp of the logits outside, exact however small."""
+  log_z_BxLx1 = jax.nn.logsumexp(logits_BxLxV, axis=-1, keepdims=True)
+  at_s = jnp.take_along_axis(logits_BxLxV, ids_BxLxK, axis=-1) - log_z_BxLx1
+  tail = jax.nn.logsumexp(jnp.where(in_s_BxLxV, _NEG, logits_BxLxV), axis=-1) - log_z_BxLx1[..., 0]
+  return at_s, tail
+
+
+def _bucket_divergence(log_p_s, log_p_tail, log_q_s, log_q_tail, valid_BxLxK, has_tail_BxL,
+                       kind: str, beta: float) -> Array:
+  """`divergence` over the k listed buckets (where valid) and the tail bucket (where it has
+  tokens)."""
+  mask = jnp.concatenate([valid_BxLxK, has_tail_BxL[..., None]], axis=-1)
+  log_p = jnp.where(mask, jnp.concatenate([log_p_s, log_p_tail[..., None]], -1), _NEG)
+  log_q = jnp.where(mask, jnp.concatenate([log_q_s, log_q_tail[..., None]], -1), _NEG)
+  return divergence(log_p, log_q, kind, beta, mask)
+
+
+def _online(s_BxLxV: Array, t_BxLxV: Array, d: Distill) -> tuple[Array, Array | None]:
+  """(per-position divergence of tempered logits, x T^2; the teacher's top-k ids or None)."""
+  t2 = d.temperature**2
+  s = s_BxLxV.astype(jnp.float32) / d.temperature
+  t = t_BxLxV.astype(jnp.float32) / d.temperature
+  if not d.top_k:
+    full = divergence(jax.nn.log_softmax(t, -1), jax.nn.log_softmax(s, -1), d.kind, d.beta)
+    return full * t2, None
+  t_top, ids_BxLxK = jax.lax.top_k(t, d.top_k)
+  if d.tail == "renorm":
+    s_top = jnp.take_along_axis(s, ids_BxLxK, axis=-1)
+    return divergence(jax.nn.log_softmax(t_top, -1), jax.nn.log_softmax(s_top, -1), d.kind,
+                      d.beta) * t2, ids_BxLxK
+  del t_top
+  valid = jnp.ones(ids_BxLxK.shape, bool)
+  in_s = _support_mask(ids_BxLxK, valid, t.shape[-1])
+  has_tail = jnp.full(ids_BxLxK.shape[:-1], d.top_k < t.shape[-1])
+  div = _bucket_divergence(*_buckets(t, ids_BxLxK, in_s), *_buckets(s, ids_BxLxK, in_s), valid,
+                           has_tail, d.kind, d.beta)
+  return div * t2, ids_BxLxK
+
+
 def kl_divergence(student_logits_BxLxV: Array, teacher_logits_BxLxV: Array, *,
                   kind: str = "forward", beta: float = 0.5, temperature: float = 1.0,
-                  top_k: int = 0) -> Array:
-  """Per-token divergence of the next-token distributions over the full vocabulary, or with
-  `top_k` over the teacher's k most likely tokens (both renormalised there). Tempered, x T^2."""
-  s = student_logits_BxLxV.astype(jnp.float32) / temperature
-  t = teacher_logits_BxLxV.astype(jnp.float32) / temperature
-  if top_k:
-    t, ids_BxLxK = jax.lax.top_k(t, top_k)
-    s = jnp.take_along_axis(s, ids_BxLxK, axis=-1)
-  return divergence(jax.nn.log_softmax(t, -1), jax.nn.log_softmax(s, -1), kind,
-                    beta) * temperature**2
+                  top_k: int = 0, tail: str = "bucket") -> Array:
+  """Per-token divergence of the tempered next-token distributions (x T^2): over the full
+  vocabulary, or with `top_k` over the teacher's k most likely tokens + the tail bucket (`tail`:
+  bucket | renorm, see the module docstring)."""
+  d = Distill(kind=kind, beta=beta, temperature=temperature, top_k=top_k, tail=tail,
+              support="topk" if top_k else "full")
+  return _online(student_logits_BxLxV, teacher_logits_BxLxV, d)[0]
 
 
 def soft_divergence(logits_BxLxV: Array, soft_ids_BxLxK: Array, soft_probs_BxLxK: Array, *,
-                    kind: str = "forward", beta: float = 0.5, temperature: float = 1.0) -> Array:
-  """Per-position divergence over a listed support (verbalizers, an offline top-k store).
+                    kind: str = "forward", beta: float = 0.5, temperature: float = 1.0,
+                    tail: str = "bucket", soft_tail_BxL: Array | None = None) -> Array:
+  """Per-position divergence over a listed support (an offline top-k store, verbalizers).
 
-  At each position the teacher gives probabilities `soft_probs` for tokens `soft_ids` (entries
-  with probability 0 are padding; all zero = no soft target, divergence 0; they may sum to < 1).
-  Both distributions are restricted to the listed tokens and renormalised there: the teacher
-  tempered as p^(1/T), the student as softmax(logits[soft_ids] / T). Scaled by T^2.
+  At each position the teacher gives probabilities `soft_probs` (at T = 1) for the distinct tokens
+  `soft_ids` (entries with probability 0 are padding; all zero = no soft target, divergence 0).
+  bucket: + one tail bucket, the teacher's `soft_tail` (default 1 - sum soft_probs, floored at
+  TAIL_FLOOR) against the student's full-softmax mass outside the ids; the teacher's k + 1
+  buckets tempered as p^(1/T) and renormalised, the student's from softmax(logits / T).
+  renorm: both restricted to the ids and renormalised there (biased). Scaled by T^2.
   """
   dtype = jnp.promote_types(logits_BxLxV.dtype, jnp.float32)  # at least float32
-  logits_BxLxK = jnp.take_along_axis(logits_BxLxV.astype(dtype), soft_ids_BxLxK, axis=-1)
+  s = logits_BxLxV.astype(dtype) / temperature
   probs = soft_probs_BxLxK.astype(dtype)
-  mask = probs > 0
-  log_t = jnp.where(mask, jnp.log(jnp.where(mask, probs, 1.0)) / temperature, _NEG)
-  log_t = log_t - jax.nn.logsumexp(log_t, axis=-1, keepdims=True)
-  log_s = jax.nn.log_softmax(jnp.where(mask, logits_BxLxK / temperature, _NEG), axis=-1)
-  div_BxL = divergence(log_t, log_s, kind, beta, mask)
-  return jnp.where(mask.any(-1), div_BxL, 0.0) * temperature**2
+  valid = probs > 0
+  log_p_s = jnp.where(valid, jnp.log(jnp.where(valid, probs, 1.0)), _NEG)
+  if tail == "renorm":
+    log_t = jnp.where(valid, log_p_s / temperature, _NEG)
+    log_t = log_t - jax.nn.logsumexp(log_t, axis=-1, keepdims=True)
+    s_at = jnp.take_along_axis(s, soft_ids_BxLxK, axis=-1)
+    log_s = jax.nn.log_softmax(jnp.where(valid, s_at, _NEG), axis=-1)
+    div = divergence(log_t, log_s, kind, beta, valid)
+  elif tail == "bucket":
+    in_s = _support_mask(soft_ids_BxLxK, valid, s.shape[-1])
+    has_tail = ~jnp.all(in_s, axis=-1)
+    p_tail = (1.0 - jnp.sum(probs, -1) if soft_tail_BxL is None
+              else soft_tail_BxL.astype(dtype))
+    log_p_tail = jnp.log(jnp.maximum(p_tail, TAIL_FLOOR))
+    mask = jnp.concatenate([valid, has_tail[..., None]], axis=-1)
+    log_t = jnp.where(mask, jnp.concatenate([log_p_s, log_p_tail[..., None]], -1) / temperature,
+                      _NEG)
+    log_t = log_t - jax.nn.logsumexp(log_t, axis=-1, keepdims=True)  # tail tempered as one token
+    log_q_s, log_q_tail = _buckets(s, soft_ids_BxLxK, in_s)
+    div = _bucket_divergence(log_t[..., :-1], log_t[..., -1], log_q_s, log_q_tail, valid,
+                             has_tail, kind, beta)
+  else:
+    raise ValueError(f"tail={tail!r}: expected one of {TAILS}")
+  return jnp.where(valid.any(-1), div, 0.0) * temperature**2
 
 
-def verbalizer_kl(logits_BxLxV: Array, soft_ids_BxLxK: Array, soft_probs_BxLxK: Array,
-                  temperature: float = 1.0) -> Array:
-  """KL(teacher || student) over a few listed tokens: `soft_divergence` of kind forward."""
-  return soft_divergence(logits_BxLxV, soft_ids_BxLxK, soft_probs_BxLxK, temperature=temperature)
+def sampled_kl(logits_BxLxV: Array, soft_ids_BxLxN: Array, weights_BxLxN: Array,
+               teacher_logp_BxLxN: Array, temperature: float = 1.0) -> Array:
+  """Per-position unbiased estimate of T^2 KL(p_T || q_T) from tokens drawn from the teacher.
+
+  `soft_ids` were drawn from the teacher's tempered distribution p_T (N draws; the distinct ids
+  with weights c_i / N, 0 = padding, all 0 = no target) and `teacher_logp` holds log p_T of each.
+  sum_i w_i (log p_T(x_i) - log q_T(x_i)) has expectation KL(p_T || q_T) (Anshumann et al. 2025,
+  "Sparse Logit Sampling"); its gradient, -sum_i w_i grad log q_T(x_i), is unbiased for the KL's.
+  """
+  dtype = jnp.promote_types(logits_BxLxV.dtype, jnp.float32)
+  log_q = jnp.take_along_axis(jax.nn.log_softmax(logits_BxLxV.astype(dtype) / temperature, -1),
+                              soft_ids_BxLxN, axis=-1)
+  w = weights_BxLxN.astype(dtype)
+  terms = jnp.where(w > 0, w * (teacher_logp_BxLxN.astype(dtype) - log_q), 0.0)
+  return jnp.sum(terms, -1) * temperature**2
+
+
+def support_mass(logits_BxLxV: Array, ids_BxLxK: Array, valid_BxLxK: Array) -> Array:
+  """The student's probability (T = 1) on the distinct listed ids: what its loss can see."""
+  logits = logits_BxLxV.astype(jnp.float32)
+  at = jnp.where(valid_BxLxK, jnp.take_along_axis(logits, ids_BxLxK, axis=-1), _NEG)
+  return jnp.exp(jax.nn.logsumexp(at, -1) - jax.nn.logsumexp(logits, -1))
 
 
 def distill_terms(student_logits_BxLxV: Array, distill: Distill, teacher_logits_BxLxV=None,
-                  soft_ids_BxLxK=None, soft_probs_BxLxK=None) -> Array:
-  """Per-position divergence of `distill` against an online teacher's logits or soft targets
-  (exactly one given), logits cut to `distill.vocab` ids. Not yet weighted."""
-  v = distill.vocab or None
+                  soft: Mapping[str, Array] | None = None) -> dict[str, Array]:
+  """Per-position {"kd": the divergence of `distill`, "has": a target here; sparse supports
+  also "mass": the student's probability on the teacher's support}, logits cut to
+  `distill.vocab` ids. The one place the online / listed / sampled forms branch. Not weighted."""
+  d, v = distill, distill.vocab or None
   student = student_logits_BxLxV[..., :v]
-  if teacher_logits_BxLxV is not None:
+  if d.online:
+    if teacher_logits_BxLxV is None:
+      raise ValueError(f"Distill(support={d.support!r}) needs an online teacher's logits")
     if v is None and teacher_logits_BxLxV.shape[-1] != student.shape[-1]:
       raise ValueError(f"teacher logits have {teacher_logits_BxLxV.shape[-1]} ids, the student's "
                        f"{student.shape[-1]}: set Distill.vocab to the shared tokenizer's length")
-    return kl_divergence(student, jax.lax.stop_gradient(teacher_logits_BxLxV[..., :v]),
-                         kind=distill.kind, beta=distill.beta,
-                         temperature=distill.temperature, top_k=distill.top_k)
-  return soft_divergence(student, soft_ids_BxLxK, soft_probs_BxLxK, kind=distill.kind,
-                         beta=distill.beta, temperature=distill.temperature)
+    kd, ids = _online(student, jax.lax.stop_gradient(teacher_logits_BxLxV[..., :v]), d)
+    if ids is None:
+      return {"kd": kd, "has": jnp.ones(kd.shape, bool)}
+    valid = jnp.ones(ids.shape, bool)
+  else:
+    missing = [k for k in ("soft_ids", "soft_probs") + (("soft_logp",) if d.support == "sampled"
+                                                         else ()) if k not in (soft or {})]
+    if missing:
+      raise ValueError(f"Distill(support={d.support!r}) reads the batch fields {missing}, which "
+                       "this batch lacks (an offline store / soft targets build them)")
+    ids, probs = soft["soft_ids"], soft["soft_probs"]
+    valid = probs > 0
+    if d.support == "listed":
+      kd = soft_divergence(student, ids, probs, kind=d.kind, beta=d.beta,
+                           temperature=d.temperature, tail=d.tail,
+                           soft_tail_BxL=soft.get("soft_tail"))
+    else:
+      kd = sampled_kl(student, ids, probs, soft["soft_logp"], d.temperature)
+  return {"kd": kd, "has": valid.any(-1), "mass": support_mass(student, ids, valid)}
 
 
 # --------------------------------------------------------------------------- chunked
 
 
-def chunked_cross_entropy_sum(hidden_BxTxE: Array, out_ExV: Array, targets_BxT: Array,
-                              weights_BxT: Array, chunk: int) -> Array:
-  """sum(weights * -log p(target)) without materialising the [B, T, V] logits.
-
-  Scans over chunks of `chunk` positions (B stays sharded); each chunk's logits are recomputed
-  in the backward pass (jax.checkpoint), so peak memory is [B, chunk, V] instead of [B, T, V]:
-  8 x 256 x 128k fp32 = 1 GiB rather than 8.6 GiB at T = 2048 for a Llama-3 vocabulary.
-  """
-  return chunked_loss_sums(hidden_BxTxE, out_ExV, targets_BxT, weights_BxT, chunk)[0]
-
-
 def chunked_loss_sums(hidden_BxTxE: Array, out_ExV: Array, targets_BxT: Array,
-                      weights_BxT: Array, chunk: int, soft_ids_BxTxK: Array | None = None,
-                      soft_probs_BxTxK: Array | None = None, temperature: float = 1.0, *,
-                      distill: Distill | None = None, teacher_hidden_BxTxF: Array | None = None,
-                      teacher_out_FxW: Array | None = None) -> tuple[Array, Array]:
-  """(sum of weighted CE, sum of the distillation term) in chunks of positions (see above).
+                      weights_BxT: Array, chunk: int = 0, *, distill: Distill | None = None,
+                      soft: Mapping[str, Array] | None = None,
+                      teacher_hidden_BxTxF: Array | None = None,
+                      teacher_out_FxW: Array | None = None) -> dict[str, Array]:
+  """Sums over the batch: {"ce": weighted CE, "kd": the distillation term (0 without
+  `distill`)}, and for sparse supports "support_mass" / "support_tokens" (the student's mass on
+  the teacher's support, summed where the term counts, and that count).
 
-  The distillation term: with `teacher_hidden` / `teacher_out` (an online teacher, under
-  stop_gradient) `distill` against the teacher's chunk logits, weighted; else with soft targets
-  `distill` over the listed support (default: `verbalizer_kl` at `temperature`, unweighted);
-  else 0. Student and teacher logits exist one [B, chunk, V] chunk at a time, both recomputed
-  in the backward pass.
+  `chunk` > 0: a scan over chunks of that many positions (B stays sharded), each chunk's logits
+  recomputed in the backward pass (jax.checkpoint), so peak memory is [B, chunk, V] instead of
+  [B, T, V]: 8 x 256 x 128k fp32 = 1 GiB rather than 8.6 GiB at T = 2048 for a Llama-3
+  vocabulary. 0 (or >= T): one chunk, no recompute. The distillation term: `distill` against the
+  online teacher's chunk logits (`teacher_hidden` / `teacher_out`, under stop_gradient) or the
+  `soft` fields (SOFT_FIELDS, [B, T, ...]); weighted by `weights` unless `distill.weighted` is
+  False (then wherever a soft target is).
   """
-  b, t, e = hidden_BxTxE.shape
-  online = teacher_hidden_BxTxF is not None
-  soft = soft_ids_BxTxK is not None and not online
-  if soft and distill is None:
-    distill = Distill(alpha=0.0, temperature=temperature, weighted=False)
+  b, t, _ = hidden_BxTxE.shape
+  chunk = min(chunk or t, t)
   xs = {"h": hidden_BxTxE, "tgt": targets_BxT, "w": weights_BxT.astype(jnp.float32)}
+  online = distill is not None and distill.online
   if online:
+    if teacher_hidden_BxTxF is None or teacher_out_FxW is None:
+      raise ValueError(f"Distill(support={distill.support!r}) needs the online teacher's hidden "
+                       "states and output kernel")
     xs["th"] = jax.lax.stop_gradient(teacher_hidden_BxTxF)
-  elif soft:
-    xs["sid"], xs["sp"] = soft_ids_BxTxK, soft_probs_BxTxK.astype(jnp.float32)
+  elif distill is not None:
+    xs |= {k: v for k, v in (soft or {}).items() if k in SOFT_FIELDS}
   pad = -t % chunk
   n = (t + pad) // chunk
 
@@ -199,27 +358,30 @@ def chunked_loss_sums(hidden_BxTxE: Array, out_ExV: Array, targets_BxT: Array,
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
     return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
 
-  xs = {k: to_chunks(v) for k, v in xs.items()}
-  out = out_ExV.astype(hidden_BxTxE.dtype)
   t_out = (jax.lax.stop_gradient(teacher_out_FxW).astype(teacher_hidden_BxTxF.dtype) if online
            else None)
 
-  @jax.checkpoint
-  def chunk_sum(totals, c):
-    logits_BxCxV = jnp.einsum("bce,ev->bcv", c["h"], out, preferred_element_type=jnp.float32)
-    nll = jnp.sum(cross_entropy(logits_BxCxV, c["tgt"]) * c["w"])
-    if online:
-      t_logits_BxCxW = jnp.einsum("bcf,fw->bcw", c["th"], t_out,
-                                  preferred_element_type=jnp.float32)
-      kd = jnp.sum(distill_terms(logits_BxCxV, distill, t_logits_BxCxW) * c["w"])
-    elif soft:
-      kd_BxC = distill_terms(logits_BxCxV, distill, soft_ids_BxLxK=c["sid"],
-                             soft_probs_BxLxK=c["sp"])
-      kd = jnp.sum(kd_BxC * c["w"] if distill.weighted else kd_BxC)
-    else:
-      kd = jnp.zeros((), jnp.float32)
-    return (totals[0] + nll, totals[1] + kd), None
+  def chunk_sums(c):
+    logits_BxCxV = models.project_logits(c["h"], out_ExV, hidden_BxTxE.dtype)
+    sums = {"ce": jnp.sum(cross_entropy(logits_BxCxV, c["tgt"]) * c["w"]),
+            "kd": jnp.zeros((), jnp.float32)}
+    if distill is None:
+      return sums
+    t_logits = models.project_logits(c["th"], t_out, t_out.dtype) if online else None
+    terms = distill_terms(logits_BxCxV, distill, t_logits,
+                          {k: v for k, v in c.items() if k in SOFT_FIELDS})
+    w_BxC = c["w"] if distill.weighted else terms["has"].astype(jnp.float32)
+    sums["kd"] = jnp.sum(terms["kd"] * w_BxC)
+    if "mass" in terms:
+      counted = w_BxC * terms["has"]
+      sums |= {"support_mass": jnp.sum(terms["mass"] * counted),
+               "support_tokens": jnp.sum(counted)}
+    return sums
 
-  zero = jnp.zeros((), jnp.float32)
-  (nll_sum, kd_sum), _ = jax.lax.scan(chunk_sum, (zero, zero), xs)
-  return nll_sum, kd_sum
+  if n == 1:
+    return chunk_sums(xs)
+  chunks = {k: to_chunks(v) for k, v in xs.items()}
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(chunk_sums, jax.tree.map(lambda x: x[0], chunks)))
+  body = jax.checkpoint(lambda totals, c: (jax.tree.map(jnp.add, totals, chunk_sums(c)), None))
+  return jax.lax.scan(body, zeros, chunks)[0]
