@@ -467,3 +467,30 @@ def test_chat_template_first_answer_token_is_the_scored_verbalizer(real_student,
       assert probs[want[i]] >= 0.7 - 1e-6  # the gold answer's 0.7 (plus any shared first token)
       seen += 1
   assert seen == len(recs) == packed.stats["num_soft_targets"]
+
+
+def test_teacher_corpus_records_holding_a_forbidden_sentence_are_dropped(tmp_path):
+  """Prompts of any layout and responses are searched (before: only 'Sentence: ...' fields)."""
+  test_sentence = "The staff forgot our order twice and never apologised ."
+  rows = [("Review: THE STAFF FORGOT OUR ORDER TWICE, AND NEVER APOLOGISED!\nAnswer:",
+           " negative"),
+          ("Sentiment?\n\nSentence: The bread was fresh.\nLabel:", ' "the staff forgot our order '
+           'twice and never apologised" - negative'),
+          ("Sentiment?\n\nSentence: The bread was fresh.\nLabel:", " positive"),
+          ("Text: the soup was hot\nAnswer:", " positive")]
+  corpus = tmp_path / "t.jsonl"
+  corpus.write_text("".join(json.dumps({"id": f"r{i}", "prompt": p, "response": r,
+                                        "meta": {"task": "sc/restaurants"}}) + "\n"
+                            for i, (p, r) in enumerate(rows)))
+  cfg = _config(tmp_path / "run", **{"icl.target": "teacher", "icl.teacher_corpus": str(corpus),
+                                     "icl.val_fraction": 0.0})
+  spec = icldist.ICLSpec.from_config(cfg)
+  sources, heldout, _ = icldist.resolve_tasks(spec)
+  forbidden = icl.forbidden_sentences({"sc/sst2": [test_sentence]})
+  train, val, stats = icldist.teacher_records(spec, sources, heldout, forbidden)
+  assert sorted(r.id for r in train + val) == ["r2", "r3"]
+  assert stats["dropped_leaks"] == {"sc/restaurants": 2}
+  assert stats["found_in"] == {"sc/restaurants": {"sc/sst2": 2}}
+  strict = icldist.ICLSpec(**{**spec.__dict__, "drop_leaks": False})
+  with pytest.raises(icl.LeakError, match="task 'sc/restaurants'.*staff forgot.*sc/sst2"):
+    icldist.teacher_records(strict, sources, heldout, forbidden)
