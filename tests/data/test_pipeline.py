@@ -88,6 +88,19 @@ def test_chat_mode_uses_messages_and_falls_back_to_raw(tokenizer):
   assert stats["mode"] == "raw" and raw.tokens[0] == tokenizer.bos_token_id
 
 
+def test_sequence_length_fn_counts_the_rendered_sequence(tokenizer):
+  """The token count ICL prompts are fitted by: under the chat template, what transformers itself
+  renders and tokenises for [user, assistant] (this template keeps content as it is); raw, bos +
+  prompt + response + eos."""
+  chat, raw = (packing.sequence_length_fn(tokenizer, c) for c in (True, False))
+  for prompt, answer in [("Sentence: The soup was cold.\nLabel:", " negative"),
+                         ("Rate review 3: good good good ", "Positive. Positive.")]:
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert chat(prompt, answer) == len(ids) > 10
+    assert raw(prompt, answer) == 2 + len(_enc(tokenizer, prompt)) + len(_enc(tokenizer, answer))
+
+
 # --------------------------------------------------------------------------- truncation
 
 
