@@ -2,9 +2,13 @@
 
 Default (offline, CPU, a few minutes): the tiny preset learns the demo KnowDist corpus, then the
 ICL demo tasks from that checkpoint, then SentiBench (sc/sst2 and multifaced/irony18, 20 items,
-seed 42) scores the result when eval.data_dir exists (skipped with a log line otherwise):
+seed 42) scores the result when eval.data_dir exists (skipped with a log line otherwise). The
+ICLDist stage checks its training prompts against SentiBench's test sentences, so it needs
+eval.data_dir (../shared/sentibench) or an explicit --config.icl.leak_check=off (a warning; the
+held-out guarantee then covers only the demo tasks):
 
   python -m sentijax.main --config=configs/pipeline.py
+  python -m sentijax.main --config=configs/pipeline.py --config.icl.leak_check=off   # repo only
 
 writes runs/pipeline/{knowdist,icldist,sentibench}/ (checkpoints, hf/, results.json). Rerun the
 same command to resume an interrupted stage; finished stages are skipped.
