@@ -174,8 +174,6 @@ def _open(workdir: Path, items: Sequence[Item], sampling: Sampling, settings: di
   records_path, rejects_path = corpus_lib.own_paths(workdir, index, 1 if collective else count)
   writer = ResumableWriter(records_path) if writes else _NoWriter()
   try:
-    rejects = open(  # pylint: disable=consider-using-with
-        rejects_path if writes else os.devnull, "w", encoding="utf-8")
     distributed.barrier("teacher: corpus files opened")
     done = corpus_lib.done_ids(workdir, sampling.to_json(), settings)
     pending = [i for i in items if i.id not in done]
@@ -183,6 +181,9 @@ def _open(workdir: Path, items: Sequence[Item], sampling: Sampling, settings: di
                             .encode("utf-8")).hexdigest()
     distributed.check_same_on_all_processes(
         digest, "the teacher items and the records already written")
+    # Opened (emptied) only now: a refused run leaves the last run's rejects as they were.
+    rejects = open(  # pylint: disable=consider-using-with
+        rejects_path if writes else os.devnull, "w", encoding="utf-8")
   except BaseException:
     writer.close()
     raise

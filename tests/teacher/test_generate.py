@@ -317,15 +317,18 @@ def test_rerun_with_other_settings_is_refused_naming_them(tmp_path):
   try:
     summary, items = _scripted_run(server, tmp_path)
     assert summary["written"] == len(items) == 8
-    corpus = (tmp_path / "corpus.jsonl").read_bytes()
     assert all(r["meta"]["settings"]["base_url"] == server.url for r in _corpus(tmp_path))
+    with open(tmp_path / "rejects.jsonl", "a", encoding="utf-8") as f:  # one left from run 1
+      f.write(json.dumps({"id": "x", "error": "HTTP 500"}) + "\n")
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     asked = len(server.arrivals)
     with pytest.raises(corpus_lib.SettingsMismatch,
                        match=r"8 record\(s\).*teacher.system_prompt='' there, 'Be brief.' now"):
       _scripted_run(server, tmp_path, system_prompt="Be brief.")
     with pytest.raises(corpus_lib.SettingsMismatch, match=r"generate.logprobs=0 there, 3 now"):
       _scripted_run(server, tmp_path, logprobs=3)
-    assert len(server.arrivals) == asked and (tmp_path / "corpus.jsonl").read_bytes() == corpus
+    assert len(server.arrivals) == asked  # refused before asking anything, nothing touched:
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
     assert _scripted_run(server, tmp_path)[0]["skipped"] == 8  # same settings: resumes
     # A corpus from before settings were recorded (ids of prompt + sampling only).
     old = tmp_path / "old"
