@@ -285,13 +285,16 @@ def start_job(config):
   `sampling` section, leak checker or None).
 
   Creates the workdir and records the config (the API key is read from the environment, never
-  stored in it).
+  stored in it). A corpus job whose workdir holds records made with other settings stops here,
+  before any model is loaded or file written (corpus.SettingsMismatch).
   """
   workdir = Path(config.workdir)
+  sampling = Sampling.from_config(config.sampling) if "sampling" in config else None
+  if sampling is not None and "teacher" in config:
+    corpus_lib.done_ids(workdir, sampling.to_json(), answer_settings(config))
   workdir.mkdir(parents=True, exist_ok=True)
   write_json_atomic(workdir / "generate_config.json", json.loads(config.to_json()))
-  return workdir, Sampling.from_config(config.sampling) if "sampling" in config else None, (
-      leaks_lib.checker_from_config(config))
+  return workdir, sampling, leaks_lib.checker_from_config(config)
 
 
 def run(config) -> dict:

@@ -357,8 +357,10 @@ def test_generate_icl_rerun_with_logprobs(teacher_dir, tmp_path):
   assert first["written"] == first["items"] >= 2
   assert not any("teacher_probs" in r["meta"] for r in _corpus(tmp_path / "a"))
   config.generate.logprobs = 20
+  files = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()}
   with pytest.raises(corpus_lib.SettingsMismatch, match=r"generate.logprobs=0 there, 20 now"):
     icl_job.run(config)
+  assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()} == files
   config.workdir = str(tmp_path / "b")
   assert icl_job.run(config)["written"] == first["items"]
   records = _corpus(tmp_path / "b")
