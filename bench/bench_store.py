@@ -1,0 +1,172 @@
+"""Top-k store size and speed: the v2 store (topk_store.py) vs the v1 format, on a real teacher.
+
+    python bench/bench_store.py --model /work/models/smollm2 --records 48
+
+The teacher (an HF Llama-family dir, SmolLM2-135M-Instruct: 49152 ids; made by
+../shared/tools/smollm2_hf.py) scores the first `--records` records of
+../shared/teacher_corpus (chat template, prompt + response, fp64 log-softmax in torch); its
+top-128 and tail at every response token are then written as stores at k=128 and k=20: v2 with
+each codec, and v1 (int32 ids + float32 log-probs, uncompressed npz, as the old writer made it).
+Printed per (k, format): bytes per stored position (shard bytes / response positions), write and
+read throughput (positions/s; read = every record's soft targets decoded as training asks for
+them), and for v2 the KL(float store || what training reads) over the k + 1 buckets, mean nats
+per position. Teacher time is not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import lzma  # noqa: F401  (stdlib codec used by the store)
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sentijax.data import packing, topk_store  # noqa: E402
+from sentijax.data import tokenizer as tok_lib  # noqa: E402
+from sentijax.data.records import Record, Tokens  # noqa: E402
+
+
+def teacher_topk(model_dir: str, n: int, k: int = 128):
+  """[(record, ids [m, k], logprobs [m, k], log_tail [m])] from the real teacher (torch)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import LlamaForCausalLM  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(2)
+  tok = tok_lib.load_tokenizer(model_dir)
+  model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+  corpus = REPO.parent / "shared" / "teacher_corpus" / "mixtral_reviews_500.jsonl"
+  rows = [json.loads(x) for x in corpus.read_text().splitlines()[:n]]
+  out = []
+  for i, r in enumerate(rows):
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Analyse this review:\n"
+                                       + r["Text"]}], tokenize=False, add_generation_prompt=True)
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    r_ids = tok(r["mixtral_response"].strip() + "<|im_end|>", add_special_tokens=False)[
+        "input_ids"]
+    ids = (p_ids + r_ids)[:384]
+    mask = np.array([0] * len(p_ids) + [1] * (len(ids) - len(p_ids)), np.int32)
+    with torch.no_grad():
+      lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    at = np.flatnonzero(mask[1:])  # row t predicts token t + 1
+    vals, top = lp[at].topk(k, -1)
+    rest = lp[at].scatter(-1, top, float("-inf")).logsumexp(-1)
+    rec = Record(f"r{i}", "p", "r", tokens=Tokens(np.asarray(ids, np.int32), mask))
+    out.append((rec, top.numpy().astype(np.int32), vals.numpy(), rest.numpy()))
+  return tok, out
+
+
+def write_v1(store: pathlib.Path, tok, scored, k: int) -> None:
+  """The v1 layout (the old writer's arrays, uncompressed npz), one shard."""
+  store.mkdir(parents=True)
+  lines = [json.dumps(s.record.to_json(with_tokens=False)).encode() for s in scored]
+  np.savez(store / "shard-00000.npz", ids=np.array([s.record.id for s in scored]),
+           records_json=np.frombuffer(b"".join(lines), np.uint8),
+           record_offsets=np.cumsum([0] + [len(x) for x in lines]),
+           tokens=np.concatenate([s.record.tokens.ids for s in scored]).astype(np.int32),
+           token_offsets=np.cumsum([0] + [len(s.record.tokens.ids) for s in scored]),
+           loss_mask=np.concatenate([s.record.tokens.loss_mask for s in scored]).astype(np.uint8),
+           topk_ids=np.concatenate([s.ids for s in scored]).astype(np.int32),
+           topk_logprobs=np.concatenate([s.logprobs for s in scored]).astype(np.float32))
+  (store / "index.json").write_text(json.dumps({
+      "format": topk_store.FORMAT_V1, "k": k, "teacher": "t",
+      "tokenizer": topk_store.tokenizer_identity(tok), "render": {"mode": "chat"},
+      "shards": [{"file": "shard-00000.npz", "records": len(scored)}], "complete": True}))
+
+
+def read_v1(store: pathlib.Path) -> int:
+  """The old loader's work: every shard in memory, exp of the log-probs."""
+  n = 0
+  for shard in topk_store.read_v1(store):
+    for s in shard:
+      n += len(np.exp(s.logprobs))
+  return n
+
+
+def read_v2(store: pathlib.Path, k: int) -> int:
+  recs, soft = topk_store.load(store, k)
+  n = 0
+  for r in recs:
+    fields = soft.fn(r, packing.TokenizedSequence(r.tokens.ids, r.tokens.loss_mask))
+    n += int((fields["soft_probs"].sum(-1) > 0).sum())
+  return n
+
+
+def kl_error(scored, got) -> float:
+  """Mean KL over the k + 1 buckets of the float store vs the decoded one (nats / position)."""
+  total, count = 0.0, 0
+  for s, g in zip(scored, got):
+    p, q = np.exp(s.logprobs.astype(np.float64)), np.exp(g.logprobs.astype(np.float64))
+    pt, qt = np.exp(s.log_tail.astype(np.float64)), np.exp(g.log_tail.astype(np.float64))
+    kl = (p * np.log(p / q)).sum(-1) + np.where(pt > 0, pt * np.log(pt / np.maximum(qt, 1e-300)),
+                                                0)
+    total, count = total + kl.sum(), count + len(kl)
+  return total / count
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--model", default="/work/models/smollm2")
+  ap.add_argument("--records", type=int, default=48)
+  args = ap.parse_args()
+  t0 = time.time()
+  tok, raw = teacher_topk(args.model, args.records)
+  positions = sum(len(x[1]) for x in raw)
+  print(f"teacher {args.model}: {len(raw)} records, {positions} response positions, vocab "
+        f"{len(tok)} ({time.time() - t0:.0f} s, not counted)")
+  tmp = pathlib.Path(tempfile.mkdtemp())
+  try:
+    for k in (128, 20):
+      scored = []
+      for rec, ids, lp, tail in raw:
+        lp_k = lp[:, :k]
+        tail_k = np.logaddexp(tail, np.log(np.exp(lp[:, k:]).sum(-1))) if k < lp.shape[1] \
+            else tail
+        scored.append(topk_store.ScoredRecord(rec, ids[:, :k], lp_k.astype(np.float32),
+                                              tail_k))
+      t = time.perf_counter()
+      write_v1(tmp / f"v1-{k}", tok, scored, k)
+      w_s = time.perf_counter() - t
+      t = time.perf_counter()
+      read_v1(tmp / f"v1-{k}")
+      r_s = time.perf_counter() - t
+      size = (tmp / f"v1-{k}" / "shard-00000.npz").stat().st_size
+      print(f"k={k:3d} v1 (int32 + float32 npz): {size / positions:7.1f} B/pos, write "
+            f"{positions / w_s:9.0f} pos/s, read {positions / r_s:9.0f} pos/s")
+      for codec in ("lzma", "zlib", "none"):
+        store = tmp / f"v2-{k}-{codec}"
+        t = time.perf_counter()
+        w = topk_store.StoreWriter(store, k=k, teacher="t", tokenizer=tok,
+                                   render={"mode": "chat"}, codec=codec)
+        w.write_shard(scored)
+        w.finish(True)
+        w_s = time.perf_counter() - t
+        t = time.perf_counter()
+        assert read_v2(store, k) == positions
+        r_s = time.perf_counter() - t
+        size = sum(s["bytes"] for s in w.index["shards"])
+        err = kl_error(scored, topk_store.read_records(store))
+        print(f"k={k:3d} v2 {codec:4s}: {size / positions:7.1f} B/pos, write {positions / w_s:9.0f}"
+              f" pos/s, read {positions / r_s:9.0f} pos/s, KL error {err:.2e} nats/pos")
+      try:
+        import zstandard  # pylint: disable=import-outside-toplevel
+        blobs = topk_store._shard_arrays(scored, "topk", k, topk_store.LOGPROB_STEP)  # pylint: disable=protected-access
+        from sentijax.data import topk_codec  # pylint: disable=import-outside-toplevel
+        raw_bytes = {n: (topk_codec.pack_bits(a, topk_codec.id_bits(len(tok))).tobytes()
+                         if n in ("tokens", "topk_ids") else np.ascontiguousarray(a).tobytes())
+                     for n, a in blobs.items() if n != "ids"}
+        zs = sum(len(zstandard.ZstdCompressor(level=19).compress(b)) for b in raw_bytes.values())
+        print(f"k={k:3d} v2 zstd-19 (PyPI zstandard, arrays as stored): {zs / positions:7.1f} B/pos")
+      except ImportError:
+        print("zstandard not installed: zstd not measured")
+  finally:
+    shutil.rmtree(tmp)
+
+
+if __name__ == "__main__":
+  main()
