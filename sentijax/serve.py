@@ -19,9 +19,10 @@ draw a fresh seed), n. Requests with any mix of settings decode together in one 
 boundaries).
 
 Limits: prompt + max_tokens beyond the model's positions -> 400 naming both; a body over
-`max_body_bytes` -> 413; more than `max_queue` requests waiting -> 429 with Retry-After; a request
-unanswered after `request_timeout_s` -> 504; SIGTERM (or Ctrl-C) stops taking requests (503 with
-Retry-After), lets those in flight finish (up to `drain_timeout_s`), then exits. With
+`max_body_bytes` -> 413; more than `max_queue` choices waiting for a decode row -> 429 with
+Retry-After; a request unanswered after `request_timeout_s` -> 504; SIGTERM (or Ctrl-C) stops
+taking requests (503 with Retry-After), lets those in flight finish (up to `drain_timeout_s`),
+then exits. With
 `serve.api_key_env` naming an environment variable, every route but /health needs
 `Authorization: Bearer <its value>` (401 otherwise); the key is never logged. Errors use the
 OpenAI shape `{"error": {"message", "type", "param", "code"}}`.
@@ -75,7 +76,7 @@ class BadRequest(APIError):
 @dataclasses.dataclass(frozen=True)
 class Limits:
   """What one request and the queue may take (config keys of the same names under `serve`)."""
-  max_queue: int = 64  # requests waiting for a decode row; more -> 429
+  max_queue: int = 64  # choices waiting for a free decode row; more -> 429
   max_body_bytes: int = 4 << 20  # larger request bodies -> 413
   request_timeout_s: float = 600.0  # unanswered after this -> 504 (the rows are freed)
   retry_after_s: int = 1  # Retry-After of 429 / 503 answers
@@ -96,7 +97,8 @@ class ServeSpec:
   @classmethod
   def from_config(cls, c) -> "ServeSpec":
     """Keys missing from `c` (serve sections of the teacher configs) keep these defaults."""
-    get = lambda key, default: type(default)(c.get(key, default))  # pylint: disable=unnecessary-lambda-assignment
+    def get(key, default):
+      return type(default)(c.get(key, default))
     limits = Limits(**{f.name: get(f.name, f.default) for f in dataclasses.fields(Limits)})
     return cls(**{f.name: get(f.name, f.default) for f in dataclasses.fields(cls)
                   if f.name != "limits"}, limits=limits)
@@ -185,15 +187,18 @@ class Server:
     self.httpd.shutdown()
     self.httpd.server_close()
 
+  def in_flight(self) -> int:
+    """POST requests being answered now."""
+    with self._lock:
+      return self._inflight
+
   def drain(self, timeout_s: float) -> bool:
     """Refuses new requests (503), waits up to `timeout_s` for those in flight; True if all
     finished."""
     self.engine.drain()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-      with self._lock:
-        idle = self._inflight == 0
-      if idle and not self.engine.busy():
+      if self.in_flight() == 0 and not self.engine.busy():
         return True
       time.sleep(0.02)
     return False
@@ -577,9 +582,10 @@ def serve_until_signal(server: Server, drain_timeout_s: float) -> bool:
     signal.signal(sig, lambda *_: stop.set())
   server.start()
   log.info("serving %s at %s", server.model_name, server.url)
-  while not stop.wait(0.5):
+  while not stop.wait(0.05):
     pass
-  log.info("signal received: draining requests in flight (up to %.0f s)", drain_timeout_s)
+  log.info("signal received: draining %d requests in flight (up to %.0f s)", server.in_flight(),
+           drain_timeout_s)
   clean = server.drain(drain_timeout_s)
   server.stop()
   log.info("stopped (%s)", "drained" if clean else "drain timed out")

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sentijax import models, sampling
+from sentijax.teacher import local as local_teacher
 from sentijax.teacher.common import Sampling, cut_at_stop, row_seed
 
 log = logging.getLogger("sentijax")
@@ -134,25 +135,19 @@ class _Row:
 # Jitted pieces: prefill of joining rows, one decode step of all rows, cache moves.
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "score", "top_n"))
-def _prefill(cfg, params, ids_KxP, mask_KxP, rows: sampling.RowSampling, blockable_V, *,
-             score: bool, top_n: int) -> dict[str, Any]:
-  """Caches and first tokens of K left-padded prompts; with `score`, each prompt token's logprob
-  given the tokens before it and the TOP_N alternatives."""
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _prefill(cfg, params, ids_KxP, mask_KxP, rows: sampling.RowSampling,
+             blockable_V) -> dict[str, Any]:
+  """Caches, first tokens and their logprobs (TOP_N alternatives) of K left-padded prompts."""
   k, p = ids_KxP.shape
   cache = models.init_cache(cfg, k, p)
-  logits_KxTxV, cache = models.forward_with_cache(cfg, params, ids_KxP,
+  logits_Kx1xV, cache = models.forward_with_cache(cfg, params, ids_KxP,
                                                   models.default_positions(mask_KxP), mask_KxP,
-                                                  cache, last_only=not score)
-  last_KxV = logits_KxTxV[:, -1]
-  tok_K = sampling.sample_rows(last_KxV, rows, jnp.zeros((k,), jnp.int32), blockable_V)
+                                                  cache, last_only=True)
+  tok_K = sampling.sample_rows(logits_Kx1xV[:, 0], rows, jnp.zeros((k,), jnp.int32), blockable_V)
   out = {"k": cache.k, "v": cache.v, "tok": tok_K}
-  if top_n:
-    out["chosen"], out["top_lp"], out["top_id"] = sampling.token_logprobs(last_KxV, tok_K, top_n)
-  if score:
-    logp_KxTxV = jax.nn.log_softmax(logits_KxTxV[:, :-1].astype(jnp.float32), axis=-1)
-    out["p_chosen"] = jnp.take_along_axis(logp_KxTxV, ids_KxP[:, 1:, None], axis=-1)[..., 0]
-    out["p_top_lp"], out["p_top_id"] = jax.lax.top_k(logp_KxTxV, TOP_N)
+  out["chosen"], out["top_lp"], out["top_id"] = sampling.token_logprobs(logits_Kx1xV[:, 0], tok_K,
+                                                                         TOP_N)
   return out
 
 
@@ -256,8 +251,10 @@ class Engine:
     with self.cv:
       if self.draining:
         raise Draining("the server is shutting down")
-      if len(self.waiting) >= self.max_queue:
-        raise QueueFull(f"{len(self.waiting)} requests are already waiting (serve.max_queue)")
+      held = sum(r is not None for r in self.rows) + sum(q.n for q in self.waiting)
+      if held + req.n > self.slots + self.max_queue:
+        raise QueueFull(f"{self.slots} rows busy and {len(self.waiting)} requests waiting "
+                        f"(serve.max_queue={self.max_queue})")
       self.waiting.append(req)
       self.stats["requests"] += 1
       self.cv.notify_all()
@@ -368,10 +365,9 @@ class Engine:
     ids_KxP, mask_KxP = sampling.left_pad([q.prompt_ids for q, _ in specs], p, k, self.pad_id)
     seeds = [row_seed(str(c or 0), q.sampling.seed) for q, c in specs]
     rows = self._settings([q.sampling for q, _ in specs], seeds, k)
-    score = any(q.score_prompt for q in take)
-    top_n = TOP_N if any(q.logprobs for q in take) else 0
+    # Logprobs always (once per join, cheap next to the forward): one compile fewer.
     out = _prefill(self.cfg, self.params, jnp.asarray(ids_KxP), jnp.asarray(mask_KxP), rows,
-                   self.blockable_V, score=score, top_n=top_n)
+                   self.blockable_V)
     self._move_cache(*layout)
     free = iter(s for s, r in enumerate(self.rows) if r is None)
     slots = [next(free) if c is not None else self.slots for _, c in specs]
@@ -381,9 +377,8 @@ class Engine:
     host = {name: np.asarray(x) for name, x in out.items() if name not in ("k", "v")}
     self.stats["prefills"] += 1
     self.stats["prefill_rows"] += len(specs)
+    self._score([q for q in take if q.score_prompt])
     for j, (q, c) in enumerate(specs):
-      if q.score_prompt and c in (None, 0):
-        q.events.put(self._prompt_scores(host, j, len(q.prompt_ids), p))
       if c is None:
         continue
       n = len(q.prompt_ids)
@@ -393,13 +388,25 @@ class Engine:
       self._advance(slots[j], host, j)
     self._row_sampling = None
 
-  @staticmethod
-  def _prompt_scores(host: dict, j: int, n: int, p: int) -> PromptScores:
-    span = range(p - n, p - 1)  # logits at t score token t + 1
-    chosen = [None] + [float(host["p_chosen"][j, t]) for t in span]
-    tops = [None] + [{int(i): float(lp) for i, lp in zip(host["p_top_id"][j, t],
-                                                         host["p_top_lp"][j, t])} for t in span]
-    return PromptScores(chosen, tops)
+  def _score(self, reqs: list[Request]) -> None:
+    """The prompts' token logprobs in one right-padded forward (the local teacher's)."""
+    if not reqs:
+      return
+    p = sampling.bucket_length(max(len(q.prompt_ids) for q in reqs))
+    ids_KxP = np.full((sampling.bucket_batch(len(reqs)), p), self.pad_id, np.int32)
+    mask_KxP = np.zeros_like(ids_KxP)
+    for j, q in enumerate(reqs):
+      ids_KxP[j, :len(q.prompt_ids)], mask_KxP[j, :len(q.prompt_ids)] = q.prompt_ids, 1
+    # The local teacher's scoring forward: a lone prompt scores exactly as LocalTeacher.logprobs.
+    score = local_teacher._token_logprobs  # pylint: disable=protected-access
+    chosen, top_lp, top_id = (np.asarray(x) for x in score(
+        self.cfg, self.params, jnp.asarray(ids_KxP), jnp.asarray(mask_KxP), top_n=TOP_N))
+    for j, q in enumerate(reqs):
+      span = range(len(q.prompt_ids) - 1)  # logits at t score token t + 1
+      q.events.put(PromptScores(
+          [None] + [float(chosen[j, t]) for t in span],
+          [None] + [{int(i): float(lp) for i, lp in zip(top_id[j, t], top_lp[j, t])}
+                    for t in span]))
 
   def _settings(self, sps: Sequence[Sampling], seeds: Sequence[int], rows: int
                 ) -> sampling.RowSampling:

@@ -77,9 +77,9 @@ def test_chat_completions(server, client):
 
 def test_echo_scores_the_prompt(server, client):
   prompt = "The service was slow but friendly"
-  r = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+  r = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=3)
   ids = server.teacher.encode(prompt)
-  ref, _ = server.teacher.logprobs(ids[:1], ids[1:], 2)
+  ref, _ = server.teacher.logprobs(ids[:1], ids[1:], 3)
   lp = r.choices[0].logprobs
   assert r.choices[0].text == prompt and lp.token_logprobs[0] is None
   assert lp.token_logprobs[1:] == pytest.approx(ref, rel=1e-4, abs=1e-5)
@@ -203,25 +203,25 @@ def test_bad_requests(server, body, param):
 
 def test_limits_body_queue_timeout(teacher):
   """413 for a big body; 429 + Retry-After once the queue is full; 504 past the timeout."""
-  srv = serve.Server(teacher, "tiny", max_batch=1, limits=serve.Limits(
+  srv = serve.Server(teacher, "tiny", max_batch=4, limits=serve.Limits(
       max_queue=1, max_body_bytes=2000, retry_after_s=3)).start()
+  long = {"prompt": "Once", "max_tokens": 60, "min_tokens": 60, "temperature": 0}
   try:
     r = _post(srv, "/completions", {"prompt": "x" * 3000}, key=None)
     assert r.status_code == 413 and "2000" in r.json()["error"]["message"]
-    long = {"prompt": "Once", "max_tokens": 250, "min_tokens": 250, "temperature": 0}
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-      first = pool.submit(_post, srv, "/completions", long, None)
-      while srv.metrics()["live_rows"] == 0 and not first.done():
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+      first = [pool.submit(_post, srv, "/completions", long, None) for _ in range(4)]
+      while srv.metrics()["live_rows"] < 4 and not any(f.done() for f in first):
         pass
       rest = list(pool.map(lambda _: _post(srv, "/completions", long, None), range(2)))
-      assert first.result().status_code == 200
+      assert [f.result().status_code for f in first] == [200] * 4
     codes = sorted(r.status_code for r in rest)
     assert codes == [200, 429], codes
     busy = next(r for r in rest if r.status_code == 429)
     assert busy.headers["Retry-After"] == "3" and busy.json()["error"]["code"]
   finally:
     srv.stop()
-  srv = serve.Server(teacher, "tiny", max_batch=1,
+  srv = serve.Server(teacher, "tiny", max_batch=4,
                      limits=serve.Limits(request_timeout_s=0.0)).start()
   try:
     r = _post(srv, "/completions", long, key=None)
