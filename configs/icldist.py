@@ -34,8 +34,9 @@ on names); add --config.icl.heldout=layout:atsa,sc/sst2,multifaced/irony18 to th
 
 Targets: icl.target=gold (the label / tuple list as SentiBench demos write it), teacher (records of
 icl.teacher_corpus, KnowDist format, meta.task naming the task) or teacher_probs (also
-meta.teacher_probs = {verbalizer: p}: KL over the verbalizers' first tokens at icl.temperature,
-mixed with CE by icl.alpha).
+meta.teacher_probs = {verbalizer: p}: KL over the verbalizers' first tokens plus one bucket for
+"any other answer" (icl.tail=bucket; renorm = over the verbalizers only, biased) at
+icl.temperature, mixed with CE by icl.alpha: the one distillation term, losses.Distill).
 """
 from sentijax import config as base_config
 

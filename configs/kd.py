@@ -35,6 +35,15 @@ Offline (a top-k teacher store written by configs/generate_topk.py; no teacher i
 
   python -m sentijax.main --config=configs/kd.py --config.kd.mode=offline \
     --config.kd.store=runs/generate_topk/store --config.kd.top_k=8
+
+logs eval/kl_teacher_bucketed (the held-out KL over the stored top-k + the tail bucket, a lower
+bound of the full KL), eval/kd and kd_support_mass (train/ and eval/: the student's probability on
+the stored ids). Add --config.kd.eval_teacher=runs/knowdist/hf to load that teacher only for
+scoring: eval/kl_teacher, the held-out full-vocabulary KL.
+
+Sparse supports (kd.top_k > 0 online, every store) keep the teacher's tail as one bucket and take
+the student's probabilities from its full softmax (kd.tail=bucket); kd.tail=renorm is the old
+renormalised form, blind to the student's mass outside the support (README: Logit distillation).
 """
 from sentijax import config as base_config
 

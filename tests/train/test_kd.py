@@ -243,6 +243,83 @@ def test_config_is_checked_with_the_key_named(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Offline held-out metrics: a teacher model only for scoring, names that say what is measured.
+
+
+def _np_softmax(x):
+  z = np.exp(x - x.max(-1, keepdims=True))
+  return z / z.sum(-1, keepdims=True)
+
+
+def test_offline_held_out_metrics_are_named_for_what_they_measure(tmp_path):
+  """Offline (store-like soft targets: the teacher's top 8 at T = 1 and its tail) with
+  kd.eval_teacher: the teacher model is loaded on the mesh only to score the held-out FULL
+  vocabulary KL (eval/kl_teacher; the train step never gets it); without it the store's
+  bucketed KL is reported as eval/kl_teacher_bucketed (a lower bound), never as kl_teacher.
+  Values against float64 numpy from both models' logits."""
+  rng = np.random.default_rng(5)
+  t_params = jax.tree.map(lambda s: (rng.normal(size=s.shape) * 0.05).astype(np.float32),
+                          models.param_shapes(TEACHER))
+  t_params["lm_head"] *= 40  # a peaked teacher: its top 8 hold a real share of the mass
+  models.save_hf(TEACHER, t_params, tmp_path / "teacher")
+  batch = _batch(np.random.default_rng(6), rows=8)
+  n = 1000  # the tokenizer's length: both models cut to it
+  t_logits = np.asarray(models.apply(TEACHER, t_params, batch["inputs"]), np.float64)[..., :n]
+  p = _np_softmax(t_logits)
+  ids = np.argsort(-p, -1)[..., :8]
+  batch["soft_ids"] = ids.astype(np.int32)
+  batch["soft_probs"] = np.take_along_axis(p, ids, -1).astype(np.float32)
+  batch["soft_tail"] = (1 - np.take_along_axis(p, ids, -1).sum(-1)).astype(np.float32)
+
+  class Val:
+    def batch_at(self, i, batch_size):
+      assert i == 0 and batch_size == 8
+      return batch
+
+  c = kd_config.get_config()
+  c.kd.update(mode="offline", store="s", top_k=8, eval_teacher=str(tmp_path / "teacher"))
+  spec = kd.KDSpec.from_config(c)
+  distill = spec.distill(n, "listed")
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  s_params = jax.device_put(models.init(STUDENT, 0),
+                            sharding.param_shardings(STUDENT, mesh, RULES))
+  q = _np_softmax(np.asarray(models.apply(STUDENT, s_params, batch["inputs"]),
+                             np.float64)[..., :n])
+  w = batch["weights"]
+  full = (p * np.log(p / q)).sum(-1)
+  in_s = np.zeros(p.shape, bool)
+  np.put_along_axis(in_s, ids, True, -1)
+  bucket = lambda x: np.concatenate(  # noqa: E731
+      [np.where(in_s, x, 0), np.where(in_s, 0, x).sum(-1, keepdims=True)], -1)
+  pb, qb = bucket(p), bucket(q)
+  pos = pb > 0
+  bucketed = np.where(pos, pb * np.log(np.where(pos, pb, 1) / np.where(pos, qb, 1)), 0).sum(-1)
+  mass = np.where(in_s, q, 0).sum(-1)
+  want = {"kl_teacher": full, "kl_teacher_bucketed": bucketed, "kd": bucketed,
+          "kd_support_mass": mass}
+  assert (bucketed < 0.9 * full).all() and mass.max() < 0.2  # the names tell different things
+
+  for eval_teacher, names in ((True, {"kl_teacher", "kd"}),
+                              (False, {"kl_teacher_bucketed", "kd"})):
+    if not eval_teacher:
+      c.kd.eval_teacher = ""
+      spec = kd.KDSpec.from_config(c)
+    ctx = kd.Context(spec, kd.teacher_config(spec), distill)
+    assert ctx.loss_options(mesh, RULES) == {"distill": distill, "teacher": None}
+    assert (ctx.teacher is not None) == eval_teacher
+    terms = kd.eval_terms(ctx, n, "listed")
+    assert set(terms) == names
+    got = kd.divergence_hook(ctx, STUDENT, Val(), 8, 1, 0, terms)(0, s_params)
+    assert set(got) == names | {"kd_support_mass"}
+    for name, value in got.items():
+      # Per-token means of fp32 divergences of ~1..5 nats: ~1e-6 relative to float64.
+      np.testing.assert_allclose(value, (want[name] * w).sum() / w.sum(), rtol=1e-4,
+                                 err_msg=name)
+  # A sampled store without a teacher model: only the training term, nothing named kl_teacher.
+  assert set(kd.eval_terms(kd.Context(spec, None, None), n, "sampled")) == set()
+
+
+# ---------------------------------------------------------------------------------------------
 # The main entry: an HF teacher dir (more embedding rows than the tokenizer), a copy of its
 # tokenizer for the student, 2 devices, 4 steps, checkpoints and metrics.
 
