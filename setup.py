@@ -34,7 +34,7 @@ setuptools.setup(
     ],
     extras_require={
         # torch is only the parity reference in tests; the exact pin selects the CPU wheel.
-        "test": ["pytest", "pytest-xdist", "nbformat", "torch==2.13.0"],
+        "test": ["pytest", "pytest-xdist", "nbformat", "torch==2.13.0", "openai>=1.40,<4"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },

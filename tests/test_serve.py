@@ -228,3 +228,21 @@ def test_limits_body_queue_timeout(teacher):
     assert r.status_code == 504 and "request_timeout_s" in r.json()["error"]["message"]
   finally:
     srv.stop()
+
+
+def test_spec_from_config(monkeypatch):
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "serve.py"
+  spec = importlib.util.spec_from_file_location("serve_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.serve.max_queue, c.serve.api_key_env = 3, "SENTIJAX_TEST_KEY"
+  got = serve.ServeSpec.from_config(c.serve)
+  assert got.limits.max_queue == 3 and got.max_batch == 16 and got.port == 8000
+  monkeypatch.delenv("SENTIJAX_TEST_KEY", raising=False)
+  with pytest.raises(ValueError, match="SENTIJAX_TEST_KEY"):
+    got.api_key()
+  monkeypatch.setenv("SENTIJAX_TEST_KEY", KEY)
+  assert got.api_key() == KEY
