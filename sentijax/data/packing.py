@@ -38,10 +38,11 @@ token positions from them. A distribution with fewer than K entries is padded wi
 attaches them: `fn(record, sequence)` returns ([n, K] ids, [n, K] probs), a dict of the soft
 fields (with `extra_fields`), or None (no soft target for that record: zeros); `key` names fn's
 logic and settings and joins the cache key. fn runs when a row holding the record is built (one
-record at a time: all records' soft targets are never in memory together). `soft_targets_at` builds the
-arrays for one distribution at one token (e.g. the first response token, `first_response_index`).
-Probabilities must be finite, >= 0, and sum to <= 1 per position (a top-K truncation may leave
-mass out). Without soft targets rows and batches carry only the five fields above.
+record at a time: all records' soft targets are never in memory together). `soft_targets_at`
+builds the arrays for one distribution at one token (e.g. the first response token,
+`first_response_index`). Probabilities must be finite, >= 0, and sum to <= 1 per position (a
+top-K truncation may leave mass out). Without soft targets rows and batches carry only the five
+fields above.
 
 Per record: with `chat_template=True` and a tokenizer that has one, the conversation
 [user: prompt (or record.messages), assistant: response] is rendered with the chat template: the

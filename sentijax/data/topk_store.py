@@ -25,7 +25,7 @@ Layout of `store_dir`:
                     sample (N = k draws per position from softmax(logits / temperature)):
                       sample_ids      id_bits [M, N]  the distinct drawn ids (padding 0) ...
                       sample_counts   uint8   [M, N]  ... how often each was drawn (0 = padding)
-                      sample_logprobs float16 [M, N]  the teacher's log p_T of each at the temperature
+                      sample_logprobs float16 [M, N]  the teacher's log p_T of each (tempered)
   tokenizer/        the teacher's tokenizer (a student trains with it: model.tokenizer=...)
 
 Writes are atomic shard by shard (temp file, fsync, rename, then index.json replaced); a shard the
@@ -492,7 +492,8 @@ def load(store_dir: str | os.PathLike, width: int) -> tuple[list[Record], packin
     shard, p0, p1 = where[record.id]
     if not np.array_equal(sequence.tokens, record.tokens.ids):
       raise StoreError(f"{record.tokens.source}: record {record.id!r}: the sequence being packed "
-                       "is not the store's token ids (packing must take Record.tokens as they are).")
+                       "is not the store's token ids (packing must take Record.tokens as they "
+                       "are).")
     e = cache.get(shard)
     at = record.tokens.loss_mask.astype(bool)
     n = len(at)

@@ -14,9 +14,9 @@ top `topk.k` at every position and the log of the mass outside them (`topk.mode=
 with a key per record and position, so the draws do not depend on batching; stored as distinct
 ids, counts and their tempered log-probabilities: an unbiased sampled estimate of the forward KL
 at that temperature, Anshumann et al. 2025) -> keep the positions that predict a response token
--> one atomic shard at a time, then the index. A killed job rerun with the same command skips the stored
-records; the plan does not depend on what was stored, so the rerun scores the remaining shards in
-the same batches and writes the same bytes as an uninterrupted run.
+-> one atomic shard at a time, then the index. A killed job rerun with the same command skips the
+stored records; the plan does not depend on what was stored, so the rerun scores the remaining
+shards in the same batches and writes the same bytes as an uninterrupted run.
 
 Backends (`teacher.backend`): `local` (the sentijax model of `config.model`, batched and sharded
 over the mesh; the [B, T, V] logits never exist at once: `topk.logits_chunk` positions at a time)
