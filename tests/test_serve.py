@@ -3,6 +3,7 @@ batches, limits, seeds, n, auth."""
 import concurrent.futures
 import logging
 import math
+import time
 
 import httpx
 import pytest
@@ -124,33 +125,35 @@ def test_stream_chat_equal_non_streamed(client):
 
 
 def test_mixed_settings_share_decode_steps(server, client):
-  """Requests with different max_tokens / temperature / top_p / seed / stop decode in the same
-  steps, and each seeded answer is the one it gets alone."""
-  bodies = [dict(max_tokens=6, temperature=0.0),
+  """Requests with different max_tokens / temperature / top_p / top_k / seed / stop join a
+  running batch and decode in the same steps; each seeded answer is the one it gets alone."""
+  bodies = [dict(max_tokens=190, temperature=0.0),
             dict(max_tokens=12, temperature=0.7, top_p=0.9, seed=1),
             dict(max_tokens=18, temperature=1.0, seed=2, stop=["zz"]),
             dict(max_tokens=24, temperature=1.3, top_p=0.8, top_k=50, seed=3)]
 
   def ask(i):
-    body, extra = dict(bodies[i]), {"min_tokens": 4}
+    body = dict(bodies[i])
+    extra = {"min_tokens": body["max_tokens"] if "stop" not in body else 4}
     if "top_k" in body:
       extra["top_k"] = body.pop("top_k")
     return client.completions.create(model="tiny", prompt=f"Review number {i}: it was fine",
                                      extra_body=extra, **body)
 
-  def metrics():
-    return httpx.get(server.url.removesuffix("/v1") + "/metrics",
-                     headers={"Authorization": f"Bearer {KEY}"}).json()
-
-  before = metrics()
+  before = server.metrics()
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    together = list(pool.map(ask, range(4)))
-  after = metrics()
-  tokens = sum(r.usage.completion_tokens for r in together)
+    first = pool.submit(ask, 0)
+    while server.metrics()["live_rows"] == 0 and not first.done():
+      time.sleep(0.001)
+    rest = list(pool.map(ask, range(1, 4)))
+    together = [first.result()] + rest
+  after = server.metrics()
+  tokens = [r.usage.completion_tokens for r in together]
   steps = after["decode_steps"] - before.get("decode_steps", 0)
   assert after["shared_steps"] - before.get("shared_steps", 0) > 0
-  assert steps < tokens - len(together)  # alone, each request needs completion_tokens - 1 steps
-  assert [r.usage.completion_tokens for r in together][:1] == [6]
+  # Alone, a request takes completion_tokens - 1 steps; the three join the first one's batch.
+  assert steps < tokens[0] - 1 + max(tokens[1:]) - 1, (steps, tokens)
+  assert tokens[0] == 190 and tokens[1] == 12 and tokens[3] == 24
   alone = [ask(i).choices[0].text for i in range(4)]
   assert alone == [r.choices[0].text for r in together]
 
