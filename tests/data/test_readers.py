@@ -1,5 +1,5 @@
-"""Corpus records: validation, adapters, atomic and resumable writing, train/val split."""
-import dataclasses
+"""Reading corpora (readers.py): validation naming file/line/key, the Mixtral and HF adapters,
+load_corpus and the train/val split."""
 import json
 import os
 import re
@@ -13,7 +13,6 @@ import pytest  # pylint: disable=wrong-import-position
 from sentijax.data import prompts, readers, writers  # pylint: disable=wrong-import-position
 from sentijax.data import records as records_lib  # pylint: disable=wrong-import-position
 from sentijax.data.records import CorpusError, Record  # pylint: disable=wrong-import-position
-from sentijax.data import spec as spec_lib  # pylint: disable=wrong-import-position
 from sentijax.data.spec import DataSpec  # pylint: disable=wrong-import-position
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -159,100 +158,11 @@ def _records(n: int, start: int = 0) -> list[Record]:
           for i in range(start, start + n)]
 
 
-def test_write_records_round_trip_without_leftovers(tmp_path):
-  path = tmp_path / "sub" / "out.jsonl"
-  assert writers.write_records(path, _records(3)) == 3
-  assert readers.read_records(path)[0] == _records(3)
-  assert sorted(p.name for p in path.parent.iterdir()) == ["out.jsonl"]
-
-
-def test_write_records_keeps_old_file_when_interrupted(tmp_path):
-  path = tmp_path / "out.jsonl"
-  writers.write_records(path, _records(2))
-  before = path.read_bytes()
-
-  def failing():
-    yield from _records(5, start=10)
-    raise RuntimeError("generator died")
-
-  with pytest.raises(RuntimeError, match="generator died"):
-    writers.write_records(path, failing())
-  with pytest.raises(CorpusError, match="duplicate id"):
-    writers.write_records(path, _records(2) + _records(1))
-  with pytest.raises(CorpusError, match="'response' is empty"):
-    writers.write_records(path, [{"id": "x", "prompt": "p", "response": ""}])
-  assert path.read_bytes() == before
-  assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
-
-
-def test_resumable_writer_skips_done_ids(tmp_path):
-  path = tmp_path / "gen.jsonl"
-  with writers.ResumableWriter(path) as writer:
-    assert [writer.write(r) for r in _records(3)] == [True, True, True]
-    assert not writer.write(_records(1)[0])
-  with writers.ResumableWriter(path) as writer:
-    assert writer.done_ids == {"r0", "r1", "r2"} and len(writer) == 3
-    todo = list(writer.pending(_records(5)))
-    assert [r.id for r in todo] == ["r3", "r4"]
-    for record in todo:
-      writer.write(record)
-  assert readers.read_records(path)[0] == _records(5)
-
-
-def test_resumable_writer_repairs_truncated_last_line(tmp_path):
-  path = tmp_path / "gen.jsonl"
-  writers.write_records(path, _records(2))
-  with open(path, "ab") as f:
-    f.write(_records(1, start=2)[0].to_line().encode()[:-9])  # crash mid-record
-  with writers.ResumableWriter(path) as writer:
-    assert writer.repaired_bytes > 0 and writer.done_ids == {"r0", "r1"}
-    writer.write(_records(1, start=2)[0])
-  assert readers.read_records(path)[0] == _records(3)
-  # A complete last record that only lost its newline is kept.
-  path.write_bytes(path.read_bytes().rstrip(b"\n"))
-  with writers.ResumableWriter(path) as writer:
-    assert writer.repaired_bytes == 0 and len(writer) == 3
-    writer.write(_records(1, start=3)[0])
-  assert readers.read_records(path)[0] == _records(4)
-
-
-def test_resumable_writer_refuses_corrupt_middle_line(tmp_path):
-  path = _write(tmp_path / "gen.jsonl", [_line("a"), "{oops\n", _line("b")])
-  with pytest.raises(CorpusError, match=r"gen\.jsonl, line 2: cannot resume"):
-    writers.ResumableWriter(path)
-
-
-# --------------------------------------------------------------------------- load_corpus
-
-
 def _spec(**overrides) -> DataSpec:
   cfg = ml_collections.ConfigDict({"corpus": "", "format": "auto", "val_corpus": "",
                                    "val_fraction": 0.05, "skip_bad_records": False})
   cfg.update(overrides)
   return DataSpec.from_config(cfg)
-
-
-def test_data_spec_reads_the_config_once_and_names_bad_keys(tmp_path):
-  from sentijax import config as config_lib  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.base()
-  cfg.data.text_column = "review"
-  cfg.data.seq_len = 64
-  spec = DataSpec.from_config(cfg.data, workdir=str(tmp_path), seed=3)
-  assert spec.cache_dir == str(tmp_path / "data") and spec.seed == 3 and spec.seq_len == 64
-  assert spec.columns == readers.HFColumns(text="review")
-  assert spec.corpus_path == records_lib.demo_corpus_path()
-  # Every config.data key is read (a DataSpec field or an HFColumns column key), and the
-  # DataSpec defaults are the config's.
-  fields = {f.name for f in dataclasses.fields(DataSpec)} - {"columns", "seed"}
-  assert set(config_lib.base().data.keys()) == fields | set(spec_lib.COLUMN_KEYS)
-  assert DataSpec.from_config({}) == DataSpec()
-  defaults = DataSpec.from_config(config_lib.base().data)
-  assert dataclasses.replace(defaults, cache_dir="") == DataSpec()
-  for key, value, why in [("truncation", "cut", "expected one of"), ("seq_len", 1, ">= 2"),
-                          ("val_fraction", 1.0, r"\[0, 1\)"), ("format", "csv", "expected one of"),
-                          ("seq_len", "long", "expected int"), ("shuffle", "no", "bool")]:
-    with pytest.raises(records_lib.DataError, match=f"data.{key}=.*{why}"):
-      DataSpec.from_config({key: value})
 
 
 def test_load_corpus_demo_default_split_is_deterministic():
