@@ -1,7 +1,7 @@
 """`config.job = "generate_icl"`: ICL prompts from the builder -> teacher answers (+ the
 verbalizer distribution when the backend gives logprobs), an ICLDist teacher corpus.
 
-Prompts are built exactly as ICLDist's gold records (`icldist.gold_records`: task registry,
+Prompts are built exactly as ICLDist's gold records (`icl_recipe.gold_records`: task registry,
 held-out tasks and SentiBench test sentences filtered, k shrunk to fit `data.seq_len` under the
 teacher's tokenizer), sent raw (no chat template). Each record keeps `meta.task` (what
 `icl.target=teacher|teacher_probs` select by), `meta.gold` (the gold answer) and
@@ -20,28 +20,21 @@ from __future__ import annotations
 import logging
 import math
 
-from sentijax.data import icl, packing
+from sentijax.data import icl, icl_recipe
 from sentijax.teacher import generate as gen
 from sentijax.teacher.common import Completion, Sampling, record_key
-from sentijax.train import icldist
 
 log = logging.getLogger("sentijax")
 
 
-def _length_fn(tokenizer) -> icl.LengthFn:
-  """Tokens of (prompt, answer) under the teacher's tokenizer, raw as the prompts are sent."""
-  if tokenizer is None:  # no tokenizer for a remote teacher: ~3 characters per token
-    return lambda prompt, answer: (len(prompt) + len(answer)) // 3 + 2
-  return packing.sequence_length_fn(tokenizer, False)
-
-
 def build_items(config, tokenizer, sampling: Sampling) -> tuple[list[gen.Item], dict]:
   """ICL prompts as generation items (train and val prompts of the source tasks)."""
-  spec = icldist.ICLSpec.from_config(config)
-  sources, _, groups = icldist.resolve_tasks(spec)
+  spec = icl_recipe.RecipeSpec.from_config(config)
+  sources, _, groups = icl_recipe.resolve_tasks(spec)
   forbidden = icl.forbidden_sentences(groups)
-  train, val, stats = icldist.gold_records(spec, sources, forbidden, _length_fn(tokenizer),
-                                           int(config.data.seq_len))
+  train, val, stats = icl_recipe.gold_records(spec, sources, forbidden,
+                                              icl_recipe.length_fn(tokenizer),
+                                              int(config.data.seq_len))
   labels = {t.name: t.labels for t in sources}
   settings = gen.answer_settings(config)  # part of every record id
   items = []

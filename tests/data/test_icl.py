@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from sentijax.data import icl, sentibench, tasks
-from sentijax.train import icldist
+from sentijax.data import icl, icl_recipe, sentibench, tasks
 
 _CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "icldist.py"
 _loader = importlib.util.spec_from_file_location("icldist_config", _CONFIG)
@@ -22,7 +21,7 @@ def _chars(prompt: str, answer: str) -> int:
 
 
 def _demo_sources(names=("sc/restaurants", "sc/products", "emotion/chat", "atsa/cafe")):
-  reg = tasks.discover(str(icldist.DEMO_TASKS))
+  reg = tasks.discover(str(icl_recipe.DEMO_TASKS))
   out = []
   for n in names:
     pool = tasks.load_examples(reg.get(n), "train")
@@ -45,12 +44,12 @@ def test_no_heldout_sentence_in_any_training_prompt(shared_dir):
             heldout="sc/sst2,multifaced/irony18,absa/atsa_rest16", num_prompts=3000,
             val_prompts=200)
   c.eval.data_dir = str(shared_dir / "sentibench")
-  spec = icldist.ICLSpec.from_config(c)
-  sources, heldout, groups = icldist.resolve_tasks(spec)
+  spec = icl_recipe.RecipeSpec.from_config(c)
+  sources, heldout, groups = icl_recipe.resolve_tasks(spec)
   assert {t.name for t in heldout} == {"sc/sst2", "multifaced/irony18", "absa/atsa_rest16"}
   assert not {t.name for t in sources} & {t.name for t in heldout}
   forbidden = icl.forbidden_sentences(groups)
-  train, val, stats = icldist.gold_records(spec, sources, forbidden, _chars, 512)
+  train, val, stats = icl_recipe.gold_records(spec, sources, forbidden, _chars, 512)
   # The filter had work to do: sources share sentences with SentiBench test sets (rest14,
   # opener, imdb ...) and acsa_rest16 is atsa_rest16's sentences, so it is skipped whole.
   # asqp_rest16 holds PTB-tokenised copies of atsa_rest16 sentences (1,262 of 1,264; STACK.md)
@@ -72,13 +71,13 @@ def test_no_heldout_sentence_in_any_training_prompt(shared_dir):
   assert len(asqp & set(seen)) <= 2
   assert {r.meta["task"] for r in train} == {t.name for t in sources} - {"absa/acsa_rest16"}
   # Without dropping, the build fails naming the task and the sentence.
-  strict = icldist.ICLSpec.from_config(_spec(
+  strict = icl_recipe.RecipeSpec.from_config(_spec(
       task_dirs=str(shared_dir / "icl_sources"), heldout="", drop_leaks=False))
-  strict = icldist.ICLSpec(**{**strict.__dict__, "sentibench_dir": str(shared_dir / "sentibench")})
-  src, _, groups = icldist.resolve_tasks(strict)
+  strict = icl_recipe.RecipeSpec(**{**strict.__dict__, "sentibench_dir": str(shared_dir / "sentibench")})
+  src, _, groups = icl_recipe.resolve_tasks(strict)
   with pytest.raises(icl.LeakError, match=r"task '\w+/\w+': '.+' \(a sentence of held-out/test "
                                           r"data of .*absa/"):
-    icldist.gold_records(strict, src, icl.forbidden_sentences(groups), _chars, 512)
+    icl_recipe.gold_records(strict, src, icl.forbidden_sentences(groups), _chars, 512)
 
 
 def test_check_no_leaks_names_task_and_sentence():
@@ -199,11 +198,11 @@ def test_bad_options():
   with pytest.raises(ValueError, match="prompts fit data.seq_len=4"):
     icl.build_prompts(srcs, 10, icl.Options(), _chars, 5, FMT)
   with pytest.raises(ValueError, match="icl.target='logits'"):
-    icldist.ICLSpec.from_config(_spec(target="logits"))
+    icl_recipe.RecipeSpec.from_config(_spec(target="logits"))
   with pytest.raises(ValueError, match="icl.teacher_corpus=''.*teacher_probs"):
-    icldist.ICLSpec.from_config(_spec(target="teacher_probs"))
+    icl_recipe.RecipeSpec.from_config(_spec(target="teacher_probs"))
   with pytest.raises(tasks.TaskError, match="unknown task 'sc/nope'"):
-    icldist.resolve_tasks(icldist.ICLSpec.from_config(_spec(tasks="sc/nope", heldout="")))
+    icl_recipe.resolve_tasks(icl_recipe.RecipeSpec.from_config(_spec(tasks="sc/nope", heldout="")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +212,7 @@ def test_bad_options():
 def _resolve(data_dir=None, **icl_overrides):
   c = _spec(**icl_overrides)
   c.eval.data_dir = data_dir or c.eval.data_dir
-  return icldist.resolve_tasks(icldist.ICLSpec.from_config(c))
+  return icl_recipe.resolve_tasks(icl_recipe.RecipeSpec.from_config(c))
 
 
 def test_heldout_families_remove_every_matching_task(tmp_path):

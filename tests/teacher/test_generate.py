@@ -347,7 +347,7 @@ def test_generate_icl_rerun_with_logprobs(teacher_dir, tmp_path):
   classification record gets its distribution and icl.target=teacher_probs reads them."""
   from sentijax.data import icl
   from sentijax.teacher import icl_job
-  from sentijax.train import icldist
+  from sentijax.data import icl_recipe
   config = _load_config("generate_icl")
   config.workdir, config.model.init = str(tmp_path / "a"), str(teacher_dir)
   config.icl.num_prompts, config.sampling.max_tokens = 3, 2
@@ -366,8 +366,8 @@ def test_generate_icl_rerun_with_logprobs(teacher_dir, tmp_path):
   records = _corpus(tmp_path / "b")
   assert all(r["meta"]["teacher_probs"] for r in records)
   config.icl.target, config.icl.teacher_corpus = "teacher_probs", str(tmp_path / "b/corpus.jsonl")
-  spec = icldist.ICLSpec.from_config(config)
-  sources, heldout, groups = icldist.resolve_tasks(spec)
-  train, val, _ = icldist.teacher_records(spec, sources, heldout,
-                                          icl.forbidden_sentences(groups))
+  spec = icl_recipe.RecipeSpec.from_config(config)
+  sources, heldout, groups = icl_recipe.resolve_tasks(spec)
+  train, val, _ = icl_recipe.teacher_records(spec, sources, heldout,
+                                             icl.forbidden_sentences(groups))
   assert len(train) + len(val) == len(records)

@@ -33,7 +33,7 @@ def _config(teacher_dir, workdir):
 def test_icl_corpus_with_exact_verbalizer_probs(teacher_dir, tmp_path):
   from transformers import LlamaForCausalLM
   from sentijax.data import icl, readers, tokenizer as tok_lib
-  from sentijax.train import icldist
+  from sentijax.data import icl_recipe
   config = _config(teacher_dir, tmp_path)
   summary = icl_job.run(config)
   assert summary["rejected"] == 0 and summary["written"] == summary["items"] >= 4
@@ -54,10 +54,10 @@ def test_icl_corpus_with_exact_verbalizer_probs(teacher_dir, tmp_path):
                                  rtol=2e-4)
   assert icl_job.run(config)["written"] == 0  # rerun: nothing new
   config.icl.target, config.icl.teacher_corpus = "teacher_probs", str(tmp_path / "corpus.jsonl")
-  spec = icldist.ICLSpec.from_config(config)
-  sources, heldout, groups = icldist.resolve_tasks(spec)
-  train, val, _ = icldist.teacher_records(spec, sources, heldout,
-                                         icl.forbidden_sentences(groups))
+  spec = icl_recipe.RecipeSpec.from_config(config)
+  sources, heldout, groups = icl_recipe.resolve_tasks(spec)
+  train, val, _ = icl_recipe.teacher_records(spec, sources, heldout,
+                                            icl.forbidden_sentences(groups))
   assert len(train) + len(val) == len(records)
 
 

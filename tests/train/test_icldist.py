@@ -15,7 +15,7 @@ import pytest
 import safetensors.numpy
 
 from sentijax import models
-from sentijax.data import icl, packing, records, tasks
+from sentijax.data import icl, icl_recipe, packing, records, tasks
 from sentijax.eval import compare
 from sentijax.train import icldist, losses, step
 from tolerances import assert_trees_close
@@ -137,7 +137,7 @@ def test_loss_sums_mix_ce_and_kl_and_chunking_agrees(tmp_path):
 
 def _teacher_corpus(path, n=64):
   """Records in the KnowDist format naming their task, with teacher distributions."""
-  reg = tasks.discover(str(icldist.DEMO_TASKS))
+  reg = tasks.discover(str(icl_recipe.DEMO_TASKS))
   rows = []
   for i, ex in enumerate(tasks.load_examples(reg.get("sc/restaurants"), "train")[:n]):
     p = 0.9 if ex.gold == "positive" else 0.1
@@ -315,7 +315,7 @@ def test_heldout_audit_and_training_prompts_are_written(tmp_path, caplog, monkey
     icldist.run(cfg)
   assert trained["train"].stats["records_in"] == 40
   audit = json.loads((tmp_path / "run" / "heldout_audit.json").read_text())
-  movies = tasks.discover(str(icldist.DEMO_TASKS)).get("sc/movies")
+  movies = tasks.discover(str(icl_recipe.DEMO_TASKS)).get("sc/movies")
   n_movies = sum(len(tasks.load_examples(movies, s)) for s in movies.splits)
   assert audit["forbidden"] == {
       "sc/movies": {"role": "held out (every split)", "sentences": n_movies, "found_in": {},
@@ -439,11 +439,11 @@ def test_chat_template_first_answer_token_is_the_scored_verbalizer(real_student,
   cfg = _config(tmp_path, **{"icl.num_prompts": 24, "icl.val_prompts": 0, "icl.shots": "0-2",
                              "icl.rename_prob": 0.5, "icl.target": "teacher_probs",
                              "icl.teacher_corpus": "unused"})
-  spec = icldist.ICLSpec.from_config(cfg)
-  sources, _, groups = icldist.resolve_tasks(spec)
+  spec = icl_recipe.RecipeSpec.from_config(cfg)
+  sources, _, groups = icl_recipe.resolve_tasks(spec)
   labels = {t.name: t.labels for t in sources}
-  recs, _, _ = icldist.gold_records(spec, sources, icl.forbidden_sentences(groups),
-                                    packing.sequence_length_fn(tok, True), 256)
+  recs, _, _ = icl_recipe.gold_records(spec, sources, icl.forbidden_sentences(groups),
+                                       packing.sequence_length_fn(tok, True), 256)
   answers = []
   for r in recs:
     shown = [" " + (r.meta.get("label_map") or {}).get(x, x) for x in labels[r.meta["task"]]]
@@ -452,7 +452,7 @@ def test_chat_template_first_answer_token_is_the_scored_verbalizer(real_student,
     answers.append(r.response)
   assert any(r.meta.get("label_map") for r in recs) and " positive" in answers
   packed = packing.pack_records(recs, tok, DataSpec(seq_len=256, chat_template=True),
-                                icldist.soft_targets(spec, tok), show_progress=False)
+                                icl_recipe.soft_targets(spec, tok), show_progress=False)
   assert packed.stats["records_used"] == len(recs)
   want = [batching.verbalizer_token_ids(tok, [a])[0] for a in answers]
   seen = 0
@@ -484,13 +484,13 @@ def test_teacher_corpus_records_holding_a_forbidden_sentence_are_dropped(tmp_pat
                             for i, (p, r) in enumerate(rows)))
   cfg = _config(tmp_path / "run", **{"icl.target": "teacher", "icl.teacher_corpus": str(corpus),
                                      "icl.val_fraction": 0.0})
-  spec = icldist.ICLSpec.from_config(cfg)
-  sources, heldout, _ = icldist.resolve_tasks(spec)
+  spec = icl_recipe.RecipeSpec.from_config(cfg)
+  sources, heldout, _ = icl_recipe.resolve_tasks(spec)
   forbidden = icl.forbidden_sentences({"sc/sst2": [test_sentence]})
-  train, val, stats = icldist.teacher_records(spec, sources, heldout, forbidden)
+  train, val, stats = icl_recipe.teacher_records(spec, sources, heldout, forbidden)
   assert sorted(r.id for r in train + val) == ["r2", "r3"]
   assert stats["dropped_leaks"] == {"sc/restaurants": 2}
   assert stats["found_in"] == {"sc/restaurants": {"sc/sst2": 2}}
-  strict = icldist.ICLSpec(**{**spec.__dict__, "drop_leaks": False})
+  strict = icl_recipe.RecipeSpec(**{**spec.__dict__, "drop_leaks": False})
   with pytest.raises(icl.LeakError, match="task 'sc/restaurants'.*staff forgot.*sc/sst2"):
-    icldist.teacher_records(strict, sources, heldout, forbidden)
+    icl_recipe.teacher_records(strict, sources, heldout, forbidden)
