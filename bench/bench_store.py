@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import lzma  # noqa: F401  (stdlib codec used by the store)
 import pathlib
 import shutil
 import sys
@@ -33,8 +32,13 @@ from sentijax.data import tokenizer as tok_lib  # noqa: E402
 from sentijax.data.records import Record, Tokens  # noqa: E402
 
 
+MAX_DRAWS = 64
+DRAWS = (8, 16, 24, 32, 64)
+
+
 def teacher_topk(model_dir: str, n: int, k: int = 128):
-  """[(record, ids [m, k], logprobs [m, k], log_tail [m])] from the real teacher (torch)."""
+  """[(record, ids [m, k], logprobs [m, k], log_tail [m], draws [m, 64], their logprobs)] from
+  the real teacher (torch; draws at T = 1 from its full distribution)."""
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import LlamaForCausalLM  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(2)
@@ -56,9 +60,57 @@ def teacher_topk(model_dir: str, n: int, k: int = 128):
     at = np.flatnonzero(mask[1:])  # row t predicts token t + 1
     vals, top = lp[at].topk(k, -1)
     rest = lp[at].scatter(-1, top, float("-inf")).logsumexp(-1)
-    rec = Record(f"r{i}", "p", "r", tokens=Tokens(np.asarray(ids, np.int32), mask))
-    out.append((rec, top.numpy().astype(np.int32), vals.numpy(), rest.numpy()))
+    gen = torch.Generator().manual_seed(i)
+    drawn = torch.multinomial(lp[at].exp(), MAX_DRAWS, replacement=True, generator=gen)
+    rec = Record(f"r{i}", prompt, r["mixtral_response"].strip(), {"source_id": f"r{i}"},
+                 tokens=Tokens(np.asarray(ids, np.int32), mask))
+    out.append((rec, top.numpy().astype(np.int32), vals.numpy(), rest.numpy(),
+                drawn.numpy().astype(np.int32), lp[at].gather(-1, drawn).float().numpy()))
   return tok, out
+
+
+def cached_teacher_topk(model_dir: str, n: int, cache: str):
+  """`teacher_topk`, saved to / read from `cache` (an npz) when given."""
+  if cache and pathlib.Path(cache).is_file():
+    a = np.load(cache)
+    if int(a["n"]) == n:
+      off, pos = a["tok_off"], a["pos_off"]
+      raw = [(Record(f"r{i}", "p", "r", tokens=Tokens(a["tokens"][off[i]:off[i + 1]],
+                                                      a["mask"][off[i]:off[i + 1]])),
+              a["ids"][pos[i]:pos[i + 1]], a["lp"][pos[i]:pos[i + 1]],
+              a["tail"][pos[i]:pos[i + 1]], a["draws"][pos[i]:pos[i + 1]],
+              a["draw_lp"][pos[i]:pos[i + 1]]) for i in range(n)]
+      tok = tok_lib.load_tokenizer(model_dir)
+      return tok, [(with_text(tok, x[0]),) + tuple(x[1:]) for x in raw]
+  tok, raw = teacher_topk(model_dir, n)
+  if cache:
+    np.savez(cache, n=n, tokens=np.concatenate([r.tokens.ids for r, *_ in raw]),
+             mask=np.concatenate([r.tokens.loss_mask for r, *_ in raw]),
+             tok_off=np.cumsum([0] + [len(r.tokens.ids) for r, *_ in raw]),
+             pos_off=np.cumsum([0] + [len(x[1]) for x in raw]),
+             ids=np.concatenate([x[1] for x in raw]), lp=np.concatenate([x[2] for x in raw]),
+             tail=np.concatenate([x[3] for x in raw]), draws=np.concatenate([x[4] for x in raw]),
+             draw_lp=np.concatenate([x[5] for x in raw]))
+  return tok, raw
+
+
+def with_text(tok, rec: Record) -> Record:
+  """The record with its prompt and response text (decoded from its tokens), as a real store
+  keeps them."""
+  ids, mask = rec.tokens.ids, rec.tokens.loss_mask.astype(bool)
+  return Record(rec.id, tok.decode(ids[~mask].tolist()), tok.decode(ids[mask].tolist()),
+                {"source_id": rec.id}, tokens=rec.tokens)
+
+
+def breakdown(store: pathlib.Path, positions: int) -> str:
+  """Bytes per position of each array of a v2 store's shards."""
+  from sentijax.data import topk_codec  # pylint: disable=import-outside-toplevel
+  sizes: dict[str, int] = {}
+  for entry in topk_store.read_index(store)["shards"]:
+    head, _ = topk_codec.read_header((store / entry["file"]).read_bytes())
+    for e in head["arrays"]:
+      sizes[e["name"]] = sizes.get(e["name"], 0) + e["size"]
+  return ", ".join(f"{n} {b / positions:.1f}" for n, b in sizes.items())
 
 
 def write_v1(store: pathlib.Path, tok, scored, k: int) -> None:
@@ -113,9 +165,10 @@ def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--model", default="/work/models/smollm2")
   ap.add_argument("--records", type=int, default=48)
+  ap.add_argument("--cache", default="", help="npz of the teacher's top-128 (made if missing)")
   args = ap.parse_args()
   t0 = time.time()
-  tok, raw = teacher_topk(args.model, args.records)
+  tok, raw = cached_teacher_topk(args.model, args.records, args.cache)
   positions = sum(len(x[1]) for x in raw)
   print(f"teacher {args.model}: {len(raw)} records, {positions} response positions, vocab "
         f"{len(tok)} ({time.time() - t0:.0f} s, not counted)")
@@ -123,7 +176,7 @@ def main() -> None:
   try:
     for k in (128, 20):
       scored = []
-      for rec, ids, lp, tail in raw:
+      for rec, ids, lp, tail, _, _ in raw:
         lp_k = lp[:, :k]
         tail_k = np.logaddexp(tail, np.log(np.exp(lp[:, k:]).sum(-1))) if k < lp.shape[1] \
             else tail
@@ -153,19 +206,46 @@ def main() -> None:
         err = kl_error(scored, topk_store.read_records(store))
         print(f"k={k:3d} v2 {codec:4s}: {size / positions:7.1f} B/pos, write {positions / w_s:9.0f}"
               f" pos/s, read {positions / r_s:9.0f} pos/s, KL error {err:.2e} nats/pos")
+        if codec == "lzma":
+          print(f"          per array (B/pos): {breakdown(store, positions)}")
       try:
         import zstandard  # pylint: disable=import-outside-toplevel
-        blobs = topk_store._shard_arrays(scored, "topk", k, topk_store.LOGPROB_STEP)  # pylint: disable=protected-access
+        blobs = topk_store._shard_arrays(  # pylint: disable=protected-access
+            scored, "topk", k, topk_store.LOGPROB_STEP)
         from sentijax.data import topk_codec  # pylint: disable=import-outside-toplevel
         raw_bytes = {n: (topk_codec.pack_bits(a, topk_codec.id_bits(len(tok))).tobytes()
                          if n in ("tokens", "topk_ids") else np.ascontiguousarray(a).tobytes())
                      for n, a in blobs.items() if n != "ids"}
         zs = sum(len(zstandard.ZstdCompressor(level=19).compress(b)) for b in raw_bytes.values())
-        print(f"k={k:3d} v2 zstd-19 (PyPI zstandard, arrays as stored): {zs / positions:7.1f} B/pos")
+        print(f"k={k:3d} v2 zstd-19 (PyPI zstandard, arrays as stored): "
+              f"{zs / positions:7.1f} B/pos")
       except ImportError:
         print("zstandard not installed: zstd not measured")
+    sample_sizes(tmp, tok, raw, positions)
   finally:
     shutil.rmtree(tmp)
+
+
+def sample_sizes(tmp: pathlib.Path, tok, raw, positions: int) -> None:
+  """Bytes per position of sample stores (topk.mode=sample) of N draws: the equal-bytes match."""
+  from sentijax.teacher import topk  # pylint: disable=import-outside-toplevel
+  for n in DRAWS:
+    scored = []
+    for rec, *_, drawn, drawn_lp in raw:
+      ids, counts, lp = topk.distinct_counts(drawn[:, :n], drawn_lp[:, :n])
+      scored.append(topk_store.ScoredRecord(rec, ids, lp, counts=counts))
+    store = tmp / f"sample-{n}"
+    t = time.perf_counter()
+    w = topk_store.StoreWriter(store, k=n, teacher="t", tokenizer=tok, render={"mode": "chat"},
+                               mode="sample")
+    w.write_shard(scored)
+    w.finish(True)
+    w_s = time.perf_counter() - t
+    size = sum(s["bytes"] for s in w.index["shards"])
+    distinct = np.mean([float((s.counts > 0).sum(-1).mean()) for s in scored])
+    print(f"sample N={n:2d} v2 lzma: {size / positions:7.1f} B/pos ({distinct:.1f} distinct ids "
+          f"per position), write {positions / w_s:9.0f} pos/s")
+    print(f"          per array (B/pos): {breakdown(store, positions)}")
 
 
 if __name__ == "__main__":

@@ -26,13 +26,13 @@ A real teacher (local, sharded over the mesh) on a real corpus, rendered with th
     --config.teacher.batch_size=32 --config.topk.shard_records=1024 --config.workdir=runs/topk-8b
 
 A sampled store (unbiased estimate of the forward KL at the KD temperature; Anshumann et al.
-2025): 24 draws per response token at T = 1 (bytes per position close to top-k at k=20: compare
-the two at equal bytes with bench/bench_store.py's figures):
+2025): 32 draws per response token at T = 1 (on SmolLM2 ~42 bytes per position, as top-20 +
+tail: bench/README.md), trained with kd.temperature equal to topk.temperature:
 
   python -m sentijax.main --config=configs/generate_topk.py --config.topk.mode=sample \
-    --config.topk.k=24 --config.workdir=runs/generate_sample
+    --config.topk.k=32 --config.workdir=runs/generate_sample
   python -m sentijax.main --config=configs/kd.py --config.kd.mode=offline \
-    --config.kd.store=runs/generate_sample/store --config.kd.top_k=24
+    --config.kd.store=runs/generate_sample/store --config.kd.top_k=32
 
 A served teacher that echoes prompt logprobs (vLLM, `sentijax.serve`; k <= 20):
 
