@@ -6,8 +6,9 @@ max_tokens and stop strings are checked per row on the host). At every step boun
 requests join and finished rows leave: the joiners' prompts are prefilled together (left-padded
 to one bucketed length) and written into the cache just before the shared write index, so each
 row's prompt ends where its next token goes; positions are per row, so a row decodes exactly as
-alone. The cache length is a power of two that follows what the live rows need (`_relayout` rolls
-the oldest live row to slot 0, then grows or shrinks it). Prompt scoring (echo + logprobs) comes
+alone. The cache length is a power of two that grows as the live rows fill it (`_relayout` rolls
+the oldest live row to slot 0 and doubles the length if that frees too little; nothing is reserved
+for max_tokens up front) and starts small again once the engine is idle. Prompt scoring (echo + logprobs) comes
 from the same batched prefill. A row's text is tracked on the host: a stop string ends the row,
 and the tail a stop string could still claim is held back, so the streamed pieces add up to the
 final text.
@@ -124,7 +125,6 @@ class _Row:
   index: int  # choice index
   seed: int
   start: int  # first cache slot of the row (its padded prompt)
-  end: int  # the row never writes at or past this slot
   position: int  # position of the token fed next
   text: TextTracker
   last: int = 0  # token fed next
@@ -302,18 +302,18 @@ class Engine:
         self.rows[s] = None
         self._row_sampling = None
 
-  def _layout(self, live: list[_Row], reqs: list[Request], p: int) -> tuple[int, int, int] | None:
-    """(shift left, new write index, cache length) with the joiners' prompts ending at the new
-    index; None when the live rows and the joiners need more than max_context slots."""
+  def _layout(self, live: list[_Row], p: int) -> tuple[int, int, int]:
+    """(shift left, new write index, cache length) for joiners whose prompts take p slots
+    ending at the write index: kept as it is when they fit before it, else the oldest live row
+    moves to slot 0. The cache grows with the live rows (no slots reserved for max_tokens) and
+    shrinks only when none is live."""
+    if live and p <= self.index < self.capacity:
+      return 0, self.index, self.capacity
     lo = min((r.start for r in live), default=self.index)
     i0 = self.index - lo
     i1 = max(i0, p)
-    shift = lo - (i1 - i0)
-    ends = [r.end - shift for r in live] + [i1 + q.sampling.max_tokens - 1 for q in reqs
-                                            if q.generate]
-    need = max(ends + [i1 + 1])
-    length = max(MIN_CONTEXT, _pow2(need))
-    return None if length > self.max_context else (shift, i1, length)
+    length = max(MIN_CONTEXT, _pow2(i1 + 1), self.capacity if live else 0)
+    return lo - (i1 - i0), i1, length
 
   def _admit(self) -> None:
     """Moves the waiting requests that fit (FIFO) into free rows and prefills them together."""
@@ -322,7 +322,6 @@ class Engine:
       live = [r for _, r in self._live()]
       free = self.slots - len(live)
       take: list[Request] = []
-      layout = None
       while self.waiting:
         req = self.waiting[0]
         if req.cancelled.is_set():
@@ -331,20 +330,12 @@ class Engine:
         need = req.n if req.generate else 0
         if need > free:
           break
-        p = sampling.bucket_length(max(len(q.prompt_ids) for q in take + [req]))
-        fits = self._layout(live, take + [req], p)
-        if fits is None:
-          if not live and not take:  # cannot happen for a request within the model's positions
-            self.waiting.popleft()
-            req.events.put(Failed(ValueError("the request does not fit the cache")))
-            continue
-          break
         take.append(self.waiting.popleft())
         free -= need
-        layout = fits
     if take:
       self._joining = take
-      self._prefill(take, layout)
+      p = sampling.bucket_length(max(len(q.prompt_ids) for q in take))
+      self._prefill(take, self._layout(live, p))
       self._joining = []
 
   def _move_cache(self, shift: int, index: int, length: int) -> None:
@@ -355,7 +346,7 @@ class Engine:
     elif live and (shift or length != self.capacity):
       self.cache = _relayout(self.cache, jnp.int32(shift), jnp.int32(self.index), new_len=length)
       for r in live:
-        r.start, r.end = r.start - shift, r.end - shift
+        r.start -= shift
     self.index, self.capacity = index, length
 
   def _prefill(self, take: list[Request], layout: tuple[int, int, int]) -> None:
@@ -382,8 +373,7 @@ class Engine:
       if c is None:
         continue
       n = len(q.prompt_ids)
-      self.rows[slots[j]] = _Row(q, c, seeds[j], start=self.index - p,
-                                 end=self.index + q.sampling.max_tokens - 1, position=n,
+      self.rows[slots[j]] = _Row(q, c, seeds[j], start=self.index - p, position=n,
                                  text=TextTracker(self.decode, q.sampling.stop))
       self._advance(slots[j], host, j)
     self._row_sampling = None
@@ -456,6 +446,10 @@ class Engine:
     pos_S, step_S = np.zeros((self.slots,), np.int32), np.zeros((self.slots,), np.int32)
     for s, r in live:
       tok_S[s], pos_S[s], step_S[s] = r.last, r.position, r.count
+    if self.index >= self.capacity:  # full: the oldest row to slot 0, twice the length if need be
+      lo = min(r.start for _, r in live)
+      length = self.capacity if lo >= self.capacity // 4 else 2 * self.capacity
+      self._move_cache(lo, self.index - lo, min(length, self.max_context))
     top_n = TOP_N if any(r.request.logprobs for _, r in live) else 0
     cache = dataclasses.replace(self.cache, index=jnp.int32(self.index))
     self.cache, next_S, lp = _step(self.cfg, self.params, self.layers, cache, jnp.asarray(tok_S),
