@@ -84,7 +84,7 @@ def unpack_bits(data: np.ndarray, bits: int, count: int) -> np.ndarray:
 def quantise(logprobs_MxK: np.ndarray, step: float) -> np.ndarray:
   """uint8 codes [M, K] of descending log-probs relative to each row's first; -inf -> MISSING."""
   lp = np.asarray(logprobs_MxK, np.float64)
-  if lp.size and (np.diff(np.where(np.isfinite(lp), lp, -np.inf), axis=1) > 1e-6).any():
+  if lp.size and (np.diff(np.where(np.isfinite(lp), lp, -1e30), axis=1) > 1e-6).any():
     raise ValueError("quantise: log-probabilities must be descending along each row")
   rel = (lp[:, :1] - lp) / step
   codes = np.clip(np.rint(np.where(np.isfinite(rel), rel, 0.0)), 0, MAX_CODE).astype(np.uint8)

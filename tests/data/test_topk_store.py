@@ -383,3 +383,18 @@ def test_streaming_load_holds_about_two_decoded_shards(tok, tmp_path):
   # two decoded shards cached and the temporaries of decoding a third (measured: 3.3 shards);
   # every shard decoded at once (the v1 loader) would be >= 12
   assert got["peak"] <= 3.5 * decoded_shard + 4 * row + (1 << 20), (got, decoded_shard)
+
+
+def test_missing_entries_load_as_padding(tok, tmp_path):
+  """A server that gives fewer than k entries at a position (-inf log-probs, id 0): they load
+  as probability 0 and the tail keeps the mass of the rest."""
+  scored = _scored(3)
+  s = scored[1]
+  s.logprobs[0, 3:] = -np.inf
+  s.ids[0, 3:] = 0
+  _write(tmp_path, tok, scored)
+  got = topk_store.read_records(tmp_path)[1]
+  assert np.isneginf(got.logprobs[0, 3:]).all() and np.isfinite(got.logprobs[0, :3]).all()
+  listed = np.exp(s.logprobs[0, :3].astype(np.float64))
+  np.testing.assert_allclose(np.exp(got.log_tail[0]), 1 - listed.sum(), rtol=2e-3)
+  np.testing.assert_allclose(np.exp(got.logprobs[0, :3]).sum(), listed.sum(), rtol=1e-3)
