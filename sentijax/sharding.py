@@ -139,13 +139,13 @@ def logical_to_shardings(logical_specs: Any, mesh: Mesh, rules: Any) -> Any:
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules_from_config(rules))
 
 
-def param_shardings(model_cfg, mesh: Mesh, rules: Any) -> Any:
-  """NamedShardings of the params; MeshError when a rule splits an axis its mesh axes do not
-  divide (named: param, logical axis and size, mesh axes and sizes, what to change)."""
-  from sentijax.models import decoder  # local: keeps this module importable without flax models
-  logical = decoder.logical_axes(model_cfg)
+def named_shardings(logical: Any, shapes: Any, mesh: Mesh, rules: Any) -> Any:
+  """NamedShardings of a pytree given its logical PartitionSpecs and shapes (models/ computes
+  both for its params: `models.shardings_for`); MeshError when a rule splits an axis its mesh
+  axes do not divide (named: param, logical axis and size, mesh axes and sizes, what to
+  change)."""
   shardings = logical_to_shardings(logical, mesh, rules)
-  check_divisible(decoder.param_shapes(model_cfg), logical, shardings)
+  check_divisible(shapes, logical, shardings)
   return shardings
 
 

@@ -118,14 +118,14 @@ def test_indivisible_rule_names_param_axis_sizes_and_fix():
   qwen = models.presets.get("qwen2.5-1.5b")  # 2 KV heads
   mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
   with pytest.raises(sharding.MeshError) as err:
-    sharding.param_shardings(qwen, mesh, RULES)
+    models.shardings_for(qwen, mesh, RULES)
   msg = str(err.value)
   for part in ["['layers']['attn']['k_", "logical axis 'kv_heads' has size 2",
                "('kv_heads', 'tensor')", "mesh axis 'tensor' of size 4",
                "('kv_heads', None)", "one of [1, 2]"]:
     assert part in msg, (part, msg)
   replicated_kv = [(n, None if n == "kv_heads" else a) for n, a in RULES]
-  shardings = sharding.param_shardings(qwen, mesh, replicated_kv)  # the suggested fix works
+  shardings = models.shardings_for(qwen, mesh, replicated_kv)  # the suggested fix works
   assert shardings["layers"]["attn"]["k_kernel"].spec[2] is None
   assert shardings["layers"]["attn"]["q_kernel"].spec[2] == "tensor"  # 12 heads: 4 divides
 

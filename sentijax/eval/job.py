@@ -18,8 +18,8 @@ import jax
 
 from sentijax import models, sharding
 from sentijax.data import sentibench
-from sentijax.data import tokenizer as tokenizer_lib
 from sentijax.eval import report, scorer
+from sentijax.models import factory
 
 log = logging.getLogger("sentijax")
 
@@ -61,15 +61,12 @@ def _model_dir(config: Any) -> str:
 
 
 def load_model(config: Any, mesh) -> tuple[models.ModelConfig, Any, Any]:
-  """(model cfg, params, tokenizer) from config.model.init / .tokenizer / .dtype on `mesh`."""
-  init = _model_dir(config)
-  dtype = models.resolve_dtype(config.model.dtype)
-  cfg, params = models.load_hf(init, dtype=dtype, compute_dtype=dtype, mesh=mesh,
-                               rules=config.sharding_rules)
-  cfg = cfg.replace(attention_chunk=int(config.model.attention_chunk))
-  tokenizer = tokenizer_lib.load_tokenizer(str(config.model.tokenizer or init))
-  models.check_tokenizer(cfg, tokenizer, where=str(config.model.tokenizer or init))
-  return cfg, params, tokenizer
+  """(model cfg, params, tokenizer) of `config.model` (init, init_layers, tokenizer, dtype:
+  params and activations) on `mesh`, built by `models.factory` as every job builds its model."""
+  _model_dir(config)
+  cfg = factory.model_config(config, training=False)
+  params = factory.param_initializer(config, cfg)(mesh, config.sharding_rules)
+  return cfg, params, factory.tokenizer(config, cfg)
 
 
 def run(config: Any) -> dict:
@@ -85,7 +82,7 @@ def run(config: Any) -> dict:
     raise ValueError(f"templates {ev.templates or '(package default)'} have no instructions for "
                      f"{missing}")
 
-  mesh = sharding.make_mesh(config.mesh, model_cfg=models.hf.read_config(_model_dir(config)))
+  mesh = sharding.make_mesh(config.mesh, model_cfg=factory.model_config(config, training=False))
   t0 = time.time()
   cache_dir = setup_compilation_cache(ev.get("compilation_cache", "auto"))
   cfg, params, tokenizer = load_model(config, mesh)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sentijax import sharding
 from sentijax.models import hf, presets
 from sentijax.models.decoder import (ModelConfig, RopeScaling, default_positions, forward,
                                      forward_hidden, init_params, logical_axes, output_kernel,
@@ -42,9 +43,9 @@ def resolve_dtype(name: str) -> str:
 
 
 def shardings_for(cfg: ModelConfig, mesh, rules) -> Any:
-  """NamedShardings for the params of `cfg` on `mesh` under logical `rules`."""
-  from sentijax import sharding
-  return sharding.param_shardings(cfg, mesh, rules)
+  """NamedShardings for the params of `cfg` on `mesh` under logical `rules` (MeshError when a
+  rule splits a dimension its mesh axes do not divide)."""
+  return sharding.named_shardings(logical_axes(cfg), param_shapes(cfg), mesh, rules)
 
 
 def init(cfg: ModelConfig, rng: jax.Array | int = 0, mesh=None, rules=None) -> Any:

@@ -171,7 +171,7 @@ def _layer_sharding(stacked: jax.sharding.Sharding, ndim: int) -> jax.sharding.S
   if isinstance(stacked, jax.sharding.SingleDeviceSharding):
     return stacked
   raise TypeError(f"unsupported sharding {stacked!r} for stacked layer params; "
-                  f"use a NamedSharding (sentijax.sharding.param_shardings)")
+                  f"use a NamedSharding (sentijax.models.shardings_for)")
 
 
 @functools.cache

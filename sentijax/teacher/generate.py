@@ -37,6 +37,7 @@ from sentijax.teacher import corpus as corpus_lib
 from sentijax.teacher import inputs as inputs_lib
 from sentijax.teacher import leaks as leaks_lib
 from sentijax.teacher.common import Completion, Sampling, TeacherConfigError, record_key
+from sentijax.teacher.local import LocalTeacher
 
 log = logging.getLogger("sentijax")
 
@@ -99,8 +100,7 @@ def make_teacher(config) -> Any:
   """The backend named by `config.teacher.backend` (local | openai)."""
   tc = config.teacher
   if tc.backend == "local":
-    from sentijax import serve  # pylint: disable=import-outside-toplevel
-    return serve.load_teacher(config)
+    return LocalTeacher.from_config(config)
   if tc.backend == "openai":
     from sentijax.teacher.openai_api import OpenAITeacher  # pylint: disable=import-outside-toplevel
     tokenizer = None

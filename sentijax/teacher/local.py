@@ -12,6 +12,7 @@ contains one (`stop_string_ids`); the text is cut at the string.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sentijax import models, sampling, sharding
+from sentijax.data import records
+from sentijax.models import factory
 from sentijax.teacher.common import Completion, Sampling, cut_at_stop, row_seed
 
 Array = jax.Array
@@ -58,6 +61,21 @@ class LocalTeacher:
     self.stop_ids = sorted(i for i in ids if i is not None)
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
     self._stop_cache: dict[tuple[str, ...], list[int]] = {}
+
+  @classmethod
+  def from_config(cls, config) -> "LocalTeacher":
+    """From `config.model` (HF dir in model.init, else the preset + tokenizer) through
+    `models.factory`, placed on `config.mesh` (fsdp=0: sharded when big)."""
+    cfg = factory.model_config(config)
+    demo = records.demo_corpus_path().read_text(encoding="utf-8").splitlines()
+    tok = factory.tokenizer(config, cfg, lambda: [
+        t for line in demo for t in (json.loads(line)["prompt"], json.loads(line)["response"])])
+    mesh = sharding.make_mesh(config.mesh, model_cfg=cfg)
+    rules = sharding.rules_from_config(config.sharding_rules)
+    params = factory.param_initializer(config, cfg)(mesh, rules)
+    return cls(cfg, params, tok, batch_size=int(config.teacher.batch_size), mesh=mesh,
+               rules=rules, chat_template=bool(config.teacher.chat_template),
+               name=config.model.init or f"preset:{config.model.preset}")
 
   def encode(self, prompt: str | list[dict] | list[int], chat: bool | None = None) -> list[int]:
     """Prompt ids: a chat message list (or a string with chat=True) through the chat template;

@@ -36,7 +36,7 @@ def save_student_spec(model_cfg: models.ModelConfig, tokenizer, workdir: str | P
 
 def params_target(model_cfg: models.ModelConfig, mesh, rules) -> dict:
   """The restore target `{"params": ShapeDtypeStructs with their shardings}`: nothing else."""
-  shardings = sharding.param_shardings(model_cfg, mesh, rules)
+  shardings = models.shardings_for(model_cfg, mesh, rules)
   shapes = models.param_shapes(model_cfg)
   return {"params": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                  shapes, shardings)}

@@ -19,7 +19,8 @@ from sentijax import atomic
 from sentijax.data import dataset, icl, icl_recipe, packing, tasks
 from sentijax.data.spec import DataSpec
 from sentijax.eval import heldout as heldout_lib
-from sentijax.train import export, loop, losses, student
+from sentijax.models import factory
+from sentijax.train import export, loop, losses
 
 log = logging.getLogger("sentijax")
 
@@ -94,8 +95,8 @@ def run(config) -> loop.Result:
   log.info("ICLDist: %d source tasks (%s); held out: %s; %d forbidden sentences",
            len(sources), ", ".join(t.name for t in sources),
            ", ".join(t.name for t in heldout) or "-", len(forbidden))
-  model_cfg = student.model_config(config)
-  tok = student.tokenizer(config, model_cfg, _tokenizer_texts(sources))
+  model_cfg = factory.model_config(config)
+  tok = factory.tokenizer(config, model_cfg, _tokenizer_texts(sources))
   train, val, stats, soft = _records(spec, sources, heldout, forbidden, tok, data)
   audit = icl_recipe.heldout_audit(recipe, heldout, groups, forbidden, stats)
   icl_recipe.log_audit(audit)
@@ -118,7 +119,7 @@ def run(config) -> loop.Result:
            train_ds.seq_len, recipe.target)
   hooks = (heldout_lib.heldout_hook(config, model_cfg, tok, heldout),) if heldout else ()
   loss_options = {"distill": spec.distill} if spec.distill is not None else None
-  result = loop.train(config, model_cfg, student.param_initializer(config, model_cfg), train_ds,
+  result = loop.train(config, model_cfg, factory.param_initializer(config, model_cfg), train_ds,
                       val_ds, tokenizer=tok, eval_hooks=hooks, loss_options=loss_options)
   if result.train_losses:
     log.info("ICLDist done at step %d: train loss %.4f -> %.4f%s", result.step,

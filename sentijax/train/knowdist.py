@@ -9,7 +9,9 @@ import jax
 
 from sentijax.data import dataset, readers
 from sentijax.data.spec import DataSpec
-from sentijax.train import export, loop, student
+from sentijax.eval import hooks as eval_hooks
+from sentijax.models import factory
+from sentijax.train import export, loop
 
 log = logging.getLogger("sentijax")
 
@@ -18,11 +20,11 @@ def run(config) -> loop.Result:
   """Trains on `config.data.corpus` (default: the demo corpus in the package)."""
   workdir = Path(config.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  model_cfg = student.model_config(config)
+  model_cfg = factory.model_config(config)
 
   spec = DataSpec.from_config(config.data, workdir=config.workdir, seed=config.seed)
   train_records, val_records, corpus_stats = readers.load_corpus(spec)
-  tok = student.tokenizer(config, model_cfg,
+  tok = factory.tokenizer(config, model_cfg,
                           lambda: [t for r in train_records for t in (r.prompt, r.response)])
   train_ds, val_ds, stats = dataset.build_train_val(
       train_records, val_records, tok, spec, show_progress=jax.process_index() == 0)
@@ -34,9 +36,8 @@ def run(config) -> loop.Result:
            model_cfg.num_params, train_ds.num_rows, train_ds.seq_len)
   hooks = ()
   if config.eval.during_training:
-    from sentijax.eval import hooks as eval_hooks  # local: the scorer is optional in training
     hooks = (eval_hooks.sentibench_hook(config, model_cfg, tok),)
-  result = loop.train(config, model_cfg, student.param_initializer(config, model_cfg), train_ds,
+  result = loop.train(config, model_cfg, factory.param_initializer(config, model_cfg), train_ds,
                       val_ds, tokenizer=tok, eval_hooks=hooks)
   if result.train_losses:
     log.info("KnowDist done at step %d: train loss %.4f -> %.4f%s", result.step,

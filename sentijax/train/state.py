@@ -59,7 +59,7 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
 def state_shardings(model_cfg: models.ModelConfig, tx: optax.GradientTransformation, mesh,
                     rules) -> TrainState:
   """Shardings of the whole state: optimizer moments follow their params."""
-  param_sh = sharding.param_shardings(model_cfg, mesh, rules)
+  param_sh = models.shardings_for(model_cfg, mesh, rules)
   abstract_params = models.param_shapes(model_cfg)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = sharding.replicated(mesh)

@@ -166,7 +166,7 @@ def jit_train_step(model_cfg, tx, state_sh: TrainState, batch_sh, num_micro: int
   if teacher is None:
     return _traced_on(mesh, rules, jax.jit(fn, in_shardings=(state_sh, batch_sh),
                                            out_shardings=(state_sh, None), donate_argnums=0))
-  teacher_sh = None if mesh is None else sharding.param_shardings(teacher.cfg, mesh, rules)
+  teacher_sh = None if mesh is None else models.shardings_for(teacher.cfg, mesh, rules)
   teacher_params = (teacher.params if mesh is None else
                     jax.device_put(teacher.params, teacher_sh))
   jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, teacher_sh),

@@ -122,3 +122,26 @@ def test_job_errors(sentibench_dir, tmp_path, model_dir):
   config.model.init = str(tmp_path / "no_model")
   with pytest.raises(FileNotFoundError, match="model.init"):
     job.run(config)
+
+
+def test_load_model_honours_init_layers_and_keeps_params_in_model_dtype(model_dir):
+  """The sentibench job builds its model as training does (models.factory): model.init_layers
+  keeps those layers (the job used to load every layer), params in model.dtype (bf16 here, not
+  the trainer's fp32 master copy), on the mesh."""
+  import jax
+  import numpy as np
+  from sentijax import models, sharding
+  config = get_config()
+  config.model.init, config.model.init_layers, config.model.dtype = str(model_dir), "1", "bfloat16"
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  cfg, params, tokenizer = job.load_model(config, mesh)
+  assert (cfg.num_layers, cfg.dtype, cfg.param_dtype, cfg.remat) == (1, "bfloat16", "bfloat16",
+                                                                      False)
+  _, full = models.load_hf(model_dir, dtype="bfloat16")  # both layers, single device
+  want = jax.tree.map(np.asarray, full)
+  want["layers"] = jax.tree.map(lambda a: a[[1]], want["layers"])
+  assert jax.tree.structure(params) == jax.tree.structure(want)
+  for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(params)):
+    assert g.dtype == w.dtype, jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(np.asarray(g), w, err_msg=jax.tree_util.keystr(path))
+  assert len(tokenizer) <= cfg.vocab_size

@@ -1,4 +1,4 @@
-"""The student built from `config.model`: `model.init_layers` keeps a subset of model.init's
+"""A model built from `config.model` (models.factory, the one builder): `model.init_layers` keeps a subset of model.init's
 layers, on a sharded mesh, and bad values are refused naming the key."""
 import jax
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 import hf_fixtures
 from sentijax import config as config_lib
 from sentijax import models, sharding
-from sentijax.train import student
+from sentijax.models import factory
 
 pytest.importorskip("torch")
 
@@ -27,11 +27,11 @@ def _config(init, init_layers):
 
 def test_init_layers_student_holds_the_named_layers_sharded(deep_llama):
   config = _config(deep_llama, " 0, 2,4 ")
-  model_cfg = student.model_config(config)
+  model_cfg = factory.model_config(config)
   assert model_cfg.num_layers == 3
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
   rules = sharding.rules_from_config(config.sharding_rules)
-  params = student.param_initializer(config, model_cfg)(mesh, rules)
+  params = factory.param_initializer(config, model_cfg)(mesh, rules)
   _, full = models.load_hf(deep_llama)  # all 5 layers, single device
   want = jax.tree.map(lambda a: np.asarray(a), full)
   want["layers"] = jax.tree.map(lambda a: a[[0, 2, 4]], want["layers"])
@@ -51,10 +51,10 @@ def test_init_layers_student_holds_the_named_layers_sharded(deep_llama):
 ])
 def test_bad_init_layers_name_the_key_value_and_layer_count(value, why, deep_llama):
   with pytest.raises(ValueError, match=rf"^model\.init_layers='{value}': {why}"):
-    student.model_config(_config(deep_llama, value))
+    factory.model_config(_config(deep_llama, value))
 
 
 def test_init_layers_without_init_is_refused():
   with pytest.raises(ValueError, match=r"model\.init_layers='0,3' selects layers of model\.init, "
                                        r"which is not set"):
-    student.model_config(_config("", "0,3"))
+    factory.model_config(_config("", "0,3"))

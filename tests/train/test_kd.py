@@ -316,7 +316,7 @@ def test_offline_held_out_metrics_are_named_for_what_they_measure(tmp_path):
   distill = spec.distill(n, "listed")
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   s_params = jax.device_put(models.init(STUDENT, 0),
-                            sharding.param_shardings(STUDENT, mesh, RULES))
+                            models.shardings_for(STUDENT, mesh, RULES))
   q = _np_softmax(np.asarray(models.apply(STUDENT, s_params, batch["inputs"]),
                              np.float64)[..., :n])
   w = batch["weights"]
