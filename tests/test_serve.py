@@ -154,6 +154,11 @@ def test_mixed_settings_share_decode_steps(server, client):
   # Alone, a request takes completion_tokens - 1 steps; the three join the first one's batch.
   assert steps < tokens[0] - 1 + max(tokens[1:]) - 1, (steps, tokens)
   assert tokens[0] == 190 and tokens[1] == 12 and tokens[3] == 24
+  # The first request outgrew the first cache length (rolled and resized mid-batch): still the
+  # sampler's greedy text.
+  [ref] = server.teacher.generate(["Review number 0: it was fine"], ["x"],
+                                  Sampling(max_tokens=190, min_tokens=190))
+  assert together[0].choices[0].text == ref.text
   alone = [ask(i).choices[0].text for i in range(4)]
   assert alone == [r.choices[0].text for r in together]
 
