@@ -173,11 +173,22 @@ def kd() -> ml_collections.ConfigDict:
   # lower bound of the full divergence); renorm = both renormalised over the k tokens (biased:
   # blind to the student's mass elsewhere; refused for top_k = 1)
   c.tail = "bucket"
-  c.mode = "online"  # online (teacher forward in the step) | offline (a top-k teacher store)
+  # online (teacher forward in the step) | offline (a top-k teacher store) | on_policy (online,
+  # responses sampled by the student: see lmbda below)
+  c.mode = "online"
   c.store = ""  # offline: directory of a top-k teacher store
   # offline: an HF teacher dir used only to score the held-out FULL-vocabulary KL
   # (eval/kl_teacher); "" = the store's support only (eval/kl_teacher_bucketed)
   c.eval_teacher = ""
+  # on_policy (GKD): the first round(lmbda x batch) rows of each batch keep their prompts and get
+  # responses sampled by the CURRENT student (seq_kd=True: by the teacher); the rest keep the
+  # corpus responses. Needs an online teacher (teacher.*); the student's own samples get no CE.
+  c.lmbda = 1.0
+  c.seq_kd = False
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.temperature = 1.0  # 1 = the student's own distribution (what reverse KL is of)
+  c.rollout.top_p = 1.0
+  c.rollout.max_new_tokens = 64  # a response ends at eos or here (and at data.seq_len)
   return c
 
 

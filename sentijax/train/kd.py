@@ -27,11 +27,11 @@ from sentijax import models, sharding
 from sentijax.data import dataset, readers, records
 from sentijax.data import tokenizer as tokenizer_lib
 from sentijax.data.spec import DataSpec
-from sentijax.train import export, loop, losses, step, student
+from sentijax.train import export, loop, losses, onpolicy, step, student
 
 log = logging.getLogger("sentijax")
 LOSSES = ("ce",) + losses.KINDS
-MODES = ("online", "offline")
+MODES = ("online", "offline", "on_policy")
 
 
 class TokenizerMismatch(ValueError):
@@ -55,6 +55,12 @@ class KDSpec:
   teacher_tokenizer: str
   teacher_dtype: str
   teacher_seed: int
+  rollout: onpolicy.RolloutSpec | None = None  # kd.mode=on_policy
+
+  @property
+  def online(self) -> bool:
+    """The teacher model runs in the step (online and on_policy)."""
+    return self.mode != "offline"
 
   @classmethod
   def from_config(cls, config) -> "KDSpec":
@@ -64,7 +70,9 @@ class KDSpec:
                mode=str(k.mode), store=str(k.store), eval_teacher=str(k.eval_teacher),
                teacher_dir=str(t.model_dir), teacher_preset=str(t.preset),
                teacher_tokenizer=str(t.tokenizer), teacher_dtype=str(t.dtype),
-               teacher_seed=int(t.seed))
+               teacher_seed=int(t.seed),
+               rollout=(onpolicy.RolloutSpec.from_config(config) if str(k.mode) == "on_policy"
+                        else None))
     checks = (("kd.loss", spec.loss in LOSSES, f"expected one of {LOSSES}"),
               ("kd.mode", spec.mode in MODES, f"expected one of {MODES}"),
               ("kd.alpha", 0 <= spec.alpha <= 1, "must be in [0, 1]"),
@@ -75,14 +83,17 @@ class KDSpec:
               ("kd.top_k", spec.top_k != 1 or spec.tail != "renorm",
                "with kd.tail=renorm one token renormalised is probability 1 on both sides (a "
                "divergence of 0): use kd.tail=bucket or kd.top_k >= 2"),
+              ("kd.loss", spec.mode != "on_policy" or spec.loss != "ce",
+               "kd.mode=on_policy distils on the student's own samples: set kd.loss=forward | "
+               "reverse | jsd (kd.loss=ce is the baseline of kd.mode=online)"),
               ("kd.eval_teacher", spec.mode == "offline" or not spec.eval_teacher,
                "only for kd.mode=offline (an online run scores the teacher it trains with)"),
-              ("kd.store", spec.mode == "online" or spec.store,
+              ("kd.store", spec.online or spec.store,
                "kd.mode=offline needs the directory of a top-k teacher store"),
-              ("kd.top_k", spec.mode == "online" or spec.top_k > 0,
+              ("kd.top_k", spec.online or spec.top_k > 0,
                "kd.mode=offline needs the number of stored entries per token to use (> 0)"),
               ("teacher.model_dir", spec.mode == "offline" or spec.teacher_dir
-               or spec.teacher_preset, "kd.mode=online needs teacher.model_dir (an HF "
+               or spec.teacher_preset, f"kd.mode={spec.mode} needs teacher.model_dir (an HF "
                "directory) or teacher.preset (a random init)"))
     for key, ok, why in checks:
       if not ok:
@@ -97,7 +108,7 @@ class KDSpec:
   def teacher_model_dir(self) -> str:
     """The HF dir of the teacher model run here: online the one trained with, offline the
     held-out scorer (kd.eval_teacher); "" = a preset (online) or none (offline)."""
-    return self.teacher_dir if self.mode == "online" else self.eval_teacher
+    return self.teacher_dir if self.online else self.eval_teacher
 
   @property
   def teacher_tokenizer_dir(self) -> str:
@@ -109,7 +120,7 @@ class KDSpec:
     store's (`listed` top-k + tail, or `sampled`)."""
     if self.loss == "ce":
       return None
-    support = ("topk" if self.top_k else "full") if self.mode == "online" else store_support
+    support = ("topk" if self.top_k else "full") if self.online else store_support
     if support == "sampled" and self.loss != "forward":
       raise ValueError(f"kd.loss={self.loss!r}: {self.store} is a sampled store, an unbiased "
                        "estimate of forward KL only: set kd.loss=forward or use a top-k store")
@@ -159,7 +170,7 @@ def student_tokenizer(config, spec: KDSpec, model_cfg: models.ModelConfig, texts
   corpus (<workdir>/tokenizer)."""
   mc = config.model
   if not (mc.tokenizer or mc.init):
-    source = (spec.teacher_tokenizer_dir if spec.mode == "online"
+    source = (spec.teacher_tokenizer_dir if spec.online
               else spec.teacher_tokenizer or str(Path(spec.store) / "tokenizer"))
     if source and Path(source).is_dir():
       log.info("student tokenizer: the teacher's, %s", source)
@@ -190,8 +201,10 @@ class Context:
   is passed to `loop.train`."""
 
   def __init__(self, spec: KDSpec, teacher_cfg: models.ModelConfig | None,
-               distill: losses.Distill | None):
+               distill: losses.Distill | None, rollout_args: dict | None = None):
+    """`rollout_args` (kd.mode=on_policy): `onpolicy.Rollout`'s cfg, vocab, eos_id, seq_len."""
     self.spec, self.teacher_cfg, self.distill = spec, teacher_cfg, distill
+    self.rollout_args = rollout_args
     self.mesh = self.rules = self.teacher = None
 
   def load_teacher(self, mesh, rules) -> step.Teacher:
@@ -209,7 +222,11 @@ class Context:
       self.teacher = self.load_teacher(mesh, rules)
     if self.distill is None:
       return {}
-    return {"distill": self.distill, "teacher": self.teacher if self.distill.online else None}
+    options = {"distill": self.distill, "teacher": self.teacher if self.distill.online else None}
+    if self.spec.rollout is not None:
+      options["rollout"] = onpolicy.Rollout(self.spec.rollout, mesh=mesh, rules=rules,
+                                            teacher=self.teacher, **self.rollout_args)
+    return options
 
 
 def eval_terms(ctx: Context, vocab: int, store_support: str | None) -> dict[str, losses.Distill]:
@@ -270,7 +287,7 @@ def divergence_hook(ctx: Context, model_cfg: models.ModelConfig, val_ds, batch_s
 
 def _records(spec: KDSpec, data: DataSpec):
   """(train records, val records, soft targets or None, stats)."""
-  if spec.mode == "online":
+  if spec.online:
     train, val, stats = readers.load_corpus(data)
     return train, val, None, stats
   from sentijax.data import topk_store  # pylint: disable=import-outside-toplevel
@@ -322,7 +339,18 @@ def run(config) -> loop.Result:
            spec.temperature, spec.top_k, model_cfg.architecture, model_cfg.num_params, t_desc,
            train_ds.num_rows, train_ds.seq_len, vocab)
 
-  ctx = Context(spec, teacher_cfg, distill)
+  rollout_args = None
+  if spec.rollout is not None:
+    if tok.eos_token_id is None:
+      raise ValueError("kd.mode=on_policy: the tokenizer has no eos token to end sampled "
+                       "responses with")
+    rollout_args = {"cfg": model_cfg, "vocab": vocab, "eos_id": int(tok.eos_token_id),
+                    "seq_len": train_ds.seq_len}
+    log.info("on-policy: %.0f%% of each batch's rows sampled by the %s (T %g, top_p %g, <= %d "
+             "new tokens)", 100 * spec.rollout.lmbda, "teacher" if spec.rollout.seq_kd else
+             "student", spec.rollout.temperature, spec.rollout.top_p,
+             spec.rollout.max_new_tokens)
+  ctx = Context(spec, teacher_cfg, distill, rollout_args)
   tc = config.train
   hooks = ()
   terms = eval_terms(ctx, vocab, store_support)

@@ -22,6 +22,9 @@ from sentijax.train import step as step_lib
 log = logging.getLogger("sentijax")
 
 EvalHook = Callable[[int, Any], dict]  # (step, params) -> scalars to log
+# Train metrics of distillation steps logged when present (train/kd.py, train/onpolicy.py).
+DISTILL_METRICS = ("ce", "kd", "kd_support_mass", "rkl_token", "onpolicy_fraction",
+                   "rollout_tokens_per_s", "rollout_length", "rollout_dropped")
 
 
 class TrainingError(RuntimeError):
@@ -163,7 +166,7 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
     if log_every and (step % log_every == 0 or step == int(tc.steps)):
       scalars = {"loss": m["loss"], "learning_rate": m["learning_rate"],
                  "grad_norm": m["grad_norm"]}
-      scalars.update({k: m[k] for k in ("ce", "kd", "kd_support_mass") if k in m})  # distillation
+      scalars.update({k: m[k] for k in DISTILL_METRICS if k in m})
       tok_s, n = throughput.read(), jax.device_count()
       if tok_s is not None:  # None: no step timed yet (the first one compiles)
         scalars.update(tokens_per_s=tok_s, tokens_per_s_per_device=tok_s / n,

@@ -279,6 +279,23 @@ def sampled_kl(logits_BxLxV: Array, soft_ids_BxLxN: Array, weights_BxLxN: Array,
   return jnp.sum(terms, -1) * temperature**2
 
 
+def token_reverse_kl(logits_BxLxV: Array, tokens_BxL: Array, teacher_logp_BxL: Array
+                     ) -> tuple[Array, Array]:
+  """The sampled-token reverse-KL estimator (on-policy distillation, tinker-cookbook style).
+
+  `tokens` were drawn from the student q (softmax of `logits`), `teacher_logp` holds the
+  teacher's log p of each. Per token the estimate is a = log q(x) - log p(x) (its expectation
+  under q is KL(q || p)); the returned surrogate has the VALUE a and the GRADIENT
+  stop_gradient(a) * grad log q(x), the policy gradient with advantage -a and no reward (its
+  expectation is grad KL(q || p): E_q[grad log q] = 0). Returns (surrogate, estimate), [B, L].
+  """
+  dtype = jnp.promote_types(logits_BxLxV.dtype, jnp.float32)
+  log_q = jnp.take_along_axis(jax.nn.log_softmax(logits_BxLxV.astype(dtype), -1),
+                              tokens_BxL[..., None], axis=-1)[..., 0]
+  adv = jax.lax.stop_gradient(log_q - teacher_logp_BxL.astype(dtype))
+  return adv + adv * (log_q - jax.lax.stop_gradient(log_q)), adv
+
+
 def support_mass(logits_BxLxV: Array, ids_BxLxK: Array, valid_BxLxK: Array) -> Array:
   """The student's probability (T = 1) on the distinct listed ids: what its loss can see."""
   logits = logits_BxLxV.astype(jnp.float32)
@@ -327,7 +344,8 @@ def chunked_loss_sums(hidden_BxTxE: Array, out_ExV: Array, targets_BxT: Array,
                       weights_BxT: Array, chunk: int = 0, *, distill: Distill | None = None,
                       soft: Mapping[str, Array] | None = None,
                       teacher_hidden_BxTxF: Array | None = None,
-                      teacher_out_FxW: Array | None = None) -> dict[str, Array]:
+                      teacher_out_FxW: Array | None = None,
+                      sampled_BxT: Array | None = None) -> dict[str, Array]:
   """Sums over the batch: {"ce": weighted CE, "kd": the distillation term (0 without
   `distill`)}, and for sparse supports "support_mass" / "support_tokens" (the student's mass on
   the teacher's support, summed where the term counts, and that count).
@@ -339,6 +357,10 @@ def chunked_loss_sums(hidden_BxTxE: Array, out_ExV: Array, targets_BxT: Array,
   online teacher's chunk logits (`teacher_hidden` / `teacher_out`, under stop_gradient) or the
   `soft` fields (SOFT_FIELDS, [B, T, ...]); weighted by `weights` unless `distill.weighted` is
   False (then wherever a soft target is).
+
+  `sampled` (on-policy rows, 1 where the target is a token the student sampled itself): no CE
+  there (a student's own sample is no target), and with an online teacher "rkl_token" /
+  "sampled_tokens": the sum of `token_reverse_kl`'s estimate log q(x) - log p(x) over them.
   """
   b, t, _ = hidden_BxTxE.shape
   chunk = min(chunk or t, t)
@@ -351,6 +373,8 @@ def chunked_loss_sums(hidden_BxTxE: Array, out_ExV: Array, targets_BxT: Array,
     xs["th"] = jax.lax.stop_gradient(teacher_hidden_BxTxF)
   elif distill is not None:
     xs |= {k: v for k, v in (soft or {}).items() if k in SOFT_FIELDS}
+  if sampled_BxT is not None:
+    xs["s"] = sampled_BxT.astype(jnp.float32)
   pad = -t % chunk
   n = (t + pad) // chunk
 
@@ -363,11 +387,19 @@ def chunked_loss_sums(hidden_BxTxE: Array, out_ExV: Array, targets_BxT: Array,
 
   def chunk_sums(c):
     logits_BxCxV = models.project_logits(c["h"], out_ExV, hidden_BxTxE.dtype)
-    sums = {"ce": jnp.sum(cross_entropy(logits_BxCxV, c["tgt"]) * c["w"]),
+    ce_w = c["w"] * (1.0 - c["s"]) if "s" in c else c["w"]
+    sums = {"ce": jnp.sum(cross_entropy(logits_BxCxV, c["tgt"]) * ce_w),
             "kd": jnp.zeros((), jnp.float32)}
     if distill is None:
       return sums
     t_logits = models.project_logits(c["th"], t_out, t_out.dtype) if online else None
+    if online and "s" in c:
+      v = distill.vocab or None
+      t_logp = jnp.take_along_axis(
+          jax.nn.log_softmax(t_logits[..., :v].astype(jnp.float32), -1), c["tgt"][..., None],
+          axis=-1)[..., 0]
+      est = token_reverse_kl(logits_BxCxV[..., :v], c["tgt"], t_logp)[1]
+      sums |= {"rkl_token": jnp.sum(est * c["s"]), "sampled_tokens": jnp.sum(c["s"])}
     terms = distill_terms(logits_BxCxV, distill, t_logits,
                           {k: v for k, v in c.items() if k in SOFT_FIELDS})
     w_BxC = c["w"] if distill.weighted else terms["has"].astype(jnp.float32)

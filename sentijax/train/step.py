@@ -62,7 +62,7 @@ def loss_terms(model_cfg: models.ModelConfig, params: Any, batch: Batch, loss_ch
   sums = losses.chunked_loss_sums(
       hidden_BxLxE, models.output_kernel(model_cfg, params), batch["targets"], weights_BxL,
       loss_chunk, distill=distill, soft=soft, teacher_hidden_BxTxF=t_hidden,
-      teacher_out_FxW=t_out)
+      teacher_out_FxW=t_out, sampled_BxT=batch.get("sampled"))
   loss_sum = sums["ce"]
   if distill is not None:
     loss_sum = (1.0 - distill.alpha) * sums["ce"] + distill.alpha * sums["kd"]
@@ -117,7 +117,9 @@ def train_step(state: TrainState, batch: Batch, teacher_params: Any = None, *,
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
   keys = ("loss", "ce", "kd", "tokens") + (
-      ("support_mass", "support_tokens") if distill is not None and distill.sparse else ())
+      ("support_mass", "support_tokens") if distill is not None and distill.sparse else ()) + (
+      ("rkl_token", "sampled_tokens") if "sampled" in batch and distill is not None
+      and distill.online else ())
   init = (zeros, {k: jnp.zeros((), jnp.float32) for k in keys})
   if num_micro == 1:
     (grads, sums), _ = micro(init, batch)
@@ -139,6 +141,8 @@ def train_step(state: TrainState, batch: Batch, teacher_params: Any = None, *,
     metrics.update(ce=sums["ce"] / denom, kd=sums["kd"] / denom)
   if "support_mass" in sums:
     metrics["kd_support_mass"] = sums["support_mass"] / jnp.maximum(sums["support_tokens"], 1.0)
+  if "rkl_token" in sums:  # on-policy rows: the per-token reverse-KL estimate on the samples
+    metrics["rkl_token"] = sums["rkl_token"] / jnp.maximum(sums["sampled_tokens"], 1.0)
   if schedule is not None:
     metrics["learning_rate"] = schedule(state.step)
   return new_state, metrics
@@ -152,10 +156,22 @@ def eval_step(params: Any, batch: Batch, *, model_cfg: models.ModelConfig,
 
 def jit_train_step(model_cfg, tx, state_sh: TrainState, batch_sh, num_micro: int, schedule,
                    mesh, loss_chunk: int = 0, rules=None, distill: losses.Distill | None = None,
-                   teacher: Teacher | None = None):
+                   teacher: Teacher | None = None, rollout=None):
   """The jitted step `(state, batch) -> (state, metrics)`: explicit in/out shardings, the old
   state donated. An online `teacher` goes in as a third, non-donated argument, its params
-  sharded over `mesh` by the same logical `rules` as the student's."""
+  sharded over `mesh` by the same logical `rules` as the student's. `rollout` (on-policy,
+  `train.onpolicy.Rollout`): `(state, batch) -> (batch, host metrics)` runs first, the current
+  (sharded) params writing the responses of part of the batch; its metrics join the step's."""
+  if rollout is not None:
+    inner = jit_train_step(model_cfg, tx, state_sh, batch_sh, num_micro, schedule, mesh,
+                           loss_chunk, rules, distill, teacher)
+
+    def rollout_step(state, batch):
+      batch, extra = rollout(state, batch)
+      state, metrics = inner(state, batch)
+      return state, {**metrics, **extra}
+    rollout_step.teacher_params = getattr(inner, "teacher_params", None)
+    return rollout_step
   fn = functools.partial(train_step, model_cfg=model_cfg, tx=tx, num_micro=num_micro,
                          schedule=schedule, mesh=mesh, loss_chunk=loss_chunk, rules=rules,
                          distill=distill,

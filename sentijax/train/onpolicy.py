@@ -1,0 +1,169 @@
+"""On-policy distillation rollouts: the current student writes part of each batch's responses.
+
+GKD (Agarwal et al. 2024; TRL's `GKDTrainer`): before each step, the first round(lmbda x B)
+rows of the corpus batch keep their records' PROMPTS and get new responses, sampled by the
+current student (`sampling.decode`, the jitted KV-cache sampler, on the sharded params as they
+are: no host copy of params) or, with `seq_kd`, by the teacher; the rest keep the corpus
+responses. The step then distils on every row (`step.train_step`, the teacher in the step).
+Rows of sampled segments are re-packed in order; a segment that no longer fits is dropped
+(counted). A batch field "sampled" marks the student's own tokens: they get no CE (a student's
+own sample is no target) and the per-token reverse-KL estimate log q(x) - log p(x)
+(`losses.token_reverse_kl`) is reported on them.
+
+Randomness: row i of step s samples with fold_in(fold_in(key(seed), s), i) (`sampling.row_keys`,
+rows numbered over the global batch), so a rerun, a resume after SIGKILL and any device count
+sample the same tokens from the same params.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from sentijax import models, sampling, sharding
+from sentijax.data import packing
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSpec:
+  """`kd.lmbda`, `kd.seq_kd` and `kd.rollout.*`, read and checked once."""
+  lmbda: float
+  seq_kd: bool
+  temperature: float
+  top_p: float
+  max_new_tokens: int
+  seed: int
+
+  @classmethod
+  def from_config(cls, config) -> "RolloutSpec":
+    k, r = config.kd, config.kd.rollout
+    spec = cls(lmbda=float(k.lmbda), seq_kd=bool(k.seq_kd), temperature=float(r.temperature),
+               top_p=float(r.top_p), max_new_tokens=int(r.max_new_tokens),
+               seed=int(config.seed))
+    checks = (("kd.lmbda", 0 <= spec.lmbda <= 1, "must be in [0, 1] (the sampled share of rows)"),
+              ("kd.rollout.temperature", spec.temperature > 0,
+               "must be > 0 (on-policy samples are drawn; 1 = the student's own distribution)"),
+              ("kd.rollout.top_p", 0 < spec.top_p <= 1, "must be in (0, 1]"),
+              ("kd.rollout.max_new_tokens", spec.max_new_tokens >= 1, "must be >= 1"))
+    for key, ok, why in checks:
+      if not ok:
+        raise ValueError(f"{key}={_value(spec, key)!r}: {why}")
+    return spec
+
+
+def _value(spec: RolloutSpec, key: str) -> Any:
+  return getattr(spec, key.split(".")[-1])
+
+
+def segments(row: dict[str, np.ndarray]) -> list[np.ndarray]:
+  """The prompts of a packed row's segments that have a response, in order: each segment's
+  tokens up to its first loss target (packing: inputs[t] predicts targets[t])."""
+  out = []
+  seg_L, w_L = row["segment_ids"], row["weights"]
+  for seg in np.unique(seg_L[seg_L > 0]):
+    where = np.flatnonzero(seg_L == seg)
+    w = w_L[where]
+    if w.any():
+      first = int(np.argmax(w > 0))
+      out.append(row["inputs"][where[:first + 1]].astype(np.int32))
+  return out
+
+
+def rollout_keys(seed: int, step: int, rows: int) -> jax.Array:
+  """[rows] PRNG keys of step `step`: row i gets fold_in(fold_in(key(seed), step), i)."""
+  return sampling.row_keys(jax.random.fold_in(jax.random.key(seed), step), rows)
+
+
+class Rollout:
+  """`(state, batch) -> (batch with sampled responses, host metrics)` for `step.jit_train_step`.
+
+  `cfg` / `teacher`: the student's config and the teacher (`step.Teacher`, params on the mesh;
+  needed for `spec.seq_kd`). `vocab`: the shared tokenizer's length (a sample of a padding
+  embedding row ends the response, dropped); `eos_id` ends a response (kept, trained on).
+  """
+
+  def __init__(self, spec: RolloutSpec, cfg: models.ModelConfig, *, vocab: int, eos_id: int,
+               seq_len: int, mesh=None, rules=None, teacher=None, per_layer: bool | None = None):
+    if spec.seq_kd and teacher is None:
+      raise ValueError("kd.seq_kd=True samples from the teacher: it needs a teacher model")
+    self.spec, self.cfg, self.teacher = spec, cfg, teacher
+    self.vocab, self.eos_id, self.seq_len = vocab, eos_id, seq_len
+    self.mesh, self.rules, self.per_layer = mesh, rules, per_layer
+    self.batch_sh = None if mesh is None else sharding.batch_sharding(mesh, rules)
+
+  def sample(self, params: Any, prompts: list[np.ndarray], step: int) -> list[np.ndarray]:
+    """One response per prompt (eos kept; a padding-row id ends it, dropped)."""
+    cfg, params = ((self.teacher.cfg, self.teacher.params) if self.spec.seq_kd
+                   else (self.cfg, params))
+    length = max(len(p) for p in prompts)
+    ids_BxT, mask_BxT = sampling.left_pad(prompts, length, len(prompts), self.eos_id)
+    out = sampling.decode(
+        cfg, params, ids_BxT, mask_BxT, self.spec.max_new_tokens, [self.eos_id], self.eos_id,
+        end_ids=range(self.vocab, cfg.vocab_size), temperature=self.spec.temperature,
+        top_p=self.spec.top_p, row_rngs=rollout_keys(self.spec.seed, step, len(prompts)),
+        mesh=self.mesh, rules=self.rules, per_layer=self.per_layer)
+    responses = []
+    for toks, n in zip(out.tokens_BxN, out.lengths_B):
+      toks = toks[:int(n)]
+      if len(toks) and toks[-1] >= self.vocab:
+        toks = toks[:-1]
+      responses.append(toks.astype(np.int32))
+    return responses
+
+  def rows(self, prompts_per_row: list[list[np.ndarray]], responses: list[np.ndarray]
+           ) -> tuple[list[dict[str, np.ndarray]], int]:
+    """Packed rows of prompt + response per segment, in order; (rows, segments dropped)."""
+    it, rows, dropped = iter(responses), [], 0
+    for prompts in prompts_per_row:
+      seqs, used = [], 0
+      for prompt in prompts:
+        resp = next(it)
+        room = self.seq_len + 1 - len(prompt)  # a sequence of n tokens fills n - 1 positions
+        resp = resp[:room]
+        n = len(prompt) + len(resp) - 1
+        if not len(resp) or used + n > self.seq_len:
+          dropped += 1
+          continue
+        seqs.append(packing.TokenizedSequence(
+            np.concatenate([prompt, resp]).astype(np.int32),
+            np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(resp), np.int32)])))
+        used += n
+      rows.append(packing.pack_row(seqs, self.seq_len))
+    return rows, dropped
+
+  def __call__(self, state, batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], dict]:
+    if jax.process_count() > 1:
+      raise NotImplementedError(
+          f"kd.mode=on_policy runs in one process (any number of its devices); this job has "
+          f"{jax.process_count()} processes")
+    local = {k: np.array(sharding.to_host(v)) for k, v in batch.items()}  # writable
+    b = local["inputs"].shape[0]
+    n_on = int(round(self.spec.lmbda * b))
+    step = int(jax.device_get(state.step))
+    prompts_per_row = [segments({k: v[r] for k, v in local.items()}) for r in range(n_on)]
+    flat = [p for ps in prompts_per_row for p in ps]
+    sampled_L = np.zeros(local["weights"].shape, np.float32)
+    metrics = {"onpolicy_fraction": n_on / b}
+    if flat:
+      start = time.perf_counter()
+      responses = self.sample(state.params, flat, step)
+      seconds = time.perf_counter() - start
+      new_rows, dropped = self.rows(prompts_per_row, responses)
+      for r, row in enumerate(new_rows):
+        for k in local:
+          if k not in row:
+            raise ValueError(f"on-policy rows have no batch field {k!r} (kd.mode=on_policy "
+                             "trains on the corpus prompts and an online teacher only)")
+          local[k][r] = row[k]
+        if not self.spec.seq_kd:
+          sampled_L[r] = row["weights"]
+      generated = sum(len(x) for x in responses)
+      metrics |= {"rollout_tokens_per_s": generated / max(seconds, 1e-9),
+                  "rollout_length": generated / len(responses), "rollout_dropped": dropped}
+    local["sampled"] = sampled_L
+    if self.batch_sh is None:
+      return {k: jax.numpy.asarray(v) for k, v in local.items()}, metrics
+    return {k: jax.device_put(v, self.batch_sh) for k, v in local.items()}, metrics
