@@ -294,7 +294,7 @@ class Engine:
         for req in failed.values():
           req.events.put(Failed(e))
         self.rows, self._joining = [None] * self.slots, []
-        self._row_sampling = None
+        self._row_sampling, self.cache, self.capacity = None, None, 0  # the cache may be donated
 
   def _drop_cancelled(self) -> None:
     for s, r in self._live():

@@ -254,3 +254,18 @@ def test_spec_from_config(monkeypatch):
     got.api_key()
   monkeypatch.setenv("SENTIJAX_TEST_KEY", KEY)
   assert got.api_key() == KEY
+
+
+def test_a_failed_step_answers_500_and_the_server_recovers(server, client, monkeypatch):
+  from sentijax import serve_engine
+
+  def broken(*args, **kw):
+    raise RuntimeError("injected step failure")
+
+  with monkeypatch.context() as m:
+    m.setattr(serve_engine, "_step", broken)
+    with pytest.raises(openai.InternalServerError, match="injected step failure"):
+      client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0)
+  r = client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0,
+                                extra_body={"min_tokens": 5})
+  assert r.usage.completion_tokens == 5
