@@ -144,6 +144,11 @@ def parse_sampling(body: dict, max_tokens: int) -> Sampling:
     raise BadRequest(str(e)) from None
 
 
+# Settings that would change the answer and are not implemented: refused unless off.
+_UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None,
+                "best_of": 1, "suffix": None, "tools": None, "response_format": None}
+
+
 @dataclasses.dataclass
 class _Call:
   """A validated request and how to answer it."""
@@ -266,6 +271,9 @@ class Server:
   def prepare(self, path: str, body: dict) -> _Call:
     """Validates a POST body into a call (nothing queued yet); BadRequest names the key."""
     chat = path == "/v1/chat/completions"
+    for key, off in _UNSUPPORTED.items():
+      if body.get(key) not in (None, off, {}, []):
+        raise BadRequest(f"'{key}' is not supported by sentijax.serve (got {body[key]!r})", key)
     echo = body.get("echo", False)
     if not isinstance(echo, bool) or (echo and chat):
       raise BadRequest("'echo' must be a bool, and only on /v1/completions", "echo")

@@ -201,6 +201,7 @@ def test_auth(server, caplog):
     ({"prompt": "x", "n": 9}, "n"),
     ({"prompt": 3}, "prompt"),
     ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
 ])
 def test_bad_requests(server, body, param):
   r = _post(server, "/completions", body)
