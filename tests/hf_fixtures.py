@@ -48,6 +48,23 @@ def make_qwen2(path: pathlib.Path, seed: int = 0, vocab_size: int = 256, num_lay
   return model
 
 
+def make_mistral(path: pathlib.Path, seed: int = 0, vocab_size: int = 256, num_layers: int = 2):
+  """MistralForCausalLM: untied embeddings, no biases, plain RoPE, full attention (no window)."""
+  import torch
+  from transformers import MistralConfig, MistralForCausalLM
+  torch.manual_seed(seed)
+  cfg = MistralConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, rope_parameters={"rope_type": "default",
+                                                                    "rope_theta": 1e6},
+                      sliding_window=None, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                      bos_token_id=1, eos_token_id=2)
+  model = MistralForCausalLM(cfg).eval()
+  _randomize(model, seed)
+  model.save_pretrained(path)
+  return model
+
+
 def _randomize(model, seed: int, std: float = 0.05):
   """Every weight (norm scales and biases too) random, so no mapping error can hide.
 

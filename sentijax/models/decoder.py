@@ -1,9 +1,10 @@
-"""One Flax decoder for the Llama-3.x and Qwen2/2.5 families.
+"""One Flax decoder for every model family (families.py: Llama-3.x, Qwen2/2.5, Mistral).
 
-Both are pre-norm decoders with RMSNorm, rotary position embeddings, grouped-query attention and a
+All are pre-norm decoders with RMSNorm, rotary position embeddings, grouped-query attention and a
 SwiGLU MLP. They differ only in the knobs of `ModelConfig`: Qwen2 adds biases to q/k/v and uses a
 large plain rope_theta; Llama 3.1/3.2 rescale the rotary frequencies ("llama3" rope) and 3.2-1B/3B
-tie the output projection to the input embedding.
+tie the output projection to the input embedding; a family with a final-logit soft-cap sets
+`logit_softcap`, applied in the one LM head `project_logits`.
 
 Layers are stacked with `nn.scan` (one compiled layer body, fast compiles for 80-layer models); every
 parameter carries logical axis names (`sentijax.sharding` maps them to mesh axes). Parameters are
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sentijax.models import attention
+from sentijax.models import attention, families
 
 Array = jax.Array
 PyTree = Any
@@ -43,7 +44,7 @@ class RopeScaling:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape and numerics of a decoder. Hashable: jit treats it as static."""
-  architecture: str  # "llama" | "qwen2"
+  architecture: str  # a families.FAMILIES key: "llama" | "qwen2" | "mistral"
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -56,6 +57,7 @@ class ModelConfig:
   rms_norm_eps: float = 1e-5
   tie_embeddings: bool = False
   qkv_bias: bool = False
+  logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (Gemma-2 style); 0 = none
   max_position_embeddings: int = 8192
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
@@ -65,8 +67,9 @@ class ModelConfig:
   attention_chunk: int = 1024  # query block size for long sequences (0 = whole sequence)
 
   def __post_init__(self):
-    if self.architecture not in ("llama", "qwen2"):
-      raise ValueError(f"unsupported architecture {self.architecture!r}: use 'llama' or 'qwen2'")
+    families.get(self.architecture)  # ValueError naming the supported families
+    if self.logit_softcap < 0:
+      raise ValueError(f"logit_softcap={self.logit_softcap} must be >= 0 (0 = no soft-cap)")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")
@@ -286,7 +289,7 @@ class Decoder(nn.Module):
     else:
       out_ExV = _param(self, "lm_head", nn.initializers.normal(0.02),
                        (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt)
-    return project_logits(x_BxTxE, out_ExV, dt), new_cache_kv
+    return project_logits(x_BxTxE, out_ExV, dt, cfg.logit_softcap), new_cache_kv
 
 
 def embed_tokens(embedding_VxE: Array, tokens_BxT: Array, dt) -> Array:
@@ -294,11 +297,15 @@ def embed_tokens(embedding_VxE: Array, tokens_BxT: Array, dt) -> Array:
   return _act(jnp.take(embedding_VxE, tokens_BxT, axis=0).astype(dt), "batch", "length", "embed")
 
 
-def project_logits(x_BxTxE: Array, out_ExV: Array, dt) -> Array:
+def project_logits(x_BxTxE: Array, out_ExV: Array, dt, softcap: float = 0.0) -> Array:
   """Float32 logits [B, T, V] of final-normed hidden states: THE LM head (the decoder, the
-  chunked losses and the top-k teacher all project through it; `dt` = the compute dtype)."""
-  return jnp.einsum("bte,ev->btv", x_BxTxE, out_ExV.astype(dt),
-                    preferred_element_type=jnp.float32)
+  cached forward, the chunked losses and the top-k teacher all project through it; `dt` = the
+  compute dtype; `softcap` = the model's `logit_softcap`, > 0: cap * tanh(logits / cap))."""
+  logits_BxTxV = jnp.einsum("bte,ev->btv", x_BxTxE, out_ExV.astype(dt),
+                            preferred_element_type=jnp.float32)
+  if softcap > 0:
+    logits_BxTxV = softcap * jnp.tanh(logits_BxTxV / softcap)
+  return logits_BxTxV
 
 
 # --------------------------------------------------------------------------------------------

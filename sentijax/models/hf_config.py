@@ -1,6 +1,6 @@
-"""config.json <-> ModelConfig for Hugging Face Llama-3.x / Qwen2.x checkpoints.
+"""config.json <-> ModelConfig for Hugging Face checkpoints of the families in families.py.
 
-Reading follows transformers: its defaults per architecture for omitted keys, and its precedence
+Reading follows transformers: its defaults per family for omitted keys, and its precedence
 of the 4.x `rope_scaling` over the 5.x `rope_parameters`. Writing serves every stack at once
 (transformers 4.x and 5.x, vLLM): see `config_to_hf`.
 """
@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from sentijax import atomic
+from sentijax.models import families
 from sentijax.models.decoder import ModelConfig, RopeScaling
 
 
 class CheckpointError(ValueError):
   """A problem with an HF checkpoint directory; the message names the file/tensor/key."""
-
-
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def _get(hf: dict, key: str, path: Path, default: Any = KeyError) -> Any:
@@ -30,17 +28,8 @@ def _get(hf: dict, key: str, path: Path, default: Any = KeyError) -> Any:
   return default
 
 
-# transformers' defaults for keys a config.json may omit (LlamaConfig / Qwen2Config, 4.x and 5.x).
-_HF_DEFAULTS = {
-    "llama": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=2048,
-                  rope_theta=10000.0, bos_token_id=1, eos_token_id=2, num_key_value_heads=None),
-    "qwen2": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=32768,
-                  rope_theta=10000.0, bos_token_id=None, eos_token_id=None,
-                  num_key_value_heads=32),
-}
-
-
-def _rope_from_hf(hf: dict, path: Path, default_theta: float) -> tuple[float, RopeScaling | None]:
+def _rope_from_hf(hf: dict, path: Path, family: families.Family
+                  ) -> tuple[float, RopeScaling | None]:
   """(rope_theta, llama3 scaling or None) from `rope_scaling` (4.x) or `rope_parameters` (5.x).
 
   A non-null `rope_scaling` wins, as in transformers 4 (which knows no other key) and 5.
@@ -49,13 +38,13 @@ def _rope_from_hf(hf: dict, path: Path, default_theta: float) -> tuple[float, Ro
     if not isinstance(hf.get(key) or {}, dict):
       raise CheckpointError(f"{path}: {key} must be a JSON object or null")
   src = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-  rope_theta = src.get("rope_theta", hf.get("rope_theta", default_theta))
+  rope_theta = src.get("rope_theta", hf.get("rope_theta", family.defaults["rope_theta"]))
   rope_type = src.get("rope_type", src.get("type", "default"))
+  if rope_type not in family.rope_types + (None,):
+    raise CheckpointError(f"{path}: rope_type {rope_type!r} is not supported for "
+                          f"{family.model_type} (supported: {', '.join(family.rope_types)})")
   if rope_type in ("default", None):
     return float(rope_theta), None
-  if rope_type != "llama3":
-    raise CheckpointError(f"{path}: rope_type {rope_type!r} is not supported "
-                          f"(supported: default, llama3)")
   try:
     return float(rope_theta), RopeScaling(float(src["factor"]), float(src["low_freq_factor"]),
                                           float(src["high_freq_factor"]),
@@ -68,20 +57,22 @@ def config_from_hf(hf: dict, path: Path | str = "config.json") -> ModelConfig:
   """ModelConfig from a parsed config.json (transformers 4 or 5 layout, transformers' defaults)."""
   path = Path(path)
   model_type = hf.get("model_type")
-  if model_type not in _ARCHITECTURES:
-    archs = hf.get("architectures")
+  if model_type not in families.FAMILIES:
     raise CheckpointError(
-        f"{path}: unsupported architecture (model_type={model_type!r}, architectures={archs}); "
-        f"sentijax supports model_type 'llama' (Llama-3.x) and 'qwen2' (Qwen2/2.5)")
-  defaults = _HF_DEFAULTS[model_type]
-  if hf.get("mlp_bias") or (model_type == "llama" and hf.get("attention_bias")):
-    raise CheckpointError(f"{path}: mlp_bias / attention_bias on llama are not supported")
+        f"{path}: unsupported architecture (model_type={model_type!r}, "
+        f"architectures={hf.get('architectures')}); sentijax supports model_type "
+        f"{', '.join(repr(m) for m in sorted(families.FAMILIES))} (sentijax/models/families.py)")
+  family = families.FAMILIES[model_type]
+  defaults = family.defaults
+  why = family.refuse(hf)
+  if why:
+    raise CheckpointError(f"{path}: {why} ({model_type})")
   if hf.get("hidden_act", "silu") != "silu":
     raise CheckpointError(f"{path}: hidden_act={hf['hidden_act']!r} is not supported (silu only)")
   if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or ()):
     raise CheckpointError(f"{path}: sliding-window attention (use_sliding_window / layer_types) "
                           f"is not supported; every layer must use full attention")
-  rope_theta, scaling = _rope_from_hf(hf, path, defaults["rope_theta"])
+  rope_theta, scaling = _rope_from_hf(hf, path, family)
   num_heads = int(_get(hf, "num_attention_heads", path))
   hidden = int(_get(hf, "hidden_size", path))
   eos = hf.get("eos_token_id", defaults["eos_token_id"])
@@ -99,7 +90,8 @@ def config_from_hf(hf: dict, path: Path | str = "config.json") -> ModelConfig:
       rope_scaling=scaling,
       rms_norm_eps=float(hf.get("rms_norm_eps", defaults["rms_norm_eps"])),
       tie_embeddings=bool(hf.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
-      qkv_bias=model_type == "qwen2",
+      qkv_bias=family.qkv_bias,
+      logit_softcap=float(hf.get(family.softcap_key) or 0.0) if family.softcap_key else 0.0,
       max_position_embeddings=int(hf.get("max_position_embeddings",
                                          defaults["max_position_embeddings"])),
       bos_token_id=hf.get("bos_token_id", defaults["bos_token_id"]),
@@ -125,8 +117,9 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
                     "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
                     "original_max_position_embeddings": s.original_max_position_embeddings}
   eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
+  family = families.get(cfg.architecture)
   hf = {
-      "architectures": [_ARCHITECTURES[cfg.architecture]],
+      "architectures": [family.hf_class],
       "model_type": cfg.architecture,
       "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.hidden_size,
@@ -150,11 +143,12 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
       "dtype": dtype,
       "torch_dtype": dtype,
   }
-  if cfg.architecture == "llama":
-    hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
-  else:  # Qwen2: q/k/v biases are implied by the architecture; no sliding window
-    hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers,
-              layer_types=["full_attention"] * cfg.num_layers)
+  if family.softcap_key:
+    hf[family.softcap_key] = cfg.logit_softcap or None
+  elif cfg.logit_softcap:
+    raise CheckpointError(f"logit_softcap={cfg.logit_softcap}: the {cfg.architecture} family has "
+                          "no config.json key for it (families.py softcap_key)")
+  hf.update(family.export_keys(cfg))
   return hf
 
 

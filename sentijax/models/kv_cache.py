@@ -101,5 +101,6 @@ def _forward_layers(cfg, params, layers, tokens_BxT, positions_BxT, mask_BxTxS, 
     x_BxTxE = x_BxTxE[:, -1:]
   x_BxTxE = decoder.RMSNorm(cfg.rms_norm_eps, pdt).apply({"params": params["final_norm"]},
                                                          x_BxTxE)
-  logits_BxTxV = decoder.project_logits(x_BxTxE, decoder.output_kernel(cfg, params), dt)
+  logits_BxTxV = decoder.project_logits(x_BxTxE, decoder.output_kernel(cfg, params), dt,
+                                        cfg.logit_softcap)
   return logits_BxTxV, tuple(new_k), tuple(new_v)

@@ -146,7 +146,8 @@ def topk_logprobs(cfg, params, ids_BxT, mask_BxT, row_seeds_B=None, *, k: int, c
 
   def one(args):
     h_BxCxE, keys_BxC = args
-    logits_BxCxV = models.project_logits(h_BxCxE, out_ExV, hidden_BxTxE.dtype)
+    logits_BxCxV = models.project_logits(h_BxCxE, out_ExV, hidden_BxTxE.dtype,
+                                         cfg.logit_softcap)
     if mode == "sample":
       ids, lp = draw(jax.nn.log_softmax(logits_BxCxV / temperature, axis=-1), keys_BxC, k)
       return lp, ids, jnp.zeros(lp.shape[:2], jnp.float32)

@@ -138,3 +138,29 @@ def test_query_chunked_attention_equals_full_attention_for_any_length():
   kv, g = CFG.num_kv_heads, CFG.num_heads // CFG.num_kv_heads
   assert (2, kv, g, t, t) in score_sized(full_cfg)
   assert score_sized(chunked_cfg) == []
+
+
+def test_logit_softcap_is_applied_by_every_forward():
+  """A family's final-logit soft-cap (Gemma-2 style: cap * tanh(logits / cap)) lives in the one
+  LM head, so the plain forward, both cached forwards and the hidden-state path all apply it."""
+  params = models.init(CFG, 0)
+  ids = jnp.asarray(np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 10)))
+  raw = np.asarray(models.forward(CFG, params, ids), np.float64)
+  cap = float(np.abs(raw).max() / 2)  # small enough that the cap bends the largest logits
+  want = cap * np.tanh(raw / cap)
+  capped = CFG.replace(logit_softcap=cap)
+  assert_close(np.asarray(models.forward(capped, params, ids)), want, 1e-5, "forward")
+  seg = jnp.ones_like(ids)
+  cached, _ = models.forward_with_cache(capped, params, ids, models.default_positions(seg), seg,
+                                        models.init_cache(capped, 2, 16))
+  assert_close(np.asarray(cached), want, 1e-5, "cached forward")
+  per_layer, _ = models.forward_with_cache(
+      capped, params, ids, models.default_positions(seg), seg,
+      models.unstack_cache(models.init_cache(capped, 2, 16)), layers=models.unstack_layers(params))
+  assert_close(np.asarray(per_layer), want, 1e-5, "cached forward, per-layer (decode loop)")
+  hidden = models.forward_hidden(capped, params, ids, segment_ids_BxT=seg,
+                                 positions_BxT=models.default_positions(seg))
+  head = models.project_logits(hidden, models.output_kernel(capped, params), jnp.float32,
+                               capped.logit_softcap)
+  assert_close(np.asarray(head), want, 1e-5, "hidden @ head")
+  assert np.abs(np.asarray(models.forward(capped, params, ids))).max() < cap

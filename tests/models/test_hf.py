@@ -39,16 +39,26 @@ def qwen_dir(tmp_path_factory):
   return path, model
 
 
-@pytest.mark.parametrize("which", ["llama", "qwen"])
+@pytest.fixture(scope="module")
+def mistral_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("mistral")
+  model = hf_fixtures.make_mistral(path)
+  return path, model
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen", "mistral"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_logit_parity_with_transformers(which, side, llama_dir, qwen_dir):
-  path, model = llama_dir if which == "llama" else qwen_dir
+def test_logit_parity_with_transformers(which, side, llama_dir, qwen_dir, mistral_dir):
+  path, model = {"llama": llama_dir, "qwen": qwen_dir, "mistral": mistral_dir}[which]
   cfg, params = models.load_hf(path, dtype="float32")
   if which == "llama":
     assert cfg.rope_scaling is not None and cfg.tie_embeddings and not cfg.qkv_bias
     assert "lm_head" not in params
-  else:
+  elif which == "qwen":
     assert cfg.qkv_bias and not cfg.tie_embeddings and "lm_head" in params
+  else:
+    assert cfg.architecture == "mistral" and cfg.rope_scaling is None and cfg.rope_theta == 1e6
+    assert not cfg.qkv_bias and not cfg.tie_embeddings and "lm_head" in params
   rng = np.random.default_rng(0)
   ids, mask = hf_fixtures.padded_batch(rng, cfg.vocab_size, [37, 12, 25, 37], side)
   ours = np.asarray(models.apply(cfg, params, ids, attention_mask=mask))
@@ -74,8 +84,9 @@ def _reload_logits(out, ids, mask):
   return hf_fixtures.torch_logits(reloaded, ids, mask)
 
 
-def test_export_reload_in_transformers_and_bit_identical_roundtrip(llama_dir, qwen_dir, tmp_path):
-  for i, (path, _) in enumerate([llama_dir, qwen_dir]):
+def test_export_reload_in_transformers_and_bit_identical_roundtrip(llama_dir, qwen_dir,
+                                                                   mistral_dir, tmp_path):
+  for i, (path, _) in enumerate([llama_dir, qwen_dir, mistral_dir]):
     cfg, params = models.load_hf(path)
     out = tmp_path / f"export{i}"
     models.save_hf(cfg, params, out)
@@ -102,16 +113,22 @@ _COMMON_KEYS = ["model_type", "vocab_size", "hidden_size", "intermediate_size", 
                 "bos_token_id", "eos_token_id", "attention_dropout", "initializer_range",
                 "use_cache"]
 _ARCH_KEYS = {"llama": ["head_dim", "attention_bias", "mlp_bias", "pretraining_tp"],
-              "qwen2": ["use_sliding_window", "sliding_window", "layer_types"]}
+              "qwen2": ["use_sliding_window", "sliding_window", "layer_types"],
+              "mistral": ["head_dim", "sliding_window"]}
 _SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
               bos_token_id=1, eos_token_id=[2, 3])
 
 
-@pytest.mark.parametrize("case", ["llama3", "plain", "qwen2"])
+@pytest.mark.parametrize("case", ["llama3", "plain", "qwen2", "mistral"])
 def test_exported_config_json_field_by_field(case):
-  from transformers import LlamaConfig, Qwen2Config
-  if case == "qwen2":
+  from transformers import LlamaConfig, MistralConfig, Qwen2Config
+  if case == "mistral":
+    theirs = MistralConfig(**_SHAPE, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                           sliding_window=None, head_dim=32,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    legacy = {"rope_theta": 1e6, "rope_scaling": None}
+  elif case == "qwen2":
     theirs = Qwen2Config(**_SHAPE, rms_norm_eps=1e-6, tie_word_embeddings=True,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     legacy = {"rope_theta": 1e6, "rope_scaling": None}
@@ -142,13 +159,15 @@ def test_exported_config_json_field_by_field(case):
   assert again.tie_word_embeddings == want["tie_word_embeddings"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_omitted_keys_take_transformers_defaults(arch):
-  from transformers import LlamaConfig, Qwen2Config
+  from transformers import LlamaConfig, MistralConfig, Qwen2Config
   shape = dict(vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=32)
+  if arch == "mistral":  # MistralConfig's default sliding_window (4096) is refused: see below
+    shape["sliding_window"] = None
   ours = hf_config.config_from_hf(dict(shape, model_type=arch))
-  theirs = (LlamaConfig if arch == "llama" else Qwen2Config)(**shape)
+  theirs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch](**shape)
   assert ours.tie_embeddings is theirs.tie_word_embeddings is False
   assert ours.rms_norm_eps == theirs.rms_norm_eps
   assert ours.max_position_embeddings == theirs.max_position_embeddings
@@ -307,6 +326,33 @@ def test_unused_checkpoint_tensor_is_an_error(llama_dir, tmp_path):
                      match=r"tensor 'model\.layers\.0\.self_attn\.o_proj\.bias' would be unused: "
                            r"no llama parameter with 2 layers.*1 more.*layers\.2\.mlp\.up_proj"):
     models.load_hf(d)
+
+
+def test_mistral_sliding_window_is_refused_unless_it_covers_every_position(mistral_dir, tmp_path):
+  """A window shorter than max_position_embeddings is sliding-window attention (not supported);
+  an omitted key means MistralConfig's 4096; a window that covers every position is full."""
+  for i, (change, refused) in enumerate([({"sliding_window": 128}, True),
+                                         ({"sliding_window": 256}, False),
+                                         ({"max_position_embeddings": 8192}, False),
+                                         ({"sliding_window": "omit",
+                                           "max_position_embeddings": 8192}, True),
+                                         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                            "low_freq_factor": 1.0,
+                                                            "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 64}}, True)]):
+    d = _copy(mistral_dir[0], tmp_path / f"m{i}")
+    c = json.loads((d / "config.json").read_text())
+    c.update({k: v for k, v in change.items() if v != "omit"})
+    for k in (k for k, v in change.items() if v == "omit"):
+      del c[k]
+    (d / "config.json").write_text(json.dumps(c))
+    if refused:
+      with pytest.raises(models.CheckpointError, match=r"config\.json: (sliding_window=(128|4096) "
+                         r".*not supported.*sliding_window null|rope_type 'llama3' is not "
+                         r"supported for mistral)"):
+        hf_config.read_config(d)
+    else:
+      assert hf_config.read_config(d).architecture == "mistral"
 
 
 def test_sliding_window_and_unknown_rope_are_refused(qwen_dir, tmp_path):
