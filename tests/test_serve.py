@@ -214,7 +214,7 @@ def test_limits_body_queue_timeout(teacher):
   """413 for a big body; 429 + Retry-After once the queue is full; 504 past the timeout."""
   srv = serve.Server(teacher, "tiny", max_batch=4, limits=serve.Limits(
       max_queue=1, max_body_bytes=2000, retry_after_s=3)).start()
-  long = {"prompt": "Once", "max_tokens": 60, "min_tokens": 60, "temperature": 0}
+  long = {"prompt": "Once", "max_tokens": 240, "min_tokens": 240, "temperature": 0}
   try:
     r = _post(srv, "/completions", {"prompt": "x" * 3000}, key=None)
     assert r.status_code == 413 and "2000" in r.json()["error"]["message"]
