@@ -41,6 +41,18 @@ bound of the full KL), eval/kd and kd_support_mass (train/ and eval/: the studen
 the stored ids). Add --config.kd.eval_teacher=runs/knowdist/hf to load that teacher only for
 scoring: eval/kl_teacher, the held-out full-vocabulary KL.
 
+On-policy (README: On-policy distillation): each step the first round(kd.lmbda x batch) rows keep
+their prompts and get responses sampled by the current student (kd.seq_kd=True: by the teacher;
+kd.rollout.temperature / top_p / max_new_tokens, eos stops), the teacher in the step:
+
+  python -m sentijax.main --config=configs/kd.py --config.kd.mode=on_policy \
+    --config.kd.loss=reverse --config.kd.alpha=1.0 --config.workdir=runs/kd-onpolicy
+
+logs, besides train/kd and eval/kl_teacher (steps 0, 50, 100): train/rkl_token (the per-token
+reverse-KL estimate log q(x) - log p(x) on the student's samples), train/onpolicy_fraction,
+train/rollout_tokens_per_s, train/rollout_length, train/rollout_dropped. A resume samples the
+same tokens (rollout keys by seed, step and row).
+
 Sparse supports (kd.top_k > 0 online, every store) keep the teacher's tail as one bucket and take
 the student's probabilities from its full softmax (kd.tail=bucket); kd.tail=renorm is the old
 renormalised form, blind to the student's mass outside the support (README: Logit distillation).
