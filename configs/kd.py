@@ -51,7 +51,10 @@ kd.rollout.temperature / top_p / max_new_tokens, eos stops), the teacher in the 
 logs, besides train/kd and eval/kl_teacher (steps 0, 50, 100): train/rkl_token (the per-token
 reverse-KL estimate log q(x) - log p(x) on the student's samples), train/onpolicy_fraction,
 train/rollout_tokens_per_s, train/rollout_length, train/rollout_dropped. A resume samples the
-same tokens (rollout keys by seed, step and row).
+same tokens (rollout keys by seed, step and row). Measured (2 shared CPU cores, ~2 min): train/kd
+(the reverse KL on the student's samples) 0.025 -> 0.009 in 100 steps, eval/kl_teacher 0.025 ->
+0.0125 -> 0.0097 at steps 0 / 50 / 100, rollouts of 59-64 tokens at 1-5k tokens/s (a random
+teacher is nearly uniform: a smoke test, as above).
 
 Sparse supports (kd.top_k > 0 online, every store) keep the teacher's tail as one bucket and take
 the student's probabilities from its full softmax (kd.tail=bucket); kd.tail=renorm is the old
