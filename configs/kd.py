@@ -54,7 +54,9 @@ train/rollout_tokens_per_s, train/rollout_length, train/rollout_dropped. A resum
 same tokens (rollout keys by seed, step and row). Measured (2 shared CPU cores, ~2 min): train/kd
 (the reverse KL on the student's samples) 0.025 -> 0.009 in 100 steps, eval/kl_teacher 0.025 ->
 0.0125 -> 0.0097 at steps 0 / 50 / 100, rollouts of 59-64 tokens at 1-5k tokens/s (a random
-teacher is nearly uniform: a smoke test, as above).
+teacher is nearly uniform: a smoke test, as above). --config.kd.rollout.estimator=token (with
+kd.loss=reverse) trains on the sampled-token estimator instead (a policy gradient with advantage
+-(log q - log p), only the teacher's log-prob of the sampled token used).
 
 Sparse supports (kd.top_k > 0 online, every store) keep the teacher's tail as one bucket and take
 the student's probabilities from its full softmax (kd.tail=bucket); kd.tail=renorm is the old

@@ -226,6 +226,7 @@ class Context:
     if self.spec.rollout is not None:
       options["rollout"] = onpolicy.Rollout(self.spec.rollout, mesh=mesh, rules=rules,
                                             teacher=self.teacher, **self.rollout_args)
+      options["token_estimator"] = self.spec.rollout.estimator == "token"
     return options
 
 

@@ -345,7 +345,8 @@ def chunked_loss_sums(hidden_BxTxE: Array, out_ExV: Array, targets_BxT: Array,
                       soft: Mapping[str, Array] | None = None,
                       teacher_hidden_BxTxF: Array | None = None,
                       teacher_out_FxW: Array | None = None,
-                      sampled_BxT: Array | None = None) -> dict[str, Array]:
+                      sampled_BxT: Array | None = None,
+                      token_estimator: bool = False) -> dict[str, Array]:
   """Sums over the batch: {"ce": weighted CE, "kd": the distillation term (0 without
   `distill`)}, and for sparse supports "support_mass" / "support_tokens" (the student's mass on
   the teacher's support, summed where the term counts, and that count).
@@ -361,6 +362,8 @@ def chunked_loss_sums(hidden_BxTxE: Array, out_ExV: Array, targets_BxT: Array,
   `sampled` (on-policy rows, 1 where the target is a token the student sampled itself): no CE
   there (a student's own sample is no target), and with an online teacher "rkl_token" /
   "sampled_tokens": the sum of `token_reverse_kl`'s estimate log q(x) - log p(x) over them.
+  `token_estimator`: there the distillation term IS that estimator's surrogate (a policy
+  gradient on the sampled token only) instead of `distill`'s divergence.
   """
   b, t, _ = hidden_BxTxE.shape
   chunk = min(chunk or t, t)
@@ -398,10 +401,12 @@ def chunked_loss_sums(hidden_BxTxE: Array, out_ExV: Array, targets_BxT: Array,
       t_logp = jnp.take_along_axis(
           jax.nn.log_softmax(t_logits[..., :v].astype(jnp.float32), -1), c["tgt"][..., None],
           axis=-1)[..., 0]
-      est = token_reverse_kl(logits_BxCxV[..., :v], c["tgt"], t_logp)[1]
+      surrogate, est = token_reverse_kl(logits_BxCxV[..., :v], c["tgt"], t_logp)
       sums |= {"rkl_token": jnp.sum(est * c["s"]), "sampled_tokens": jnp.sum(c["s"])}
     terms = distill_terms(logits_BxCxV, distill, t_logits,
                           {k: v for k, v in c.items() if k in SOFT_FIELDS})
+    if token_estimator and online and "s" in c:
+      terms = {**terms, "kd": jnp.where(c["s"] > 0, surrogate, terms["kd"])}
     w_BxC = c["w"] if distill.weighted else terms["has"].astype(jnp.float32)
     sums["kd"] = jnp.sum(terms["kd"] * w_BxC)
     if "mass" in terms:

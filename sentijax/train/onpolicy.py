@@ -26,6 +26,8 @@ import numpy as np
 from sentijax import models, sampling, sharding
 from sentijax.data import packing
 
+ESTIMATORS = ("full", "token")
+
 
 @dataclasses.dataclass(frozen=True)
 class RolloutSpec:
@@ -36,18 +38,25 @@ class RolloutSpec:
   top_p: float
   max_new_tokens: int
   seed: int
+  estimator: str = "full"  # full | token (losses.token_reverse_kl on the student's samples)
 
   @classmethod
   def from_config(cls, config) -> "RolloutSpec":
     k, r = config.kd, config.kd.rollout
     spec = cls(lmbda=float(k.lmbda), seq_kd=bool(k.seq_kd), temperature=float(r.temperature),
                top_p=float(r.top_p), max_new_tokens=int(r.max_new_tokens),
-               seed=int(config.seed))
+               seed=int(config.seed), estimator=str(r.estimator))
     checks = (("kd.lmbda", 0 <= spec.lmbda <= 1, "must be in [0, 1] (the sampled share of rows)"),
               ("kd.rollout.temperature", spec.temperature > 0,
                "must be > 0 (on-policy samples are drawn; 1 = the student's own distribution)"),
               ("kd.rollout.top_p", 0 < spec.top_p <= 1, "must be in (0, 1]"),
-              ("kd.rollout.max_new_tokens", spec.max_new_tokens >= 1, "must be >= 1"))
+              ("kd.rollout.max_new_tokens", spec.max_new_tokens >= 1, "must be >= 1"),
+              ("kd.rollout.estimator", spec.estimator in ESTIMATORS,
+               f"expected one of {ESTIMATORS}"),
+              ("kd.rollout.estimator", spec.estimator != "token" or str(k.loss) == "reverse",
+               f"'token' estimates reverse KL: set kd.loss=reverse (got {k.loss!r})"),
+              ("kd.rollout.estimator", spec.estimator != "token" or not spec.seq_kd,
+               "'token' needs the student's own samples: kd.seq_kd=False"))
     for key, ok, why in checks:
       if not ok:
         raise ValueError(f"{key}={_value(spec, key)!r}: {why}")

@@ -35,8 +35,8 @@ class Teacher:
 
 def loss_terms(model_cfg: models.ModelConfig, params: Any, batch: Batch, loss_chunk: int = 0,
                distill: losses.Distill | None = None,
-               teacher_cfg: models.ModelConfig | None = None, teacher_params: Any = None
-               ) -> dict[str, jax.Array]:
+               teacher_cfg: models.ModelConfig | None = None, teacher_params: Any = None,
+               token_estimator: bool = False) -> dict[str, jax.Array]:
   """Sums for one batch: {"loss", "ce" (weighted token NLL), "kd" (the distillation term, 0
   without `distill`), "tokens" (sum of weights)}; sparse supports add "support_mass" /
   "support_tokens" (losses.chunked_loss_sums). "loss" is "ce", or with `distill`
@@ -46,6 +46,7 @@ def loss_terms(model_cfg: models.ModelConfig, params: Any, batch: Batch, loss_ch
   `loss_chunk` positions (0 = one chunk), never holding more than [B, chunk, V] logits. An online
   `distill` (support full / topk) runs the teacher (`teacher_cfg`, `teacher_params`) forward
   under stop_gradient; a listed / sampled one reads the batch's soft fields (losses.SOFT_FIELDS).
+  A batch field "sampled" (on-policy rows) and `token_estimator`: losses.chunked_loss_sums.
   """
   weights_BxL = batch["weights"].astype(jnp.float32)
   where = dict(segment_ids_BxT=batch["segment_ids"], positions_BxT=batch["positions"])
@@ -62,7 +63,7 @@ def loss_terms(model_cfg: models.ModelConfig, params: Any, batch: Batch, loss_ch
   sums = losses.chunked_loss_sums(
       hidden_BxLxE, models.output_kernel(model_cfg, params), batch["targets"], weights_BxL,
       loss_chunk, distill=distill, soft=soft, teacher_hidden_BxTxF=t_hidden,
-      teacher_out_FxW=t_out, sampled_BxT=batch.get("sampled"))
+      teacher_out_FxW=t_out, sampled_BxT=batch.get("sampled"), token_estimator=token_estimator)
   loss_sum = sums["ce"]
   if distill is not None:
     loss_sum = (1.0 - distill.alpha) * sums["ce"] + distill.alpha * sums["kd"]
@@ -95,7 +96,8 @@ def train_step(state: TrainState, batch: Batch, teacher_params: Any = None, *,
                model_cfg: models.ModelConfig, tx: optax.GradientTransformation,
                num_micro: int = 1, schedule: optax.Schedule | None = None, mesh=None,
                loss_chunk: int = 0, rules=None, distill: losses.Distill | None = None,
-               teacher_cfg: models.ModelConfig | None = None) -> tuple[TrainState, dict]:
+               teacher_cfg: models.ModelConfig | None = None,
+               token_estimator: bool = False) -> tuple[TrainState, dict]:
   """Accumulates grads over `num_micro` microbatches, applies one update.
 
   A non-finite loss or gradient leaves the state unchanged and reports `nonfinite=1`, so the loop
@@ -105,7 +107,8 @@ def train_step(state: TrainState, batch: Batch, teacher_params: Any = None, *,
   `teacher_params` (with `teacher_cfg`): an online teacher, run forward on every microbatch.
   """
   def loss_fn(params, mb):
-    terms = loss_terms(model_cfg, params, mb, loss_chunk, distill, teacher_cfg, teacher_params)
+    terms = loss_terms(model_cfg, params, mb, loss_chunk, distill, teacher_cfg, teacher_params,
+                       token_estimator)
     return terms["loss"], terms
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -156,15 +159,17 @@ def eval_step(params: Any, batch: Batch, *, model_cfg: models.ModelConfig,
 
 def jit_train_step(model_cfg, tx, state_sh: TrainState, batch_sh, num_micro: int, schedule,
                    mesh, loss_chunk: int = 0, rules=None, distill: losses.Distill | None = None,
-                   teacher: Teacher | None = None, rollout=None):
+                   teacher: Teacher | None = None, rollout=None, token_estimator: bool = False):
   """The jitted step `(state, batch) -> (state, metrics)`: explicit in/out shardings, the old
   state donated. An online `teacher` goes in as a third, non-donated argument, its params
   sharded over `mesh` by the same logical `rules` as the student's. `rollout` (on-policy,
   `train.onpolicy.Rollout`): `(state, batch) -> (batch, host metrics)` runs first, the current
-  (sharded) params writing the responses of part of the batch; its metrics join the step's."""
+  (sharded) params writing the responses of part of the batch; its metrics join the step's;
+  `token_estimator`: on the student's own samples the term is losses.token_reverse_kl's."""
   if rollout is not None:
     inner = jit_train_step(model_cfg, tx, state_sh, batch_sh, num_micro, schedule, mesh,
-                           loss_chunk, rules, distill, teacher)
+                           loss_chunk, rules, distill, teacher,
+                           token_estimator=token_estimator)
 
     def rollout_step(state, batch):
       batch, extra = rollout(state, batch)
@@ -174,7 +179,7 @@ def jit_train_step(model_cfg, tx, state_sh: TrainState, batch_sh, num_micro: int
     return rollout_step
   fn = functools.partial(train_step, model_cfg=model_cfg, tx=tx, num_micro=num_micro,
                          schedule=schedule, mesh=mesh, loss_chunk=loss_chunk, rules=rules,
-                         distill=distill,
+                         distill=distill, token_estimator=token_estimator,
                          teacher_cfg=None if teacher is None else teacher.cfg)
   if mesh is not None and rules is None:
     from sentijax import config as config_lib  # pylint: disable=import-outside-toplevel

@@ -148,7 +148,7 @@ def _held_out_reverse_kl(params, teacher, seed=5, rows=32):
 
 
 def _train(batches, *, rollout=None, distill=None, teacher=None, params=None, mesh=None,
-           tx=None, cfg=S_CFG):
+           tx=None, cfg=S_CFG, token_estimator=False):
   tx = optax.adam(1e-2) if tx is None else tx
   st = state_lib.create_state(models.init(cfg, 1) if params is None else params, tx)
   state_sh = batch_sh = None
@@ -157,7 +157,8 @@ def _train(batches, *, rollout=None, distill=None, teacher=None, params=None, me
     batch_sh = sharding.batch_sharding(mesh, RULES)
     st = jax.device_put(st, state_sh)
   fn = step.jit_train_step(cfg, tx, state_sh, batch_sh, 1, None, mesh, 0, rules=RULES,
-                           distill=distill, teacher=teacher, rollout=rollout)
+                           distill=distill, teacher=teacher, rollout=rollout,
+                           token_estimator=token_estimator)
   metrics = []
   for b in batches:
     st, m = fn(st, {k: jnp.asarray(v) for k, v in b.items()})
@@ -187,6 +188,46 @@ def test_on_policy_reaches_lower_reverse_kl_than_ce_on_teacher_text():
   assert m[0]["onpolicy_fraction"] == 1.0 and 1 < m[0]["rollout_length"] < LENGTH + 1 - PROMPT
   assert m[0]["rollout_tokens_per_s"] > 0 and m[0]["rollout_dropped"] == 0
   assert m[-1]["rkl_token"] < 0.6 * m[0]["rkl_token"], (m[0]["rkl_token"], m[-1]["rkl_token"])
+
+
+def test_token_estimator_in_the_step_is_the_policy_gradient_on_the_samples():
+  """kd.rollout.estimator=token: on the student's own samples the step's term is
+  sum_t sg(log q(x_t) - log p(x_t)) log q(x_t) (gradient) with the value sum_t (log q - log p)
+  = train/rkl_token, against a reference from both models' full logits (models.apply, not the
+  chunked loss). On a corpus row (lmbda 0.5) the full reverse KL stays."""
+  teacher = _oracle_teacher()
+  params = models.init(S_CFG, 1)
+  st = state_lib.create_state(params, optax.adam(1e-3))
+  rollout = onpolicy.Rollout(_rollout_spec(0.5), S_CFG, vocab=V, eos_id=EOS, seq_len=LENGTH,
+                             per_layer=False)
+  batch, _ = rollout(st, {k: jnp.asarray(v) for k, v in _batches(3, 1)[0].items()})
+  distill = losses.Distill(kind="reverse", alpha=1.0)
+
+  def loss(p):
+    t = step.loss_terms(S_CFG, p, batch, 4, distill, T_CFG, teacher.params, token_estimator=True)
+    return t["loss"] / t["tokens"], t
+  (value, terms), grads = jax.value_and_grad(loss, has_aux=True)(params)
+
+  x, s, w = batch["targets"], batch["sampled"], batch["weights"]
+  log_p = jnp.take_along_axis(jax.nn.log_softmax(models.apply(T_CFG, teacher.params,
+                                                              batch["inputs"]), -1),
+                              x[..., None], -1)[..., 0]
+
+  def ref(p):
+    logits = models.apply(S_CFG, p, batch["inputs"])
+    log_q_all = jax.nn.log_softmax(logits, -1)
+    log_q = jnp.take_along_axis(log_q_all, x[..., None], -1)[..., 0]
+    adv = jax.lax.stop_gradient(log_q - log_p)
+    full = jnp.sum(jnp.exp(log_q_all) * (log_q_all - jax.nn.log_softmax(
+        models.apply(T_CFG, teacher.params, batch["inputs"]), -1)), -1)
+    return (jnp.sum(adv * log_q * s) + jnp.sum(full * w * (1 - s))) / jnp.sum(w), (adv, full)
+  want_grads, (adv, full) = jax.grad(ref, has_aux=True)(params)
+  want_value = (jnp.sum(adv * s) + jnp.sum(full * w * (1 - s))) / jnp.sum(w)
+  assert 0 < float(jnp.sum(s)) < float(jnp.sum(w))  # both kinds of rows are in the batch
+  np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
+  np.testing.assert_allclose(float(terms["rkl_token"]), float(jnp.sum(adv * s)), rtol=1e-5)
+  # fp32 logits from two code paths (chunked vs whole): ~1e-6 relative per element.
+  assert_trees_close(grads, want_grads, rtol=1e-4)
 
 
 def test_rollout_rows_sharded_equal_single_device():
@@ -266,11 +307,16 @@ def test_config_checks_name_the_key():
   s = kd_spec(kd__lmbda=0.25, kd__rollout__max_new_tokens=7)
   assert s.online and s.rollout.lmbda == 0.25 and s.rollout.max_new_tokens == 7
   assert s.distill(1000) == losses.Distill(kind="forward", alpha=0.5, vocab=1000)
+  assert kd_spec(kd__loss="reverse", kd__rollout__estimator="token").rollout.estimator == "token"
   for kw, match in [({"kd__lmbda": 1.5}, "kd.lmbda=1.5"),
                     ({"kd__rollout__temperature": 0.0}, "kd.rollout.temperature=0.0"),
                     ({"kd__rollout__top_p": 0.0}, "kd.rollout.top_p"),
                     ({"kd__rollout__max_new_tokens": 0}, "kd.rollout.max_new_tokens"),
                     ({"kd__loss": "ce"}, "kd.loss='ce'.*on_policy"),
+                    ({"kd__rollout__estimator": "pg"}, r"kd.rollout.estimator='pg'.*'token'"),
+                    ({"kd__rollout__estimator": "token"}, "kd.loss=reverse.*'forward'"),
+                    ({"kd__rollout__estimator": "token", "kd__loss": "reverse",
+                      "kd__seq_kd": True}, "kd.seq_kd=False"),
                     ({"teacher__preset": ""}, "kd.mode=on_policy needs teacher.model_dir")]:
     with pytest.raises(ValueError, match=match):
       kd_spec(**kw)
