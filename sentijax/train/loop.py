@@ -1,8 +1,9 @@
-"""The training loop shared by KnowDist and ICLDist.
+"""The training loop shared by KnowDist, ICLDist and KD.
 
-Recipe: mesh -> optimizer -> state (restored from the latest checkpoint, or fresh) -> jitted step
--> loop over deterministic batches from the restored data position, logging, evaluating,
-checkpointing (every N steps, on SIGTERM, at the end) -> optional HF export.
+Recipe, one phase each: setup (mesh, optimizer, shardings) -> restore (the latest checkpoint, or
+fresh params) -> compile (jitted train / eval steps) -> loop over deterministic batches from the
+restored data position (step, logging, evaluating, checkpointing every N steps, on SIGTERM and
+at the end) -> optional HF export.
 """
 from __future__ import annotations
 
@@ -54,26 +55,28 @@ def held_out_loss(eval_fn, params, dataset, batch_size: int, num_batches: int, b
   return nll / max(tokens, 1.0)
 
 
-def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any], Any],
-          train_ds, val_ds=None, *, tokenizer=None, eval_hooks: tuple[EvalHook, ...] = (),
-          loss_options: dict | Callable[[Any, Any], dict] | None = None,
-          teacher_flops_per_token: float = 0.0) -> Result:
-  """Runs (or resumes) training in `config.workdir`.
+# --------------------------------------------------------------------------- setup
 
-  `init_params(mesh, rules)` returns sharded fp32 params for a fresh run (HF import or random).
-  `eval_hooks` run with the held-out loss: at step 0 (the baseline), every `train.eval_every`
-  steps and at the end. `loss_options`: extra `step.jit_train_step` arguments (distill,
-  teacher), or `(mesh, rules) -> them`. `teacher_flops_per_token`: forward FLOPs
-  per token of an online teacher, logged apart from the student's training FLOPs
-  (`teacher_tflops_per_device`, `teacher_mfu`).
-  `train_ds` / `val_ds` are `sentijax.data.dataset.PackedDataset`s.
-  """
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What the other phases share: the mesh and rules, batch split, optimizer and shardings."""
+  mesh: Any
+  rules: Any
+  batch_size: int
+  num_micro: int
+  log_every: int
+  tx: Any
+  schedule: Any
+  target: Any  # the abstract state a checkpoint restores into
+  state_sh: Any
+  batch_sh: Any
+
+
+def setup(config, model_cfg: models.ModelConfig) -> Setup:
+  """Mesh (fsdp=0: sharded when big), optimizer and shardings; bad batch settings refused."""
   tc = config.train
-  workdir = Path(config.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-
-  # ---- Mesh, optimizer, shardings ----------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh, model_cfg=model_cfg)  # fsdp=0: sharded when big
+  mesh = sharding.make_mesh(config.mesh, model_cfg=model_cfg)
   rules = config.sharding_rules
   batch_size, num_micro = int(tc.batch_size), int(tc.microbatches)
   divisor = sharding.batch_divisor(mesh, rules)
@@ -89,17 +92,19 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
     raise TrainingError(f"train.batch_size={batch_size} is not divisible by the "
                         f"{jax.process_count()} processes")
   tx = state_lib.make_optimizer(tc)
-  schedule = state_lib.learning_rate_schedule(tc)
   target, state_sh = state_lib.abstract_state(model_cfg, tx, mesh, rules)
-  batch_sh = sharding.batch_sharding(mesh, rules)
+  return Setup(mesh, rules, batch_size, num_micro, log_every, tx,
+               state_lib.learning_rate_schedule(tc), target, state_sh,
+               sharding.batch_sharding(mesh, rules))
 
-  # ---- State: resume or start ----------------------------------------------------------------
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=config.checkpoint.every,
-                                 keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
+
+def restore(s: Setup, ckpt: checkpoint.Checkpointer, init_params: Callable[[Any, Any], Any],
+            train_ds) -> tuple[Any, Any, int]:
+  """(state, batch iterator, start step): resumed from the latest checkpoint (state and data
+  position, into this run's mesh), or fresh params from `init_params(mesh, rules)`."""
   restored_data = None
   if ckpt.latest_step() is not None:
-    state, restored_data, start = ckpt.restore(target)  # into this run's mesh and shardings
+    state, restored_data, start = ckpt.restore(s.target)
     log.info("resumed from %s at step %d (%s rows read; saved by %s processes, now %d "
              "processes, %d devices)", ckpt.directory, start, restored_data.get("rows", "?"),
              restored_data.get("process_count", "?"), jax.process_count(), jax.device_count())
@@ -107,123 +112,189 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
       raise TrainingError(f"{ckpt.directory}: the checkpoint was trained on a different corpus "
                           f"or tokenisation; use a new workdir or the original data")
   else:
-    params = init_params(mesh, rules)
-    state = jax.jit(lambda p: state_lib.create_state(p, tx), out_shardings=state_sh)(params)
+    params = init_params(s.mesh, s.rules)
+    state = jax.jit(lambda p: state_lib.create_state(p, s.tx), out_shardings=s.state_sh)(params)
   start = int(jax.device_get(state.step))
-  batches = train_ds.batches(batch_size, start_step=start, prefetch=train_ds.prefetch)
+  batches = train_ds.batches(s.batch_size, start_step=start, prefetch=train_ds.prefetch)
   if restored_data is not None:
     try:  # the data position saved with the state; refuses a changed batch size / seed / order
       batches.set_state({**restored_data, "step": start})
     except ValueError as e:
       raise TrainingError(f"{ckpt.directory}: {e}") from None
+  return state, batches, start
 
-  loss_chunk = int(tc.loss_chunk)
-  if callable(loss_options):  # built on this mesh (e.g. an online teacher's sharded params)
-    loss_options = loss_options(mesh, rules)
-  train_fn = step_lib.jit_train_step(model_cfg, tx, state_sh, batch_sh, num_micro, schedule, mesh,
-                                     loss_chunk, rules=rules, **(loss_options or {}))
-  eval_fn = step_lib.jit_eval_step(model_cfg, state_sh.params, batch_sh, loss_chunk)
-  writer = metrics.MetricWriter(workdir / "tensorboard")
-  flops_per_token = model_cfg.flops_per_token(train_ds.seq_len)
-  peak = metrics.peak_tflops_per_device(float(tc.peak_tflops))
-  if peak is None:
-    log.info("MFU not reported: no peak FLOP/s known for device kind %r (set train.peak_tflops)",
-             jax.devices()[0].device_kind)
-  fingerprint = train_ds.stats.get("cache_key")
 
-  def data_state() -> dict:
-    return {**batches.get_state(), "fingerprint": fingerprint}
+def compile_steps(config, model_cfg: models.ModelConfig, s: Setup, loss_options) -> tuple:
+  """(train_fn, eval_fn), jitted for this mesh. `loss_options` may be `(mesh, rules) -> them`
+  (built on this mesh, e.g. an online teacher's sharded params)."""
+  loss_chunk = int(config.train.loss_chunk)
+  if callable(loss_options):
+    loss_options = loss_options(s.mesh, s.rules)
+  train_fn = step_lib.jit_train_step(model_cfg, s.tx, s.state_sh, s.batch_sh, s.num_micro,
+                                     s.schedule, s.mesh, loss_chunk, rules=s.rules,
+                                     **(loss_options or {}))
+  return train_fn, step_lib.jit_eval_step(model_cfg, s.state_sh.params, s.batch_sh, loss_chunk)
 
-  # ---- Loop ----------------------------------------------------------------------------------
-  ckpt.install_sigterm_handler()  # one process: Python handler; several: JAX preemption sync
-  train_losses, val_losses = [], []
-  pending = None  # (step, metrics, tokens) of the previous step, read after the next dispatch
-  throughput = metrics.Throughput()  # runs during training steps only (no compile/eval/save)
-  preempted = False
-  bar = tqdm(total=int(tc.steps), initial=start, desc=f"train {config.job}",
-             disable=jax.process_index() != 0, dynamic_ncols=True)
 
-  def evaluate(step: int, hooks: tuple[EvalHook, ...] = ()) -> None:
-    loss = held_out_loss(eval_fn, state.params, val_ds, batch_size, int(tc.eval_batches),
-                         batch_sh)
-    val_losses.append((step, loss))
+# --------------------------------------------------------------------------- step, log, eval
+
+
+class _Run:
+  """The loop's mutable side: the state, its metrics, and the step whose results are read one
+  step late (after the next step is dispatched, so the host never waits on the device)."""
+
+  def __init__(self, config, s: Setup, state, fns: tuple, ckpt: checkpoint.Checkpointer,
+               val_ds, eval_hooks: tuple[EvalHook, ...], flops: tuple[float, float]):
+    self.tc, self.s, self.state, (self.train_fn, self.eval_fn) = config.train, s, state, fns
+    self.ckpt, self.val_ds, self.eval_hooks = ckpt, val_ds, eval_hooks
+    self.flops_per_token, self.teacher_flops_per_token = flops
+    self.writer = metrics.MetricWriter(Path(config.workdir) / "tensorboard")
+    self.train_losses: list[tuple[int, float]] = []
+    self.val_losses: list[tuple[int, float]] = []
+    self.pending = None  # (step, metrics, tokens) of the previous step
+    self.throughput = metrics.Throughput()  # training steps only (no compile/eval/save)
+    self.peak = metrics.peak_tflops_per_device(float(self.tc.peak_tflops))
+    if self.peak is None:
+      log.info("MFU not reported: no peak FLOP/s known for device kind %r (set "
+               "train.peak_tflops)", jax.devices()[0].device_kind)
+    self.bar = tqdm(total=int(self.tc.steps), initial=int(jax.device_get(state.step)),
+                    desc=f"train {config.job}", disable=jax.process_index() != 0,
+                    dynamic_ncols=True)
+
+  def evaluate(self, step: int) -> None:
+    """Held-out loss and the eval hooks' scalars, logged under eval/."""
+    loss = held_out_loss(self.eval_fn, self.state.params, self.val_ds, self.s.batch_size,
+                         int(self.tc.eval_batches), self.s.batch_sh)
+    self.val_losses.append((step, loss))
     scalars = {"loss": loss}
-    for hook in hooks:
-      scalars.update(hook(step, state.params))
-    writer.write(step, scalars, prefix="eval/")
+    for hook in self.eval_hooks:
+      scalars.update(hook(step, self.state.params))
+    self.writer.write(step, scalars, prefix="eval/")
 
-  def finish_step(step: int, m: dict, tokens: int) -> None:
-    m = jax.device_get(m)  # blocks until the step has run: the throughput clock sees real time
+  def finish_pending(self) -> None:
+    """Reads the previous step's metrics (blocking: the throughput clock sees real time);
+    a non-finite loss stops training."""
+    if self.pending is None:
+      return
+    (step, m, tokens), self.pending = self.pending, None
+    m = jax.device_get(m)
     if int(m["nonfinite"]):
       raise TrainingError(
           f"non-finite loss/gradient at step {step} (loss={float(m['loss'])}); the update was "
-          f"skipped and training stopped. Last good checkpoint: step {ckpt.latest_step()} in "
-          f"{ckpt.directory}. Lower train.learning_rate or check the data.")
-    train_losses.append((step, float(m["loss"])))
-    bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-    if throughput.running:
-      throughput.add(tokens)
-    if log_every and (step % log_every == 0 or step == int(tc.steps)):
-      scalars = {"loss": m["loss"], "learning_rate": m["learning_rate"],
-                 "grad_norm": m["grad_norm"]}
-      scalars.update({k: m[k] for k in DISTILL_METRICS if k in m})
-      tok_s, n = throughput.read(), jax.device_count()
-      if tok_s is not None:  # None: no step timed yet (the first one compiles)
-        scalars.update(tokens_per_s=tok_s, tokens_per_s_per_device=tok_s / n,
-                       tflops_per_device=tok_s * flops_per_token / n / 1e12,
-                       mfu=metrics.mfu(tok_s, flops_per_token, n, peak))
-        if teacher_flops_per_token:
-          scalars.update(teacher_tflops_per_device=tok_s * teacher_flops_per_token / n / 1e12,
-                         teacher_mfu=metrics.mfu(tok_s, teacher_flops_per_token, n, peak))
-      writer.write(step, scalars, prefix="train/")
+          f"skipped and training stopped. Last good checkpoint: step "
+          f"{self.ckpt.latest_step()} in {self.ckpt.directory}. Lower train.learning_rate or "
+          f"check the data.")
+    self.train_losses.append((step, float(m["loss"])))
+    self.bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+    if self.throughput.running:
+      self.throughput.add(tokens)
+    if self.s.log_every and (step % self.s.log_every == 0 or step == int(self.tc.steps)):
+      self.writer.write(step, self.train_scalars(m), prefix="train/")
 
-  step = start
-  try:
-    if val_ds is not None and tc.eval_every and start == 0:  # the baseline the curve falls from
-      evaluate(0, eval_hooks)
+  def train_scalars(self, m: dict) -> dict:
+    """Loss, learning rate, grad norm, distillation terms; tokens/s, TFLOP/s and MFU once a
+    step has been timed (the first one compiles)."""
+    scalars = {"loss": m["loss"], "learning_rate": m["learning_rate"],
+               "grad_norm": m["grad_norm"]}
+    scalars.update({k: m[k] for k in DISTILL_METRICS if k in m})
+    tok_s, n = self.throughput.read(), jax.device_count()
+    if tok_s is not None:
+      fpt, tfpt, peak = self.flops_per_token, self.teacher_flops_per_token, self.peak
+      scalars.update(tokens_per_s=tok_s, tokens_per_s_per_device=tok_s / n,
+                     tflops_per_device=tok_s * fpt / n / 1e12,
+                     mfu=metrics.mfu(tok_s, fpt, n, peak))
+      if tfpt:
+        scalars.update(teacher_tflops_per_device=tok_s * tfpt / n / 1e12,
+                       teacher_mfu=metrics.mfu(tok_s, tfpt, n, peak))
+    return scalars
+
+  def step(self, step: int, local: dict) -> int:
+    """Dispatches one train step, then reads the previous one; the first step (which compiled)
+    is read at once, untimed, and starts the throughput clock."""
+    tokens = int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
+    self.state, m = self.train_fn(self.state, _global_batch(local, self.s.batch_sh))
+    self.finish_pending()
+    self.pending = (step + 1, m, tokens)
+    self.bar.update(1)
+    return step + 1
+
+  def paused(self, fn: Callable[[], Any]) -> Any:
+    """Runs `fn` (eval, checkpoint) after reading the pending step, off the throughput clock."""
+    self.finish_pending()  # never evaluate or checkpoint a state not checked for NaN
+    self.throughput.pause()
+    out = fn()
+    self.throughput.resume()
+    return out
+
+  def loop(self, start: int, batches, data_state: Callable[[], dict]) -> tuple[int, bool]:
+    """Steps from `start` to train.steps: (last step, preempted)."""
+    tc, has_val = self.tc, self.val_ds is not None and bool(self.tc.eval_every)
+    if has_val and start == 0:  # the baseline the curve falls from
+      self.evaluate(0)
+    step, preempted = start, False
     while step < int(tc.steps):
-      local = next(batches)
-      tokens = int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
-      state, m = train_fn(state, _global_batch(local, batch_sh))
-      if pending is not None:
-        finish_step(*pending)
-      step += 1
-      pending = (step, m, tokens)
-      bar.update(1)
-      if step == start + 1:  # this call compiled the step: finish it untimed, then start the clock
-        finish_step(*pending)
-        pending = None
-        throughput.resume()
+      step = self.step(step, next(batches))
+      if step == start + 1:
+        self.finish_pending()
+        self.throughput.resume()
+      if has_val and step % int(tc.eval_every) == 0:
+        self.paused(lambda: self.evaluate(step))
+      preempted = self.ckpt.preempted(step)  # every step on every host (multi-host: agreed)
+      if preempted:
+        self.finish_pending()
+        self.ckpt.save(step, self.state, data_state(), force=True)
+        log.warning("preemption signal: saved step %d, exiting", step)
+        break
+      if step % self.ckpt.every == 0:
+        self.paused(lambda: self.ckpt.save(step, self.state, data_state(), force=True))
+    self.finish_pending()
+    if self.val_ds is not None and not preempted and (not self.val_losses
+                                                      or self.val_losses[-1][0] != step):
+      self.evaluate(step)
+    self.ckpt.save(step, self.state, data_state(), force=True)
+    return step, preempted
 
-      if val_ds is not None and tc.eval_every and step % int(tc.eval_every) == 0:
-        if pending is not None:
-          finish_step(*pending)
-          pending = None
-        throughput.pause()
-        evaluate(step, eval_hooks)
-        throughput.resume()
-      preempted = ckpt.preempted(step)  # every step on every host (multi-host: agreed step)
-      if step % ckpt.every == 0 or preempted:
-        if pending is not None:
-          finish_step(*pending)  # never checkpoint a state we have not checked for NaN
-          pending = None
-        throughput.pause()
-        ckpt.save(step, state, data_state(), force=True)
-        if preempted:
-          log.warning("preemption signal: saved step %d, exiting", step)
-          break
-        throughput.resume()
-    if pending is not None:
-      finish_step(*pending)
-    if val_ds is not None and not preempted and (not val_losses or val_losses[-1][0] != step):
-      evaluate(step, eval_hooks)
-    ckpt.save(step, state, data_state(), force=True)
+  def close(self) -> None:
+    self.bar.close()
+    self.ckpt.close()
+    self.writer.close()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any], Any],
+          train_ds, val_ds=None, *, tokenizer=None, eval_hooks: tuple[EvalHook, ...] = (),
+          loss_options: dict | Callable[[Any, Any], dict] | None = None,
+          teacher_flops_per_token: float = 0.0) -> Result:
+  """Runs (or resumes) training in `config.workdir`.
+
+  `init_params(mesh, rules)` returns sharded fp32 params for a fresh run (HF import or random).
+  `eval_hooks` run with the held-out loss: at step 0 (the baseline), every `train.eval_every`
+  steps and at the end. `loss_options`: extra `step.jit_train_step` arguments (distill,
+  teacher), or `(mesh, rules) -> them`. `teacher_flops_per_token`: forward FLOPs
+  per token of an online teacher, logged apart from the student's training FLOPs
+  (`teacher_tflops_per_device`, `teacher_mfu`).
+  `train_ds` / `val_ds` are `sentijax.data.dataset.PackedDataset`s.
+  """
+  workdir = Path(config.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  s = setup(config, model_cfg)
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=config.checkpoint.every,
+                                 keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+  state, batches, start = restore(s, ckpt, init_params, train_ds)
+  fns = compile_steps(config, model_cfg, s, loss_options)
+  fingerprint = train_ds.stats.get("cache_key")
+  run = _Run(config, s, state, fns, ckpt, val_ds, eval_hooks,
+             (model_cfg.flops_per_token(train_ds.seq_len), teacher_flops_per_token))
+  ckpt.install_sigterm_handler()  # one process: Python handler; several: JAX preemption sync
+  try:
+    step, preempted = run.loop(start, batches,
+                               lambda: {**batches.get_state(), "fingerprint": fingerprint})
   finally:
-    bar.close()
-    ckpt.close()
-    writer.close()
-
+    run.close()
   if config.export_hf and not preempted:
-    out = models.save_hf(model_cfg, state.params, workdir / "hf", tokenizer=tokenizer)
+    out = models.save_hf(model_cfg, run.state.params, workdir / "hf", tokenizer=tokenizer)
     log.info("exported HF checkpoint to %s", out)
-  return Result(step, state.params, train_losses, val_losses, preempted)
+  return Result(step, run.state.params, run.train_losses, run.val_losses, preempted)
