@@ -565,23 +565,6 @@ def _handler(server: Server):
   return Handler
 
 
-def load_teacher(config) -> LocalTeacher:
-  """A LocalTeacher from `config.model` (HF dir in model.init, else the preset + tokenizer)."""
-  from sentijax import sharding  # pylint: disable=import-outside-toplevel
-  from sentijax.train import student  # pylint: disable=import-outside-toplevel
-  from sentijax.data import records  # pylint: disable=import-outside-toplevel
-  cfg = student.model_config(config)
-  demo = records.demo_corpus_path().read_text(encoding="utf-8").splitlines()
-  tok = student.tokenizer(config, cfg, lambda: [
-      t for line in demo for t in (json.loads(line)["prompt"], json.loads(line)["response"])])
-  mesh = sharding.make_mesh(config.mesh, model_cfg=cfg)  # fsdp=0: sharded when big
-  rules = sharding.rules_from_config(config.sharding_rules)
-  params = student.param_initializer(config, cfg)(mesh, rules)
-  return LocalTeacher(cfg, params, tok, batch_size=int(config.teacher.batch_size), mesh=mesh,
-                      rules=rules, chat_template=bool(config.teacher.chat_template),
-                      name=config.model.init or f"preset:{config.model.preset}")
-
-
 def serve_until_signal(server: Server, drain_timeout_s: float) -> bool:
   """Serves until SIGTERM / SIGINT, then drains (503 for new requests) and closes; True when
   every request in flight finished."""
@@ -604,7 +587,7 @@ def run(config) -> None:
   """`config.job = "serve"`: serves `config.model` until SIGTERM / Ctrl-C."""
   spec = ServeSpec.from_config(config.serve)
   api_key = spec.api_key()
-  teacher = load_teacher(config)
+  teacher = LocalTeacher.from_config(config)
   server = Server(teacher, spec.model_name or teacher.name, spec.host, spec.port,
                   spec.max_batch or int(config.teacher.batch_size), spec.max_wait_ms,
                   limits=spec.limits, api_key=api_key)

@@ -13,6 +13,8 @@ RULES = (
     ("models", ("sentijax.train", "sentijax.eval", "sentijax.teacher", "sentijax.serve")),
     ("eval", ("sentijax.train", "sentijax.teacher", "sentijax.serve")),
     ("teacher", ("sentijax.train", "sentijax.serve")),
+    ("serve.py", ("sentijax.train",)),
+    ("serve_engine.py", ("sentijax.train",)),
     ("sharding.py", ("sentijax.models", "sentijax.train", "sentijax.eval")),
 )
 

@@ -100,7 +100,7 @@ def test_classification_matches_transformers(setup, sentibench_dir, name):
 
 def test_results_schema(setup):
   r = setup["results"]
-  assert set(r) == {"datasets", "average", "aggregation"}
+  assert set(r) == {"datasets", "average", "aggregation", "settings"}
   assert list(r["datasets"]) == list(DATASETS)
   for name, entry in r["datasets"].items():
     assert set(entry) == {"seeds", "mean"} and list(entry["seeds"]) == ["42"]
