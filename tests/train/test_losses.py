@@ -302,7 +302,8 @@ def test_listed_gradient_matches_finite_differences_and_reaches_every_token():
       grad = np.asarray(jax.grad(f)(x))
       steps = np.eye(x.size).reshape(x.size, *x.shape) * 1e-6  # every coordinate at once
       num = np.asarray((jax.vmap(f)(x + steps) - jax.vmap(f)(x - steps)) / 2e-6).reshape(x.shape)
-      # Central differences in float64: error ~eps^2 f''' + 1e-16 |f| / eps ~ 1e-10.
+      # Central differences in float64: error ~eps^2 f''' + 1e-16 |f| / eps ~ 1e-10, two
+      # orders inside the bound; both sides are float64 (CPU-to-CPU differences ~1e-16 of |f|).
       np.testing.assert_allclose(grad, num, atol=1e-8)
       listed = np.zeros(x.shape, bool)
       np.put_along_axis(listed, ids, probs > 0, axis=-1)
