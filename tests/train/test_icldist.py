@@ -3,10 +3,8 @@ import importlib.util
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -18,6 +16,7 @@ from sentijax import models
 from sentijax.data import icl, icl_recipe, packing, records, tasks
 from sentijax.eval import compare
 from sentijax.train import icldist, losses, step
+from kill_resume import kill_then_resume
 from tolerances import assert_trees_close
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,11 +208,6 @@ def _main(workdir):
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _steps(workdir):
-  d = Path(workdir) / "checkpoints"
-  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
-
-
 def test_main_killed_mid_run_resumes_to_identical_params(tmp_path):
   ref = _main(tmp_path / "ref")
   out, _ = ref.communicate(timeout=900)
@@ -221,20 +215,8 @@ def test_main_killed_mid_run_resumes_to_identical_params(tmp_path):
   assert f"ICLDist done at step {STEPS}" in out
 
   work = tmp_path / "killed"
-  proc = _main(work)
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    if _steps(work) and _steps(work)[-1] >= 10:
-      proc.send_signal(signal.SIGKILL)
-      break
-    time.sleep(0.02)
-  out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == -signal.SIGKILL, out[-3000:]
-  killed_at = _steps(work)[-1]
-  assert 10 <= killed_at < STEPS
-  final = _main(work)
-  out, _ = final.communicate(timeout=900)
-  assert final.returncode == 0, out[-3000:]
+  killed_at, out = kill_then_resume(_main, work, at_least=10, steps=STEPS, timeout=600,
+                                     final_timeout=900)
   assert f"resumed from {work / 'checkpoints'} at step {killed_at}" in out
   want = safetensors.numpy.load_file(str(tmp_path / "ref" / "hf" / "model.safetensors"))
   got = safetensors.numpy.load_file(str(work / "hf" / "model.safetensors"))

@@ -3,10 +3,8 @@ training against CE on teacher text on a teacher with a known distribution, roll
 over 8 devices = 1 device, the kd job killed mid-run resumes to the uninterrupted run's params."""
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -19,6 +17,7 @@ import safetensors.numpy
 from sentijax import config as config_lib
 from sentijax import models, sharding
 from sentijax.train import kd, losses, onpolicy, state as state_lib, step
+from kill_resume import kill_then_resume
 from tolerances import assert_close, assert_trees_close
 
 REPO = Path(__file__).resolve().parents[2]
@@ -344,11 +343,6 @@ def _main(workdir):
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _steps(workdir):
-  d = Path(workdir) / "checkpoints"
-  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
-
-
 def test_main_killed_mid_run_resumes_to_identical_params(tmp_path):
   ref = _main(tmp_path / "ref")
   out, _ = ref.communicate(timeout=600)
@@ -356,20 +350,8 @@ def test_main_killed_mid_run_resumes_to_identical_params(tmp_path):
   assert f"KD done at step {STEPS}" in out and "train/rollout_tokens_per_s" in out
 
   work = tmp_path / "killed"
-  proc = _main(work)
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if _steps(work) and _steps(work)[-1] >= 4:
-      proc.send_signal(signal.SIGKILL)
-      break
-    time.sleep(0.02)
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == -signal.SIGKILL, out[-3000:]
-  killed_at = _steps(work)[-1]
-  assert 4 <= killed_at < STEPS
-  final = _main(work)
-  out, _ = final.communicate(timeout=600)
-  assert final.returncode == 0, out[-3000:]
+  killed_at, out = kill_then_resume(_main, work, at_least=4, steps=STEPS, timeout=300,
+                                     final_timeout=600)
   assert f"resumed from {work / 'checkpoints'} at step {killed_at}" in out
   want = safetensors.numpy.load_file(str(tmp_path / "ref" / "hf" / "model.safetensors"))
   got = safetensors.numpy.load_file(str(work / "hf" / "model.safetensors"))
