@@ -41,13 +41,13 @@ def get_config():
   c.eval.datasets = "sc/sst2,multifaced/irony18"
   c.stage = ml_collections.ConfigDict()
   c.stage.knowdist = ml_collections.ConfigDict({
-      "data": _section(seq_len=256, truncation="left_prompt"),
+      "data": _section(seq_len=256, truncation="left_prompt", chat_template=False),
       "train": _section(steps=200, learning_rate=3e-3, warmup_steps=20, eval_every=100,
                         eval_batches=2, log_every=20),
       "checkpoint": _section(every=100),
   })
   c.stage.icldist = ml_collections.ConfigDict({
-      "data": _section(seq_len=256, truncation="drop"),
+      "data": _section(seq_len=256, truncation="drop", chat_template=False),
       "icl": _section(num_prompts=1200, shots="0-8"),
       "train": _section(steps=150, learning_rate=1e-3, warmup_steps=10, eval_every=75,
                         eval_batches=2, log_every=25),

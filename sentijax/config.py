@@ -108,6 +108,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval.datasets = "all"  # comma list like "sc/sst2,absa/opener" or "all"
   c.eval.seeds = "42,52,62"
   c.eval.max_examples = 0  # 0 = all test items
+  c.eval.max_examples_extraction = -1  # the 4 extraction datasets; -1 = eval.max_examples
   c.eval.batch_size = 16
   c.eval.max_new_tokens = 150
   c.eval.during_training = ""  # datasets scored every train.eval_every steps ("" = none)

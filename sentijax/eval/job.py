@@ -97,7 +97,9 @@ def run(config: Any) -> dict:
   workdir = str(config.workdir)
   t0 = time.time()
   results = scorer.score(cfg, params, tokenizer, ev.data_dir, templates, datasets, seeds,
-                         max_examples=int(ev.max_examples), batch_size=int(ev.batch_size),
+                         max_examples=scorer.example_limits(int(ev.max_examples),
+                                                              int(ev.max_examples_extraction)),
+                         batch_size=int(ev.batch_size),
                          mesh=mesh, predictions_dir=os.path.join(workdir, "predictions"),
                          progress=True, max_new_tokens=int(ev.max_new_tokens),
                          rules=config.sharding_rules, generation=generation,

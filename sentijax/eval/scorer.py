@@ -321,9 +321,20 @@ def score_run(cfg: models.ModelConfig, params: PyTree, tokenizer, task: sentiben
   return metrics.score_dataset(task.name, golds, preds, **kw), rows
 
 
+def example_limits(max_examples: int, max_extraction: int = -1) -> dict[str, int]:
+  """{task kind: first N test items scored (0 = all)} from `eval.max_examples` and
+  `eval.max_examples_extraction` (-1 = the same as `max_examples`)."""
+  if max_examples < 0 or max_extraction < -1:
+    raise ValueError(f"eval.max_examples={max_examples} must be >= 0 (0 = all items) and "
+                     f"eval.max_examples_extraction={max_extraction} >= -1 (-1 = the same)")
+  return {"classification": max_examples,
+          "extraction": max_examples if max_extraction == -1 else max_extraction}
+
+
 def score(model_cfg: models.ModelConfig, params: PyTree, tokenizer, data_dir: str | os.PathLike,
           templates: dict | str | None, datasets: str | Sequence[str],
-          seeds: str | int | Sequence[int], max_examples: int = 0, batch_size: int = 16,
+          seeds: str | int | Sequence[int], max_examples: int | dict[str, int] = 0,
+          batch_size: int = 16,
           mesh: Mesh | None = None, predictions_dir: str | os.PathLike | None = None,
           progress: bool = True, max_new_tokens: int = 150, rules=None,
           generation: gen_lib.GenerationSettings | None = None,
@@ -336,7 +347,8 @@ def score(model_cfg: models.ModelConfig, params: PyTree, tokenizer, data_dir: st
   {"datasets": {"sc/sst2": {"seeds": {"42": 91.3}, "mean": 91.3}, ...}, "average": 91.3,
    "aggregation": "mean"}; see `report.aggregate` for "mean" / "official". With
   `predictions_dir`, writes `<dataset with / -> _>_<seed>.jsonl` (one {"index", "gold",
-  "prediction", "scores"} per item). `generation`: the model's generation config
+  "prediction", "scores"} per item). `max_examples`: the first N test items (0 = all), one
+  number or {task kind: N} (`example_limits`). `generation`: the model's generation config
   (`generation.load`); `decode_cleanup`: auto | on | off (`decoding.cleanup_enabled`) or a bool.
   `compile_cost`: tokens of compute one compilation is worth (`buckets`; < 0 = estimate);
   datasets and seeds reuse each other's batch shapes when that is cheaper; pass the same
@@ -362,9 +374,10 @@ def score(model_cfg: models.ModelConfig, params: PyTree, tokenizer, data_dir: st
     compiled = {}
   for name in names:
     task = sentibench.load_task(data_dir, name)
+    limit = max_examples[task.kind] if isinstance(max_examples, dict) else max_examples
     per_seed = {}
     for seed in seed_list:
-      value, rows = score_run(model_cfg, params, tokenizer, task, templates, seed, max_examples,
+      value, rows = score_run(model_cfg, params, tokenizer, task, templates, seed, limit,
                               batch_size, mesh, max_new_tokens, progress, stops, rules=rules,
                               generation=generation, cleanup=cleanup,
                               compile_cost=compile_cost, compiled=compiled,

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DATASETS = ("sc/sst2", "absa/opener")
 N = 8
+N_EXTRACTION = 5  # eval.max_examples_extraction: its own item count for extraction datasets
 
 
 def get_config():
@@ -40,6 +41,7 @@ def test_job_end_to_end(model_dir, sentibench_dir, tmp_path, capsys):
   config.eval.datasets = ",".join(DATASETS)
   config.eval.seeds = "42"
   config.eval.max_examples = N
+  config.eval.max_examples_extraction = N_EXTRACTION
   config.eval.max_new_tokens = 20
   config.workdir = str(tmp_path / "out")
   config.eval.compilation_cache = str(tmp_path / "xla")
@@ -71,7 +73,7 @@ def test_job_end_to_end(model_dir, sentibench_dir, tmp_path, capsys):
 
   ext_path = out / "predictions" / "absa_opener_42.jsonl"
   ext = [json.loads(l) for l in ext_path.read_text().splitlines()]
-  assert [r["index"] for r in ext] == list(range(N))
+  assert [r["index"] for r in ext] == list(range(N_EXTRACTION))
   for r in ext:
     assert set(r) == {"index", "gold", "prediction", "scores"} and r["scores"] == []
     assert r["gold"] and all(isinstance(t, list) and len(t) == 4 for t in r["gold"])

@@ -205,3 +205,11 @@ def test_parse_config_values(sentibench_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="sc/sst2"):
     scorer.check_data(tmp_path, ["sc/sst2"])
   scorer.check_data(sentibench_dir, list(sentibench.DATASETS))
+
+
+def test_example_limits_per_task_kind():
+  assert scorer.example_limits(100, 50) == {"classification": 100, "extraction": 50}
+  assert scorer.example_limits(100) == {"classification": 100, "extraction": 100}
+  assert scorer.example_limits(0, 0) == {"classification": 0, "extraction": 0}
+  with pytest.raises(ValueError, match="eval.max_examples_extraction"):
+    scorer.example_limits(100, -2)
