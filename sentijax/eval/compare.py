@@ -9,6 +9,9 @@ A run is a results file (the scorer's schema) plus, when found, its predictions:
   * one results file: `results.json` (predictions in `predictions/` beside it) or `step_N.json`
     (predictions in `predictions/step_N/` beside it, when that exists).
 Prediction files are `<dataset with / -> _>_<seed>.jsonl` ({"index", "gold", "prediction"}).
+A row without "gold" takes it from the SentiBench test split in `--data-dir`: `--publish DIR`
+writes such gold-free copies of the runs (results + predictions), small enough to commit
+without redistributing the benchmark's labels, and the comparison rebuilt from them is the same.
 
 Each dataset is compared on the test items and seeds every run scored (intersection, with a
 note). Scores are recomputed from the predictions with the scorer's metric functions
@@ -139,7 +142,7 @@ def read_predictions(path: str) -> dict[int, dict]:
         row = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{line_no}: not JSON ({e})") from None
-      missing = [k for k in ("index", "gold", "prediction") if k not in row]
+      missing = [k for k in ("index", "prediction") if k not in row]
       if missing:
         raise ValueError(f"{path}:{line_no}: row lacks {missing}")
       if row["index"] in rows:
@@ -234,6 +237,20 @@ class _Items:
       self._tests[name] = sentibench.load_split(self.data_dir, name, "test")
     return self._tests[name]
 
+  def fill_gold(self, name: str, row: dict, where: str) -> None:
+    """A gold-free row (`publish`) gets its gold from the test split, as JSON would hold it."""
+    if "gold" in row:
+      return
+    try:
+      test = self._test(name, where)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{e}: its rows carry no gold labels") from None
+    i = int(row["index"])
+    if not 0 <= i < len(test):
+      raise ValueError(f"{where}: item {i} is outside {name}'s {len(test)} test items in "
+                       f"{self.data_dir}; pass the --data-dir it was scored on")
+    row["gold"] = json.loads(json.dumps(test[i].gold))
+
   def gold(self, name: str, metric: str, row: dict, where: str) -> Any:
     if metric == "macro_f1":
       return str(row["gold"]).lower()
@@ -282,6 +299,8 @@ def _load_items(run: Run, name: str, seed: str, metric: str, items: _Items
   if not os.path.isfile(path):
     return None
   rows = read_predictions(path)
+  for r in rows.values():
+    items.fill_gold(name, r, path)
   out = {i: (r["gold"], items.gold(name, metric, r, path), items.pred(name, metric, r, path))
          for i, r in rows.items()}
   _check_reproduces(run, name, seed, metric, [v[1] for v in out.values()],
@@ -568,6 +587,26 @@ def write(result: Mapping[str, Any], out_dir: str | os.PathLike) -> tuple[str, s
   return md_path, json_path, plot(result, os.path.join(out_dir, "compare.png"))
 
 
+def publish(runs: Sequence[Run], dest: str | os.PathLike) -> list[str]:
+  """Writes `<dest>/<label>/results.json` and `predictions/` of each run without gold labels
+  (compare reads them back with `--data-dir`); returns the run dirs written."""
+  out = []
+  for run in runs:
+    run_dir = os.path.join(os.fspath(dest), re.sub(r"[^A-Za-z0-9._+-]+", "_", run.label))
+    atomic.write_json(os.path.join(run_dir, "results.json"), run.results)
+    for name, entry in run.results["datasets"].items():
+      for seed in entry["seeds"]:
+        src = (scorer.predictions_path(run.predictions_dir, name, int(seed))
+               if run.predictions_dir else "")
+        if os.path.isfile(src):
+          rows = [{k: v for k, v in r.items() if k != "gold"}
+                  for _, r in sorted(read_predictions(src).items())]
+          scorer.write_jsonl(scorer.predictions_path(os.path.join(run_dir, "predictions"), name,
+                                                     int(seed)), rows)
+    out.append(run_dir)
+  return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """`python -m sentijax.compare RUN [RUN ...] [--out DIR] [--baseline 0]`."""
   import argparse  # pylint: disable=import-outside-toplevel
@@ -585,7 +624,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help=f"bootstrap resamples (>= {MIN_RESAMPLES})")
   p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
   p.add_argument("--data-dir", default=config_lib.base().eval.data_dir,
-                 help="SentiBench data (absa/opener predictions need its test sentences)")
+                 help="SentiBench data (absa/opener predictions need its test sentences, "
+                 "gold-free predictions its labels)")
+  p.add_argument("--publish", default="", metavar="DIR",
+                 help="also write each run's results and predictions WITHOUT gold labels to "
+                 "DIR/<label>/ (to commit; compare them later with --data-dir)")
   args = p.parse_args(argv)
   if args.resamples < MIN_RESAMPLES:
     p.error(f"--resamples must be >= {MIN_RESAMPLES}, got {args.resamples}")
@@ -595,6 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     runs = [load_run(path, label) for path, label in zip(args.runs, labels)]
     result = compare(runs, args.baseline, args.resamples, args.seed, args.data_dir)
+    if args.publish:
+      print("published (no gold labels): " + ", ".join(publish(runs, args.publish)))
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

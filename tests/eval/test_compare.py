@@ -320,3 +320,34 @@ def test_malformed_inputs_name_the_file(tmp_path):
                                              '{"index": 0, "gold": "a"}\n', encoding="utf-8")
   with pytest.raises(ValueError, match=r"p\.jsonl:2: row lacks \['prediction'\]"):
     compare.read_predictions(str(tmp_path / "rows" / "p.jsonl"))
+
+
+def test_published_runs_carry_no_gold_and_compare_the_same(tests, tmp_path, sentibench_dir,
+                                                            capsys):
+  rng = random.Random(8)
+  for label, acc in (("base", 0.5), ("kd", 0.7)):
+    spec = {SST2: {42: make_rows(SST2, tests[SST2][:30], draw(30, acc, rng))},
+            ATSA: {42: make_rows(ATSA, tests[ATSA][:20], draw(20, acc, rng))},
+            OPENER: {42: make_rows(OPENER, tests[OPENER][:10], draw(10, acc, rng))}}
+    write_run(tmp_path / label, spec, tests)
+  runs = [str(tmp_path / "base"), str(tmp_path / "kd")]
+  pub = tmp_path / "pub"
+  assert compare.main(runs + ["--out", str(tmp_path / "c1"), "--data-dir", str(sentibench_dir),
+                              "--publish", str(pub)]) == 0
+  files = sorted(p.relative_to(pub).as_posix() for p in pub.rglob("*") if p.is_file())
+  assert files == [f"{run}/{f}" for run in ("base", "kd") for f in (
+      "predictions/absa_atsa_rest16_42.jsonl", "predictions/absa_opener_42.jsonl",
+      "predictions/sc_sst2_42.jsonl", "results.json")]
+  for path in pub.rglob("*.jsonl"):
+    rows = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()]
+    assert rows and all("gold" not in r and "prediction" in r for r in rows), path
+  published = [str(pub / "base"), str(pub / "kd")]
+  assert compare.main(published + ["--out", str(tmp_path / "c2"), "--data-dir",
+                                   str(sentibench_dir)]) == 0
+  one, two = (json.loads((tmp_path / d / "compare.json").read_text()) for d in ("c1", "c2"))
+  assert one["rows"] == two["rows"]
+  capsys.readouterr()
+  assert compare.main(published + ["--out", str(tmp_path / "c3"), "--data-dir",
+                                   str(tmp_path / "nowhere")]) == 2
+  err = capsys.readouterr().err
+  assert "pass --data-dir" in err and "no gold labels" in err
