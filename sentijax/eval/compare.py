@@ -436,6 +436,12 @@ def _bootstrap(runs: Sequence[Run], base: int, datasets: Mapping[str, _Dataset |
   return out_RxNxK
 
 
+def _trained_on(run: Run) -> list[str]:
+  """SentiBench datasets whose train split the run's model was trained on (the sentibench job's
+  `training` record of an ICLDist export); their test items were still never seen."""
+  return list((run.results.get("training") or {}).get("trained_on", []))
+
+
 def compare(runs: Sequence[Run], baseline: int = 0, resamples: int = MIN_RESAMPLES,
             seed: int = 0, data_dir: str | os.PathLike | None = None) -> dict:
   """The comparison of `runs` against `runs[baseline]` (the compare.json content).
@@ -470,7 +476,8 @@ def compare(runs: Sequence[Run], baseline: int = 0, resamples: int = MIN_RESAMPL
                              and has_ci else None),
                items=sum(len(d.indices) for d in members) if has_ci else None,
                seeds=sorted({s for n in spec["datasets"] for s in seeds[n]}, key=int),
-               scores={r.label: float(values_NxK[i, k]) for i, r in enumerate(runs)}, deltas={})
+               scores={r.label: float(values_NxK[i, k]) for i, r in enumerate(runs)}, deltas={},
+               trained_on=[r.label for r in runs if spec["name"] in _trained_on(r)])
     for i, run in enumerate(runs):
       if i != baseline:
         row["deltas"][run.label] = {
@@ -512,9 +519,14 @@ def markdown(result: Mapping[str, Any]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (
       len(header) - 3)) + "|"]
   for row in result["rows"]:
-    cells = [f"{row['scores'][base]:.2f}"]
+    seen = row.get("trained_on", [])
+
+    def score(lab: str) -> str:
+      return f"{row['scores'][lab]:.2f}" + (" ‡" if lab in seen else "")
+
+    cells = [score(base)]
     for lab in others:
-      cells += [f"{row['scores'][lab]:.2f}", _delta_cell(row["deltas"][lab])]
+      cells += [score(lab), _delta_cell(row["deltas"][lab])]
     if row["kind"] == "dataset":
       head = [row["category"], row["name"], _items_cell(row)]
     elif row["kind"] == "category":
@@ -528,6 +540,10 @@ def markdown(result: Mapping[str, Any]) -> str:
            f"and seed scored on the same resampled items; category means and the Average "
            f"resample all their datasets), {b['resamples']} resamples, seed {b['seed']}; "
            "† = the CI excludes 0."] + list(result["notes"])
+  if any(row.get("trained_on") for row in result["rows"]):
+    notes.insert(1, "‡ = the run's model was trained on this dataset's train split (an ICLDist "
+                 "source task; its test items stay out of training); that run's other datasets "
+                 "were held out (results.json `training`).")
   return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 

@@ -9,6 +9,7 @@ in a persistent cache (`eval.compilation_cache`), so a second run compiles nothi
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -22,6 +23,26 @@ from sentijax.eval import report, scorer
 from sentijax.models import factory
 
 log = logging.getLogger("sentijax")
+
+
+def training_provenance(model_dir: str | os.PathLike) -> dict | None:
+  """What an ICLDist export (`<model_dir>/heldout_audit.json`) trained on, as SentiBench tasks:
+  {"trained_on": datasets whose train split gave prompts, "heldout": datasets held out};
+  None for a model without one (a base model, a KnowDist export)."""
+  path = os.path.join(os.fspath(model_dir), "heldout_audit.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    audit = json.load(f)
+  try:
+    sources, heldout = audit["sources"], audit["heldout_tasks"]
+    trained = [n for n in sentibench.DATASETS
+               if n in sources and sources[n]["examples"] > sources[n]["dropped"]]
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"{path}: not a held-out audit (missing {e}); remove it or rerun the "
+                     "ICLDist export") from None
+  return {"trained_on": trained, "heldout": [n for n in sentibench.DATASETS if n in heldout],
+          "audit": path}
 
 
 def default_cache_dir() -> str:
@@ -105,6 +126,11 @@ def run(config: Any) -> dict:
                          rules=config.sharding_rules, generation=generation,
                          decode_cleanup=run.cleanup, aggregation=str(ev.aggregation),
                          compile_cost=run.compile_cost, shared_prefix=run.shared_prefix)
+  provenance = training_provenance(str(config.model.init or ""))
+  if provenance:
+    results["training"] = provenance
+    log.info("the model's ICLDist run trained on %s (marked in compare); held out: %s",
+             ", ".join(provenance["trained_on"]) or "-", ", ".join(provenance["heldout"]) or "-")
   if jax.process_index() == 0:
     scorer.write_json(os.path.join(workdir, "results.json"), results)
     md_path, png_path = report.write_report(results, workdir)

@@ -10,6 +10,7 @@ stay on disk), sharded over the mesh; `models.save_hf` then gathers one tensor a
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,18 @@ from sentijax.models import hf
 log = logging.getLogger("sentijax")
 
 SPEC_DIR = "student"
+# What the run trained on travels with its weights: the sentibench job reads it from model.init
+# and marks the SentiBench tasks the student saw in training (eval/job.py).
+PROVENANCE = ("heldout_audit.json",)
+
+
+def copy_provenance(workdir: str | Path, out: str | Path) -> list[Path]:
+  """Copies the run's provenance files (`PROVENANCE`) from `workdir` into the export `out`."""
+  copied = []
+  for name in PROVENANCE:
+    if (Path(workdir) / name).is_file():
+      copied.append(Path(shutil.copyfile(Path(workdir) / name, Path(out) / name)))
+  return copied
 
 
 def save_student_spec(model_cfg: models.ModelConfig, tokenizer, workdir: str | Path) -> Path:
@@ -80,5 +93,6 @@ def run(config) -> Path:
                                 step=int(config.export.step) or None)
   out = Path(config.export.dir or workdir / "hf")
   models.save_hf(model_cfg, params, out, tokenizer=tok, dtype=config.export.dtype or "float32")
+  copy_provenance(workdir, out)
   log.info("exported step %d of %s to %s", step, workdir, out)
   return out

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sentijax import checkpoint, metrics, models, sharding
+from sentijax.train import export
 from sentijax.train import state as state_lib
 from sentijax.train import step as step_lib
 
@@ -296,5 +297,7 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
     run.close()
   if config.export_hf and not preempted:
     out = models.save_hf(model_cfg, run.state.params, workdir / "hf", tokenizer=tokenizer)
+    if jax.process_index() == 0:
+      export.copy_provenance(workdir, out)
     log.info("exported HF checkpoint to %s", out)
   return Result(step, run.state.params, run.train_losses, run.val_losses, preempted)

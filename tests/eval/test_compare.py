@@ -351,3 +351,22 @@ def test_published_runs_carry_no_gold_and_compare_the_same(tests, tmp_path, sent
                                    str(tmp_path / "nowhere")]) == 2
   err = capsys.readouterr().err
   assert "pass --data-dir" in err and "no gold labels" in err
+
+
+def test_datasets_a_run_trained_on_are_marked(tests, tmp_path):
+  rng = random.Random(9)
+  for label, acc in (("base", 0.5), ("icl", 0.7)):
+    spec = {SST2: {42: make_rows(SST2, tests[SST2][:20], draw(20, acc, rng))},
+            IMDB: {42: make_rows(IMDB, tests[IMDB][:20], draw(20, acc, rng))}}
+    path = write_run(tmp_path / label, spec, tests)
+    if label == "icl":  # what the sentibench job records for an ICLDist export
+      results = json.loads(path.read_text())
+      results["training"] = {"trained_on": [IMDB], "heldout": [SST2]}
+      scorer.write_json(path, results)
+  result = compare.compare([compare.load_run(tmp_path / "base"), compare.load_run(tmp_path / "icl")],
+                           resamples=10)
+  assert {r["name"]: r["trained_on"] for r in rows_of(result).values()} == {SST2: [], IMDB: ["icl"]}
+  table = compare.markdown(result)
+  imdb_line = next(l for l in table.splitlines() if "| sc/imdb |" in l)
+  sst2_line = next(l for l in table.splitlines() if "| sc/sst2 |" in l)
+  assert imdb_line.count("‡") == 1 and "‡" not in sst2_line and "‡ = the run's model" in table

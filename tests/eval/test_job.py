@@ -147,3 +147,17 @@ def test_load_model_honours_init_layers_and_keeps_params_in_model_dtype(model_di
     assert g.dtype == w.dtype, jax.tree_util.keystr(path)
     np.testing.assert_array_equal(np.asarray(g), w, err_msg=jax.tree_util.keystr(path))
   assert len(tokenizer) <= cfg.vocab_size
+
+
+def test_training_provenance_names_the_sentibench_tasks_trained_on(tmp_path):
+  assert job.training_provenance(tmp_path) is None  # a base model
+  audit = {"heldout_tasks": ["sc/sst2", "atsa/laptop14"],
+           "sources": {"sc/imdb": {"examples": 3000, "dropped": 2},
+                       "absa/acsa_rest16": {"examples": 2000, "dropped": 2000},  # all dropped
+                       "emotion/chat": {"examples": 50, "dropped": 0}}}
+  (tmp_path / "heldout_audit.json").write_text(json.dumps(audit))
+  got = job.training_provenance(tmp_path)
+  assert (got["trained_on"], got["heldout"]) == (["sc/imdb"], ["sc/sst2"])
+  (tmp_path / "heldout_audit.json").write_text(json.dumps({"sources": {}}))
+  with pytest.raises(ValueError, match="heldout_audit.json: not a held-out audit"):
+    job.training_provenance(tmp_path)

@@ -251,6 +251,10 @@ def test_pipeline_chains_stages_and_skips_finished_ones(tmp_path, caplog):
   # ICLDist started from the KnowDist export (same tokenizer) and exported its own.
   assert f"model.init={tmp_path / 'knowdist' / 'hf'}" in caplog.text
   assert (tmp_path / "icldist" / "hf" / "model.safetensors").is_file()
+  # What ICLDist trained on travels with its weights (the sentibench job marks those tasks).
+  audit = (tmp_path / "icldist" / "heldout_audit.json").read_text()
+  assert (tmp_path / "icldist" / "hf" / "heldout_audit.json").read_text() == audit
+  assert not (tmp_path / "knowdist" / "hf" / "heldout_audit.json").exists()
   assert (tmp_path / "icldist" / "sentibench" / "step_0.json").is_file()
   caplog.clear()
   assert pipeline.run(c) == out
