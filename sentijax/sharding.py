@@ -18,6 +18,7 @@ sharded over every device (`fsdp = -1`, `data = 1` unless set); otherwise `fsdp 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
@@ -124,6 +125,27 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None, *,
   if len(devices) == len(jax.devices()):
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where arrays live: a mesh (None = the default device, unsharded) and the logical sharding
+  rules (None = the base config's). What travels together through the jobs, as one value."""
+  mesh: Mesh | None = None
+  rules: Any = None
+
+  @classmethod
+  def from_config(cls, config, model_cfg: Any = None) -> "Placement":
+    """`config.mesh` (auto fsdp sized by `model_cfg`) and `config.sharding_rules`."""
+    return cls(make_mesh(config.mesh, model_cfg=model_cfg), config.sharding_rules)
+
+  def batch(self, ndim: int = 2, batch_dim: int = 0) -> NamedSharding | None:
+    """The `batch` rule's sharding of an `ndim`-D array (None without a mesh)."""
+    return None if self.mesh is None else batch_sharding(self.mesh, self.rules, ndim, batch_dim)
+
+  @property
+  def batch_divisor(self) -> int:
+    return batch_divisor(self.mesh, self.rules)
 
 
 def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:

@@ -196,3 +196,18 @@ def test_fsdp4_state_per_device_is_at_most_1_2_over_4_of_replicated():
   total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(target))
   assert per_device[1] == total  # fsdp=1: every device holds everything
   assert per_device[4] <= 1.2 / 4 * per_device[1], per_device
+
+
+def test_placement_carries_mesh_and_rules_together():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  rules = (("batch", "data"),)
+  place = sharding.Placement(mesh, rules)
+  assert place.batch(3).spec == jax.sharding.PartitionSpec("data", None, None)
+  assert place.batch_divisor == 2
+  assert sharding.Placement(mesh).batch_divisor == 8  # the base rules: ('data', 'fsdp')
+  assert sharding.Placement().batch() is None and sharding.Placement().batch_divisor == 1
+  config = config_lib.base()
+  config.mesh.update(data=4, fsdp=2)
+  from_config = sharding.Placement.from_config(config)
+  assert dict(from_config.mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert from_config.rules == config.sharding_rules
