@@ -3,15 +3,9 @@
     python -m sentijax.compare runs/base runs/kd runs/both --out runs/compare --baseline 0
     python -m sentijax.compare runs/icl/sentibench/step_0.json runs/icl   # before / after training
 
-A run is a results file (the scorer's schema) plus, when found, its predictions:
-  * a sentibench job workdir: `<dir>/results.json`, predictions `<dir>/predictions/`;
-  * a training workdir (`<dir>/sentibench/step_N.json`, highest N) or that sentibench/ dir;
-  * one results file: `results.json` (predictions in `predictions/` beside it) or `step_N.json`
-    (predictions in `predictions/step_N/` beside it, when that exists).
-Prediction files are `<dataset with / -> _>_<seed>.jsonl` ({"index", "gold", "prediction"}).
-A row without "gold" takes it from the SentiBench test split in `--data-dir`: `--publish DIR`
-writes such gold-free copies of the runs (results + predictions), small enough to commit
-without redistributing the benchmark's labels, and the comparison rebuilt from them is the same.
+Runs and their predictions are read by `eval.runs` (run dirs, training step files, gold-free
+published copies whose gold comes from the SentiBench test split in `data_dir`); the outputs
+(compare.md/.json/.png) are written by `eval.compare_report`.
 
 Each dataset is compared on the test items and seeds every run scored (intersection, with a
 note). Scores are recomputed from the predictions with the scorer's metric functions
@@ -29,126 +23,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from sentijax import atomic
 from sentijax.data import sentibench
 from sentijax.eval import metrics, report, scorer
+from sentijax.eval.runs import Run, read_predictions
 
 MIN_RESAMPLES = 1000
 CONFIDENCE = 0.95
-PNG_DPI = 100
-PNG_HEIGHT_IN = 4.5
-_STEP = re.compile(r"^step_(\d+)\.json$")
 _OFFICIAL_TOL = 0.005 + 1e-6  # official aggregation stores each seed's F1 rounded to 2 dp (x100)
-
-
-@dataclasses.dataclass
-class Run:
-  """One run to compare: its results file, results dict and predictions directory (or None)."""
-  label: str
-  results_path: str
-  results: dict
-  predictions_dir: str | None
-  looked_for: str  # where predictions were looked for (for notes)
-
-  @property
-  def aggregation(self) -> str:
-    return str(self.results.get("aggregation", "mean"))
-
-
-# --------------------------------------------------------------------------- loading runs
-
-
-def _last_step(directory: str) -> str | None:
-  steps = [(int(m.group(1)), n) for n in os.listdir(directory) if (m := _STEP.match(n))]
-  return os.path.join(directory, max(steps)[1]) if steps else None
-
-
-def resolve(path: str | os.PathLike) -> tuple[str, str]:
-  """(results file, its predictions directory) of a run dir, sentibench/ dir or results file.
-
-  The predictions directory is where predictions would be; it may not exist.
-  """
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    if os.path.isfile(os.path.join(path, "results.json")):
-      path = os.path.join(path, "results.json")
-    else:
-      step = None
-      if os.path.isdir(os.path.join(path, "sentibench")):
-        step = _last_step(os.path.join(path, "sentibench"))
-      step = step or _last_step(path)
-      if step is None:
-        raise FileNotFoundError(
-            f"{path}: no results.json, sentibench/step_N.json or step_N.json in it; pass a "
-            "sentibench job workdir, a training workdir or a results file")
-      path = step
-  elif not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such run directory or results file")
-  directory, name = os.path.split(os.path.abspath(path))
-  m = _STEP.match(name)
-  preds = os.path.join(directory, "predictions", f"step_{m.group(1)}" if m else "")
-  return path, os.path.normpath(preds)
-
-
-def default_label(results_path: str) -> str:
-  """'base' for base/results.json, 'icl@step_200' for icl/sentibench/step_200.json."""
-  directory, name = os.path.split(os.path.abspath(results_path))
-  m = _STEP.match(name)
-  if m:
-    owner = os.path.dirname(directory) if os.path.basename(directory) == "sentibench" else directory
-    return f"{os.path.basename(owner)}@step_{m.group(1)}"
-  stem, owner = os.path.splitext(name)[0], os.path.basename(directory)
-  return owner if stem == "results" else f"{owner}/{stem}"
-
-
-def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
-  """Reads a run's results file (validated) and locates its predictions."""
-  results_path, preds = resolve(path)
-  try:
-    results = report.load_results(results_path)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{results_path}: not valid JSON ({e})") from None
-  datasets = results.get("datasets") if isinstance(results, dict) else None
-  if not isinstance(datasets, dict) or not datasets:
-    raise ValueError(f"{results_path}: no 'datasets' mapping; expected the scorer's results "
-                     "schema {\"datasets\": {name: {\"seeds\": {seed: score}, ...}}, ...}")
-  for name, entry in datasets.items():
-    seeds = entry.get("seeds") if isinstance(entry, dict) else None
-    if not isinstance(seeds, dict) or not seeds:
-      raise ValueError(f"{results_path}: datasets[{name!r}] has no 'seeds' mapping of scores")
-    bad = [s for s, v in seeds.items() if not str(s).lstrip("-").isdigit()
-           or not isinstance(v, (int, float))]
-    if bad:
-      raise ValueError(f"{results_path}: datasets[{name!r}]['seeds'] needs integer seeds with "
-                       f"numeric scores; got {bad[0]!r}: {seeds[bad[0]]!r}")
-  return Run(label or default_label(results_path), results_path, results,
-             preds if os.path.isdir(preds) else None, preds)
-
-
-def read_predictions(path: str) -> dict[int, dict]:
-  """{item index: row} of one predictions file; errors name the file and line."""
-  rows: dict[int, dict] = {}
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: not JSON ({e})") from None
-      missing = [k for k in ("index", "prediction") if k not in row]
-      if missing:
-        raise ValueError(f"{path}:{line_no}: row lacks {missing}")
-      if row["index"] in rows:
-        raise ValueError(f"{path}:{line_no}: item index {row['index']} appears twice")
-      rows[int(row["index"])] = row
-  return rows
 
 
 def check_settings(runs: Sequence[Run]) -> list[str]:
@@ -174,7 +59,6 @@ def check_settings(runs: Sequence[Run]) -> list[str]:
     return [f"protocol settings other than aggregation (templates, k shots, generation config) "
             f"are not recorded in the results of {', '.join(unrecorded)}: not checked"]
   return []
-
 
 # --------------------------------------------------------------------------- metric items
 
@@ -372,7 +256,6 @@ def _collect(runs: Sequence[Run], items: _Items
     notes.extend(more)
   return names, datasets, seeds, notes
 
-
 # --------------------------------------------------------------------------- scores and CIs
 
 
@@ -493,173 +376,3 @@ def compare(runs: Sequence[Run], baseline: int = 0, resamples: int = MIN_RESAMPL
           "bootstrap": {"resamples": resamples, "seed": seed, "confidence": CONFIDENCE,
                         "unit": "test item, every run and seed scored on the same draw"},
           "rows": rows, "notes": notes}
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def _delta_cell(d: Mapping[str, Any]) -> str:
-  if d["ci_low"] is None:
-    return f"{d['delta']:+.2f} (no CI)"
-  star = " †" if d["ci_low"] > 0 or d["ci_high"] < 0 else ""
-  return f"{d['delta']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]{star}"
-
-
-def _items_cell(row: Mapping[str, Any]) -> str:
-  items = "–" if row["items"] is None else str(row["items"])
-  return f"{items} × {len(row['seeds'])}"
-
-
-def markdown(result: Mapping[str, Any]) -> str:
-  """The comparison table (datasets by category, category means, Average) and its notes."""
-  base = result["baseline"]
-  others = [r["label"] for r in result["runs"] if r["label"] != base]
-  header = (["Category", "Dataset", "Items × seeds", f"{base} (baseline)"]
-            + [c for lab in others for c in (lab, f"Δ {lab} (95% CI)")])
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (
-      len(header) - 3)) + "|"]
-  for row in result["rows"]:
-    seen = row.get("trained_on", [])
-
-    def score(lab: str) -> str:
-      return f"{row['scores'][lab]:.2f}" + (" ‡" if lab in seen else "")
-
-    cells = [score(base)]
-    for lab in others:
-      cells += [score(lab), _delta_cell(row["deltas"][lab])]
-    if row["kind"] == "dataset":
-      head = [row["category"], row["name"], _items_cell(row)]
-    elif row["kind"] == "category":
-      head, cells = ["", f"*{row['name']}*", _items_cell(row)], [f"*{c}*" for c in cells]
-    else:
-      head = [f"**Average** ({result['average_label']})", "", _items_cell(row)]
-      cells = [f"**{c}**" for c in cells]
-    lines.append("| " + " | ".join(head + cells) + " |")
-  b = result["bootstrap"]
-  notes = [f"Δ = run − {base} (score x100). 95% CI: paired bootstrap over test items (every run "
-           f"and seed scored on the same resampled items; category means and the Average "
-           f"resample all their datasets), {b['resamples']} resamples, seed {b['seed']}; "
-           "† = the CI excludes 0."] + list(result["notes"])
-  if any(row.get("trained_on") for row in result["rows"]):
-    notes.insert(1, "‡ = the run's model was trained on this dataset's train split (an ICLDist "
-                 "source task; its test items stay out of training); that run's other datasets "
-                 "were held out (results.json `training`).")
-  return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-
-
-def plot(result: Mapping[str, Any], path: str | os.PathLike) -> str:
-  """Deltas against the baseline with their 95% CI bars, one marker colour per run (a hollow
-  marker: no CI). Size: max(6, 0.5 x rows + 2) x 4.5 inches at PNG_DPI."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-
-  rows, base = result["rows"], result["baseline"]
-  others = [r["label"] for r in result["runs"] if r["label"] != base]
-  fig = Figure(figsize=(max(6.0, 0.5 * len(rows) + 2.0), PNG_HEIGHT_IN), dpi=PNG_DPI)
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot(1, 1, 1)
-  width = 0.7 / max(len(others), 1)
-  for j, lab in enumerate(others):
-    color = f"C{j}"
-    xs = [k - 0.35 + width * (j + 0.5) for k in range(len(rows))]
-    deltas = [r["deltas"][lab] for r in rows]
-    with_ci = [(x, d) for x, d in zip(xs, deltas) if d["ci_low"] is not None]
-    if with_ci:
-      ax.errorbar([x for x, _ in with_ci], [d["delta"] for _, d in with_ci],
-                  yerr=[[d["delta"] - d["ci_low"] for _, d in with_ci],
-                        [d["ci_high"] - d["delta"] for _, d in with_ci]],
-                  fmt="o", color=color, capsize=3, label=lab)
-    without = [(x, d) for x, d in zip(xs, deltas) if d["ci_low"] is None]
-    if without:
-      ax.plot([x for x, _ in without], [d["delta"] for _, d in without], "o", mfc="none",
-              color=color, label=f"{lab} (no CI)")
-  ax.axhline(0.0, color="black", linewidth=0.8)
-  for k, row in enumerate(rows):
-    if row["kind"] != "dataset":
-      ax.axvspan(k - 0.5, k + 0.5, color="0.92", zorder=0)
-  ax.set_xticks(range(len(rows)))
-  ax.set_xticklabels([r["name"].split("/")[-1] for r in rows], rotation=45, ha="right",
-                     fontsize=8)
-  ax.set_xlim(-0.5, len(rows) - 0.5)
-  ax.set_ylabel(f"Δ vs {base} (score x100)")
-  ax.set_title(f"Δ vs {base}, 95% paired bootstrap CI ({result['bootstrap']['resamples']} "
-               "resamples)", fontsize=10)
-  ax.legend(fontsize=7, loc="best")
-  fig.tight_layout()
-  path = os.fspath(path)
-  with atomic.atomic_open(path, "wb") as f:
-    fig.savefig(f, format="png")
-  return path
-
-
-def write(result: Mapping[str, Any], out_dir: str | os.PathLike) -> tuple[str, str, str]:
-  """Writes compare.md, compare.json and compare.png into `out_dir`; returns their paths."""
-  out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  md_path, json_path = os.path.join(out_dir, "compare.md"), os.path.join(out_dir, "compare.json")
-  with atomic.atomic_open(md_path) as f:
-    f.write(f"# SentiBench: runs against {result['baseline']}\n\n" + markdown(result))
-  atomic.write_json(json_path, result)
-  return md_path, json_path, plot(result, os.path.join(out_dir, "compare.png"))
-
-
-def publish(runs: Sequence[Run], dest: str | os.PathLike) -> list[str]:
-  """Writes `<dest>/<label>/results.json` and `predictions/` of each run without gold labels
-  (compare reads them back with `--data-dir`); returns the run dirs written."""
-  out = []
-  for run in runs:
-    run_dir = os.path.join(os.fspath(dest), re.sub(r"[^A-Za-z0-9._+-]+", "_", run.label))
-    atomic.write_json(os.path.join(run_dir, "results.json"), run.results)
-    for name, entry in run.results["datasets"].items():
-      for seed in entry["seeds"]:
-        src = (scorer.predictions_path(run.predictions_dir, name, int(seed))
-               if run.predictions_dir else "")
-        if os.path.isfile(src):
-          rows = [{k: v for k, v in r.items() if k != "gold"}
-                  for _, r in sorted(read_predictions(src).items())]
-          scorer.write_jsonl(scorer.predictions_path(os.path.join(run_dir, "predictions"), name,
-                                                     int(seed)), rows)
-    out.append(run_dir)
-  return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m sentijax.compare RUN [RUN ...] [--out DIR] [--baseline 0]`."""
-  import argparse  # pylint: disable=import-outside-toplevel
-  from sentijax import config as config_lib  # pylint: disable=import-outside-toplevel
-
-  p = argparse.ArgumentParser(prog="python -m sentijax.compare", description=(
-      "Compare SentiBench runs: scores, deltas against a baseline run and paired-bootstrap 95% "
-      "CIs. RUN: a sentibench job workdir, a training workdir, its sentibench/ dir or a "
-      "results file (results.json, step_N.json)."))
-  p.add_argument("runs", nargs="+", metavar="RUN")
-  p.add_argument("--out", default="compare", help="output dir for compare.md/.json/.png")
-  p.add_argument("--baseline", type=int, default=0, help="index of the baseline run")
-  p.add_argument("--labels", default="", help="comma list of run labels (default: from paths)")
-  p.add_argument("--resamples", type=int, default=MIN_RESAMPLES,
-                 help=f"bootstrap resamples (>= {MIN_RESAMPLES})")
-  p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-  p.add_argument("--data-dir", default=config_lib.base().eval.data_dir,
-                 help="SentiBench data (absa/opener predictions need its test sentences, "
-                 "gold-free predictions its labels)")
-  p.add_argument("--publish", default="", metavar="DIR",
-                 help="also write each run's results and predictions WITHOUT gold labels to "
-                 "DIR/<label>/ (to commit; compare them later with --data-dir)")
-  args = p.parse_args(argv)
-  if args.resamples < MIN_RESAMPLES:
-    p.error(f"--resamples must be >= {MIN_RESAMPLES}, got {args.resamples}")
-  labels = [s.strip() for s in args.labels.split(",")] if args.labels else [None] * len(args.runs)
-  if len(labels) != len(args.runs):
-    p.error(f"--labels has {len(labels)} names for {len(args.runs)} runs")
-  try:
-    runs = [load_run(path, label) for path, label in zip(args.runs, labels)]
-    result = compare(runs, args.baseline, args.resamples, args.seed, args.data_dir)
-    if args.publish:
-      print("published (no gold labels): " + ", ".join(publish(runs, args.publish)))
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  paths = write(result, args.out)
-  print(markdown(result))
-  print("wrote " + ", ".join(paths))
-  return 0

@@ -15,7 +15,9 @@ from PIL import Image
 from sklearn.metrics import f1_score
 
 from sentijax.data import sentibench
-from sentijax.eval import compare, metrics, report, scorer
+from sentijax import compare as compare_cli
+from sentijax.eval import compare, compare_report, metrics, report, scorer
+from sentijax.eval import runs as runs_lib
 
 SST2, IMDB, ATSA, OPENER = "sc/sst2", "sc/imdb", "absa/atsa_rest16", "absa/opener"
 
@@ -102,7 +104,7 @@ def test_recomputed_scores_equal_results_and_independent_f1(tests, tmp_path, sen
         r["prediction"] = r["prediction"] + [["zzz", "positive"]] * 2 + r["prediction"][:1]
     write_run(tmp_path / label, spec, tests)
     runs[label] = spec
-  result = compare.compare([compare.load_run(tmp_path / "a"), compare.load_run(tmp_path / "b")],
+  result = compare.compare([runs_lib.load_run(tmp_path / "a"), runs_lib.load_run(tmp_path / "b")],
                            resamples=10, data_dir=sentibench_dir)
   rows = rows_of(result)
   for label, spec in runs.items():
@@ -133,7 +135,7 @@ def test_predictions_that_do_not_reproduce_their_results_are_refused(tests, tmp_
                  else "positive")
   scorer.write_jsonl(path, rows)
   with pytest.raises(ValueError, match=r"sc_sst2_42\.jsonl.*do not belong"):
-    compare.compare([compare.load_run(tmp_path / "a"), compare.load_run(tmp_path / "b")],
+    compare.compare([runs_lib.load_run(tmp_path / "a"), runs_lib.load_run(tmp_path / "b")],
                     resamples=10)
 
 
@@ -143,7 +145,7 @@ def test_identical_runs_give_zero_deltas_and_zero_cis(tests, tmp_path, sentibenc
           OPENER: {42: make_rows(OPENER, tests[OPENER][:20], draw(20, 0.5, rng))}}
   write_run(tmp_path / "a", spec, tests)
   shutil.copytree(tmp_path / "a", tmp_path / "b")
-  result = compare.compare([compare.load_run(tmp_path / "a"), compare.load_run(tmp_path / "b")],
+  result = compare.compare([runs_lib.load_run(tmp_path / "a"), runs_lib.load_run(tmp_path / "b")],
                            data_dir=sentibench_dir)
   assert result["bootstrap"]["resamples"] >= 1000
   for row in result["rows"]:
@@ -157,8 +159,8 @@ def _coverage_run(tmp_path, tests, n, rng, tag):
   for label, acc in (("a", 0.6), ("b", 0.75)):
     write_run(tmp_path / f"{tag}{label}", {SST2: {42: make_rows(SST2, examples,
                                                                  [x < acc for x in u])}}, tests)
-  result = compare.compare([compare.load_run(tmp_path / f"{tag}a", "a"),
-                            compare.load_run(tmp_path / f"{tag}b", "b")], resamples=200,
+  result = compare.compare([runs_lib.load_run(tmp_path / f"{tag}a", "a"),
+                            runs_lib.load_run(tmp_path / f"{tag}b", "b")], resamples=200,
                            seed=rng.randrange(2**31))
   return rows_of(result)[SST2]["deltas"]["b"]
 
@@ -191,8 +193,8 @@ def test_seeds_are_resampled_together(tests, tmp_path):
   write_run(tmp_path / "b1", {SST2: {42: b}}, tests)
   write_run(tmp_path / "a2", {SST2: {42: a, 52: a}}, tests)
   write_run(tmp_path / "b2", {SST2: {42: b, 52: b}}, tests)
-  one, two = (rows_of(compare.compare([compare.load_run(tmp_path / f"a{k}"),
-                                       compare.load_run(tmp_path / f"b{k}")],
+  one, two = (rows_of(compare.compare([runs_lib.load_run(tmp_path / f"a{k}"),
+                                       runs_lib.load_run(tmp_path / f"b{k}")],
                                       resamples=200))[SST2]["deltas"]["b" + str(k)]
               for k in (1, 2))
   assert (two["ci_low"], two["ci_high"]) == pytest.approx((one["ci_low"], one["ci_high"]),
@@ -206,7 +208,7 @@ def test_different_items_and_seeds_compare_on_the_intersection(tests, tmp_path):
   b = {SST2: {42: make_rows(SST2, tests[SST2][:50], draw(50, 0.8, rng))}}
   write_run(tmp_path / "a", a, tests)
   write_run(tmp_path / "b", b, tests)
-  result = compare.compare([compare.load_run(tmp_path / "a"), compare.load_run(tmp_path / "b")],
+  result = compare.compare([runs_lib.load_run(tmp_path / "a"), runs_lib.load_run(tmp_path / "b")],
                            resamples=10)
   row = rows_of(result)[SST2]
   assert row["items"] == 50 and row["seeds"] == ["42"]
@@ -227,19 +229,19 @@ def test_differing_protocol_settings_are_refused_by_name(tests, tmp_path):
   write_run(tmp_path / "official", {SST2: {42: rows}}, tests, aggregation="official")
   with pytest.raises(ValueError, match=r"protocol setting 'aggregation' differs.*'mean'.*"
                                        r"'official'"):
-    compare.compare([compare.load_run(tmp_path / "mean"), compare.load_run(tmp_path / "official")])
+    compare.compare([runs_lib.load_run(tmp_path / "mean"), runs_lib.load_run(tmp_path / "official")])
   for k, settings in (("k4", {"k_shot": 4, "templates": "protocol.json"}),
                       ("k8", {"k_shot": 8, "templates": "protocol.json"})):
     write_run(tmp_path / k, {SST2: {42: rows}}, tests, settings=settings)
   with pytest.raises(ValueError, match=r"protocol setting 'k_shot' differs.*4.*8"):
-    compare.compare([compare.load_run(tmp_path / "k4"), compare.load_run(tmp_path / "k8")])
+    compare.compare([runs_lib.load_run(tmp_path / "k4"), runs_lib.load_run(tmp_path / "k8")])
   # Other test data (a different gold for the same item) is refused too.
   other = [dict(r, gold="negative" if r["gold"] == "positive" else "positive",
                 prediction="negative" if r["gold"] == "positive" else "positive")
            if r["index"] == 3 else r for r in rows]
   scorer.write_jsonl(scorer.predictions_path(tmp_path / "k8" / "predictions", SST2, 42), other)
   with pytest.raises(ValueError, match=r"sc/sst2 item 3: gold .*different test data"):
-    compare.compare([compare.load_run(tmp_path / "mean"), compare.load_run(tmp_path / "k8")])
+    compare.compare([runs_lib.load_run(tmp_path / "mean"), runs_lib.load_run(tmp_path / "k8")])
 
 
 def test_training_before_after_layout(tests, tmp_path):
@@ -249,8 +251,8 @@ def test_training_before_after_layout(tests, tmp_path):
     spec = {SST2: {42: make_rows(SST2, tests[SST2][:30], draw(30, acc, random.Random(step)))}}
     write_run(wd / "sentibench", spec, tests, results_name=f"step_{step}.json",
               predictions_dir=False)
-  before = compare.load_run(wd / "sentibench" / "step_0.json")
-  for after in (compare.load_run(wd), compare.load_run(wd / "sentibench")):
+  before = runs_lib.load_run(wd / "sentibench" / "step_0.json")
+  for after in (runs_lib.load_run(wd), runs_lib.load_run(wd / "sentibench")):
     assert after.label == "icl@step_20" and after.results_path.endswith("step_20.json")
     result = compare.compare([before, after], resamples=10)
     assert before.label == "icl@step_0" and result["baseline"] == "icl@step_0"
@@ -268,8 +270,8 @@ def test_training_before_after_layout(tests, tmp_path):
                                                                random.Random(step)))}}
     write_run(wd / "sentibench", spec, tests, results_name=f"step_{step}.json",
               predictions_dir=wd / "sentibench" / "predictions" / f"step_{step}")
-  result = compare.compare([compare.load_run(wd / "sentibench" / "step_0.json"),
-                            compare.load_run(wd)], resamples=50)
+  result = compare.compare([runs_lib.load_run(wd / "sentibench" / "step_0.json"),
+                            runs_lib.load_run(wd)], resamples=50)
   d = rows_of(result)[SST2]["deltas"]["icl@step_20"]
   assert d["ci_low"] <= d["delta"] <= d["ci_high"] and d["ci_low"] < d["ci_high"]
 
@@ -281,7 +283,7 @@ def test_cli_prints_table_and_writes_md_json_png(tests, tmp_path, capsys):
             ATSA: {42: make_rows(ATSA, tests[ATSA][:20], draw(20, acc, rng))}}
     write_run(tmp_path / label, spec, tests)
   out = tmp_path / "cmp"
-  assert compare.main([str(tmp_path / "base"), str(tmp_path / "kd"), "--out", str(out)]) == 0
+  assert compare_cli.main([str(tmp_path / "base"), str(tmp_path / "kd"), "--out", str(out)]) == 0
   printed = capsys.readouterr().out
   header = "| Category | Dataset | Items × seeds | base (baseline) | kd | Δ kd (95% CI) |"
   assert header in printed
@@ -299,27 +301,27 @@ def test_cli_prints_table_and_writes_md_json_png(tests, tmp_path, capsys):
     assert png.format == "PNG" and png.size == (600, 450)
     assert len(set(png.convert("RGB").getdata())) > 10  # drawn, not blank
   with pytest.raises(SystemExit):
-    compare.main([str(tmp_path / "base"), str(tmp_path / "kd"), "--resamples", "100"])
-  assert compare.main([str(tmp_path / "base"), str(tmp_path / "nope")]) == 2
+    compare_cli.main([str(tmp_path / "base"), str(tmp_path / "kd"), "--resamples", "100"])
+  assert compare_cli.main([str(tmp_path / "base"), str(tmp_path / "nope")]) == 2
   assert "nope: no such run directory" in capsys.readouterr().err
 
 
 def test_malformed_inputs_name_the_file(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match=r"empty: no results\.json, sentibench/step_N"):
-    compare.load_run(tmp_path / "empty")
+    runs_lib.load_run(tmp_path / "empty")
   for name, body, match in (
       ("nodata", {"average": 1.0}, r"nodata/results\.json: no 'datasets' mapping"),
       ("badseed", {"datasets": {SST2: {"seeds": {"x": 1.0}, "mean": 1.0}}},
        r"badseed/results\.json: datasets\['sc/sst2'\]\['seeds'\] needs integer seeds")):
     scorer.write_json(tmp_path / name / "results.json", body)
     with pytest.raises(ValueError, match=match):
-      compare.load_run(tmp_path / name)
+      runs_lib.load_run(tmp_path / name)
   (tmp_path / "rows").mkdir()
   (tmp_path / "rows" / "p.jsonl").write_text('{"index": 0, "gold": "a", "prediction": "a"}\n'
                                              '{"index": 0, "gold": "a"}\n', encoding="utf-8")
   with pytest.raises(ValueError, match=r"p\.jsonl:2: row lacks \['prediction'\]"):
-    compare.read_predictions(str(tmp_path / "rows" / "p.jsonl"))
+    runs_lib.read_predictions(str(tmp_path / "rows" / "p.jsonl"))
 
 
 def test_published_runs_carry_no_gold_and_compare_the_same(tests, tmp_path, sentibench_dir,
@@ -332,7 +334,7 @@ def test_published_runs_carry_no_gold_and_compare_the_same(tests, tmp_path, sent
     write_run(tmp_path / label, spec, tests)
   runs = [str(tmp_path / "base"), str(tmp_path / "kd")]
   pub = tmp_path / "pub"
-  assert compare.main(runs + ["--out", str(tmp_path / "c1"), "--data-dir", str(sentibench_dir),
+  assert compare_cli.main(runs + ["--out", str(tmp_path / "c1"), "--data-dir", str(sentibench_dir),
                               "--publish", str(pub)]) == 0
   files = sorted(p.relative_to(pub).as_posix() for p in pub.rglob("*") if p.is_file())
   assert files == [f"{run}/{f}" for run in ("base", "kd") for f in (
@@ -342,12 +344,12 @@ def test_published_runs_carry_no_gold_and_compare_the_same(tests, tmp_path, sent
     rows = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()]
     assert rows and all("gold" not in r and "prediction" in r for r in rows), path
   published = [str(pub / "base"), str(pub / "kd")]
-  assert compare.main(published + ["--out", str(tmp_path / "c2"), "--data-dir",
+  assert compare_cli.main(published + ["--out", str(tmp_path / "c2"), "--data-dir",
                                    str(sentibench_dir)]) == 0
   one, two = (json.loads((tmp_path / d / "compare.json").read_text()) for d in ("c1", "c2"))
   assert one["rows"] == two["rows"]
   capsys.readouterr()
-  assert compare.main(published + ["--out", str(tmp_path / "c3"), "--data-dir",
+  assert compare_cli.main(published + ["--out", str(tmp_path / "c3"), "--data-dir",
                                    str(tmp_path / "nowhere")]) == 2
   err = capsys.readouterr().err
   assert "pass --data-dir" in err and "no gold labels" in err
@@ -363,10 +365,10 @@ def test_datasets_a_run_trained_on_are_marked(tests, tmp_path):
       results = json.loads(path.read_text())
       results["training"] = {"trained_on": [IMDB], "heldout": [SST2]}
       scorer.write_json(path, results)
-  result = compare.compare([compare.load_run(tmp_path / "base"), compare.load_run(tmp_path / "icl")],
+  result = compare.compare([runs_lib.load_run(tmp_path / "base"), runs_lib.load_run(tmp_path / "icl")],
                            resamples=10)
   assert {r["name"]: r["trained_on"] for r in rows_of(result).values()} == {SST2: [], IMDB: ["icl"]}
-  table = compare.markdown(result)
+  table = compare_report.markdown(result)
   imdb_line = next(l for l in table.splitlines() if "| sc/imdb |" in l)
   sst2_line = next(l for l in table.splitlines() if "| sc/sst2 |" in l)
   assert imdb_line.count("‡") == 1 and "‡" not in sst2_line and "‡ = the run's model" in table

@@ -15,6 +15,7 @@ import safetensors.numpy
 from sentijax import models
 from sentijax.data import icl, icl_recipe, packing, records, tasks
 from sentijax.eval import compare
+from sentijax.eval import runs as runs_lib
 from sentijax.train import icldist, losses, step
 from kill_resume import kill_then_resume
 from tolerances import assert_trees_close
@@ -68,7 +69,7 @@ def test_gold_raises_heldout_accuracy_on_an_unseen_task(tmp_path, caplog):
   assert f1_1 >= f1_0 + 10.0, (f1_0, f1_1)
   assert after["sc/movies"]["accuracy"] >= before["sc/movies"]["accuracy"]
   # The hook wrote predictions: the before/after delta gets a paired-bootstrap CI above 0.
-  runs = [compare.load_run(tmp_path / "sentibench" / f"step_{n}.json") for n in (0, 300)]
+  runs = [runs_lib.load_run(tmp_path / "sentibench" / f"step_{n}.json") for n in (0, 300)]
   row = next(r for r in compare.compare(runs)["rows"] if r["name"] == "sc/movies")
   delta = row["deltas"][runs[1].label]
   assert row["items"] == 60 and abs(delta["delta"] - (f1_1 - f1_0)) < 1e-6 * abs(f1_1), delta
