@@ -27,7 +27,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sentijax.data import packing, topk_store  # noqa: E402
+from sentijax.data import sequences, topk_store  # noqa: E402
 from sentijax.data import tokenizer as tok_lib  # noqa: E402
 from sentijax.data.records import Record, Tokens  # noqa: E402
 
@@ -144,7 +144,7 @@ def read_v2(store: pathlib.Path, k: int) -> int:
   recs, soft = topk_store.load(store, k)
   n = 0
   for r in recs:
-    fields = soft.fn(r, packing.TokenizedSequence(r.tokens.ids, r.tokens.loss_mask))
+    fields = soft.fn(r, sequences.TokenizedSequence(r.tokens.ids, r.tokens.loss_mask))
     n += int((fields["soft_probs"].sum(-1) > 0).sum())
   return n
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from sentijax.data import packing, writers
+from sentijax.data import packing, sequences, writers
 from sentijax.data.records import DataError, Record, corpus_fingerprint
 from sentijax.data.spec import DataSpec
 from sentijax.data.tokenizer import tokenizer_fingerprint
@@ -82,11 +82,11 @@ def _make_builder_class(seq_len: int, soft_width: int, extra_fields: tuple[str, 
 
 
 def cache_key(records: Sequence[Record], tokenizer: Any, spec: DataSpec,
-              soft_targets: packing.SoftTargets | None = None) -> str:
+              soft_targets: sequences.SoftTargets | None = None) -> str:
   """Hash of everything that determines the packed rows."""
   parts = {"version": _CACHE_VERSION, "corpus": corpus_fingerprint(records),
            "tokenizer": tokenizer_fingerprint(tokenizer), "seq_len": spec.seq_len,
-           "chat_template": packing.uses_chat_template(tokenizer, spec.chat_template),
+           "chat_template": sequences.uses_chat_template(tokenizer, spec.chat_template),
            "truncation": spec.truncation}
   if soft_targets is not None:
     parts["soft_targets"] = [soft_targets.width, soft_targets.key,
@@ -177,7 +177,7 @@ class PackedDataset:
   stats: dict
   soft_width: int = 0  # K of the soft_ids / soft_probs fields; 0 = no soft targets
   prefetch: int = 0  # what the training loop passes to `batches`
-  extra_fields: tuple[str, ...] = ()  # packing.EXTRA_SOFT_FIELDS the rows carry
+  extra_fields: tuple[str, ...] = ()  # sequences.EXTRA_SOFT_FIELDS the rows carry
   _source: Any = dataclasses.field(default=None, repr=False)
 
   @property
@@ -280,7 +280,7 @@ def _store(packed: packing.PackedRows, data_dir: Path) -> None:
 
 
 def build_dataset(records: Sequence[Record], tokenizer: Any, spec: DataSpec,
-                  split: str = "train", soft_targets: packing.SoftTargets | None = None,
+                  split: str = "train", soft_targets: sequences.SoftTargets | None = None,
                   show_progress: bool = True) -> PackedDataset:
   """Packs and stores `records` under `spec.cache_dir` (once per content/options), opens them.
 
@@ -314,12 +314,12 @@ def build_dataset(records: Sequence[Record], tokenizer: Any, spec: DataSpec,
                        shuffle=spec.shuffle and split == "train", stats=stats,
                        soft_width=int(stats.get("soft_width", 0)), prefetch=spec.prefetch,
                        extra_fields=tuple(f for f in stats.get("soft_fields", ())
-                                          if f in packing.EXTRA_SOFT_FIELDS))
+                                          if f in sequences.EXTRA_SOFT_FIELDS))
 
 
 def build_train_val(train_records: Sequence[Record], val_records: Sequence[Record],
                     tokenizer: Any, spec: DataSpec, *,
-                    soft_targets: packing.SoftTargets | None = None, show_progress: bool = True
+                    soft_targets: sequences.SoftTargets | None = None, show_progress: bool = True
                     ) -> tuple[PackedDataset, PackedDataset | None, dict]:
   """The train and val datasets (val None when there are no val records) and their stats
   {"train": ..., "val": ...}; the one records -> batches path of every training job."""

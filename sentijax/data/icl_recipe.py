@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sentijax import atomic
-from sentijax.data import icl, identity, packing, readers, records, sentibench, tasks
+from sentijax.data import icl, identity, readers, records, sentibench, sequences, tasks
 
 log = logging.getLogger("sentijax")
 TARGETS = ("gold", "teacher", "teacher_probs")
@@ -151,7 +151,7 @@ def gold_records(spec: RecipeSpec, sources: list[tasks.TaskSpec], forbidden: ide
                  length: icl.LengthFn, seq_len: int
                  ) -> tuple[list[records.Record], list[records.Record], dict]:
   """ICL prompts with gold answers: (train, val, stats); `length` counts the tokens of a
-  (prompt, answer) sequence (`packing.sequence_length_fn`): prompts shrink to fit `seq_len`."""
+  (prompt, answer) sequence (`sequences.sequence_length_fn`): prompts shrink to fit `seq_len`."""
   train_srcs, val_srcs = [], []
   stats = {"source_examples": {}, "dropped_leaks": {}, "found_in": {}}
   for t in sources:
@@ -270,9 +270,9 @@ def _count_distributions(kept: list[records.Record], spec: RecipeSpec) -> dict:
   return {"no_distribution": n, "no_distribution_per_task": dict(sorted(missing.items()))}
 
 
-def soft_targets(spec: RecipeSpec, tok) -> packing.SoftTargets:
+def soft_targets(spec: RecipeSpec, tok) -> sequences.SoftTargets:
   """The teacher's distribution over the verbalizers' first tokens, at the first answer token."""
-  def fn(record: records.Record, seq: packing.TokenizedSequence):
+  def fn(record: records.Record, seq: sequences.TokenizedSequence):
     probs = teacher_probs(record, spec)
     if probs is None:  # no distribution (counted) or a mixed-in KnowDist record: CE only
       return None
@@ -282,10 +282,10 @@ def soft_targets(spec: RecipeSpec, tok) -> packing.SoftTargets:
       if not ids:
         raise ValueError(f"record {record.id!r}: verbalizer {verbalizer!r} tokenises to nothing")
       by_id[int(ids[0])] = by_id.get(int(ids[0]), 0.0) + float(p)  # shared first tokens add up
-    return packing.soft_targets_at(len(seq.tokens), spec.soft_width,
-                                   packing.first_response_index(seq), list(by_id),
+    return sequences.soft_targets_at(len(seq.tokens), spec.soft_width,
+                                   sequences.first_response_index(seq), list(by_id),
                                    list(by_id.values()))
-  return packing.SoftTargets(spec.soft_width, fn, "icl-teacher-probs-v1")
+  return sequences.SoftTargets(spec.soft_width, fn, "icl-teacher-probs-v1")
 
 
 def mix_records(spec: RecipeSpec, n_train: int) -> list[records.Record]:
@@ -357,4 +357,4 @@ def length_fn(tokenizer: Any | None) -> icl.LengthFn:
   sends its prompts; without a tokenizer (a remote teacher) ~3 characters per token."""
   if tokenizer is None:
     return lambda prompt, answer: (len(prompt) + len(answer)) // 3 + 2
-  return packing.sequence_length_fn(tokenizer, False)
+  return sequences.sequence_length_fn(tokenizer, False)

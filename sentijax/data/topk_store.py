@@ -37,7 +37,7 @@ command that converts it (`convert_v1`).
     records, soft = topk_store.load(store_dir, width=8)
     train, val, stats = dataset.build_train_val(train_recs, val_recs, tok, spec, soft_targets=soft)
 
-`load` returns pre-tokenised records and a `packing.SoftTargets` that reads the soft targets of a
+`load` returns pre-tokenised records and a `sequences.SoftTargets` that reads the soft targets of a
 record when its packed row is built, decoding one shard at a time (at most `CACHED_SHARDS`
 decoded shards in memory): topk stores give soft_ids / soft_probs (T = 1) / soft_tail, sample
 stores soft_ids / soft_probs (= counts / N) / soft_logp (train/losses.py SOFT_FIELDS).
@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from sentijax import atomic
-from sentijax.data import packing, topk_codec
+from sentijax.data import sequences, topk_codec
 from sentijax.data.records import BadRow, DataError, Record, make_tokens, record_from_json
 from sentijax.data.tokenizer import vocab_fingerprint
 from sentijax.data.writers import write_json_atomic
@@ -456,7 +456,7 @@ def _check_width(store_dir, index: dict, width: int) -> int:
   return int(width)
 
 
-def load(store_dir: str | os.PathLike, width: int) -> tuple[list[Record], packing.SoftTargets]:
+def load(store_dir: str | os.PathLike, width: int) -> tuple[list[Record], sequences.SoftTargets]:
   """(pre-tokenised records, SoftTargets): the teacher's entries at every response token.
 
   topk: the first `width` <= k entries (probabilities at T = 1) and the tail beyond them;
@@ -486,7 +486,7 @@ def load(store_dir: str | os.PathLike, width: int) -> tuple[list[Record], packin
   cache = _ShardCache(store_dir, index)
   sample = index["mode"] == "sample"
 
-  def fn(record: Record, sequence: packing.TokenizedSequence):
+  def fn(record: Record, sequence: sequences.TokenizedSequence):
     if record.id not in where:  # not a record of this store (e.g. mixed in): no soft target
       return None
     shard, p0, p1 = where[record.id]
@@ -517,7 +517,7 @@ def load(store_dir: str | os.PathLike, width: int) -> tuple[list[Record], packin
            sum(int(e["positions"]) for e in index["shards"]), len(index["shards"]), width,
            int(index["k"]), index["teacher"])
   fields = ("soft_logp",) if sample else ("soft_tail",)
-  return recs, packing.SoftTargets(width, fn, f"topk-store:{identity(store_dir)}:{width}",
+  return recs, sequences.SoftTargets(width, fn, f"topk-store:{identity(store_dir)}:{width}",
                                    extra_fields=fields)
 
 

@@ -5,7 +5,7 @@ the rest) at every response token of an existing corpus, or N tokens drawn from 
     python -m sentijax.main --config=configs/generate_topk.py
 
 Recipe: read the corpus (`config.data`, the readers of every training job) -> render and tokenise
-each record exactly as the student trains (`packing.tokenize_records` with the teacher's tokenizer
+each record exactly as the student trains (`sequences.tokenize_records` with the teacher's tokenizer
 and `data.chat_template`) -> plan: records sorted by length (stable), cut into shards of
 `topk.shard_records`, each scored in batches of `teacher.batch_size` -> teacher forcing: one
 forward per batch over prompt + response (no generation), fp32 log-softmax at temperature 1,
@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sentijax import models, sampling, sharding
-from sentijax.data import packing, readers, topk_store
+from sentijax.data import readers, sequences, topk_store
 from sentijax.data.records import Tokens
 from sentijax.data.spec import DataSpec
 from sentijax.data.writers import write_json_atomic
@@ -309,7 +309,7 @@ def run(config) -> dict:
                                             data.columns)
   teacher, tok, scorer = _scorer(config, spec)
   try:
-    seqs, token_stats = packing.tokenize_records(records, tok, data.chat_template,
+    seqs, token_stats = sequences.tokenize_records(records, tok, data.chat_template,
                                                  show_progress=spec.progress)
     max_len = spec.max_len or (teacher.cfg.max_position_embeddings
                                if config.teacher.backend == "local" else 0)

@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 
 from sentijax import atomic
-from sentijax.data import dataset, icl, icl_recipe, packing, tasks
+from sentijax.data import dataset, icl, icl_recipe, sequences, tasks
 from sentijax.data.spec import DataSpec
 from sentijax.eval import heldout as heldout_lib
 from sentijax.models import factory
@@ -66,7 +66,7 @@ def _records(spec: ICLSpec, sources, heldout, forbidden, tok, data: DataSpec):
   recipe = spec.recipe
   if recipe.target == "gold":
     train, val, stats = icl_recipe.gold_records(
-        recipe, sources, forbidden, packing.sequence_length_fn(tok, data.chat_template),
+        recipe, sources, forbidden, sequences.sequence_length_fn(tok, data.chat_template),
         data.seq_len)
     return train, val, stats, None
   train, val, stats = icl_recipe.teacher_records(recipe, sources, heldout, forbidden)

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from sentijax import models, sampling, sharding
-from sentijax.data import packing
+from sentijax.data import packing, sequences
 
 ESTIMATORS = ("full", "token")
 
@@ -136,7 +136,7 @@ class Rollout:
         if not len(resp) or used + n > self.seq_len:
           dropped += 1
           continue
-        seqs.append(packing.TokenizedSequence(
+        seqs.append(sequences.TokenizedSequence(
             np.concatenate([prompt, resp]).astype(np.int32),
             np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(resp), np.int32)])))
         used += n

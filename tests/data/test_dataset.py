@@ -9,15 +9,15 @@ import pytest
 
 from data.packing_fixtures import SEQ_LEN, all_rows, data_spec, encode
 from sentijax import config as config_lib
-from sentijax.data import dataset, packing, readers
+from sentijax.data import dataset, packing, readers, sequences
 from sentijax.data.spec import DataSpec
 
 
 def test_packing_invariants(tokenizer, records, packed):
-  sequences, _ = packing.tokenize_records(records, tokenizer, False, show_progress=False)
+  seqs, _ = sequences.tokenize_records(records, tokenizer, False, show_progress=False)
   expected = []
-  for sequence in sequences:
-    fitted, _ = packing.fit_sequence(sequence, SEQ_LEN, "left_prompt", tokenizer.bos_token_id)
+  for sequence in seqs:
+    fitted, _ = sequences.fit_sequence(sequence, SEQ_LEN, "left_prompt", tokenizer.bos_token_id)
     expected.append((tuple(fitted.tokens.tolist()), tuple(fitted.loss_mask[1:].tolist())))
   rows = all_rows(packed)
   assert len(rows) == packed.num_rows and packed.num_rows < len(records) - 20  # packing happened

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data.packing_fixtures import SEQ_LEN, all_rows, data_spec, encode
-from sentijax.data import dataset, packing
+from sentijax.data import dataset, packing, sequences
 from sentijax.data.records import DataError, Record
 from sentijax.data.spec import DataSpec
 
@@ -17,7 +17,7 @@ from sentijax.data.spec import DataSpec
 
 def test_raw_mode_masks_only_response_and_eos(tokenizer):
   record = Record(id="x", prompt="Is this good?\n", response="Yes, very good.")
-  (seq,), stats = packing.tokenize_records([record], tokenizer, chat_template=False,
+  (seq,), stats = sequences.tokenize_records([record], tokenizer, chat_template=False,
                                             show_progress=False)
   prompt_ids = [tokenizer.bos_token_id] + encode(tokenizer, record.prompt)
   response_ids = encode(tokenizer, record.response) + [tokenizer.eos_token_id]
@@ -28,7 +28,7 @@ def test_raw_mode_masks_only_response_and_eos(tokenizer):
 
 def test_chat_mode_masks_only_assistant_turn(tokenizer):
   record = Record(id="x", prompt="Is this good?", response="Yes, very good.")
-  (seq,), stats = packing.tokenize_records([record], tokenizer, chat_template=True,
+  (seq,), stats = sequences.tokenize_records([record], tokenizer, chat_template=True,
                                             show_progress=False)
   assert stats["mode"] == "chat" and stats["chat_boundary_fallback"] == 0
   prompt_text = tokenizer.apply_chat_template([{"role": "user", "content": record.prompt}],
@@ -42,12 +42,12 @@ def test_chat_mode_masks_only_assistant_turn(tokenizer):
 def test_chat_mode_uses_messages_and_falls_back_to_raw(tokenizer):
   messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
   record = Record(id="x", prompt="unused", response="Hello.", messages=messages)
-  (seq,), _ = packing.tokenize_records([record], tokenizer, True, show_progress=False)
+  (seq,), _ = sequences.tokenize_records([record], tokenizer, True, show_progress=False)
   prompt_part = tokenizer.decode(seq.tokens[seq.loss_mask == 0])
   assert "Be brief." in prompt_part and "unused" not in prompt_part
   no_template = copy.deepcopy(tokenizer)
   no_template.chat_template = None
-  (raw,), stats = packing.tokenize_records([record], no_template, True, show_progress=False)
+  (raw,), stats = sequences.tokenize_records([record], no_template, True, show_progress=False)
   assert stats["mode"] == "raw" and raw.tokens[0] == tokenizer.bos_token_id
 
 
@@ -55,7 +55,7 @@ def test_sequence_length_fn_counts_the_rendered_sequence(tokenizer):
   """The token count ICL prompts are fitted by: under the chat template, what transformers itself
   renders and tokenises for [user, assistant] (this template keeps content as it is); raw, bos +
   prompt + response + eos."""
-  chat, raw = (packing.sequence_length_fn(tokenizer, c) for c in (True, False))
+  chat, raw = (sequences.sequence_length_fn(tokenizer, c) for c in (True, False))
   for prompt, answer in [("Sentence: The soup was cold.\nLabel:", " negative"),
                          ("Rate review 3: good good good ", "Positive. Positive.")]:
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
@@ -67,32 +67,32 @@ def test_sequence_length_fn_counts_the_rendered_sequence(tokenizer):
 # --------------------------------------------------------------------------- truncation
 
 
-def _seq(num_prompt: int, num_response: int) -> packing.TokenizedSequence:
+def _seq(num_prompt: int, num_response: int) -> sequences.TokenizedSequence:
   tokens = np.concatenate([[0], np.arange(10, 9 + num_prompt),
                            np.arange(1000, 1000 + num_response)])
   mask = np.array([0] * num_prompt + [1] * num_response)
-  return packing.TokenizedSequence(tokens.astype(np.int32), mask.astype(np.int32))
+  return sequences.TokenizedSequence(tokens.astype(np.int32), mask.astype(np.int32))
 
 
 def test_left_prompt_truncation_keeps_bos_and_response():
-  fitted, outcome = packing.fit_sequence(_seq(20, 5), seq_len=15, truncation="left_prompt",
+  fitted, outcome = sequences.fit_sequence(_seq(20, 5), seq_len=15, truncation="left_prompt",
                                           bos_id=0)
   assert outcome == "truncated_prompt" and len(fitted.tokens) == 16
   assert fitted.tokens[0] == 0 and fitted.tokens[-5:].tolist() == list(range(1000, 1005))
   assert fitted.tokens[1:11].tolist() == list(range(19, 29))  # the prompt's tail survives
-  fitted, outcome = packing.fit_sequence(_seq(4, 30), 15, "left_prompt", bos_id=0)
+  fitted, outcome = sequences.fit_sequence(_seq(4, 30), 15, "left_prompt", bos_id=0)
   assert outcome == "truncated_response" and fitted.tokens.tolist() == [0] + list(
       range(1000, 1015))
-  assert packing.fit_sequence(_seq(4, 30), 15, "drop", 0) == (None, "dropped_too_long")
-  kept, outcome = packing.fit_sequence(_seq(4, 5), 15, "drop", 0)
+  assert sequences.fit_sequence(_seq(4, 30), 15, "drop", 0) == (None, "dropped_too_long")
+  kept, outcome = sequences.fit_sequence(_seq(4, 5), 15, "drop", 0)
   assert outcome == "kept" and len(kept.tokens) == 9
-  assert packing.fit_sequence(_seq(4, 0), 15, "left_prompt", 0) == (
+  assert sequences.fit_sequence(_seq(4, 0), 15, "left_prompt", 0) == (
       None, "dropped_empty_response")
 
 
 def test_drop_truncation_counts(tokenizer, records, tmp_path):
-  sequences, _ = packing.tokenize_records(records, tokenizer, False, show_progress=False)
-  lengths = sorted(len(s.tokens) - 1 for s in sequences)
+  seqs, _ = sequences.tokenize_records(records, tokenizer, False, show_progress=False)
+  lengths = sorted(len(s.tokens) - 1 for s in seqs)
   seq_len = lengths[len(lengths) // 2]
   ds = dataset.build_dataset(records, tokenizer, data_spec(tmp_path, seq_len=seq_len,
                                                        truncation="drop"), show_progress=False)
@@ -145,13 +145,13 @@ def _first_response_soft(record, sequence):
   """One distribution at the first response token; none for records whose id ends in 0."""
   if record.id.endswith("0"):
     return None
-  index = packing.first_response_index(sequence)
-  return packing.soft_targets_at(len(sequence.tokens), SOFT_K, index,
+  index = sequences.first_response_index(sequence)
+  return sequences.soft_targets_at(len(sequence.tokens), SOFT_K, index,
                                  [int(sequence.tokens[index]), 5], [0.6, 0.4])
 
 
-EVERY_TOKEN = packing.SoftTargets(SOFT_K, _every_token_soft, "every-token-v1")
-FIRST_RESPONSE = packing.SoftTargets(SOFT_K, _first_response_soft, "first-response-v1")
+EVERY_TOKEN = sequences.SoftTargets(SOFT_K, _every_token_soft, "every-token-v1")
+FIRST_RESPONSE = sequences.SoftTargets(SOFT_K, _first_response_soft, "first-response-v1")
 
 
 def test_soft_targets_stay_aligned_with_targets_through_truncation_and_packing(tokenizer,
@@ -160,7 +160,7 @@ def test_soft_targets_stay_aligned_with_targets_through_truncation_and_packing(t
                                 show_progress=False)
   assert packed.stats["truncated_prompt"] == 1 and packed.soft_width == SOFT_K
   for row in packed.iter_rows():
-    assert set(row) == set(packing.FIELDS + packing.SOFT_FIELDS)
+    assert set(row) == set(packing.FIELDS + sequences.SOFT_FIELDS)
     assert row["soft_ids"].shape == (SEQ_LEN, SOFT_K) and row["soft_probs"].dtype == np.float32
     used = row["segment_ids"] > 0
     # Every real position's soft target names the token that `targets` holds there.
@@ -202,7 +202,7 @@ def test_soft_targets_cache_round_trip_batches_and_shards(tokenizer, records, pa
   soft = dataset.build_dataset(records, tokenizer, spec, soft_targets=FIRST_RESPONSE,
                                show_progress=False)
   assert soft.soft_width == SOFT_K and not soft.stats["cache_hit"]
-  assert soft.fields == packing.FIELDS + packing.SOFT_FIELDS
+  assert soft.fields == packing.FIELDS + sequences.SOFT_FIELDS
   expected = list(packing.pack_records(records, tokenizer, spec, FIRST_RESPONSE,
                                        show_progress=False).iter_rows())
   # Stored rows == packed rows (tfds shuffles on write: compare as multisets), soft fields too;
@@ -213,14 +213,14 @@ def test_soft_targets_cache_round_trip_batches_and_shards(tokenizer, records, pa
   again = dataset.build_dataset(records, tokenizer, spec, soft_targets=FIRST_RESPONSE,
                                 show_progress=False)
   assert again.stats["cache_hit"] and again.soft_width == SOFT_K and again.data_dir == soft.data_dir
-  other = packing.SoftTargets(SOFT_K, _first_response_soft, "first-response-v2")
+  other = sequences.SoftTargets(SOFT_K, _first_response_soft, "first-response-v2")
   keys = {dataset.cache_key(records, tokenizer, spec, s) for s in (None, FIRST_RESPONSE, other)}
   assert len(keys) == 3
   batch = next(soft.batches(8, process_index=0, process_count=1))
   assert {k: (v.shape, v.dtype.name) for k, v in batch.items() if k.startswith("soft")} == {
       "soft_ids": ((8, SEQ_LEN, SOFT_K), "int32"), "soft_probs": ((8, SEQ_LEN, SOFT_K), "float32")}
   halves = [next(soft.batches(8, process_index=p, process_count=2)) for p in range(2)]
-  for key in packing.SOFT_FIELDS:
+  for key in sequences.SOFT_FIELDS:
     assert np.array_equal(np.concatenate([h[key] for h in halves]), batch[key])
   tail = list(soft.batches(8, process_index=0, process_count=1, shuffle=False, repeat=False))[-1]
   assert tail["soft_probs"].shape == (8, SEQ_LEN, SOFT_K)
@@ -242,9 +242,9 @@ def test_soft_targets_cache_round_trip_batches_and_shards(tokenizer, records, pa
     ("nan", "finite"),
 ])
 def test_bad_soft_targets_name_the_record(result, match):
-  sequence = packing.TokenizedSequence(np.arange(6, dtype=np.int32),
+  sequence = sequences.TokenizedSequence(np.arange(6, dtype=np.int32),
                                        np.int32([0, 0, 0, 1, 1, 1]))
-  ids, probs = packing.soft_targets_at(6, SOFT_K, 3, [4, 5], [0.5, 0.5])
+  ids, probs = sequences.soft_targets_at(6, SOFT_K, 3, [4, 5], [0.5, 0.5])
   if result == "neg_ids":
     ids[3, 0] = -1
   elif result == "too_much":
@@ -253,7 +253,7 @@ def test_bad_soft_targets_name_the_record(result, match):
     probs[3, 0] = np.nan
   else:
     ids, probs = result
-  bad = packing.SoftTargets(SOFT_K, lambda r, s: (ids, probs), "bad")
+  bad = sequences.SoftTargets(SOFT_K, lambda r, s: (ids, probs), "bad")
   with pytest.raises(DataError, match=f"record 'r7'.*{match}"):
     bad.attach(Record(id="r7", prompt="p", response="r"), sequence)
   with pytest.raises(ValueError, match="width"):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from sentijax import serve
-from sentijax.data import packing, readers, records, topk_store
+from sentijax.data import packing, readers, records, sequences, topk_store
 from sentijax.data.spec import DataSpec
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -80,7 +80,7 @@ def test_store_equals_direct_forward_at_the_target_positions(local_store, teache
   topk_store.check_tokenizer(store, tok)
   # the ids are the student's rendering of the records (raw: bos prompt response eos)
   src = {r.id: r for r in readers.read_records(corpus)[0]}
-  again, _ = packing.tokenize_records([src[r.id] for r in recs], tok, False, show_progress=False)
+  again, _ = sequences.tokenize_records([src[r.id] for r in recs], tok, False, show_progress=False)
   for r, s in zip(recs, again):
     np.testing.assert_array_equal(r.tokens.ids, s.tokens)
     np.testing.assert_array_equal(r.tokens.loss_mask, s.loss_mask)

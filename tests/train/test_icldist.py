@@ -13,7 +13,7 @@ import pytest
 import safetensors.numpy
 
 from sentijax import models
-from sentijax.data import icl, icl_recipe, packing, records, tasks
+from sentijax.data import icl, icl_recipe, packing, records, sequences, tasks
 from sentijax.eval import compare
 from sentijax.eval import runs as runs_lib
 from sentijax.train import icldist, losses, step
@@ -409,7 +409,7 @@ def test_chat_template_prompts_shrink_to_fit_and_none_is_dropped(real_student, t
     assert s["dropped_too_long"] == s["truncated_prompt"] == s["truncated_response"] == 0, s
   assert trained["train"].stats["records_in"] == 40
   # The prompts fill the budget (the count is not a few tokens short of the real one either).
-  seqs, _ = packing.tokenize_records(
+  seqs, _ = sequences.tokenize_records(
       [records.Record(id=str(i), prompt=json.loads(x)["prompt"], response=json.loads(x)["response"])
        for i, x in enumerate((tmp_path / "run" / "icl_prompts.jsonl").read_text().splitlines())],
       real_student[1], True, show_progress=False)
@@ -430,7 +430,7 @@ def test_chat_template_first_answer_token_is_the_scored_verbalizer(real_student,
   sources, _, groups = icl_recipe.resolve_tasks(spec)
   labels = {t.name: t.labels for t in sources}
   recs, _, _ = icl_recipe.gold_records(spec, sources, icl.forbidden_sentences(groups),
-                                       packing.sequence_length_fn(tok, True), 256)
+                                       sequences.sequence_length_fn(tok, True), 256)
   answers = []
   for r in recs:
     shown = [" " + (r.meta.get("label_map") or {}).get(x, x) for x in labels[r.meta["task"]]]

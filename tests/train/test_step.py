@@ -11,7 +11,7 @@ import pytest
 
 from sentijax import config as config_lib
 from sentijax import models, sharding
-from sentijax.data import packing
+from sentijax.data import packing, sequences
 from sentijax.train import losses, state as state_lib, step as step_lib
 from tolerances import assert_trees_close
 
@@ -39,7 +39,7 @@ def _sequences(rng, n):
     p, r = rng.integers(2, 8), rng.integers(2, 7)
     tokens = rng.integers(5, CFG.vocab_size, size=p + r).astype(np.int32)
     mask = np.r_[np.zeros(p), np.ones(r)].astype(np.int32)
-    out.append(packing.TokenizedSequence(tokens, mask))
+    out.append(sequences.TokenizedSequence(tokens, mask))
   return out
 
 
