@@ -207,7 +207,7 @@ def test_a_v1_store_is_refused_with_the_converter_and_converts(tok, tmp_path):
   scored = _scored(5)
   _write_v1(tmp_path / "old", tok, scored)
   with pytest.raises(topk_store.StoreError, match=(
-      rf"{tmp_path}/old/index.json: store format version 1 .*reads version 2.*"
+      rf"{tmp_path}/old/index.json: store format version 1 .*reads versions \(2, 3\).*"
       rf"python -m sentijax.data.topk_store convert {tmp_path}/old")):
     topk_store.load(tmp_path / "old", 2)
   # the command the error names (`python -m sentijax.data.topk_store convert OLD NEW`)
@@ -355,21 +355,24 @@ _MEMORY_PROBE = textwrap.dedent("""
 """)
 
 
+class _Uncompressed(topk_store.StoreWriter):
+  encoding_overrides = {"codec": "none"}
+
+
 def test_streaming_load_holds_about_two_decoded_shards(tok, tmp_path):
   """12 shards of 3000 positions at k=128: building every packed row holds about two decoded
   shards beyond the records themselves (tracemalloc peak in a fresh process; numpy buffers are
   traced)."""
   rng = np.random.default_rng(0)
   k, shards, per_shard, response = 128, 12, 30, 100
-  w = topk_store.StoreWriter(tmp_path, k=k, teacher="t", tokenizer=tok, render={"mode": "raw"},
-                             codec="none")
+  w = _Uncompressed(tmp_path, k=k, teacher="t", tokenizer=tok, render={"mode": "raw"})
   for shard in range(shards):
     batch = []
     for i in range(per_shard):
       ids = rng.integers(5, 300, 20 + response).astype(np.int32)
       mask = np.array([0] * 20 + [1] * response, np.int32)
       lp = -rng.exponential(0.05, (response, k)).cumsum(1)  # descending, top-1 near 0
-      top = rng.integers(0, 300, (response, k)).astype(np.int32)
+      top = np.argsort(rng.random((response, 300)), axis=1)[:, :k].astype(np.int32)
       rec = Record(f"r{shard}-{i}", "p", "r", tokens=Tokens(ids, mask))
       batch.append(topk_store.ScoredRecord(rec, top, lp))
     w.write_shard(batch)
