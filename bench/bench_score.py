@@ -10,7 +10,7 @@ process, each side loading the model once:
     first tokens, extraction `generate(max_new_tokens=150, do_sample=False)` then
     `batch_decode(skip_special_tokens=True)` (+ transformers 4.44's clean-up when the tokenizer
     config asks for it) and the harness's `Label:` regex;
-  * sentijax: `models.load_hf` + `scorer.classify` / `scorer.generate` as the sentibench job runs
+  * sentijax: `models.load_hf` + `scorer.Scorer.classify` / `.generate` as the sentibench job runs
     them (generation config and clean-up on `auto`), timed cold (first call: compilation, or the
     persistent cache) and warm (same shapes again).
 
@@ -142,19 +142,19 @@ def run_sentijax(args, loaded, task, templates, texts, compiled):
   """(predictions, first-pass seconds, warm-pass seconds or None); `compiled` is shared across
   datasets as in the sentibench job."""
   from sentijax.data import sentibench
-  from sentijax.eval import parsers, scorer
-  cfg, params, tok, settings, cleanup, _ = loaded
+  from sentijax.eval import parsers, scorer, settings
+  cfg, params, tok, generation, cleanup, _ = loaded
+  session = scorer.Scorer(cfg, tok, run=settings.RunSettings(generation, cleanup),
+                          spec=settings.ScoringSpec(batch_size=args.batch,
+                                                    max_new_tokens=args.max_new_tokens),
+                          compiled=compiled)
 
   def once():
     if task.kind == "classification":
       verbs = sentibench.verbalizers(templates, task.name)
-      scores = scorer.classify(cfg, params, tok, texts, verbs, args.batch,
-                               repetition_penalty=settings.repetition_penalty,
-                               compiled=compiled)
+      scores = session.classify(params, texts, verbs)
       return [verbs[j].strip() for j in scores.argmax(-1)]
-    outs = scorer.generate(cfg, params, tok, texts, args.max_new_tokens, args.batch,
-                           generation=settings, cleanup=cleanup, compiled=compiled)
-    return [parsers.extract_answer(o) for o in outs]
+    return [parsers.extract_answer(o) for o in session.generate(params, texts)]
 
   t1 = time.perf_counter()
   preds = once()
@@ -198,9 +198,9 @@ def useful_flops(cfg, prompt_lens, gen_tokens_per_row: int, with_lm_head_each: b
 
 
 def main(argv=None):
-  from sentijax.eval import scorer
+  from sentijax.eval import settings as settings_lib
   args = parse_args(argv)
-  names = scorer.parse_datasets(args.dataset)
+  names = settings_lib.parse_datasets(args.dataset)
   print(f"{','.join(names)}: first {args.n} items each, seed {args.seed}, {args.dtype}, model "
         f"{args.model}; host {os.cpu_count()} CPUs")
   both = args.side == "both"

@@ -46,7 +46,8 @@ def test_microbatches_and_scoring_batches_follow_the_rule(mesh):
   assert split.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "data")), 3)
   assert not split.sharding.is_equivalent_to(NamedSharding(mesh, P(None, ("data", "fsdp"))), 3)
 
-  ids, = scorer._place(mesh, DATA_ONLY, x_BxL)  # pylint: disable=protected-access
+  place = scorer._place  # pylint: disable=protected-access
+  ids, = place(sharding.Placement(mesh, DATA_ONLY), x_BxL)
   assert ids.sharding.is_equivalent_to(NamedSharding(mesh, P("data", None)), 2)
-  ids, = scorer._place(mesh, None, x_BxL)  # pylint: disable=protected-access
+  ids, = place(sharding.Placement(mesh), x_BxL)
   assert ids.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), None)), 2)

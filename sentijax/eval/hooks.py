@@ -1,44 +1,58 @@
-"""SentiBench as a training-loop hook: score a subset every `train.eval_every` steps."""
+"""Scoring as a training-loop hook: one hook, one `scorer.Scorer`, every `train.eval_every` steps.
+
+KnowDist scores the SentiBench datasets of `eval.during_training`; ICLDist scores its held-out
+tasks (any registered task, `heldout.score_tasks`). Either way the step's results go to
+<workdir>/sentibench/step_<N>.json and its predictions to sentibench/predictions/step_<N>/
+(what `sentijax.compare` reads for confidence intervals).
+
+    hook = hooks.ScoringHook(config, model_cfg, tokenizer, "sc/sst2,absa/atsa_rest16")
+    hook(step, params)   # {"sentibench/sc/sst2": 61.2, ..., "sentibench/average": 48.0}
+"""
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
-from sentijax import models, sharding
-from sentijax.eval import scorer
+from sentijax import models
+from sentijax.data import tasks as tasks_lib
+from sentijax.eval import heldout, scorer, settings
+
+log = logging.getLogger("sentijax")
 
 
-def sentibench_hook(config, model_cfg: models.ModelConfig, tokenizer
-                    ) -> Callable[[int, Any], dict]:
-  """(step, params) -> {"sentibench/<dataset>": score, "sentibench/average": ...}.
+class ScoringHook:
+  """(step, params) -> {"sentibench/<task>": score, "sentibench/average": ...}.
 
-  Datasets from `eval.during_training` (comma list), seeds/max_examples/batch size and the
-  fidelity settings (generation config of the `model.init` directory, decode clean-up,
-  aggregation) from `eval.*`, as the sentibench job applies them; each result is also written
-  to <workdir>/sentibench/step_<N>.json, its predictions to sentibench/predictions/step_<N>/
-  (what `sentijax.compare` needs for confidence intervals). Batch shapes compiled at one step are reused later.
+  `tasks`: SentiBench dataset names (a comma list such as `eval.during_training`), scored and
+  aggregated as the sentibench job does; or registered tasks (`heldout.score_tasks`: each with
+  its own metric, classification entries with "accuracy" too). Seeds, item limits, batch size
+  and the fidelity settings (the `model.init` directory's generation config, decode clean-up,
+  aggregation) come from `config.eval` through one `Scorer` (`self.scorer`) on the training
+  loop's placement (`config.mesh`, `config.sharding_rules`): batch shapes compiled at one step
+  are reused at the next.
   """
-  ec = config.eval
-  mesh = sharding.make_mesh(config.mesh, model_cfg=model_cfg)  # the training loop's mesh
-  out_dir = Path(config.workdir) / "sentibench"
-  run = scorer.RunSettings.from_config(config, tokenizer)
-  compiled: dict = {}
 
-  def hook(step: int, params: Any) -> dict:
-    results = scorer.score(model_cfg, params, tokenizer, ec.data_dir, ec.templates or None,
-                           ec.during_training, ec.seeds, ec.max_examples, ec.batch_size, mesh,
-                           progress=False, max_new_tokens=ec.max_new_tokens,
-                           rules=config.sharding_rules, generation=run.generation,
-                           decode_cleanup=run.cleanup, aggregation=str(ec.aggregation),
-                           compile_cost=run.compile_cost, compiled=compiled,
-                           shared_prefix=run.shared_prefix,
-                           predictions_dir=out_dir / "predictions" / f"step_{step}")
+  def __init__(self, config, model_cfg: models.ModelConfig, tokenizer,
+               tasks: str | Sequence[tasks_lib.TaskSpec]):
+    self.scorer = scorer.Scorer.from_config(config, model_cfg, tokenizer)
+    self.names = settings.parse_datasets(tasks) if isinstance(tasks, str) else None
+    self.tasks = tasks
+    self.out_dir = Path(config.workdir) / "sentibench"
+
+  def __call__(self, step: int, params: Any) -> dict:
+    pred_dir = self.out_dir / "predictions" / f"step_{step}"
+    if self.names is not None:
+      results = self.scorer.score(params, self.names, predictions_dir=pred_dir)
+    else:
+      results = heldout.score_tasks(self.scorer, params, self.tasks, predictions_dir=pred_dir)
     if jax.process_index() == 0:
-      scorer.write_json(out_dir / f"step_{step}.json", results)
+      scorer.write_json(self.out_dir / f"step_{step}.json", results)
+      log.info("held-out at step %d: %s", step, ", ".join(
+          f"{n} {d['mean']:.2f}" for n, d in results["datasets"].items()))
     scalars = {f"sentibench/{name}": d["mean"] for name, d in results["datasets"].items()}
     scalars["sentibench/average"] = results["average"]
     return scalars
-
-  return hook

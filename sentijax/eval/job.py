@@ -19,7 +19,7 @@ import jax
 
 from sentijax import models, sharding
 from sentijax.data import sentibench
-from sentijax.eval import report, scorer
+from sentijax.eval import report, scorer, settings
 from sentijax.models import factory
 
 log = logging.getLogger("sentijax")
@@ -94,20 +94,22 @@ def run(config: Any) -> dict:
   """Runs the job described by `config` (see configs/sentibench.py); returns the results dict."""
   ev = config.eval
   _model_dir(config)  # fail before reading any data
-  datasets = scorer.parse_datasets(ev.datasets)
-  seeds = scorer.parse_seeds(ev.seeds)
-  scorer.check_data(ev.data_dir, datasets)  # fail before the (slow) model load
+  datasets = settings.parse_datasets(ev.datasets)
+  spec = settings.ScoringSpec.from_config(ev, progress=True)  # checks every eval.* value
+  settings.check_data(spec.data_dir, datasets)  # fail before the (slow) model load
   templates = sentibench.load_templates(ev.templates or None)
   missing = [d for d in datasets if d not in templates["instructions"]]
   if missing:
     raise ValueError(f"templates {ev.templates or '(package default)'} have no instructions for "
                      f"{missing}")
 
-  mesh = sharding.make_mesh(config.mesh, model_cfg=factory.model_config(config, training=False))
+  placement = sharding.Placement.from_config(
+      config, factory.model_config(config, training=False))
+  mesh = placement.mesh
   t0 = time.time()
   cache_dir = setup_compilation_cache(ev.get("compilation_cache", "auto"))
   cfg, params, tokenizer = load_model(config, mesh)
-  run = scorer.RunSettings.from_config(config, tokenizer)
+  run = settings.RunSettings.from_config(config, tokenizer)
   generation = run.generation
   log.info("loaded %s (%.1fM params, %s) in %.1fs on mesh %s", config.model.init,
            cfg.num_params / 1e6, cfg.dtype, time.time() - t0, dict(mesh.shape))
@@ -117,15 +119,9 @@ def run(config: Any) -> dict:
 
   workdir = str(config.workdir)
   t0 = time.time()
-  results = scorer.score(cfg, params, tokenizer, ev.data_dir, templates, datasets, seeds,
-                         max_examples=scorer.example_limits(int(ev.max_examples),
-                                                              int(ev.max_examples_extraction)),
-                         batch_size=int(ev.batch_size),
-                         mesh=mesh, predictions_dir=os.path.join(workdir, "predictions"),
-                         progress=True, max_new_tokens=int(ev.max_new_tokens),
-                         rules=config.sharding_rules, generation=generation,
-                         decode_cleanup=run.cleanup, aggregation=str(ev.aggregation),
-                         compile_cost=run.compile_cost, shared_prefix=run.shared_prefix)
+  session = scorer.Scorer(cfg, tokenizer, placement, run, spec, templates)
+  results = session.score(params, datasets,
+                          predictions_dir=os.path.join(workdir, "predictions"))
   provenance = training_provenance(str(config.model.init or ""))
   if provenance:
     results["training"] = provenance
@@ -135,7 +131,7 @@ def run(config: Any) -> dict:
     scorer.write_json(os.path.join(workdir, "results.json"), results)
     md_path, png_path = report.write_report(results, workdir)
     print(report.markdown_table(results))
-    print(f"SentiBench: {len(datasets)} dataset(s) x {len(seeds)} seed(s) in "
+    print(f"SentiBench: {len(datasets)} dataset(s) x {len(spec.seeds)} seed(s) in "
           f"{time.time() - t0:.0f}s; wrote {os.path.join(workdir, 'results.json')}, {md_path}, "
           f"{png_path}")
   return results

@@ -1,7 +1,7 @@
 """SentiBench results: aggregation, markdown table (by category, per seed, mean, Average), chart.
 
-    results = report.aggregate({"sc/sst2": {"42": 91.3}}, "mean")   # what scorer.score returns
-    md = report.markdown_table(results)           # results: scorer.score(...) / results.json
+    results = report.aggregate({"sc/sst2": {"42": 91.3}}, "mean")   # what Scorer.score returns
+    md = report.markdown_table(results)           # results: Scorer.score(...) / results.json
     report.plot(results, "runs/x/results.png")
     report.write_report(results, "runs/x")        # results.md + results.png, returns both paths
 """

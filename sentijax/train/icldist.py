@@ -18,7 +18,7 @@ import jax
 from sentijax import atomic
 from sentijax.data import dataset, icl, icl_recipe, sequences, tasks
 from sentijax.data.spec import DataSpec
-from sentijax.eval import heldout as heldout_lib
+from sentijax.eval import hooks as eval_hooks
 from sentijax.models import factory
 from sentijax.train import export, loop, losses
 
@@ -117,7 +117,7 @@ def run(config) -> loop.Result:
   log.info("ICLDist: %s, %d params, %d train records -> %d rows x %d tokens (target %s)",
            model_cfg.architecture, model_cfg.num_params, len(train), train_ds.num_rows,
            train_ds.seq_len, recipe.target)
-  hooks = (heldout_lib.heldout_hook(config, model_cfg, tok, heldout),) if heldout else ()
+  hooks = (eval_hooks.ScoringHook(config, model_cfg, tok, heldout),) if heldout else ()
   loss_options = {"distill": spec.distill} if spec.distill is not None else None
   result = loop.train(config, model_cfg, factory.param_initializer(config, model_cfg), train_ds,
                       val_ds, tokenizer=tok, eval_hooks=hooks, loss_options=loss_options)

@@ -36,7 +36,7 @@ def run(config) -> loop.Result:
            model_cfg.num_params, train_ds.num_rows, train_ds.seq_len)
   hooks = ()
   if config.eval.during_training:
-    hooks = (eval_hooks.sentibench_hook(config, model_cfg, tok),)
+    hooks = (eval_hooks.ScoringHook(config, model_cfg, tok, config.eval.during_training),)
   result = loop.train(config, model_cfg, factory.param_initializer(config, model_cfg), train_ds,
                       val_ds, tokenizer=tok, eval_hooks=hooks)
   if result.train_losses:

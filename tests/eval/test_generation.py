@@ -8,7 +8,7 @@ import pytest
 import hf_fixtures
 from sentijax import models, sampling, sharding
 from sentijax.data import sentibench
-from sentijax.eval import batching, generation, scorer
+from sentijax.eval import batching, generation, scorer, settings as settings_lib
 
 torch = pytest.importorskip("torch")
 
@@ -57,9 +57,10 @@ def test_classification_scores_equal_generate_scores(setup, sentibench_dir):
                               output_scores=True, return_dict_in_generate=True,
                               generation_config=gen_cfg, pad_token_id=s["tok"].eos_token_id)
   ref_NxC = out.scores[0][:, verb_ids].float().numpy()
-  raw_NxC = scorer.classify(s["cfg"], s["params"], s["tok"], texts, verbs, batch_size=8)
-  ours_NxC = scorer.classify(s["cfg"], s["params"], s["tok"], texts, verbs, batch_size=8,
-                             repetition_penalty=settings.repetition_penalty)
+  spec = settings_lib.ScoringSpec(batch_size=8)
+  raw_NxC = scorer.Scorer(s["cfg"], s["tok"], spec=spec).classify(s["params"], texts, verbs)
+  ours_NxC = scorer.Scorer(s["cfg"], s["tok"], run=settings_lib.RunSettings(settings),
+                           spec=spec).classify(s["params"], texts, verbs)
   # Logits of this model are O(1); fp32 forward differences between torch and XLA ~5e-6 of the
   # largest |logit|: 1e-4 of it holds on any CPU.
   atol = 1e-4 * float(np.abs(ref_NxC).max())
@@ -98,8 +99,10 @@ def test_greedy_extraction_equals_generate(setup, sentibench_dir):
   assert set(eos) == {tok.eos_token_id, second_eos}
   width = max(map(len, seqs))
   ids, mask = sampling.left_pad(seqs, width, len(seqs), tok.eos_token_id)
-  out = sampling.greedy_decode(s["cfg"], s["params"], ids, mask, MAX_NEW, eos, tok.eos_token_id,
-                               repetition_penalty=settings.repetition_penalty)
+  greedy = sampling.SamplingSettings(max_tokens=MAX_NEW,
+                                     repetition_penalty=settings.repetition_penalty)
+  stops = sampling.Stops(eos, tok.eos_token_id)
+  out = sampling.decode(s["cfg"], s["params"], ids, mask, greedy, stops)
   ours = [row[:n].tolist() for row, n in zip(out.tokens_BxN, out.lengths_B)]
   assert ours == refs
   # The instruction as a shared prefix (run once; rows hold the rest): the same tokens, the
@@ -107,12 +110,11 @@ def test_greedy_extraction_equals_generate(setup, sentibench_dir):
   shared, suffixes, _ = batching.split_prefix(s["cfg"], s["params"], seqs, "decode")
   assert shared is not None and int(shared.length) >= 16
   ids, mask = sampling.left_pad(suffixes, max(map(len, suffixes)), len(seqs), tok.eos_token_id)
-  out = sampling.greedy_decode(s["cfg"], s["params"], ids, mask, MAX_NEW, eos, tok.eos_token_id,
-                               repetition_penalty=settings.repetition_penalty, shared=shared)
+  out = sampling.decode(s["cfg"], s["params"], ids, mask, greedy, stops, shared=shared)
   assert [row[:n].tolist() for row, n in zip(out.tokens_BxN, out.lengths_B)] == refs
   assert any(len(r) < MAX_NEW and r[-1] == second_eos for r in refs)
-  plain = sampling.greedy_decode(s["cfg"], s["params"], ids, mask, MAX_NEW, eos,
-                                 tok.eos_token_id)
+  plain = sampling.decode(s["cfg"], s["params"], ids, mask,
+                          sampling.SamplingSettings(max_tokens=MAX_NEW), stops)
   assert [row[:n].tolist() for row, n in zip(plain.tokens_BxN, plain.lengths_B)] != refs
 
 
@@ -146,7 +148,7 @@ def test_training_hooks_apply_the_generation_config(setup, sentibench_dir, tmp_p
   generation config as the sentibench job does."""
   from sentijax import config as config_lib
   from sentijax.data import tasks
-  from sentijax.eval import heldout, hooks
+  from sentijax.eval import hooks
   s = setup
   settings = _write_config(s["root"], repetition_penalty=PENALTY, eos_token_id=2)
   config = config_lib.base()
@@ -156,18 +158,19 @@ def test_training_hooks_apply_the_generation_config(setup, sentibench_dir, tmp_p
   config.eval.templates = str(sentibench_dir / "protocol.json")
   config.eval.during_training = "multifaced/tweeteval"
   config.eval.seeds, config.eval.max_examples = "42", 24
-  run = scorer.RunSettings.from_config(config, s["tok"])
+  run = settings_lib.RunSettings.from_config(config, s["tok"])
   assert run.generation.repetition_penalty == PENALTY
   mesh = sharding.make_mesh(config.mesh)  # the hooks score on the config's mesh
   cfg, params = models.load_hf(s["root"], dtype="float32", mesh=mesh,
                                rules=config.sharding_rules)
-  kw = dict(max_examples=24, batch_size=16, progress=False, mesh=mesh)
-  args = (cfg, params, s["tok"], sentibench_dir, s["templates"], ["multifaced/tweeteval"], "42")
-  want = scorer.score(*args, generation=settings, **kw)["average"]
-  raw = scorer.score(*args, **kw)["average"]
+  spec = settings_lib.ScoringSpec(str(sentibench_dir), (42,), max_examples=24)
+  score = lambda gen: scorer.Scorer(
+      cfg, s["tok"], sharding.Placement(mesh), settings_lib.RunSettings(gen), spec,
+      s["templates"]).score(params, ["multifaced/tweeteval"])["average"]
+  want, raw = score(settings), score(generation.GenerationSettings())
   assert want != raw  # the penalty changes this score
-  got = hooks.sentibench_hook(config, cfg, s["tok"])(0, params)
+  got = hooks.ScoringHook(config, cfg, s["tok"], config.eval.during_training)(0, params)
   assert got["sentibench/average"] == pytest.approx(want, abs=1e-9)
-  spec = tasks.make_spec(sentibench_dir, "multifaced/tweeteval", s["templates"])
-  got = heldout.heldout_hook(config, cfg, s["tok"], [spec])(0, params)
+  task = tasks.make_spec(sentibench_dir, "multifaced/tweeteval", s["templates"])
+  got = hooks.ScoringHook(config, cfg, s["tok"], [task])(1, params)
   assert got["sentibench/average"] == pytest.approx(want, abs=1e-9)

@@ -15,7 +15,7 @@ import hf_fixtures
 from sentijax import models
 from sentijax.data import sentibench
 from sentijax.data import tokenizer as tokenizer_lib
-from sentijax.eval import batching, decoding, generation, parsers, scorer
+from sentijax.eval import batching, decoding, generation, parsers, scorer, settings as settings_lib
 
 torch = pytest.importorskip("torch")
 
@@ -140,7 +140,8 @@ def test_scores_and_answers_match_generate(real, sentibench_dir):
                          max_new_tokens=1, do_sample=False, output_scores=True,
                          return_dict_in_generate=True)
   ref_NxC = out.scores[0][:, verb_ids].float().numpy()
-  ours_NxC = scorer.classify(cfg, params, tok, texts, verbs, batch_size=8)
+  ours_NxC = scorer.Scorer(cfg, tok, spec=settings_lib.ScoringSpec(batch_size=8)).classify(
+      params, texts, verbs)
   # fp32 torch vs XLA: ~5e-6 of the largest |logit|; 1e-4 of it holds on any CPU.
   np.testing.assert_allclose(ours_NxC, ref_NxC, atol=1e-4 * float(np.abs(ref_NxC).max()), rtol=0)
 
@@ -156,7 +157,8 @@ def test_scores_and_answers_match_generate(real, sentibench_dir):
   k = real["templates"]["k_shot"]
   want = [parsers.extract_answer(decoding.clean_up_tokenization(t) if cleanup else t, k_shot=k)
           for t in full]
-  outs = scorer.generate(cfg, params, tok, texts, 16, batch_size=8, generation=settings,
-                         cleanup=cleanup)
+  outs = scorer.Scorer(cfg, tok, run=settings_lib.RunSettings(settings, cleanup),
+                       spec=settings_lib.ScoringSpec(batch_size=8, max_new_tokens=16)
+                       ).generate(params, texts)
   assert [parsers.extract_answer(o) for o in outs] == want
   assert any(want)  # the random model writes some answer text

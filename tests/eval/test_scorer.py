@@ -8,7 +8,7 @@ import pytest
 import hf_fixtures
 from sentijax import models, sharding
 from sentijax.data import sentibench
-from sentijax.eval import batching, scorer
+from sentijax.eval import batching, generation, scorer, settings
 
 torch = pytest.importorskip("torch")
 
@@ -46,11 +46,11 @@ def setup(tmp_path_factory, sentibench_dir):
     ids = batching.verbalizer_token_ids(tok, protocol["classification"]["verbalizers"][name])
     assert len(set(ids)) == len(ids), f"{name}: verbalizer first tokens collide: {ids}"
   pred_dir = root / "predictions"
-  results = scorer.score(cfg, params, tok, sentibench_dir, str(protocol_path), list(DATASETS),
-                         "42", max_examples=N_ITEMS, batch_size=16, predictions_dir=pred_dir,
-                         progress=False)
+  spec = settings.ScoringSpec(str(sentibench_dir), (42,), max_examples=N_ITEMS, batch_size=16)
+  session = scorer.Scorer(cfg, tok, spec=spec, templates=sentibench.load_templates(protocol_path))
+  results = session.score(params, list(DATASETS), predictions_dir=pred_dir)
   return dict(root=root, tok=tok, model=model, cfg=cfg, params=params, protocol=protocol,
-              protocol_path=protocol_path, results=results, pred_dir=pred_dir)
+              protocol_path=protocol_path, results=results, pred_dir=pred_dir, session=session)
 
 
 def _rows(pred_dir: pathlib.Path, name: str, seed: int) -> list[dict]:
@@ -120,9 +120,10 @@ def test_sharded_scoring_matches_single_device(setup, sentibench_dir):
                                rules=config_lib.base().sharding_rules)
   n = 40
   pred_dir = s["root"] / "sharded"
-  results = scorer.score(cfg, params, s["tok"], sentibench_dir, s["protocol_path"],
-                         "sc/sst2,multifaced/tweeteval", 42, max_examples=n, batch_size=16,
-                         mesh=mesh, predictions_dir=pred_dir, progress=False)
+  session = scorer.Scorer(cfg, s["tok"], sharding.Placement(mesh),
+                          spec=settings.ScoringSpec(str(sentibench_dir), max_examples=n),
+                          templates=s["session"].templates)
+  results = session.score(params, "sc/sst2,multifaced/tweeteval", 42, predictions_dir=pred_dir)
   assert list(results["datasets"]) == list(DATASETS)
   for name in DATASETS:
     sharded, single = _rows(pred_dir, name, 42), _rows(s["pred_dir"], name, 42)[:n]
@@ -139,9 +140,9 @@ def test_batch_shapes_do_not_change_scores(setup, sentibench_dir):
                                      setup["protocol"], 42, max_examples=40)
   texts = [p.text for p in prompts]
   verbalizers = setup["protocol"]["classification"]["verbalizers"]["sc/sst2"]
-  run = lambda cost, compiled: scorer.classify(setup["cfg"], setup["params"], setup["tok"], texts,
-                                               verbalizers, 16, compile_cost=cost,
-                                               compiled=compiled)
+  run = lambda cost, compiled: scorer.Scorer(
+      setup["cfg"], setup["tok"], run=settings.RunSettings(compile_cost=cost),
+      compiled=compiled).classify(setup["params"], texts, verbalizers)
   fine, coarse = {}, {}
   fine_NxC = run(0.0, fine)
   coarse_NxC = run(1e12, coarse)
@@ -179,8 +180,10 @@ def test_shared_prefix_matches_whole_prompts(setup, sentibench_dir):
   assert verb_ids[c] in prefix_ids and only_in_prefix.sum() >= 3, only_in_prefix
   scores = {}
   for penalty in (1.0, 1.3):
-    run = lambda on: scorer.classify(setup["cfg"], setup["params"], setup["tok"], texts,
-                                     verbalizers, 8, repetition_penalty=penalty, shared_prefix=on)
+    run = lambda on: scorer.Scorer(
+        setup["cfg"], setup["tok"], spec=settings.ScoringSpec(batch_size=8),
+        run=settings.RunSettings(generation.GenerationSettings(penalty), shared_prefix=on)
+    ).classify(setup["params"], texts, verbalizers)
     whole_NxC, prefixed_NxC = scores[penalty] = run(False), run(True)
     atol = _assert_scores_close(prefixed_NxC, whole_NxC)
     _assert_same_choices(list(np.argmax(prefixed_NxC, -1)), list(np.argmax(whole_NxC, -1)),
@@ -189,27 +192,3 @@ def test_shared_prefix_matches_whole_prompts(setup, sentibench_dir):
   # transformers' penalty of the unpenalised score.
   raw_N, got_N = scores[1.0][1][only_in_prefix, c], scores[1.3][1][only_in_prefix, c]
   np.testing.assert_allclose(got_N, np.where(raw_N < 0, raw_N * 1.3, raw_N / 1.3), rtol=1e-5)
-
-
-def test_parse_config_values(sentibench_dir, tmp_path):
-  assert scorer.parse_seeds("42, 52,62") == [42, 52, 62]
-  assert scorer.parse_seeds(7) == [7] and scorer.parse_seeds((1, 2)) == [1, 2]
-  assert scorer.parse_datasets("all") == list(sentibench.DATASETS)
-  assert scorer.parse_datasets("sc/sst2, absa/opener") == ["sc/sst2", "absa/opener"]
-  with pytest.raises(ValueError, match="unknown SentiBench dataset"):
-    scorer.parse_datasets("sc/nope")
-  with pytest.raises(ValueError, match="seeds"):
-    scorer.parse_seeds("a,b")
-  with pytest.raises(FileNotFoundError, match="data directory"):
-    scorer.check_data(tmp_path / "missing", ["sc/sst2"])
-  with pytest.raises(FileNotFoundError, match="sc/sst2"):
-    scorer.check_data(tmp_path, ["sc/sst2"])
-  scorer.check_data(sentibench_dir, list(sentibench.DATASETS))
-
-
-def test_example_limits_per_task_kind():
-  assert scorer.example_limits(100, 50) == {"classification": 100, "extraction": 50}
-  assert scorer.example_limits(100) == {"classification": 100, "extraction": 100}
-  assert scorer.example_limits(0, 0) == {"classification": 0, "extraction": 0}
-  with pytest.raises(ValueError, match="eval.max_examples_extraction"):
-    scorer.example_limits(100, -2)
