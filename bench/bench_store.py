@@ -1,20 +1,23 @@
-"""Top-k store size and speed: the v2 store (topk_store.py) vs the v1 format, on a real teacher.
+"""Top-k store size and speed: store v3 vs v2 (and the v1 format), on a real teacher.
 
-    python bench/bench_store.py --model /work/models/smollm2 --records 48
+    python bench/bench_store.py --model /work/models/smollm2 --records 32 --cache /tmp/t32.npz
 
 The teacher (an HF Llama-family dir, SmolLM2-135M-Instruct: 49152 ids; made by
 ../shared/tools/smollm2_hf.py) scores the first `--records` records of
 ../shared/teacher_corpus (chat template, prompt + response, fp64 log-softmax in torch); its
-top-128 and tail at every response token are then written as stores at k=128 and k=20: v2 with
-each codec, and v1 (int32 ids + float32 log-probs, uncompressed npz, as the old writer made it).
-Printed per (k, format): bytes per stored position (shard bytes / response positions), write and
-read throughput (positions/s; read = every record's soft targets decoded as training asks for
-them), and for v2 the KL(float store || what training reads) over the k + 1 buckets, mean nats
-per position. Teacher time is not counted.
+top-128 and tail at every response token are then written as stores at k=128 and k=20: v3 (the
+writer, topk_entries.py), v2 (rank-ordered bit-packed ids + 8-bit log-prob deltas, lzma: as the
+previous writer made it) and v1 (int32 ids + float32 log-probs, uncompressed npz). Printed per
+(k, format): bytes per stored position (shard bytes / response positions), write and read
+throughput (positions/s and MB/s of the float32 top-k they stand for, k * 8 bytes per
+position; read = every record's soft targets decoded as training asks for them), and the
+KL(float64 teacher top-k + tail || what training reads) over the k + 1 buckets, mean nats per
+position. Teacher time is not counted.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pathlib
 import shutil
@@ -140,7 +143,29 @@ def read_v1(store: pathlib.Path) -> int:
   return n
 
 
-def read_v2(store: pathlib.Path, k: int) -> int:
+def write_v2(store: pathlib.Path, tok, scored, k: int) -> None:
+  """The v2 layout (the previous writer's arrays and index), one shard."""
+  from sentijax.data import topk_codec, topk_writer  # pylint: disable=import-outside-toplevel
+  store.mkdir(parents=True)
+  bits = topk_codec.id_bits(len(tok))
+  arrays = topk_writer.record_arrays(scored)
+  lp = np.concatenate([s.logprobs for s in scored])
+  arrays |= topk_codec.v2_arrays(np.concatenate([s.ids for s in scored]), lp,
+                                 np.concatenate([s.log_tail for s in scored]), 0.125)
+  data = topk_codec.encode_shard(arrays, "lzma", {"tokens": bits, "topk_ids": bits,
+                                                  "loss_mask": 1})
+  (store / "shard-00000.bin").write_bytes(data)
+  (store / "index.json").write_text(json.dumps({
+      "format": topk_store.FORMAT, "version": 2, "mode": "topk", "k": k, "temperature": 1.0,
+      "teacher": "t", "tokenizer": topk_store.tokenizer_identity(tok), "render": {"mode": "chat"},
+      "encoding": {"id_bits": bits, "logprob_step": 0.125, "codec": "lzma"},
+      "shards": [{"file": "shard-00000.bin", "records": len(scored),
+                  "tokens": int(len(arrays["tokens"])), "positions": int(len(lp)),
+                  "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}],
+      "complete": True}))
+
+
+def read_store(store: pathlib.Path, k: int) -> int:
   recs, soft = topk_store.load(store, k)
   n = 0
   for r in recs:
@@ -150,15 +175,25 @@ def read_v2(store: pathlib.Path, k: int) -> int:
 
 
 def kl_error(scored, got) -> float:
-  """Mean KL over the k + 1 buckets of the float store vs the decoded one (nats / position)."""
+  """Mean KL over the k + 1 buckets of the float store vs the decoded one (nats / position),
+  entries matched by id (v3 orders tail entries by level, then frequency rank)."""
   total, count = 0.0, 0
   for s, g in zip(scored, got):
-    p, q = np.exp(s.logprobs.astype(np.float64)), np.exp(g.logprobs.astype(np.float64))
+    o_s, o_g = np.argsort(s.ids, 1), np.argsort(g.ids, 1)
+    assert (np.take_along_axis(s.ids, o_s, 1) == np.take_along_axis(g.ids, o_g, 1)).all()
+    p = np.exp(np.take_along_axis(s.logprobs.astype(np.float64), o_s, 1))
+    q = np.exp(np.take_along_axis(g.logprobs.astype(np.float64), o_g, 1))
     pt, qt = np.exp(s.log_tail.astype(np.float64)), np.exp(g.log_tail.astype(np.float64))
     kl = (p * np.log(p / q)).sum(-1) + np.where(pt > 0, pt * np.log(pt / np.maximum(qt, 1e-300)),
                                                 0)
     total, count = total + kl.sum(), count + len(kl)
   return total / count
+
+
+def row(k: int, name: str, size: int, positions: int, w_s: float, r_s: float, err: str) -> None:
+  mb = positions * k * 8 / 1e6  # the float32 ids + log-probs the store stands for
+  print(f"k={k:3d} {name:30s}: {size / positions:7.1f} B/pos, write {positions / w_s:8.0f} pos/s"
+        f" ({mb / w_s:6.1f} MB/s), read {positions / r_s:8.0f} pos/s ({mb / r_s:6.1f} MB/s){err}")
 
 
 def main() -> None:
@@ -177,53 +212,55 @@ def main() -> None:
     for k in (128, 20):
       scored = []
       for rec, ids, lp, tail, _, _ in raw:
-        lp_k = lp[:, :k]
         tail_k = np.logaddexp(tail, np.log(np.exp(lp[:, k:]).sum(-1))) if k < lp.shape[1] \
             else tail
-        scored.append(topk_store.ScoredRecord(rec, ids[:, :k], lp_k.astype(np.float32),
-                                              tail_k))
+        scored.append(topk_store.ScoredRecord(rec, ids[:, :k], lp[:, :k], tail_k))
       t = time.perf_counter()
       write_v1(tmp / f"v1-{k}", tok, scored, k)
       w_s = time.perf_counter() - t
       t = time.perf_counter()
       read_v1(tmp / f"v1-{k}")
-      r_s = time.perf_counter() - t
-      size = (tmp / f"v1-{k}" / "shard-00000.npz").stat().st_size
-      print(f"k={k:3d} v1 (int32 + float32 npz): {size / positions:7.1f} B/pos, write "
-            f"{positions / w_s:9.0f} pos/s, read {positions / r_s:9.0f} pos/s")
-      for codec in ("lzma", "zlib", "none"):
-        store = tmp / f"v2-{k}-{codec}"
+      row(k, "v1 (int32 + float32 npz)", (tmp / f"v1-{k}" / "shard-00000.npz").stat().st_size,
+          positions, w_s, time.perf_counter() - t, "")
+      for version in (2, 3):
+        store = tmp / f"v{version}-{k}"
         t = time.perf_counter()
-        w = topk_store.StoreWriter(store, k=k, teacher="t", tokenizer=tok,
-                                   render={"mode": "chat"}, codec=codec)
-        w.write_shard(scored)
-        w.finish(True)
+        if version == 2:
+          write_v2(store, tok, scored, k)
+        else:
+          w = topk_store.StoreWriter(store, k=k, teacher="t", tokenizer=tok,
+                                     render={"mode": "chat"})
+          w.write_shard(scored)
+          w.finish(True)
         w_s = time.perf_counter() - t
         t = time.perf_counter()
-        assert read_v2(store, k) == positions
+        assert read_store(store, k) == positions
         r_s = time.perf_counter() - t
-        size = sum(s["bytes"] for s in w.index["shards"])
+        size = sum(s["bytes"] for s in topk_store.read_index(store)["shards"])
         err = kl_error(scored, topk_store.read_records(store))
-        print(f"k={k:3d} v2 {codec:4s}: {size / positions:7.1f} B/pos, write {positions / w_s:9.0f}"
-              f" pos/s, read {positions / r_s:9.0f} pos/s, KL error {err:.2e} nats/pos")
-        if codec == "lzma":
-          print(f"          per array (B/pos): {breakdown(store, positions)}")
-      try:
-        import zstandard  # pylint: disable=import-outside-toplevel
-        blobs = topk_store._shard_arrays(  # pylint: disable=protected-access
-            scored, "topk", k, topk_store.LOGPROB_STEP)
-        from sentijax.data import topk_codec  # pylint: disable=import-outside-toplevel
-        raw_bytes = {n: (topk_codec.pack_bits(a, topk_codec.id_bits(len(tok))).tobytes()
-                         if n in ("tokens", "topk_ids") else np.ascontiguousarray(a).tobytes())
-                     for n, a in blobs.items() if n != "ids"}
-        zs = sum(len(zstandard.ZstdCompressor(level=19).compress(b)) for b in raw_bytes.values())
-        print(f"k={k:3d} v2 zstd-19 (PyPI zstandard, arrays as stored): "
-              f"{zs / positions:7.1f} B/pos")
-      except ImportError:
-        print("zstandard not installed: zstd not measured")
+        row(k, f"v{version} lzma", size, positions, w_s, r_s, f", KL error {err:.2e} nats/pos")
+        print(f"          per array (B/pos): {breakdown(store, positions)}")
+      zstd_size(tok, scored, k, positions)
     sample_sizes(tmp, tok, raw, positions)
   finally:
     shutil.rmtree(tmp)
+
+
+def zstd_size(tok, scored, k: int, positions: int) -> None:
+  """The v3 arrays compressed with zstd-19 (PyPI zstandard) instead of lzma."""
+  try:
+    import zstandard  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    print("zstandard not installed: zstd not measured")
+    return
+  from sentijax.data import topk_codec, topk_format, topk_writer  # pylint: disable=C0415
+  index = {"mode": "topk", "k": k, "encoding": topk_format.encoding(k, len(tok))}
+  bits = index["encoding"]["id_bits"]
+  arrays = topk_writer.shard_arrays(scored, index)
+  raw_bytes = [(topk_codec.pack_bits(a, bits).tobytes() if n in topk_writer.ID_ARRAYS
+                else np.ascontiguousarray(a).tobytes()) for n, a in arrays.items() if n != "ids"]
+  zs = sum(len(zstandard.ZstdCompressor(level=19).compress(b)) for b in raw_bytes)
+  print(f"k={k:3d} v3 arrays with zstd-19 (PyPI zstandard): {zs / positions:7.1f} B/pos")
 
 
 def sample_sizes(tmp: pathlib.Path, tok, raw, positions: int) -> None:

@@ -1,18 +1,15 @@
-"""Byte encodings of the top-k store (topk_store.py): bit-packed ids, quantised log-probabilities
-and the shard container.
+"""Byte encodings of the top-k store (topk_store.py): bit-packed ids, the version-2 quantised
+log-probabilities (read for version-2 stores; version 3 codes entries in topk_entries.py) and the
+shard container.
 
 Ids: `id_bits(vocab)` = the narrowest width that holds every id (16 bits for SmolLM2's 49152,
 17 for Llama-3's 128256), packed little-endian bit by bit (`pack_bits` / `unpack_bits`).
 
-Log-probabilities (one position's top-k, descending): code_i = round((lp_1 - lp_i) / step) in
-[0, 254] (relative to the position's top-1, clipped 254 steps below it), 255 = no entry (a server
-gave fewer); stored as the first code and then the differences of successive codes (small
-non-negative numbers: the codec squeezes them). The tail mass (1 - the sum of the k
-probabilities) is stored per position as float16 log(tail). Decoding gives
-  p_i = (1 - tail) * exp(-code_i * step) / sum_j exp(-code_j * step),
-so the stored tail is exact to float16 and the k probabilities keep their ratios to within
-step / 2 in log space (the KL cost is about step^2 / 24 nats per position: bench_store.py
-measures it).
+Version-2 log-probabilities (one position's top-k, descending): code_i = round((lp_1 - lp_i) /
+step) in [0, 254] (relative to the position's top-1, clipped 254 steps below it), 255 = no entry;
+stored as the first code and then the differences of successive codes, with the tail mass per
+position as float16 log(tail). Decoding gives
+  p_i = (1 - tail) * exp(-code_i * step) / sum_j exp(-code_j * step).
 
 Shard container: MAGIC, an 8-byte little-endian header length, a JSON header listing each array
 (name, dtype, shape, offset, size, bits), then the arrays, each compressed on its own with the
@@ -107,6 +104,14 @@ def log_tail(logprobs_MxK: np.ndarray) -> np.ndarray:
   listed = np.exp(np.asarray(logprobs_MxK, np.float64)).sum(-1)
   with np.errstate(divide="ignore"):
     return np.log(np.clip(1.0 - listed, 0.0, 1.0))
+
+
+def v2_arrays(ids_MxK: np.ndarray, logprobs_MxK: np.ndarray, log_tail_M: np.ndarray,
+              step: float) -> dict[str, np.ndarray]:
+  """A version-2 shard's top-k arrays (stores are written as version 3 now: this makes v2
+  stores for the converter's tests and bench_store.py's comparison)."""
+  return {"topk_ids": np.asarray(ids_MxK), "logprob_deltas": codes_to_deltas(quantise(
+      logprobs_MxK, step)), "log_tail": np.asarray(log_tail_M).astype(np.float16)}
 
 
 def codes_to_deltas(codes_MxK: np.ndarray) -> np.ndarray:

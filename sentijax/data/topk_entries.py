@@ -146,7 +146,7 @@ def encode(ids_MxK: np.ndarray, logprobs_MxK: np.ndarray, log_tail_M: np.ndarray
   valid = np.isfinite(lp)
   if (valid[:, 1:] & ~valid[:, :-1]).any():
     raise ValueError("top-k entries: missing (-inf) entries must come after the listed ones")
-  if (np.diff(np.where(valid, lp, -np.inf), axis=1) > 1e-6).any():
+  if (np.diff(np.where(valid, lp, -1e300), axis=1) > 1e-6).any():
     raise ValueError("top-k entries: log-probabilities must be descending along each row")
   if valid.any() and (ids[valid].min() < 0 or ids[valid].max() >= id_space):
     raise ValueError(f"top-k entries: ids outside [0, {id_space})")

@@ -53,8 +53,8 @@ def _entry_arrays(scored: Sequence[ScoredRecord], index: dict) -> dict[str, np.n
                              1 << int(index["encoding"]["id_bits"]))
 
 
-def shard_arrays(scored: Sequence[ScoredRecord], index: dict) -> dict[str, np.ndarray]:
-  """Every array of a shard of `scored` (records, then the mode's entries)."""
+def record_arrays(scored: Sequence[ScoredRecord]) -> dict[str, np.ndarray]:
+  """The records' arrays of a shard (ids, JSON lines, token ids, loss mask)."""
   lines = [json.dumps(s.record.to_json(with_tokens=False), ensure_ascii=False,
                       sort_keys=True).encode("utf-8") for s in scored]
   tokens = [s.record.tokens for s in scored]
@@ -65,7 +65,12 @@ def shard_arrays(scored: Sequence[ScoredRecord], index: dict) -> dict[str, np.nd
       "tokens": np.concatenate([t.ids for t in tokens]).astype(np.uint32),
       "token_offsets": np.cumsum([0] + [len(t.ids) for t in tokens], dtype=np.int64),
       "loss_mask": np.concatenate([t.loss_mask for t in tokens]).astype(np.uint8),
-  } | _entry_arrays(scored, index)
+  }
+
+
+def shard_arrays(scored: Sequence[ScoredRecord], index: dict) -> dict[str, np.ndarray]:
+  """Every array of a shard of `scored` (records, then the mode's entries)."""
+  return record_arrays(scored) | _entry_arrays(scored, index)
 
 
 def _shard_ids(store_dir: Path, index: dict) -> set[str]:

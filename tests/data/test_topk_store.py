@@ -5,6 +5,7 @@ mode; the quantisation KL bound; ids in the narrowest width; the streaming loade
 clear errors for a missing or corrupt shard, a width above k, another tokenizer and a v1 store
 (with its converter)."""
 import dataclasses
+import hashlib
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from sentijax.data import dataset, packing, records, tokenizer as tok_lib, topk_codec, topk_store
+from sentijax.data import topk_writer
 from sentijax.data.records import BadRow, Record, Tokens
 from sentijax.data.spec import DataSpec
 
@@ -222,37 +224,69 @@ def test_a_v1_store_is_refused_with_the_converter_and_converts(tok, tmp_path):
                                + 1e-6)
 
 
-def _realistic_logits(positions: int, vocab: int, seed: int) -> np.ndarray:
-  """float64 logits like an LM's: a Zipf prior over ids, per-position noise and a few strong
-  candidates (top-1 probabilities from ~0.1 to ~0.99)."""
-  rng = np.random.default_rng(seed)
-  logits = -1.1 * np.log1p(np.arange(vocab))[None] + rng.normal(0, 2.0, (positions, vocab))
-  for i in range(positions):
-    picks = rng.choice(vocab, 5, replace=False)
-    logits[i, picks] += rng.uniform(4, 14) * np.sort(rng.random(5))[::-1]
-  return logits
+def _write_v2(store, tok, scored):
+  """A version-2 store as the previous writer made it (one shard, lzma)."""
+  store.mkdir(parents=True)
+  bits = topk_codec.id_bits(len(tok))
+  arrays = topk_writer.record_arrays(scored) | topk_codec.v2_arrays(
+      np.concatenate([s.ids for s in scored]), np.concatenate([s.logprobs for s in scored]),
+      np.concatenate([topk_codec.log_tail(s.logprobs) for s in scored]), 0.125)
+  data = topk_codec.encode_shard(arrays, "lzma", {"tokens": bits, "topk_ids": bits,
+                                                  "loss_mask": 1})
+  (store / "shard-00000.bin").write_bytes(data)
+  tok.save_pretrained(str(store / "tokenizer"))
+  (store / "index.json").write_text(json.dumps({
+      "format": "sentijax-topk", "version": 2, "mode": "topk", "k": K, "temperature": 1.0,
+      "teacher": "t", "tokenizer": topk_store.tokenizer_identity(tok), "render": {"mode": "raw"},
+      "encoding": {"id_bits": bits, "logprob_step": 0.125, "codec": "lzma"},
+      "shards": [{"file": "shard-00000.bin", "records": len(scored),
+                  "tokens": int(len(arrays["tokens"])), "positions": int(len(arrays["log_tail"])),
+                  "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}],
+      "complete": True}))
 
 
-@pytest.mark.parametrize("k", [20, 128])
-def test_quantised_logprobs_cost_less_than_1e3_nats(k):
-  """KL(float store || quantised store) over the k + 1 buckets (top-k and the tail), mean per
-  position, on a 49152-token vocabulary: <= 1e-3 nats (the budget) and about step^2 / 24."""
-  logits = _realistic_logits(48, 49152, seed=k)
-  lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-      - logits.max(-1, keepdims=True)
-  top_id = np.argsort(-lp, axis=1)[:, :k]
-  top_lp = np.take_along_axis(lp, top_id, 1)
-  p = np.exp(top_lp)
-  tail = np.exp(np.log1p(-np.clip(p.sum(-1), 0, 1)))
-  codes = topk_codec.quantise(top_lp.astype(np.float32), topk_store.LOGPROB_STEP)
-  # through the stored bytes: deltas, then float16 log tail
-  codes = topk_codec.deltas_to_codes(topk_codec.codes_to_deltas(codes))
-  q = topk_codec.dequantise(codes, np.log(tail).astype(np.float16),
-                            topk_store.LOGPROB_STEP).astype(np.float64)
-  q_tail = 1 - q.sum(-1)
-  kl = (p * np.log(p / q)).sum(-1) + tail * np.log(tail / q_tail)
-  assert kl.min() >= -1e-9 and kl.mean() <= 1e-3, kl.mean()
-  assert kl.mean() <= 2 * topk_store.LOGPROB_STEP ** 2 / 24
+def test_a_v2_store_loads_and_converts_to_v3(tok, tmp_path):
+  scored = _scored(5)
+  for s in scored[:2]:  # entries deeper than the head (HEAD_NATS) too
+    s.logprobs[:, 3:] -= 4.0
+  _write_v2(tmp_path / "old", tok, scored)
+  old = topk_store.read_records(tmp_path / "old")  # version 2 still reads
+  recs, soft = topk_store.load(tmp_path / "old", 4)
+  assert [r.id for r in recs] == [s.record.id for s in scored] and soft.width == 4
+  with pytest.raises(topk_store.StoreError, match=(
+      rf"{tmp_path}/old/index.json: a version-2 store; .* appends to version 3: convert it: "
+      rf"python -m sentijax.data.topk_store convert {tmp_path}/old")):
+    topk_store.StoreWriter(tmp_path / "old", k=K, teacher="t", tokenizer=tok,
+                           render={"mode": "raw"})
+  assert topk_store.main(["convert", str(tmp_path / "old"), str(tmp_path / "new")]) == 0
+  assert topk_store.read_index(tmp_path / "new")["version"] == 3
+  new = topk_store.read_records(tmp_path / "new")
+  assert [n.record.id for n in new] == [s.record.id for s in scored]
+  q = topk_store.quantiser(topk_store.read_index(tmp_path / "new"))
+  deep = 0
+  for n, o, s in zip(new, old, scored):
+    assert n.record == o.record
+    np.testing.assert_array_equal(n.log_tail, o.log_tail)  # float16 values, copied
+    for m in range(len(s.ids)):
+      order_n, order_o = np.argsort(n.ids[m]), np.argsort(o.ids[m])
+      np.testing.assert_array_equal(n.ids[m][order_n], np.sort(s.ids[m]))  # the same id set
+      rel_n = n.logprobs[m][order_n] - n.logprobs[m, 0]
+      rel_o = o.logprobs[m][order_o] - o.logprobs[m, 0]
+      head = rel_o >= -q.head_nats
+      # head: v2's codes re-coded exactly (same step); tail: within half a level on sqrt(p/p1)
+      np.testing.assert_allclose(rel_n[head], rel_o[head], atol=1e-5, rtol=0)
+      assert (np.abs(np.exp(rel_n[~head] / 2) - np.exp(rel_o[~head] / 2))
+              <= q.level_step / 2 + 1e-6).all()
+      deep += int((~head).sum())
+  assert deep > 0
+  with pytest.raises(topk_store.StoreError, match="already format sentijax-topk version 3"):
+    topk_store.convert(tmp_path / "new", tmp_path / "again")
+  index = json.loads((tmp_path / "new" / "index.json").read_text())
+  (tmp_path / "new" / "index.json").write_text(json.dumps(index | {"version": 9}))
+  with pytest.raises(topk_store.StoreError, match=(
+      r"new/index.json: format 'sentijax-topk' version 9, expected 'sentijax-topk' version 2 "
+      r"or 3")):
+    topk_store.load(tmp_path / "new", 2)
 
 
 @pytest.mark.parametrize("vocab, bits", [(300, 9), (49152, 16), (65536, 16), (65537, 17),
