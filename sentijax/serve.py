@@ -45,8 +45,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from sentijax import serve_engine
+from sentijax.sampling import SamplingSettings
 from sentijax.serve_engine import Delta, Failed, Finished, PromptScores
-from sentijax.teacher.common import Sampling
 from sentijax.teacher.local import LocalTeacher
 
 log = logging.getLogger("sentijax")
@@ -126,9 +126,9 @@ def _number(body: dict, key: str, default, kind, lo=None, hi=None):
   return value
 
 
-def parse_sampling(body: dict, max_tokens: int) -> Sampling:
-  """Sampling from an OpenAI request body (max_tokens already checked); unseeded requests get a
-  fresh random seed. BadRequest names the key."""
+def parse_sampling(body: dict, max_tokens: int) -> SamplingSettings:
+  """Sampling settings from an OpenAI request body (max_tokens already checked); unseeded
+  requests get a fresh random seed. BadRequest names the key."""
   stop = body.get("stop") or []
   stop = [stop] if isinstance(stop, str) else stop
   if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
@@ -136,10 +136,11 @@ def parse_sampling(body: dict, max_tokens: int) -> Sampling:
   seed = body.get("seed")
   seed = secrets.randbits(63) if seed is None else _number(body, "seed", 0, int)
   try:
-    return Sampling(temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
-                    top_p=_number(body, "top_p", 1.0, float), top_k=_number(body, "top_k", 0, int),
-                    max_tokens=max_tokens, min_tokens=_number(body, "min_tokens", 0, int),
-                    stop=tuple(stop), seed=seed)
+    return SamplingSettings(
+        temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, float), top_k=_number(body, "top_k", 0, int),
+        max_tokens=max_tokens, min_tokens=_number(body, "min_tokens", 0, int), stop=tuple(stop),
+        seed=seed)
   except ValueError as e:
     raise BadRequest(str(e)) from None
 

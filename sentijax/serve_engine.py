@@ -1,14 +1,15 @@
 """Continuous batching for `sentijax.serve`: a fixed set of decode rows sharing one KV cache.
 
-Each row holds one choice of one request with its own settings (`sampling.RowSampling`: the
-temperature, top_p, top_k, min_tokens and seed of every row differ freely inside one jitted step;
-max_tokens and stop strings are checked per row on the host). At every step boundary waiting
-requests join and finished rows leave: the joiners' prompts are prefilled together (left-padded
-to one bucketed length) and written into the cache just before the shared write index, so each
-row's prompt ends where its next token goes; positions are per row, so a row decodes exactly as
-alone. The cache length is a power of two that grows as the live rows fill it (`_relayout` rolls
-the oldest live row to slot 0 and doubles the length if that frees too little; nothing is reserved
-for max_tokens up front) and starts small again once the engine is idle. Prompt scoring (echo + logprobs) comes
+Each row holds one choice of one request with its own `SamplingSettings` (as
+`sampling.RowSampling`: the temperature, top_p, top_k, min_tokens and seed of every row differ
+freely inside one jitted step; max_tokens and stop strings are checked per row on the host). At
+every step boundary waiting requests join and finished rows leave: the joiners' prompts are
+prefilled together (left-padded to one bucketed length) and written into the cache just before
+the shared write index, so each row's prompt ends where its next token goes; positions are per
+row, so a row decodes exactly as alone. The cache length is a power of two that grows as the live
+rows fill it (`_relayout` rolls the oldest live row to slot 0 and doubles the length if that frees
+too little; nothing is reserved for max_tokens up front) and starts small again once the engine
+is idle. Prompt scoring (echo + logprobs) comes
 from the same batched prefill. A row's text is tracked on the host: a stop string ends the row,
 and the tail a stop string could still claim is held back, so the streamed pieces add up to the
 final text.
@@ -30,12 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from sentijax import models, sampling
+from sentijax.sampling import SamplingSettings
 from sentijax.teacher import local as local_teacher
-from sentijax.teacher.common import Sampling, cut_at_stop, row_seed
+from sentijax.teacher.common import cut_at_stop, row_seed
 
 log = logging.getLogger("sentijax")
 
 TOP_N = 20  # logprob alternatives computed when a row asks for any (the OpenAI API's maximum)
+_FILLER = SamplingSettings(max_tokens=1)  # the settings of a row no request holds (greedy)
 MIN_CONTEXT = 128  # smallest cache length (slots per row)
 
 
@@ -51,7 +54,7 @@ class Draining(RuntimeError):
 class Request:
   """One API request: `n` choices continuing `prompt_ids`; results arrive in `events`."""
   prompt_ids: list[int]
-  sampling: Sampling
+  sampling: SamplingSettings
   n: int = 1
   logprobs: bool = False  # per generated token: its logprob and the TOP_N alternatives
   score_prompt: bool = False  # the prompt's token logprobs (echo)
@@ -388,8 +391,7 @@ class Engine:
     for j, q in enumerate(reqs):
       ids_KxP[j, :len(q.prompt_ids)], mask_KxP[j, :len(q.prompt_ids)] = q.prompt_ids, 1
     # The local teacher's scoring forward: a lone prompt scores exactly as LocalTeacher.logprobs.
-    score = local_teacher._token_logprobs  # pylint: disable=protected-access
-    chosen, top_lp, top_id = (np.asarray(x) for x in score(
+    chosen, top_lp, top_id = (np.asarray(x) for x in local_teacher.token_logprobs(
         self.cfg, self.params, jnp.asarray(ids_KxP), jnp.asarray(mask_KxP), top_n=TOP_N))
     for j, q in enumerate(reqs):
       span = range(len(q.prompt_ids) - 1)  # logits at t score token t + 1
@@ -398,13 +400,12 @@ class Engine:
           [None] + [{int(i): float(lp) for i, lp in zip(top_id[j, t], top_lp[j, t])}
                     for t in span]))
 
-  def _settings(self, sps: Sequence[Sampling], seeds: Sequence[int], rows: int
+  def _settings(self, sps: Sequence[SamplingSettings], seeds: Sequence[int], rows: int
                 ) -> sampling.RowSampling:
+    """Per-row arrays of `sps` (seeded by `seeds`), filler rows greedy up to `rows`."""
     filler = rows - len(sps)
-    return sampling.RowSampling.build(
-        [s.temperature for s in sps] + [0.0] * filler, [s.top_p for s in sps] + [1.0] * filler,
-        [s.top_k for s in sps] + [0] * filler, [s.min_tokens for s in sps] + [0] * filler,
-        list(seeds) + [0] * filler)
+    return sampling.RowSampling.build(list(sps) + [_FILLER] * filler,
+                                      sampling.keys_from_seeds(list(seeds) + [0] * filler))
 
   def _advance(self, slot: int, host: dict, j: int) -> None:
     """Takes row `slot`'s new token (entry j of the host arrays): text, events, finish."""
@@ -438,8 +439,7 @@ class Engine:
       return
     if self._row_sampling is None:
       by_slot = {s: r for s, r in live}
-      default = Sampling(max_tokens=1)
-      sps = [by_slot[s].request.sampling if s in by_slot else default for s in range(self.slots)]
+      sps = [by_slot[s].request.sampling if s in by_slot else _FILLER for s in range(self.slots)]
       seeds = [by_slot[s].seed if s in by_slot else 0 for s in range(self.slots)]
       self._row_sampling = self._settings(sps, seeds, self.slots)
     tok_S = np.full((self.slots,), self.pad_id, np.int32)

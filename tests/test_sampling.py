@@ -16,6 +16,7 @@ N_PROMPTS = 50
 # torch's top two logits are closer than 1e-4 of it (30x that), the greedy pick is decided by
 # rounding and may differ on another CPU: such rows are left out of the exact comparisons.
 NEAR_TIE_REL = 1e-4
+GREEDY = sampling.SamplingSettings(max_tokens=MAX_NEW)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +61,8 @@ def _truncate(ref_N: np.ndarray, stops: set, pad: int) -> tuple[np.ndarray, int]
 @pytest.mark.parametrize("per_layer", [True, False], ids=["per-layer", "scan"])
 def test_greedy_matches_transformers_generate(setup, per_layer):
   s = setup
-  out = sampling.greedy_decode(s["cfg"], s["params"], s["ids"], s["mask"], MAX_NEW, s["eos"],
-                               s["tok"].eos_token_id, per_layer=per_layer)
+  out = sampling.decode(s["cfg"], s["params"], s["ids"], s["mask"], GREEDY,
+                        sampling.Stops(s["eos"], s["tok"].eos_token_id), per_layer=per_layer)
   assert out.tokens_BxN.shape == (len(s["ids"]), MAX_NEW)
   np.testing.assert_array_equal(out.tokens_BxN, s["ref"])
   for row, n in zip(s["ref"], out.lengths_B):
@@ -77,7 +78,7 @@ def test_stops_at_newline_and_eos(setup):
   ids, mask, ref, pad = s["ids"][:16], s["mask"][:16], s["ref"][:16], s["tok"].eos_token_id
   # The random model rarely emits newlines: also stop at tokens it does emit at step 3.
   hard = set(s["eos"]) | newline | set(ref[:8, 3].tolist())
-  out = sampling.greedy_decode(s["cfg"], s["params"], ids, mask, MAX_NEW, sorted(hard), pad)
+  out = sampling.decode(s["cfg"], s["params"], ids, mask, GREEDY, sampling.Stops(sorted(hard), pad))
   for row, toks, n in zip(ref, out.tokens_BxN, out.lengths_B):
     want, want_n = _truncate(row, hard, pad)
     np.testing.assert_array_equal(toks, want)
@@ -87,8 +88,8 @@ def test_stops_at_newline_and_eos(setup):
   # Soft stops end a row only after a non-blank token (leading newlines do not end answers).
   soft = set(stops.soft_stop_ids) | set(ref[:, 0].tolist()) | set(ref[:, 4].tolist())
   blank = set(stops.blank_ids) | set(ref[:, 0].tolist())
-  out = sampling.greedy_decode(s["cfg"], s["params"], ids, mask, MAX_NEW, stops.stop_ids, pad,
-                               soft_stop_ids=sorted(soft), blank_ids=sorted(blank))
+  out = sampling.decode(s["cfg"], s["params"], ids, mask, GREEDY,
+                        sampling.Stops(stops.stop_ids, pad, sorted(soft), sorted(blank)))
   hard_ids = set(stops.stop_ids)
   for row, toks, n in zip(ref, out.tokens_BxN, out.lengths_B):
     seen, want_n = False, MAX_NEW
@@ -105,8 +106,8 @@ def test_stops_at_newline_and_eos(setup):
 
 def test_every_token_stops_after_one_step(setup):
   s = setup
-  out = sampling.greedy_decode(s["cfg"], s["params"], s["ids"][:16], s["mask"][:16], MAX_NEW,
-                               list(range(s["cfg"].vocab_size)), 7)
+  out = sampling.decode(s["cfg"], s["params"], s["ids"][:16], s["mask"][:16], GREEDY,
+                        sampling.Stops(list(range(s["cfg"].vocab_size)), 7))
   np.testing.assert_array_equal(out.lengths_B, 1)
   np.testing.assert_array_equal(out.tokens_BxN[:, 0], s["ref"][:16, 0])
   assert (out.tokens_BxN[:, 1:] == 7).all()
@@ -116,11 +117,12 @@ def test_nucleus_sampling(setup):
   s = setup
   ids, mask = s["ids"][:8], s["mask"][:8]
   # A tiny top_p keeps only the argmax: sampling reduces to greedy.
-  out = sampling.decode(s["cfg"], s["params"], ids, mask, 10, s["eos"], s["tok"].eos_token_id,
-                        rng=0, top_p=1e-6)
+  out = sampling.decode(s["cfg"], s["params"], ids, mask, sampling.SamplingSettings(
+      temperature=1.0, top_p=1e-6, max_tokens=10), sampling.Stops(s["eos"], s["tok"].eos_token_id))
   np.testing.assert_array_equal(out.tokens_BxN, s["ref"][:8, :10])
-  a = sampling.decode(s["cfg"], s["params"], ids, mask, 10, [], 0, rng=1, temperature=2.0)
-  b = sampling.decode(s["cfg"], s["params"], ids, mask, 10, [], 0, rng=1, temperature=2.0)
+  hot = sampling.SamplingSettings(temperature=2.0, max_tokens=10, seed=1)
+  a = sampling.decode(s["cfg"], s["params"], ids, mask, hot, sampling.Stops([], 0))
+  b = sampling.decode(s["cfg"], s["params"], ids, mask, hot, sampling.Stops([], 0))
   np.testing.assert_array_equal(a.tokens_BxN, b.tokens_BxN)
   assert (a.tokens_BxN != s["ref"][:8, :10]).any()
 
@@ -133,8 +135,9 @@ def test_sharded_decode_matches(setup, tmp_path):
        ("kv_heads", "tensor"), ("vocab", "tensor"), ("head_dim", None), ("layers", None),
        ("norm", None)))
   params = jax.device_put(s["params"], models.shardings_for(s["cfg"], mesh, rules))
-  out = sampling.greedy_decode(s["cfg"], params, s["ids"][:12], s["mask"][:12], MAX_NEW,
-                               s["eos"], s["tok"].eos_token_id, mesh=mesh)
+  out = sampling.decode(s["cfg"], params, s["ids"][:12], s["mask"][:12], GREEDY,
+                        sampling.Stops(s["eos"], s["tok"].eos_token_id),
+                        placement=sharding.Placement(mesh))
   np.testing.assert_array_equal(out.tokens_BxN, s["ref"][:12])
 
 
@@ -147,29 +150,43 @@ def test_bucketing_helpers():
   np.testing.assert_array_equal(ids, [[0, 0, 5, 6], [0, 0, 0, 7], [0, 0, 0, 0]])
   np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 0, 1]])
   with pytest.raises(ValueError, match="left-padded"):
-    sampling.greedy_decode(None, None, ids, mask[:, ::-1], 4, [], 0)
+    sampling.decode(None, None, ids, mask[:, ::-1], GREEDY, sampling.Stops([], 0))
 
 
 
 # ---- per-row settings (the server's continuous batches)
 
 
-def test_filter_logits_rows_matches_filter_logits_per_row():
+def _kept_np(logits_V: np.ndarray, k: int, p: float) -> np.ndarray:
+  """Reference in float64 numpy, one row: top-k (0 = off), then the smallest prefix of the sorted
+  probabilities whose mass reaches p (the argmax always kept); bool [V]."""
+  order = np.argsort(-logits_V, kind="stable")[:k or None]
+  probs = np.exp(logits_V[order] - logits_V[order].max())
+  probs /= probs.sum()
+  before = np.cumsum(probs) - probs
+  kept = np.zeros(len(logits_V), bool)
+  kept[order[(before < p) | (np.arange(len(order)) == 0)]] = True
+  return kept
+
+
+def test_filter_logits_rows_keeps_top_k_then_nucleus_per_row():
   logits_BxV = jax.random.normal(jax.random.key(0), (3, 40)) * 3
   settings = [(0, 0.9), (5, 1.0), (7, 0.5)]
   got = sampling.filter_logits_rows(logits_BxV, np.array([k for k, _ in settings]),
                                     np.array([p for _, p in settings], np.float32))
   for r, (k, p) in enumerate(settings):
-    want = sampling.filter_logits(logits_BxV[r:r + 1], k, np.float32(p))
-    np.testing.assert_array_equal(np.isfinite(got[r]), np.isfinite(want[0]))
-  assert np.isfinite(got[1]).sum() == 5
+    want = _kept_np(np.asarray(logits_BxV[r], np.float64), k, p)
+    np.testing.assert_array_equal(np.isfinite(got[r]), want)
+  assert np.isfinite(got[1]).sum() == 5 and 1 < np.isfinite(got[0]).sum() < 40
 
 
 def test_sample_rows_mixes_settings_and_rows_are_independent():
   v = 6
   logits_BxV = jax.random.normal(jax.random.key(1), (4, v)) * 2
-  rows = sampling.RowSampling.build([0.0, 1.0, 0.7, 1.5], [1.0, 1.0, 0.9, 1.0], [0, 1, 0, 3],
-                                    [0, 0, 2, 0], [5, 6, 7, 8])
+  settings = [sampling.SamplingSettings(temperature=t, top_p=p, top_k=k, min_tokens=m)
+              for t, p, k, m in [(0.0, 1.0, 0, 0), (1.0, 1.0, 1, 0), (0.7, 0.9, 0, 2),
+                                 (1.5, 1.0, 3, 0)]]
+  rows = sampling.RowSampling.build(settings, sampling.keys_from_seeds([5, 6, 7, 8]))
   blockable_V = np.zeros((v,), bool)
   blockable_V[int(np.argmax(logits_BxV[2]))] = True
   step_B = np.array([0, 3, 1, 4], np.int32)
@@ -186,7 +203,8 @@ def test_sample_rows_mixes_settings_and_rows_are_independent():
 def test_sample_rows_draws_from_the_tempered_distribution():
   logits_V = np.array([2.0, 1.0, 0.0, -1.0], np.float32)
   n, temperature = 4000, 0.7
-  rows = sampling.RowSampling.build([temperature] * n, [1.0] * n, [0] * n, [0] * n, range(n))
+  rows = sampling.RowSampling.build([sampling.SamplingSettings(temperature=temperature)] * n,
+                                    sampling.keys_from_seeds(range(n)))
   tok = np.asarray(sampling.sample_rows(np.tile(logits_V, (n, 1)), rows,
                                         np.zeros((n,), np.int32), np.zeros((4,), bool)))
   want = np.exp(logits_V / temperature) / np.exp(logits_V / temperature).sum()

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from sentijax import serve
-from sentijax.teacher.common import Sampling
+from sentijax.sampling import SamplingSettings
 from teacher import teacher_fixtures
 
 openai = pytest.importorskip("openai")
@@ -45,8 +45,8 @@ def test_models_and_completions(server, client):
   assert [m.id for m in client.models.list().data] == ["tiny"]
   r = client.completions.create(model="tiny", prompt="The pasta was great", max_tokens=8,
                                 temperature=0, logprobs=3)
-  [direct] = server.teacher.generate(["The pasta was great"], ["x"], Sampling(max_tokens=8),
-                                     logprobs=3)
+  [direct] = server.teacher.generate(["The pasta was great"], ["x"],
+                                     SamplingSettings(max_tokens=8), logprobs=3)
   choice = r.choices[0]
   assert choice.text == direct.text and choice.finish_reason == direct.finish_reason
   lp = choice.logprobs
@@ -72,7 +72,7 @@ def test_chat_completions(server, client):
   for pos in content:
     assert len(pos.top_logprobs) == 2 and pos.logprob <= 0
     assert sum(math.exp(t.logprob) for t in pos.top_logprobs) <= 1 + 1e-5
-  [direct] = server.teacher.generate([msgs], ["x"], Sampling(max_tokens=8, min_tokens=8))
+  [direct] = server.teacher.generate([msgs], ["x"], SamplingSettings(max_tokens=8, min_tokens=8))
   assert choice.message.content == direct.text
 
 
@@ -157,7 +157,7 @@ def test_mixed_settings_share_decode_steps(server, client):
   # The first request outgrew the first cache length (rolled and resized mid-batch): still the
   # sampler's greedy text.
   [ref] = server.teacher.generate(["Review number 0: it was fine"], ["x"],
-                                  Sampling(max_tokens=190, min_tokens=190))
+                                  SamplingSettings(max_tokens=190, min_tokens=190))
   assert together[0].choices[0].text == ref.text
   alone = [ask(i).choices[0].text for i in range(4)]
   assert alone == [r.choices[0].text for r in together]

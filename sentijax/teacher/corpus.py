@@ -7,7 +7,7 @@ corpus.jsonl (atomically: the old lines, then the new records in item order) and
 job killed before the merge leaves its parts; the next run, on any number of processes, counts
 their records as done and merges them too.
 
-A corpus holds records of ONE set of answer settings (sampling + `generate.answer_settings`):
+A corpus holds records of ONE set of answer settings (sampling + `backend.answer_settings`):
 `done_ids` refuses a workdir whose records were made otherwise, naming each differing setting.
 """
 from __future__ import annotations
@@ -20,16 +20,15 @@ from typing import Any
 
 from sentijax import atomic
 from sentijax.data.records import CorpusError
+from sentijax.teacher import backend
 
 CORPUS = "corpus.jsonl"
 REJECTS = "rejects.jsonl"
 PARTS = "parts"
 
-# The config key behind each answer setting (messages name what to change).
-_CONFIG_KEYS = {"backend": "teacher.backend", "base_url": "teacher.base_url",
-                "endpoint": "teacher.endpoint", "system_prompt": "teacher.system_prompt",
-                "chat_template": "teacher.chat_template", "logprobs": "generate.logprobs",
-                "dtype": "model.dtype", "init_layers": "model.init_layers", "seed": "seed"}
+# The config key behind each answer setting every backend has (messages name what to change);
+# a backend's own: its CONFIG_KEYS.
+_CONFIG_KEYS = {"backend": "teacher.backend", "logprobs": "generate.logprobs"}
 
 
 class SettingsMismatch(ValueError):
@@ -74,10 +73,7 @@ def _files(workdir: Path) -> list[Path]:
 def _config_key(key: str, settings: Mapping[str, Any]) -> str:
   if key.startswith("sampling."):
     return key
-  if key in ("model", "tokenizer"):
-    return f"teacher.{key}" if settings.get("backend") == "openai" else (
-        "model.init / model.preset" if key == "model" else "model.tokenizer")
-  return _CONFIG_KEYS.get(key, key)
+  return _CONFIG_KEYS.get(key) or backend.config_key(settings.get("backend"), key) or key
 
 
 def _differences(got: Mapping[str, Any], want: Mapping[str, Any]) -> list[str]:

@@ -3,14 +3,15 @@
     python -m sentijax.main --config=configs/generate_knowdist.py
 
 Each record's id is a hash of its prompt, the sampling settings and everything else that changes
-an answer (`answer_settings`: backend, model, base_url, endpoint, system prompt, logprobs; kept in
-`meta.settings`), so a restarted job skips what `<workdir>/corpus.jsonl` already holds
-(append-only, one fsynced line per record via `ResumableWriter`): nothing duplicated, nothing
-lost. A rerun with other settings in the same workdir stops with the differing settings named
-(`corpus.SettingsMismatch`) instead of mixing two teachers in one corpus. Items that fail after
-the backend's retries, or whose answer is blank, go to `rejects.jsonl` with the error; a rerun
-tries them again. At the end `summary.json` gives written/skipped/rejected counts, tokens,
-seconds, and the records whose response contains a SentiBench test sentence (`leaks`).
+an answer (`backend.answer_settings`: backend, logprobs and the backend's own, e.g. model,
+base_url, endpoint, system prompt; kept in `meta.settings`), so a restarted job skips what
+`<workdir>/corpus.jsonl` already holds (append-only, one fsynced line per record via
+`ResumableWriter`): nothing duplicated, nothing lost. A rerun with other settings in the same
+workdir stops with the differing settings named (`corpus.SettingsMismatch`) instead of mixing two
+teachers in one corpus. Items that fail after the backend's retries, or whose answer is blank, go
+to `rejects.jsonl` with the error; a rerun tries them again. At the end `summary.json` gives
+written/skipped/rejected counts, tokens, seconds, and the records whose response contains a
+SentiBench test sentence (`leaks`). The teacher is any `backend.TeacherBackend`.
 
 On N processes (`config.distributed`) the items not yet done are split between the processes,
 each writes its own part and process 0 merges them into one corpus.jsonl (sentijax/teacher/
@@ -30,14 +31,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sentijax.data import prompts as prompts_lib
 from sentijax import distributed
+from sentijax.data import prompts as prompts_lib
 from sentijax.data.writers import ResumableWriter, write_json_atomic
+from sentijax.sampling import SamplingSettings
+from sentijax.teacher import backend
 from sentijax.teacher import corpus as corpus_lib
 from sentijax.teacher import inputs as inputs_lib
 from sentijax.teacher import leaks as leaks_lib
-from sentijax.teacher.common import Completion, Sampling, TeacherConfigError, record_key
-from sentijax.teacher.local import LocalTeacher
+from sentijax.teacher.common import Completion, TeacherConfigError, record_key
 
 log = logging.getLogger("sentijax")
 
@@ -53,7 +55,7 @@ class Item:
 
 
 def knowdist_items(texts: Sequence[inputs_lib.SourceText], perspectives: Sequence[str],
-                   sampling: Sampling, settings: dict | None = None) -> list[Item]:
+                   sampling: SamplingSettings, settings: dict | None = None) -> list[Item]:
   """Every text under every perspective (meta.source_id keeps a text's records together);
   ids from `record_key(prompt, sampling, settings)`."""
   items = []
@@ -75,48 +77,7 @@ def parse_perspectives(value: str) -> list[str]:
   return names
 
 
-def answer_settings(config) -> dict:
-  """Everything besides the prompt and `config.sampling` that changes a record: the backend and
-  what it answers with (openai: model, base_url, endpoint, system prompt, tokenizer; local: the
-  model, its dtype and tokenizer, chat template) and `generate.logprobs`. Part of every record
-  id and kept in meta.settings."""
-  tc = config.teacher
-  settings: dict[str, Any] = {"backend": str(tc.backend), "logprobs": int(config.generate.logprobs)}
-  if tc.backend == "openai":
-    return settings | {"model": str(tc.model), "base_url": str(tc.base_url).rstrip("/"),
-                       "endpoint": str(tc.endpoint), "system_prompt": str(tc.system_prompt),
-                       "tokenizer": str(tc.tokenizer)}
-  m = config.model
-  settings |= {"model": str(m.init) or f"preset:{m.preset}", "dtype": str(m.dtype),
-               "tokenizer": str(m.tokenizer), "chat_template": bool(tc.chat_template)}
-  if not m.init:  # a preset's random weights come from the seed
-    settings["seed"] = int(config.seed)
-  elif m.get("init_layers"):
-    settings["init_layers"] = str(m.init_layers)
-  return settings
-
-
-def make_teacher(config) -> Any:
-  """The backend named by `config.teacher.backend` (local | openai)."""
-  tc = config.teacher
-  if tc.backend == "local":
-    return LocalTeacher.from_config(config)
-  if tc.backend == "openai":
-    from sentijax.teacher.openai_api import OpenAITeacher  # pylint: disable=import-outside-toplevel
-    tokenizer = None
-    if tc.tokenizer:
-      from sentijax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
-      tokenizer = tok_lib.load_tokenizer(tc.tokenizer)
-    return OpenAITeacher(tc.base_url, tc.model, endpoint=tc.endpoint, api_key_env=tc.api_key_env,
-                         concurrency=tc.concurrency, timeout_s=tc.timeout_s,
-                         max_retries=tc.max_retries, backoff_s=tc.backoff_s,
-                         max_backoff_s=tc.max_backoff_s, tokenizer=tokenizer,
-                         system_prompt=tc.system_prompt,
-                         max_retry_after_s=float(tc.max_retry_after_s))
-  raise ValueError(f"teacher.backend must be 'local' or 'openai', got {tc.backend!r}")
-
-
-def _record(item: Item, c: Completion, teacher: str, sampling: Sampling,
+def _record(item: Item, c: Completion, teacher: str, sampling: SamplingSettings,
             settings: dict | None) -> dict:
   meta = dict(item.meta) | {"teacher": teacher, "sampling": sampling.to_json(),
                             "finish_reason": c.finish_reason,
@@ -145,16 +106,8 @@ class _NoWriter:
     pass
 
 
-def _collective(teacher: Any) -> bool:
-  """True when the backend computes across every process (a local teacher on a mesh spanning
-  hosts): each item is then answered by all processes together and process 0 writes it."""
-  import jax  # pylint: disable=import-outside-toplevel
-  mesh = getattr(teacher, "mesh", None)
-  return mesh is not None and jax.process_count() > 1 and any(
-      d.process_index != jax.process_index() for d in mesh.devices.flat)
-
-
-def _check_ids(items: Sequence[Item], sampling: Sampling, settings: dict | None) -> None:
+def _check_ids(items: Sequence[Item], sampling: SamplingSettings,
+               settings: dict | None) -> None:
   ids = [i.id for i in items]
   if len(set(ids)) != len(ids):
     raise ValueError("two items share a record id (the same prompt twice?)")
@@ -165,8 +118,8 @@ def _check_ids(items: Sequence[Item], sampling: Sampling, settings: dict | None)
                        "of this run; build the items with the same settings")
 
 
-def _open(workdir: Path, items: Sequence[Item], sampling: Sampling, settings: dict | None,
-          collective: bool) -> tuple[Any, Any, list[Item], int]:
+def _open(workdir: Path, items: Sequence[Item], sampling: SamplingSettings,
+          settings: dict | None, collective: bool) -> tuple[Any, Any, list[Item], int]:
   """(writer, rejects file, the items this process answers, number already done). Every
   process opens (and repairs) its own file first, then all read what every file holds."""
   index, count = distributed.process_index_and_count()
@@ -191,14 +144,14 @@ def _open(workdir: Path, items: Sequence[Item], sampling: Sampling, settings: di
   return writer, rejects, mine, len(items) - len(pending)
 
 
-def generate(items: Sequence[Item], teacher: Any, sampling: Sampling, workdir: str | os.PathLike,
-             *, logprobs: int = 0, settings: dict | None = None,
+def generate(items: Sequence[Item], teacher: backend.TeacherBackend, sampling: SamplingSettings,
+             workdir: str | os.PathLike, *, logprobs: int = 0, settings: dict | None = None,
              leak_checker: leaks_lib.LeakChecker | None = None,
              progress: bool = True, extra_summary: dict | None = None,
              postprocess: Callable[[Item, Completion, dict], None] | None = None) -> dict:
   """Writes the completions of `items` not yet in <workdir>/corpus.jsonl; returns the summary.
 
-  `settings`: the answer settings the item ids were made with (`answer_settings`; None: ids
+  `settings`: the answer settings the item ids were made with (`backend.answer_settings`; None: ids
   of prompt + sampling only); records keep them in meta.settings, and a corpus made with other
   settings is refused (corpus.SettingsMismatch). On several processes each answers its share of
   the items not yet done and process 0 merges the parts (module docstring).
@@ -208,7 +161,9 @@ def generate(items: Sequence[Item], teacher: Any, sampling: Sampling, workdir: s
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()
   _check_ids(items, sampling, settings)
-  collective = _collective(teacher)
+  if logprobs:
+    backend.require(teacher, backend.TOKEN_LOGPROBS, f"generate.logprobs={logprobs}")
+  collective = teacher.collective
   summary = {"teacher": teacher.name, "sampling": sampling.to_json(), "items": len(items),
              "written": 0, "skipped": 0, "rejected": 0, "completion_tokens": 0,
              "unmapped_logprob_tokens": 0, "finish_reasons": {}, "leaks": {"records": 0, "ids": []}}
@@ -289,9 +244,9 @@ def start_job(config):
   before any model is loaded or file written (corpus.SettingsMismatch).
   """
   workdir = Path(config.workdir)
-  sampling = Sampling.from_config(config.sampling) if "sampling" in config else None
+  sampling = SamplingSettings.from_config(config.sampling) if "sampling" in config else None
   if sampling is not None and "teacher" in config:
-    corpus_lib.done_ids(workdir, sampling.to_json(), answer_settings(config))
+    corpus_lib.done_ids(workdir, sampling.to_json(), backend.answer_settings(config))
   workdir.mkdir(parents=True, exist_ok=True)
   write_json_atomic(workdir / "generate_config.json", json.loads(config.to_json()))
   return workdir, sampling, leaks_lib.checker_from_config(config)
@@ -302,11 +257,11 @@ def run(config) -> dict:
   workdir, sampling, checker = start_job(config)
   texts, input_stats = inputs_lib.load_texts(inputs_lib.InputSpec.from_config(config.inputs),
                                              checker)
-  settings = answer_settings(config)
+  settings = backend.answer_settings(config)
   items = knowdist_items(texts, parse_perspectives(config.generate.perspectives), sampling,
                          settings)
   gc = config.generate
-  teacher = make_teacher(config)
+  teacher = backend.make(config)
   try:
     return generate(items, teacher, sampling, workdir, logprobs=int(gc.logprobs),
                     settings=settings, leak_checker=checker, progress=bool(gc.progress),

@@ -21,13 +21,16 @@ import logging
 import math
 
 from sentijax.data import icl, icl_recipe
+from sentijax.sampling import SamplingSettings
+from sentijax.teacher import backend
 from sentijax.teacher import generate as gen
-from sentijax.teacher.common import Completion, Sampling, record_key
+from sentijax.teacher.common import Completion, record_key
 
 log = logging.getLogger("sentijax")
 
 
-def build_items(config, tokenizer, sampling: Sampling) -> tuple[list[gen.Item], dict]:
+def build_items(config, tokenizer, sampling: SamplingSettings
+                ) -> tuple[list[gen.Item], dict]:
   """ICL prompts as generation items (train and val prompts of the source tasks)."""
   spec = icl_recipe.RecipeSpec.from_config(config)
   sources, _, groups = icl_recipe.resolve_tasks(spec)
@@ -36,7 +39,7 @@ def build_items(config, tokenizer, sampling: Sampling) -> tuple[list[gen.Item], 
                                               icl_recipe.length_fn(tokenizer),
                                               int(config.data.seq_len))
   labels = {t.name: t.labels for t in sources}
-  settings = gen.answer_settings(config)  # part of every record id
+  settings = backend.answer_settings(config)  # part of every record id
   items = []
   for r in train + val:
     label_map = r.meta.get("label_map") or {}
@@ -49,8 +52,8 @@ def build_items(config, tokenizer, sampling: Sampling) -> tuple[list[gen.Item], 
 
 def verbalizer_probs(tokenizer, next_logprobs=None):
   """postprocess: the answer with a leading space; meta.teacher_probs from the first answer
-  position: the top-N logprobs of the completion, or the exact distribution when the backend
-  has `next_logprobs` (the local teacher)."""
+  position: the top-N logprobs of the completion, or the exact distribution `next_logprobs`
+  when the backend has one (`next_token_distribution`: the local teacher)."""
   def fn(item: gen.Item, c: Completion, record: dict) -> None:
     record["response"] = " " + c.text.strip()
     record["meta"].pop("top_logprobs", None)  # kept small: only the verbalizer distribution
@@ -76,21 +79,24 @@ def verbalizer_probs(tokenizer, next_logprobs=None):
 
 def run(config) -> dict:
   workdir, sampling, checker = gen.start_job(config)
-  teacher = gen.make_teacher(config)
+  teacher = backend.make(config)
   try:
-    tokenizer = getattr(teacher, "tokenizer", None)
     logprobs = int(config.generate.logprobs)
-    if logprobs and tokenizer is None:
+    exact = backend.NEXT_TOKEN_DISTRIBUTION in teacher.capabilities  # no per-token top-N needed
+    if logprobs and not exact:
+      backend.require(teacher, backend.TOKEN_LOGPROBS,
+                      f"generate.logprobs={logprobs} (the verbalizer distribution)")
+    if logprobs and teacher.tokenizer is None:
       raise ValueError("generate.logprobs needs the teacher's tokenizer: set teacher.tokenizer")
-    items, stats = build_items(config, tokenizer, sampling)
+    items, stats = build_items(config, teacher.tokenizer, sampling)
     gc = config.generate
-    exact = getattr(teacher, "next_logprobs", None)  # local: no per-token top-N needed
     summary = gen.generate(items, teacher, sampling, workdir, logprobs=0 if exact else logprobs,
-                           settings=gen.answer_settings(config),
+                           settings=backend.answer_settings(config),
                            leak_checker=checker, progress=bool(gc.progress),
                            extra_summary={"icl": stats},
-                           postprocess=verbalizer_probs(tokenizer, exact)
-                           if tokenizer and logprobs else None)
+                           postprocess=verbalizer_probs(
+                               teacher.tokenizer, teacher.next_logprobs if exact else None)
+                           if teacher.tokenizer and logprobs else None)
   finally:
     teacher.close()
   return summary

@@ -29,6 +29,7 @@ server's text before it is cut short, so no prefix of the key survives).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import email.utils
 import json
 import logging
@@ -41,7 +42,9 @@ from typing import Any
 
 import httpx
 
-from sentijax.teacher.common import Completion, Sampling, TeacherConfigError, TeacherError
+from sentijax.sampling import SamplingSettings
+from sentijax.teacher import backend
+from sentijax.teacher.common import Completion, TeacherConfigError, TeacherError
 
 log = logging.getLogger("sentijax")
 
@@ -77,43 +80,69 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
   return max(0.0, seconds) if seconds == seconds else None  # NaN -> None
 
 
-class OpenAITeacher:
-  """Completions from an OpenAI-compatible server.
+@dataclasses.dataclass(frozen=True)
+class ClientSpec:
+  """A server and how to talk to it: `config.teacher` (teacher/config.py), read once.
 
-  Args:
-    base_url: e.g. http://127.0.0.1:8000/v1.
-    model: the served model name.
-    endpoint: "chat" (/chat/completions, the prompt as one user message) or "completions".
-    api_key_env: name of the environment variable holding the key ("" = no key).
-    tokenizer: maps logprob token strings to ids (None: logprobs cannot be asked for).
+  base_url: e.g. http://127.0.0.1:8000/v1; model: the served model name; endpoint: "chat"
+  (/chat/completions, the prompt as one user message) or "completions"; api_key_env: NAME of the
+  environment variable holding the key ("" = no key); tokenizer: the teacher's tokenizer dir
+  (maps logprob token strings to ids; "" = none: no token logprobs).
   """
+  base_url: str
+  model: str
+  endpoint: str = "chat"
+  api_key_env: str = ""
+  concurrency: int = 8
+  timeout_s: float = 60.0
+  max_retries: int = 5
+  backoff_s: float = 0.5
+  max_backoff_s: float = 30.0
+  max_retry_after_s: float = 300.0
+  system_prompt: str = ""
+  tokenizer: str = ""
 
-  def __init__(self, base_url: str, model: str, *, endpoint: str = "chat", api_key_env: str = "",
-               concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 5,
-               backoff_s: float = 0.5, max_backoff_s: float = 30.0, tokenizer: Any = None,
-               system_prompt: str = "", max_retry_after_s: float = 300.0):
-    if endpoint not in ("chat", "completions"):
-      raise ValueError(f"teacher.endpoint must be 'chat' or 'completions', got {endpoint!r}")
-    self.url = base_url.rstrip("/") + ("/chat/completions" if endpoint == "chat"
-                                       else "/completions")
-    self.completions_url = base_url.rstrip("/") + "/completions"
-    self.model, self.endpoint, self.tokenizer = model, endpoint, tokenizer
-    self.concurrency, self.max_retries = max(1, int(concurrency)), int(max_retries)
-    self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
-    self.max_retry_after_s = float(max_retry_after_s)
+  def __post_init__(self):
+    if self.endpoint not in ("chat", "completions"):
+      raise ValueError(f"teacher.endpoint must be 'chat' or 'completions', got {self.endpoint!r}")
     if self.max_retry_after_s < 0:
-      raise ValueError(f"teacher.max_retry_after_s must be >= 0, got {max_retry_after_s}")
-    self.system_prompt = system_prompt
-    self.name = f"openai:{model}"
+      raise ValueError(f"teacher.max_retry_after_s must be >= 0, got {self.max_retry_after_s}")
+
+  @classmethod
+  def from_config(cls, tc) -> "ClientSpec":
+    return cls(**{f.name: type(f.default)(tc[f.name]) if f.default is not dataclasses.MISSING
+                  else str(tc[f.name]) for f in dataclasses.fields(cls)})
+
+
+class OpenAITeacher:
+  """Completions (and prompt logprobs) from an OpenAI-compatible server; a
+  `backend.TeacherBackend`. `tokenizer`: maps logprob token strings to ids (None: token
+  logprobs cannot be asked for)."""
+
+  CONFIG_KEYS = {"model": "teacher.model", "tokenizer": "teacher.tokenizer",
+                 "base_url": "teacher.base_url", "endpoint": "teacher.endpoint",
+                 "system_prompt": "teacher.system_prompt"}
+  collective = False  # each process sends its own requests
+
+  def __init__(self, spec: ClientSpec, tokenizer: Any = None):
+    self.spec, self.tokenizer = spec, tokenizer
+    base = spec.base_url.rstrip("/")
+    self.url = base + ("/chat/completions" if spec.endpoint == "chat" else "/completions")
+    self.completions_url = base + "/completions"
+    self.model, self.endpoint, self.system_prompt = spec.model, spec.endpoint, spec.system_prompt
+    self.concurrency, self.max_retries = max(1, int(spec.concurrency)), int(spec.max_retries)
+    self.backoff_s, self.max_backoff_s = float(spec.backoff_s), float(spec.max_backoff_s)
+    self.max_retry_after_s = float(spec.max_retry_after_s)
+    self.name = f"openai:{spec.model}"
     self._key = ""
-    if api_key_env:
-      self._key = os.environ.get(api_key_env, "")
+    if spec.api_key_env:
+      self._key = os.environ.get(spec.api_key_env, "")
       if not self._key:
-        raise ValueError(f"teacher.api_key_env={api_key_env!r}: that environment variable is "
-                         "not set or empty")
+        raise ValueError(f"teacher.api_key_env={spec.api_key_env!r}: that environment variable "
+                         "is not set or empty")
     headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
     self._client = httpx.Client(
-        headers=headers, timeout=httpx.Timeout(timeout_s),
+        headers=headers, timeout=httpx.Timeout(spec.timeout_s),
         limits=httpx.Limits(max_connections=self.concurrency,
                             max_keepalive_connections=self.concurrency))
     self._rng = random.Random()
@@ -121,6 +150,34 @@ class OpenAITeacher:
     self._pause_until = 0.0  # time.monotonic() before which no request is sent (429)
     self.retries = 0  # retries made so far (all items)
     self.pauses = 0  # client-wide pauses (429 / Retry-After)
+
+  @classmethod
+  def from_config(cls, config) -> "OpenAITeacher":
+    spec = ClientSpec.from_config(config.teacher)
+    tokenizer = None
+    if spec.tokenizer:
+      from sentijax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+      tokenizer = tok_lib.load_tokenizer(spec.tokenizer)
+    return cls(spec, tokenizer)
+
+  @staticmethod
+  def answer_settings(config) -> dict:
+    """What besides the prompt and sampling changes an answer: the server, model, endpoint,
+    system prompt and tokenizer."""
+    tc = config.teacher
+    return {"model": str(tc.model), "base_url": str(tc.base_url).rstrip("/"),
+            "endpoint": str(tc.endpoint), "system_prompt": str(tc.system_prompt),
+            "tokenizer": str(tc.tokenizer)}
+
+  @property
+  def capabilities(self) -> backend.Capabilities:
+    """Prompt logprobs (servers that echo them); token logprobs with a tokenizer."""
+    far = "a server returns at most 20 logprobs per position: use teacher.backend=local"
+    have = {backend.PROMPT_LOGPROBS} | ({backend.TOKEN_LOGPROBS} if self.tokenizer else set())
+    return backend.Capabilities(frozenset(have), {
+        backend.TOKEN_LOGPROBS: "set teacher.tokenizer to the teacher's tokenizer dir (maps the "
+                                "server's token strings to ids)",
+        backend.NEXT_TOKEN_DISTRIBUTION: far, backend.MODEL: far})
 
   def _scrub(self, text: str) -> str:
     return text.replace(self._key, "***") if self._key else text
@@ -130,8 +187,9 @@ class OpenAITeacher:
     match the scrub and would leak its prefix)."""
     return self._scrub(response.text)[:limit]
 
-  def body(self, prompt: str, s: Sampling, logprobs: int) -> dict:
-    """The JSON request for one prompt (non-OpenAI extras only when set: top_k, min_tokens)."""
+  def body(self, prompt: str, s: SamplingSettings, logprobs: int) -> dict:
+    """The JSON request for one prompt (non-OpenAI extras only when set: top_k, min_tokens,
+    repetition_penalty)."""
     body: dict[str, Any] = {"model": self.model, "max_tokens": s.max_tokens,
                             "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
     if s.stop:
@@ -140,6 +198,8 @@ class OpenAITeacher:
       body["top_k"] = s.top_k
     if s.min_tokens:
       body["min_tokens"] = s.min_tokens
+    if s.repetition_penalty != 1.0:
+      body["repetition_penalty"] = s.repetition_penalty
     if self.endpoint == "chat":
       messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
       body["messages"] = messages + [{"role": "user", "content": prompt}]
@@ -219,7 +279,7 @@ class OpenAITeacher:
       raise _Retryable(f"malformed JSON ({e})") from None
     return (parse or self._parse)(obj)
 
-  def complete(self, prompt: str, s: Sampling, logprobs: int = 0) -> Completion:
+  def complete(self, prompt: str, s: SamplingSettings, logprobs: int = 0) -> Completion:
     """One completion, retried; TeacherError (key scrubbed) when it fails for good."""
     return self._retried(self.body(prompt, s, logprobs))
 
@@ -307,7 +367,7 @@ class OpenAITeacher:
         raise type(e)(self._scrub(str(e))) from None
     raise AssertionError("unreachable")
 
-  def stream(self, items: Sequence[Any], s: Sampling, logprobs: int = 0
+  def stream(self, items: Sequence[Any], s: SamplingSettings, logprobs: int = 0
              ) -> Iterator[tuple[Any, Completion | Exception]]:
     """(item, completion or TeacherError) as requests finish, `concurrency` in flight."""
     with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:

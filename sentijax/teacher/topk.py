@@ -18,10 +18,12 @@ at that temperature, Anshumann et al. 2025) -> keep the positions that predict a
 stored records; the plan does not depend on what was stored, so the rerun scores the remaining
 shards in the same batches and writes the same bytes as an uninterrupted run.
 
-Backends (`teacher.backend`): `local` (the sentijax model of `config.model`, batched and sharded
-over the mesh; the [B, T, V] logits never exist at once: `topk.logits_chunk` positions at a time)
-or `openai` (a server that echoes prompt logprobs: vLLM, `sentijax.serve`; the token ids are sent
-as the prompt, `teacher.tokenizer` names the teacher's tokenizer dir; k <= 20 there). Records a
+Backends (`teacher.backend`, by capability, teacher/backend.py): one giving the `model` (`local`:
+the sentijax model of `config.model`, batched and sharded over the mesh; the [B, T, V] logits
+never exist at once: `topk.logits_chunk` positions at a time), else one giving
+`prompt_logprobs` (`openai`: a server that echoes prompt logprobs: vLLM, `sentijax.serve`; the
+token ids are sent as the prompt, `teacher.tokenizer` names the teacher's tokenizer dir; k <= 20
+there). Records a
 server fails on go to rejects.jsonl and are retried by the next run.
 """
 from __future__ import annotations
@@ -47,6 +49,7 @@ from sentijax.data import readers, sequences, topk_store
 from sentijax.data.records import Tokens
 from sentijax.data.spec import DataSpec
 from sentijax.data.writers import write_json_atomic
+from sentijax.teacher import backend
 from sentijax.teacher import generate as gen
 
 log = logging.getLogger("sentijax")
@@ -195,7 +198,7 @@ class LocalScorer:
             ids: Sequence[str] = ()) -> list[topk_store.ScoredRecord | Exception]:
     """Per sequence: a ScoredRecord without its record (the job adds it) or the exception."""
     t = self.teacher
-    divisor = sharding.batch_divisor(t.mesh, t.rules)
+    divisor = t.placement.batch_divisor
     out = []
     for start in range(0, len(seqs), t.batch_size):
       chunk = seqs[start:start + t.batch_size]
@@ -208,9 +211,8 @@ class LocalScorer:
         ids_BxT[r, :len(s)], mask_BxT[r, :len(s)] = s, 1
         seeds_B[r] = record_seed(ids[start + r]) if ids else start + r
       ids_dev, mask = jnp.asarray(ids_BxT), jnp.asarray(mask_BxT)
-      if t.mesh is not None:
-        ids_dev = jax.device_put(ids_BxT, sharding.batch_sharding(t.mesh, t.rules))
-        mask = jax.device_put(mask_BxT, sharding.batch_sharding(t.mesh, t.rules))
+      if t.placement.mesh is not None:
+        ids_dev, mask = (jax.device_put(x, t.placement.batch()) for x in (ids_BxT, mask_BxT))
       lp, top, tail = topk_logprobs(t.cfg, t.params, ids_dev, mask, jnp.asarray(seeds_B),
                                     k=self.k, chunk=min(self.chunk, length), mode=self.mode,
                                     temperature=self.temperature, seed=self.seed)
@@ -269,18 +271,26 @@ class ServerScorer:
 
 
 def _scorer(config, spec: TopKSpec):
-  teacher = gen.make_teacher(config)
-  if config.teacher.backend == "local":
-    return teacher, teacher.tokenizer, LocalScorer(teacher, spec.k, spec.logits_chunk, spec.mode,
-                                                   spec.temperature, int(config.seed))
-  if spec.mode == "sample":
+  """(teacher, its tokenizer, scorer): the model's own forward when the backend gives the model
+  (any k, sampled draws), else a server's prompt logprobs."""
+  teacher = backend.make(config)
+  try:
+    if spec.mode == "sample":
+      backend.require(teacher, backend.MODEL, "topk.mode=sample (draws from the teacher's full "
+                      "distribution)")
+    if backend.MODEL in teacher.capabilities:
+      return teacher, teacher.tokenizer, LocalScorer(
+          teacher, spec.k, spec.logits_chunk, spec.mode, spec.temperature, int(config.seed))
+    backend.require(teacher, backend.PROMPT_LOGPROBS, "generate_topk (the teacher's top-k at "
+                    "every response token)")
+    if teacher.tokenizer is None:
+      raise ValueError(f"teacher.backend={config.teacher.backend}: set teacher.tokenizer to the "
+                       "teacher's tokenizer dir (records are tokenised here and sent as token "
+                       "ids)")
+    return teacher, teacher.tokenizer, ServerScorer(teacher, spec.k, spec.echo_max_tokens)
+  except BaseException:
     teacher.close()
-    raise ValueError("topk.mode=sample draws from the teacher's full distribution: it needs "
-                     "teacher.backend=local (a server returns at most 20 logprobs)")
-  if teacher.tokenizer is None:
-    raise ValueError("teacher.backend=openai: set teacher.tokenizer to the teacher's tokenizer "
-                     "dir (records are tokenised here and sent as token ids)")
-  return teacher, teacher.tokenizer, ServerScorer(teacher, spec.k, spec.echo_max_tokens)
+    raise
 
 
 def _open_store(spec: TopKSpec, teacher: str, tok: Any, mode: str, vocab_size: int
@@ -311,11 +321,11 @@ def run(config) -> dict:
   try:
     seqs, token_stats = sequences.tokenize_records(records, tok, data.chat_template,
                                                  show_progress=spec.progress)
-    max_len = spec.max_len or (teacher.cfg.max_position_embeddings
-                               if config.teacher.backend == "local" else 0)
+    model = backend.MODEL in teacher.capabilities
+    max_len = spec.max_len or (teacher.cfg.max_position_embeddings if model else 0)
     keep = [i for i, s in enumerate(seqs) if (not max_len or len(s.tokens) <= max_len)
             and s.loss_mask[1:].any()]
-    vocab_size = teacher.cfg.vocab_size if config.teacher.backend == "local" else 0
+    vocab_size = teacher.cfg.vocab_size if model else 0
     writer = _open_store(spec, teacher.name, tok, token_stats["mode"], vocab_size)
     vocab = writer.index["tokenizer"]["vocab"]
     summary = {"teacher": teacher.name, "k": spec.k, "mode": spec.mode, "store": spec.store_dir,

@@ -224,7 +224,8 @@ class Context:
       return {}
     options = {"distill": self.distill, "teacher": self.teacher if self.distill.online else None}
     if self.spec.rollout is not None:
-      options["rollout"] = onpolicy.Rollout(self.spec.rollout, mesh=mesh, rules=rules,
+      options["rollout"] = onpolicy.Rollout(self.spec.rollout,
+                                            placement=sharding.Placement(mesh, rules),
                                             teacher=self.teacher, **self.rollout_args)
       options["token_estimator"] = self.spec.rollout.estimator == "token"
     return options
@@ -353,8 +354,8 @@ def run(config) -> loop.Result:
                     "seq_len": train_ds.seq_len}
     log.info("on-policy: %.0f%% of each batch's rows sampled by the %s (T %g, top_p %g, <= %d "
              "new tokens)", 100 * spec.rollout.lmbda, "teacher" if spec.rollout.seq_kd else
-             "student", spec.rollout.temperature, spec.rollout.top_p,
-             spec.rollout.max_new_tokens)
+             "student", spec.rollout.sampling.temperature, spec.rollout.sampling.top_p,
+             spec.rollout.sampling.max_tokens)
   ctx = Context(spec, teacher_cfg, distill, rollout_args)
   tc = config.train
   hooks = ()

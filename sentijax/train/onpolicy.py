@@ -25,46 +25,41 @@ import numpy as np
 
 from sentijax import models, sampling, sharding
 from sentijax.data import packing, sequences
+from sentijax.sampling import SamplingSettings
 
 ESTIMATORS = ("full", "token")
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutSpec:
-  """`kd.lmbda`, `kd.seq_kd` and `kd.rollout.*`, read and checked once."""
+  """`kd.lmbda`, `kd.seq_kd` and `kd.rollout.*`, read and checked once; `sampling`: the
+  rollouts' temperature, top_p, max_tokens (kd.rollout.max_new_tokens) and seed (`seed`)."""
   lmbda: float
   seq_kd: bool
-  temperature: float
-  top_p: float
-  max_new_tokens: int
-  seed: int
+  sampling: SamplingSettings
   estimator: str = "full"  # full | token (losses.token_reverse_kl on the student's samples)
 
   @classmethod
   def from_config(cls, config) -> "RolloutSpec":
     k, r = config.kd, config.kd.rollout
-    spec = cls(lmbda=float(k.lmbda), seq_kd=bool(k.seq_kd), temperature=float(r.temperature),
-               top_p=float(r.top_p), max_new_tokens=int(r.max_new_tokens),
-               seed=int(config.seed), estimator=str(r.estimator))
-    checks = (("kd.lmbda", 0 <= spec.lmbda <= 1, "must be in [0, 1] (the sampled share of rows)"),
-              ("kd.rollout.temperature", spec.temperature > 0,
+    temperature, top_p, max_new = float(r.temperature), float(r.top_p), int(r.max_new_tokens)
+    lmbda, seq_kd, estimator = float(k.lmbda), bool(k.seq_kd), str(r.estimator)
+    checks = (("kd.lmbda", lmbda, 0 <= lmbda <= 1, "must be in [0, 1] (the sampled share of rows)"),
+              ("kd.rollout.temperature", temperature, temperature > 0,
                "must be > 0 (on-policy samples are drawn; 1 = the student's own distribution)"),
-              ("kd.rollout.top_p", 0 < spec.top_p <= 1, "must be in (0, 1]"),
-              ("kd.rollout.max_new_tokens", spec.max_new_tokens >= 1, "must be >= 1"),
-              ("kd.rollout.estimator", spec.estimator in ESTIMATORS,
+              ("kd.rollout.top_p", top_p, 0 < top_p <= 1, "must be in (0, 1]"),
+              ("kd.rollout.max_new_tokens", max_new, max_new >= 1, "must be >= 1"),
+              ("kd.rollout.estimator", estimator, estimator in ESTIMATORS,
                f"expected one of {ESTIMATORS}"),
-              ("kd.rollout.estimator", spec.estimator != "token" or str(k.loss) == "reverse",
+              ("kd.rollout.estimator", estimator, estimator != "token" or str(k.loss) == "reverse",
                f"'token' estimates reverse KL: set kd.loss=reverse (got {k.loss!r})"),
-              ("kd.rollout.estimator", spec.estimator != "token" or not spec.seq_kd,
+              ("kd.rollout.estimator", estimator, estimator != "token" or not seq_kd,
                "'token' needs the student's own samples: kd.seq_kd=False"))
-    for key, ok, why in checks:
+    for key, value, ok, why in checks:
       if not ok:
-        raise ValueError(f"{key}={_value(spec, key)!r}: {why}")
-    return spec
-
-
-def _value(spec: RolloutSpec, key: str) -> Any:
-  return getattr(spec, key.split(".")[-1])
+        raise ValueError(f"{key}={value!r}: {why}")
+    return cls(lmbda=lmbda, seq_kd=seq_kd, estimator=estimator, sampling=SamplingSettings(
+        temperature=temperature, top_p=top_p, max_tokens=max_new, seed=int(config.seed)))
 
 
 def segments(row: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -95,13 +90,13 @@ class Rollout:
   """
 
   def __init__(self, spec: RolloutSpec, cfg: models.ModelConfig, *, vocab: int, eos_id: int,
-               seq_len: int, mesh=None, rules=None, teacher=None, per_layer: bool | None = None):
+               seq_len: int, placement: sharding.Placement | None = None, teacher=None,
+               per_layer: bool | None = None):
     if spec.seq_kd and teacher is None:
       raise ValueError("kd.seq_kd=True samples from the teacher: it needs a teacher model")
     self.spec, self.cfg, self.teacher = spec, cfg, teacher
     self.vocab, self.eos_id, self.seq_len = vocab, eos_id, seq_len
-    self.mesh, self.rules, self.per_layer = mesh, rules, per_layer
-    self.batch_sh = None if mesh is None else sharding.batch_sharding(mesh, rules)
+    self.placement, self.per_layer = placement or sharding.Placement(), per_layer
 
   def sample(self, params: Any, prompts: list[np.ndarray], step: int) -> list[np.ndarray]:
     """One response per prompt (eos kept; a padding-row id ends it, dropped)."""
@@ -109,11 +104,12 @@ class Rollout:
                    else (self.cfg, params))
     length = max(len(p) for p in prompts)
     ids_BxT, mask_BxT = sampling.left_pad(prompts, length, len(prompts), self.eos_id)
+    s = self.spec.sampling
     out = sampling.decode(
-        cfg, params, ids_BxT, mask_BxT, self.spec.max_new_tokens, [self.eos_id], self.eos_id,
-        end_ids=range(self.vocab, cfg.vocab_size), temperature=self.spec.temperature,
-        top_p=self.spec.top_p, row_rngs=rollout_keys(self.spec.seed, step, len(prompts)),
-        mesh=self.mesh, rules=self.rules, per_layer=self.per_layer)
+        cfg, params, ids_BxT, mask_BxT, s,
+        sampling.Stops([self.eos_id], self.eos_id, end_ids=range(self.vocab, cfg.vocab_size)),
+        keys_B=rollout_keys(s.seed, step, len(prompts)), placement=self.placement,
+        per_layer=self.per_layer)
     responses = []
     for toks, n in zip(out.tokens_BxN, out.lengths_B):
       toks = toks[:int(n)]
@@ -173,6 +169,7 @@ class Rollout:
       metrics |= {"rollout_tokens_per_s": generated / max(seconds, 1e-9),
                   "rollout_length": generated / len(responses), "rollout_dropped": dropped}
     local["sampled"] = sampled_L
-    if self.batch_sh is None:
+    batch_sh = self.placement.batch()
+    if batch_sh is None:
       return {k: jax.numpy.asarray(v) for k, v in local.items()}, metrics
-    return {k: jax.device_put(v, self.batch_sh) for k, v in local.items()}, metrics
+    return {k: jax.device_put(v, batch_sh) for k, v in local.items()}, metrics

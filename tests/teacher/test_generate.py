@@ -17,13 +17,15 @@ from teacher import teacher_fixtures as fx
 from sentijax import serve
 from sentijax.teacher import corpus as corpus_lib
 from sentijax.teacher import generate, inputs
-from sentijax.teacher.common import Sampling, TeacherConfigError, record_key
-from sentijax.teacher.openai_api import OpenAITeacher
+from sentijax.sampling import SamplingSettings
+from sentijax.teacher import backend
+from sentijax.teacher.common import TeacherConfigError, record_key
+from sentijax.teacher.openai_api import ClientSpec, OpenAITeacher
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 KEY_ENV = "SENTIJAX_TEST_TEACHER_KEY"
 KEY = "sk-test-7f3a9c-never-write-me"
-SAMPLING = Sampling(temperature=1.0, top_p=0.95, max_tokens=8, min_tokens=8, seed=3)
+SAMPLING = SamplingSettings(temperature=1.0, top_p=0.95, max_tokens=8, min_tokens=8, seed=3)
 TEXTS = [inputs.SourceText(f"t{i}", t) for i, t in enumerate(
     ["The pasta was great but the wait was long.", "Terrible service, never again.",
      "I loved the movie, the ending less so.", "Battery died after two days."])]
@@ -51,7 +53,7 @@ def reference(server, tmp_path_factory):
   """An uninterrupted run straight against the server."""
   workdir = tmp_path_factory.mktemp("reference")
   items = generate.knowdist_items(TEXTS, PERSPECTIVES, SAMPLING)
-  teacher = OpenAITeacher(server.url, "tiny", endpoint="completions", concurrency=4)
+  teacher = OpenAITeacher(ClientSpec(server.url, "tiny", endpoint="completions", concurrency=4))
   summary = generate.generate(items, teacher, SAMPLING, workdir, progress=False)
   assert summary["written"] == len(items) == 8 and summary["rejected"] == 0
   return workdir, items
@@ -107,9 +109,9 @@ def test_faults_lose_and_duplicate_nothing(server, reference, tmp_path, monkeypa
   # genuine request that times out 12 times in a row would be rejected (seen at load ~14).
   proxy = fx.FaultProxy(server.url, fault, sleep_s=8.5)
   try:
-    teacher = OpenAITeacher(proxy.url, "tiny", endpoint="completions", concurrency=4,
-                            api_key_env=KEY_ENV, timeout_s=8.0, max_retries=12, backoff_s=0.001,
-                            max_backoff_s=0.01)
+    teacher = OpenAITeacher(ClientSpec(proxy.url, "tiny", endpoint="completions", concurrency=4,
+                                       api_key_env=KEY_ENV, timeout_s=8.0, max_retries=12,
+                                       backoff_s=0.001, max_backoff_s=0.01))
     summary = generate.generate(items, teacher, SAMPLING, tmp_path, progress=False)
   finally:
     proxy.stop()
@@ -127,7 +129,7 @@ def test_faults_lose_and_duplicate_nothing(server, reference, tmp_path, monkeypa
     assert KEY not in path.read_text()
 
 
-GREEDY = Sampling(temperature=0.0, top_p=0.95, max_tokens=8, min_tokens=8, seed=3)
+GREEDY = SamplingSettings(temperature=0.0, top_p=0.95, max_tokens=8, min_tokens=8, seed=3)
 
 
 @pytest.mark.parametrize("sampling", [SAMPLING, GREEDY], ids=["seeded", "greedy"])
@@ -137,7 +139,7 @@ def test_sigkill_and_restart_equal_uninterrupted_run(server, reference, tmp_path
   if sampling is GREEDY:
     ref_dir = tmp_path / "greedy-reference"
     items = generate.knowdist_items(TEXTS, PERSPECTIVES, GREEDY)
-    teacher = OpenAITeacher(server.url, "tiny", endpoint="completions", concurrency=4)
+    teacher = OpenAITeacher(ClientSpec(server.url, "tiny", endpoint="completions", concurrency=4))
     generate.generate(items, teacher, GREEDY, ref_dir, progress=False)
   state = {"hold": True}
   proxy = fx.FaultProxy(server.url, lambda n, body: "hold" if state["hold"] and n >= 3 else None)
@@ -191,7 +193,7 @@ def test_sigkill_and_restart_equal_uninterrupted_run(server, reference, tmp_path
 def test_local_backend_resume_and_rerun(local_teacher, tmp_path):
   """Local backend: a run over part of the items, then all, equals one run; a rerun adds
   nothing. Greedy, so the texts are also the server's greedy texts."""
-  s = Sampling(max_tokens=8, min_tokens=8)
+  s = SamplingSettings(max_tokens=8, min_tokens=8)
   items = generate.knowdist_items(TEXTS, PERSPECTIVES, s)
   generate.generate(items[:3], local_teacher, s, tmp_path / "a", progress=False)
   generate.generate(items, local_teacher, s, tmp_path / "a", progress=False)
@@ -204,9 +206,9 @@ def test_local_backend_resume_and_rerun(local_teacher, tmp_path):
 
 def test_logprob_strings_mapped_to_ids(server, local_teacher):
   """Token strings from the server map back to the ids (and values) of the local teacher."""
-  teacher = OpenAITeacher(server.url, "tiny", endpoint="completions",
+  teacher = OpenAITeacher(ClientSpec(server.url, "tiny", endpoint="completions"),
                           tokenizer=local_teacher.tokenizer)
-  s = Sampling(max_tokens=8, min_tokens=8)
+  s = SamplingSettings(max_tokens=8, min_tokens=8)
   got = teacher.complete("The pasta was great", s, logprobs=5)
   [ref] = local_teacher.generate(["The pasta was great"], ["x"], s, logprobs=5)
   assert len(got.top_logprobs) == len(ref.top_logprobs) == 8
@@ -245,8 +247,8 @@ def test_refused_requests_stop_the_job(tmp_path, status):
   try:
     texts = [inputs.SourceText(f"r{i}", f"Review {i}: it was fine.") for i in range(40)]
     items = generate.knowdist_items(texts, PERSPECTIVES, SAMPLING)  # 80 prompts
-    teacher = OpenAITeacher(f"http://127.0.0.1:{srv.server_port}/v1", "tiny",
-                            endpoint="completions", concurrency=2, max_retries=3)
+    teacher = OpenAITeacher(ClientSpec(f"http://127.0.0.1:{srv.server_port}/v1", "tiny",
+                                       endpoint="completions", concurrency=2, max_retries=3))
     with pytest.raises(TeacherConfigError, match=f"HTTP {status}.*check (the key in )?teacher"):
       generate.generate(items, teacher, SAMPLING, tmp_path, progress=False)
   finally:
@@ -282,8 +284,9 @@ SETTING_CHANGES = [("teacher.backend", "local"), ("teacher.model", "other"),
 @pytest.mark.parametrize("key, value", SETTING_CHANGES, ids=[k for k, _ in SETTING_CHANGES])
 def test_record_ids_cover_every_answer_setting(key, value):
   def ids(config):
-    items = generate.knowdist_items(TEXTS, PERSPECTIVES, Sampling.from_config(config.sampling),
-                                    generate.answer_settings(config))
+    items = generate.knowdist_items(TEXTS, PERSPECTIVES,
+                                    SamplingSettings.from_config(config.sampling),
+                                    backend.answer_settings(config))
     return [i.id for i in items]
   base, changed = ids(_knowdist_config()), ids(_knowdist_config(**{key: value}))
   assert base == ids(_knowdist_config()) and not set(base) & set(changed)
@@ -291,7 +294,7 @@ def test_record_ids_cover_every_answer_setting(key, value):
 
 def test_local_teacher_ids_cover_model_and_chat_template():
   local = {"teacher.backend": "local"}
-  settings = [generate.answer_settings(_knowdist_config(**local | extra)) for extra in (
+  settings = [backend.answer_settings(_knowdist_config(**local | extra)) for extra in (
       {}, {"model.init": "/models/a"}, {"model.preset": "small"}, {"teacher.chat_template": True},
       {"model.dtype": "bfloat16"}, {"seed": 5})]
   assert len({json.dumps(s, sort_keys=True) for s in settings}) == len(settings)
@@ -301,9 +304,9 @@ def _scripted_run(server, workdir, system_prompt="", logprobs=0):
   config = _knowdist_config(**{"teacher.base_url": server.url, "teacher.endpoint": "completions",
                                "teacher.system_prompt": system_prompt,
                                "generate.logprobs": logprobs})
-  settings = generate.answer_settings(config)
+  settings = backend.answer_settings(config)
   items = generate.knowdist_items(TEXTS, PERSPECTIVES, SAMPLING, settings)
-  teacher = OpenAITeacher(server.url, "fake", endpoint="completions", concurrency=2)
+  teacher = OpenAITeacher(ClientSpec(server.url, "fake", endpoint="completions", concurrency=2))
   try:
     return generate.generate(items, teacher, SAMPLING, workdir, settings=settings,
                              progress=False), items
@@ -332,7 +335,7 @@ def test_rerun_with_other_settings_is_refused_naming_them(tmp_path):
     assert _scripted_run(server, tmp_path)[0]["skipped"] == 8  # same settings: resumes
     # A corpus from before settings were recorded (ids of prompt + sampling only).
     old = tmp_path / "old"
-    teacher = OpenAITeacher(server.url, "fake", endpoint="completions")
+    teacher = OpenAITeacher(ClientSpec(server.url, "fake", endpoint="completions"))
     generate.generate(generate.knowdist_items(TEXTS, PERSPECTIVES, SAMPLING), teacher, SAMPLING,
                       old, progress=False)
     with pytest.raises(corpus_lib.SettingsMismatch, match="records no answer settings"):

@@ -6,7 +6,8 @@ import pytest
 
 from sentijax.teacher import inputs, leaks
 from sentijax.teacher.generate import knowdist_items, parse_perspectives
-from sentijax.teacher.common import Sampling, record_key
+from sentijax.sampling import SamplingSettings
+from sentijax.teacher.common import record_key
 
 ROWS = [{"id": "a", "text": "Great food."}, {"id": "b", "text": "  great   FOOD. "},
         {"id": "c", "text": "x"}, {"id": "d", "text": "A very long text " * 10},
@@ -73,11 +74,11 @@ def test_csv_error_line_and_missing_file(tmp_path):
 def test_demo_texts_and_items():
   texts, stats = inputs.load_texts(inputs.InputSpec())
   assert stats["kept"] == len(texts) > 10 and not any(t.text.startswith("Text:") for t in texts)
-  s = Sampling(max_tokens=4)
+  s = SamplingSettings(max_tokens=4)
   items = knowdist_items(texts[:2], parse_perspectives("all"), s)
   assert len(items) == 14 and len({i.id for i in items}) == 14
-  assert items[0].id == record_key(items[0].prompt, s) != record_key(items[0].prompt,
-                                                                       Sampling(max_tokens=5))
+  assert items[0].id == record_key(items[0].prompt, s) != record_key(
+      items[0].prompt, SamplingSettings(max_tokens=5))
   with pytest.raises(ValueError, match="unknown"):
     parse_perspectives("polarity,nope")
 

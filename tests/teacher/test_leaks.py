@@ -9,7 +9,7 @@ import pathlib
 import pytest
 
 from sentijax.teacher import generate, icl_job, inputs, leaks
-from sentijax.teacher.common import Sampling
+from sentijax.sampling import SamplingSettings
 from teacher import teacher_fixtures as fx
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -76,10 +76,10 @@ def test_generate_icl_builds_no_prompt_without_sentibench(tmp_path):
   config = _config("generate_icl", tmp_path, leak_check_dirs=str(_sentibench(tmp_path / "sb")))
   config.eval.data_dir = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match=r"eval.data_dir='.*nowhere'.*icl.leak_check=off"):
-    icl_job.build_items(config, None, Sampling())
+    icl_job.build_items(config, None, SamplingSettings())
   config.generate.leak_check = "off"
   assert config.icl.leak_check == "off"
-  items, _ = icl_job.build_items(config, None, Sampling())
+  items, _ = icl_job.build_items(config, None, SamplingSettings())
   assert len(items) >= 32
 
 

@@ -13,7 +13,8 @@ import time
 
 from teacher import teacher_fixtures as fx
 from sentijax.teacher import generate, inputs
-from sentijax.teacher.common import Sampling
+from sentijax.sampling import SamplingSettings
+from sentijax.teacher import backend
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TEXTS = [f"Review {i}: the {w} was {a}." for i, (w, a) in enumerate(
@@ -81,8 +82,9 @@ def _expected_items(args: list[str]) -> list[generate.Item]:
       node = node[part]
     node[last] = type(node[last])(value) if not isinstance(node[last], bool) else value == "True"
   texts, _ = inputs.load_texts(inputs.InputSpec.from_config(config.inputs))
-  return generate.knowdist_items(texts, PERSPECTIVES, Sampling.from_config(config.sampling),
-                                 generate.answer_settings(config))
+  return generate.knowdist_items(texts, PERSPECTIVES,
+                                 SamplingSettings.from_config(config.sampling),
+                                 backend.answer_settings(config))
 
 
 def test_two_processes_sigkill_then_rerun_write_every_input_once(tmp_path):

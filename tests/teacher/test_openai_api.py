@@ -10,10 +10,11 @@ import pytest
 
 from teacher import teacher_fixtures as fx
 from sentijax.teacher import generate, inputs
-from sentijax.teacher.common import Sampling, TeacherConfigError, TeacherError
-from sentijax.teacher.openai_api import OpenAITeacher, parse_retry_after
+from sentijax.sampling import SamplingSettings
+from sentijax.teacher.common import TeacherConfigError, TeacherError
+from sentijax.teacher.openai_api import ClientSpec, OpenAITeacher, parse_retry_after
 
-SAMPLING = Sampling(temperature=0.0, max_tokens=8)
+SAMPLING = SamplingSettings(temperature=0.0, max_tokens=8)
 KEY_ENV = "SENTIJAX_TEST_TEACHER_KEY"
 KEY = "sk-live-4b1d9e0c7a2f-do-not-log"
 
@@ -29,8 +30,8 @@ def _corpus(workdir):
 
 def _run(server, workdir, n=12, **kwargs):
   items = _items(n)
-  teacher = OpenAITeacher(server.url, "fake", endpoint="completions", concurrency=4,
-                          backoff_s=0.01, max_backoff_s=0.05, **kwargs)
+  teacher = OpenAITeacher(ClientSpec(server.url, "fake", endpoint="completions", concurrency=4,
+                                     backoff_s=0.01, max_backoff_s=0.05, **kwargs))
   start = time.time()
   try:
     summary = generate.generate(items, teacher, SAMPLING, workdir, progress=False)
@@ -122,8 +123,8 @@ def test_key_scrubbed_before_the_text_is_cut(monkeypatch, status, limit):
   monkeypatch.setenv(KEY_ENV, KEY)
   text = "x" * (limit - 10) + KEY + " trailing"
   server = fx.ScriptedServer(lambda n, body: (status, {}, text))
-  teacher = OpenAITeacher(server.url, "fake", endpoint="completions", api_key_env=KEY_ENV,
-                          max_retries=0)
+  teacher = OpenAITeacher(ClientSpec(server.url, "fake", endpoint="completions",
+                                     api_key_env=KEY_ENV, max_retries=0))
   try:
     with pytest.raises(TeacherError) as info:
       teacher.complete("hello", SAMPLING)

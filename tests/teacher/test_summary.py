@@ -2,15 +2,17 @@
 (a scripted backend: no model, no server)."""
 import json
 
-from sentijax.teacher import generate, inputs, leaks
-from sentijax.teacher.common import Completion, Sampling, TeacherError
+from sentijax.sampling import SamplingSettings
+from sentijax.teacher import backend, generate, inputs, leaks
+from sentijax.teacher.common import Completion, TeacherError
 
 LEAK = "the staff forgot our order twice and never apologised ."
 
 
 class ScriptedTeacher:
   """Answers by the text id: t0 quotes a test sentence, t1 answers blank, t2 fails."""
-  name = "scripted"
+  name, tokenizer, collective, CONFIG_KEYS = "scripted", None, False, {}
+  capabilities = backend.Capabilities()
 
   def stream(self, items, sampling, logprobs=0):
     del sampling, logprobs
@@ -24,10 +26,13 @@ class ScriptedTeacher:
         text = f"Negative. Quote: {LEAK.upper()}" if source == "t0" else "Positive overall."
         yield item, Completion(text=text, finish_reason="stop", completion_tokens=5)
 
+  def close(self):
+    pass
+
 
 def test_rejects_leaks_and_summary(tmp_path):
   texts = [inputs.SourceText(f"t{i}", f"text number {i}") for i in range(4)]
-  s = Sampling(max_tokens=5)
+  s = SamplingSettings(max_tokens=5)
   items = generate.knowdist_items(texts, ["polarity", "intent"], s)
   checker = leaks.LeakChecker({LEAK: "sc/x"})
   summary = generate.generate(items, ScriptedTeacher(), s, tmp_path, leak_checker=checker,

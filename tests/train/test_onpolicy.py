@@ -16,6 +16,7 @@ import safetensors.numpy
 
 from sentijax import config as config_lib
 from sentijax import models, sharding
+from sentijax.sampling import SamplingSettings
 from sentijax.train import kd, losses, onpolicy, state as state_lib, step
 from kill_resume import kill_then_resume
 from tolerances import assert_close, assert_trees_close
@@ -129,9 +130,11 @@ def _batches(seed, n, rows=8):
   return out
 
 
+ROLLOUT_SAMPLING = SamplingSettings(temperature=1.0, max_tokens=LENGTH + 1 - PROMPT, seed=0)
+
+
 def _rollout_spec(lmbda=1.0, **kw):
-  return onpolicy.RolloutSpec(lmbda=lmbda, seq_kd=False, temperature=1.0, top_p=1.0,
-                              max_new_tokens=LENGTH + 1 - PROMPT, seed=0, **kw)
+  return onpolicy.RolloutSpec(lmbda=lmbda, seq_kd=False, sampling=ROLLOUT_SAMPLING, **kw)
 
 
 def _held_out_reverse_kl(params, teacher, seed=5, rows=32):
@@ -247,7 +250,7 @@ def test_rollout_rows_sharded_equal_single_device():
 
   def rollout(m):
     return onpolicy.Rollout(_rollout_spec(0.5), cfg, vocab=V, eos_id=EOS, seq_len=LENGTH,
-                            mesh=m, rules=RULES, per_layer=False)
+                            placement=sharding.Placement(m, RULES), per_layer=False)
   st = state_lib.create_state(params, optax.adam(3e-3))
   one, _ = rollout(None)(st, {k: jnp.asarray(v) for k, v in data[0].items()})
   t_placed = jax.device_put(teacher.params, models.shardings_for(T_CFG, mesh, RULES))
@@ -276,8 +279,7 @@ def test_seq_kd_samples_from_the_teacher():
   the student's own: no 'sampled' mask, so CE trains on them)."""
   teacher = _oracle_teacher()
   batch = _batches(2, 1)[0]
-  spec = onpolicy.RolloutSpec(lmbda=1.0, seq_kd=True, temperature=1.0, top_p=1.0,
-                              max_new_tokens=LENGTH + 1 - PROMPT, seed=0)
+  spec = onpolicy.RolloutSpec(lmbda=1.0, seq_kd=True, sampling=ROLLOUT_SAMPLING)
   st = state_lib.create_state(models.init(S_CFG, 1), optax.adam(1e-3))
   out, m = onpolicy.Rollout(spec, S_CFG, vocab=V, eos_id=EOS, seq_len=LENGTH, teacher=teacher,
                             per_layer=False)(st, {k: jnp.asarray(v) for k, v in batch.items()})
@@ -308,7 +310,7 @@ def test_config_checks_name_the_key():
       node[last] = v
     return kd.KDSpec.from_config(c)
   s = kd_spec(kd__lmbda=0.25, kd__rollout__max_new_tokens=7)
-  assert s.online and s.rollout.lmbda == 0.25 and s.rollout.max_new_tokens == 7
+  assert s.online and s.rollout.lmbda == 0.25 and s.rollout.sampling.max_tokens == 7
   assert s.distill(1000) == losses.Distill(kind="forward", alpha=0.5, vocab=1000)
   assert kd_spec(kd__loss="reverse", kd__rollout__estimator="token").rollout.estimator == "token"
   for kw, match in [({"kd__lmbda": 1.5}, "kd.lmbda=1.5"),
