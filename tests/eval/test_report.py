@@ -5,7 +5,7 @@ import pytest
 from sentijax.data import sentibench
 from sentijax.eval import report
 
-# Hand-made scores x100, as scorer.score_run returns them.
+# Hand-made scores x100, as Scorer.score_run returns them.
 RUNS = {
     "sc/sst2": {"42": 64.6467, "52": 70.0},
     "absa/opener": {"42": 12.34567},
