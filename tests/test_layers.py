@@ -15,6 +15,9 @@ RULES = (
     ("teacher", ("sentijax.train", "sentijax.serve")),
     ("serve.py", ("sentijax.train",)),
     ("serve_engine.py", ("sentijax.train",)),
+    ("serve_events.py", ("sentijax.train",)),
+    ("serve_requests.py", ("sentijax.train",)),
+    ("serve_answers.py", ("sentijax.train",)),
     ("sharding.py", ("sentijax.models", "sentijax.train", "sentijax.eval")),
 )
 

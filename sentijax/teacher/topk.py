@@ -293,14 +293,16 @@ def _scorer(config, spec: TopKSpec):
     raise
 
 
-def _open_store(spec: TopKSpec, teacher: str, tok: Any, mode: str, vocab_size: int
-                ) -> topk_store.StoreWriter:
-  """The writer on process 0; the other hosts read the store once process 0 has opened it."""
+def _open_store(spec: TopKSpec, teacher: str, tok: Any, mode: str,
+                cfg: models.ModelConfig | None) -> topk_store.StoreWriter:
+  """The writer on process 0; the other hosts read the store once process 0 has opened it.
+  `cfg`: the teacher model's config when the backend gives the model (its vocab_size is
+  recorded), else None."""
   def open_store(read_only: bool) -> topk_store.StoreWriter:
     return topk_store.StoreWriter(spec.store_dir, k=spec.k, teacher=teacher, tokenizer=tok,
                                   render={"mode": mode}, mode=spec.mode,
-                                  temperature=spec.temperature, vocab_size=vocab_size,
-                                  read_only=read_only)
+                                  temperature=spec.temperature,
+                                  vocab_size=cfg.vocab_size if cfg else 0, read_only=read_only)
   if jax.process_count() == 1:
     return open_store(False)
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
@@ -321,12 +323,11 @@ def run(config) -> dict:
   try:
     seqs, token_stats = sequences.tokenize_records(records, tok, data.chat_template,
                                                  show_progress=spec.progress)
-    model = backend.MODEL in teacher.capabilities
-    max_len = spec.max_len or (teacher.cfg.max_position_embeddings if model else 0)
+    cfg = teacher.cfg if backend.MODEL in teacher.capabilities else None  # a model at hand
+    max_len = spec.max_len or (cfg.max_position_embeddings if cfg else 0)
     keep = [i for i, s in enumerate(seqs) if (not max_len or len(s.tokens) <= max_len)
             and s.loss_mask[1:].any()]
-    vocab_size = teacher.cfg.vocab_size if model else 0
-    writer = _open_store(spec, teacher.name, tok, token_stats["mode"], vocab_size)
+    writer = _open_store(spec, teacher.name, tok, token_stats["mode"], cfg)
     vocab = writer.index["tokenizer"]["vocab"]
     summary = {"teacher": teacher.name, "k": spec.k, "mode": spec.mode, "store": spec.store_dir,
                "records": len(records), "too_long_or_empty": len(records) - len(keep),
