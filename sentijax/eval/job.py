@@ -81,12 +81,13 @@ def _model_dir(config: Any) -> str:
   return init
 
 
-def load_model(config: Any, mesh) -> tuple[models.ModelConfig, Any, Any]:
+def load_model(config: Any, placement: sharding.Placement
+               ) -> tuple[models.ModelConfig, Any, Any]:
   """(model cfg, params, tokenizer) of `config.model` (init, init_layers, tokenizer, dtype:
-  params and activations) on `mesh`, built by `models.factory` as every job builds its model."""
+  params and activations) on `placement`, built by `models.factory` as every job builds it."""
   _model_dir(config)
   cfg = factory.model_config(config, training=False)
-  params = factory.param_initializer(config, cfg)(mesh, config.sharding_rules)
+  params = factory.param_initializer(config, cfg)(placement.mesh, placement.rules)
   return cfg, params, factory.tokenizer(config, cfg)
 
 
@@ -105,14 +106,13 @@ def run(config: Any) -> dict:
 
   placement = sharding.Placement.from_config(
       config, factory.model_config(config, training=False))
-  mesh = placement.mesh
   t0 = time.time()
   cache_dir = setup_compilation_cache(ev.get("compilation_cache", "auto"))
-  cfg, params, tokenizer = load_model(config, mesh)
+  cfg, params, tokenizer = load_model(config, placement)
   run = settings.RunSettings.from_config(config, tokenizer)
   generation = run.generation
   log.info("loaded %s (%.1fM params, %s) in %.1fs on mesh %s", config.model.init,
-           cfg.num_params / 1e6, cfg.dtype, time.time() - t0, dict(mesh.shape))
+           cfg.num_params / 1e6, cfg.dtype, time.time() - t0, dict(placement.mesh.shape))
   log.info("generation config %s: repetition_penalty %g, eos %s; compilation cache %s",
            generation.source, generation.repetition_penalty,
            list(generation.eos_token_ids or ()) or "(model/tokenizer)", cache_dir or "off")

@@ -136,7 +136,7 @@ def test_load_model_honours_init_layers_and_keeps_params_in_model_dtype(model_di
   config = get_config()
   config.model.init, config.model.init_layers, config.model.dtype = str(model_dir), "1", "bfloat16"
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-  cfg, params, tokenizer = job.load_model(config, mesh)
+  cfg, params, tokenizer = job.load_model(config, sharding.Placement(mesh, config.sharding_rules))
   assert (cfg.num_layers, cfg.dtype, cfg.param_dtype, cfg.remat) == (1, "bfloat16", "bfloat16",
                                                                       False)
   _, full = models.load_hf(model_dir, dtype="bfloat16")  # both layers, single device
