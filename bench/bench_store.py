@@ -280,7 +280,7 @@ def sample_sizes(tmp: pathlib.Path, tok, raw, positions: int) -> None:
     w_s = time.perf_counter() - t
     size = sum(s["bytes"] for s in w.index["shards"])
     distinct = np.mean([float((s.counts > 0).sum(-1).mean()) for s in scored])
-    print(f"sample N={n:2d} v2 lzma: {size / positions:7.1f} B/pos ({distinct:.1f} distinct ids "
+    print(f"sample N={n:2d} lzma: {size / positions:7.1f} B/pos ({distinct:.1f} distinct ids "
           f"per position), write {positions / w_s:9.0f} pos/s")
     print(f"          per array (B/pos): {breakdown(store, positions)}")
 
