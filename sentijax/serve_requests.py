@@ -163,9 +163,9 @@ class RequestReader:
     score_only = echo and body.get("max_tokens") == 0
     sampling = parse_sampling(body, self._max_tokens(body, chat, len(prompt_ids), score_only))
     request = Request(prompt_ids, sampling, n=n, logprobs=bool(want),
-                                   score_prompt=echo and bool(want), generate=not score_only)
+                      score_prompt=echo and bool(want), generate=not score_only)
     echo_text = None
     if echo:
       echo_text = prompt if isinstance(prompt, str) else self.teacher.tokenizer.decode(prompt_ids)
     return Call(request, chat, stream, bool(opts.get("include_usage")), echo_text, top_n,
-                 bool(body.get("return_tokens_as_token_ids")))
+                bool(body.get("return_tokens_as_token_ids")))
