@@ -28,6 +28,7 @@ TABLE_SIZE = 4096
 _TOP_BITS = 3  # bits of v after its leading one that go into the symbol byte
 _CHUNK = 1 << 16  # values bit-packed at a time (bounds the int64 temporaries: 0.5 MB each)
 _DECODE_ENTRIES = 1 << 14  # entries decoded at a time
+_ENCODE_ENTRIES = 1 << 18  # entries encoded at a time (temporaries ~2 MB per [rows, k] array)
 ARRAYS = ("rank_table", "entry_counts", "head_counts", "head_codes", "tail_levels",
           "head_symbols", "tail_symbols", "id_bits_stream", "log_tail")
 
@@ -90,15 +91,17 @@ def symbol_low_bits(sym: np.ndarray) -> np.ndarray:
 
 def pack_varbits(values: np.ndarray, nbits: np.ndarray) -> np.ndarray:
   """Concatenates each value's `nbits` low bits (LSB first; nbits <= 24) into bytes."""
-  ends = np.cumsum(nbits, dtype=np.int64)
-  out = np.zeros((int(ends[-1]) if len(ends) else 0) // 8 + 4, np.uint8)
+  total = int(np.sum(nbits, dtype=np.int64))
+  out = np.zeros(total // 8 + 4, np.uint8)
+  offset = 0
   for s in range(0, len(values), _CHUNK):
-    v, start = values[s:s + _CHUNK].astype(np.int64), ends[s:s + _CHUNK] - nbits[s:s + _CHUNK]
-    byte, shift = start >> 3, start & 7
-    word = v << shift
+    ends = offset + np.cumsum(nbits[s:s + _CHUNK], dtype=np.int64)
+    start = ends - nbits[s:s + _CHUNK]
+    word = values[s:s + _CHUNK].astype(np.int64) << (start & 7)
     for j in range(4):  # a value of <= 24 bits at shift <= 7 spans <= 4 bytes
-      np.bitwise_or.at(out, byte + j, ((word >> (8 * j)) & 0xFF).astype(np.uint8))
-  return out[:(int(ends[-1]) + 7) // 8 if len(ends) else 0]
+      np.bitwise_or.at(out, (start >> 3) + j, ((word >> (8 * j)) & 0xFF).astype(np.uint8))
+    offset = int(ends[-1])
+  return out[:(total + 7) // 8]
 
 
 def read_varbits(padded: np.ndarray, start: int, nbits: np.ndarray) -> np.ndarray:
@@ -113,9 +116,8 @@ def read_varbits(padded: np.ndarray, start: int, nbits: np.ndarray) -> np.ndarra
 # --------------------------------------------------------------------------- ranks
 
 
-def rank_table(ids_MxK: np.ndarray, valid_MxK: np.ndarray, id_space: int) -> np.ndarray:
-  """The shard's TABLE_SIZE most frequent listed ids, most frequent first (ties: lower id)."""
-  counts = np.bincount(ids_MxK[valid_MxK].astype(np.int64), minlength=id_space)
+def rank_table(counts: np.ndarray) -> np.ndarray:
+  """The TABLE_SIZE most frequent ids (`counts` per id), most frequent first (ties: lower id)."""
   order = np.argsort(-counts, kind="stable")[:TABLE_SIZE]
   return order[counts[order] > 0].astype(np.int64)
 
@@ -137,10 +139,9 @@ def _segment_cumsum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
   return cs - before[np.cumsum(starts) - 1]
 
 
-def encode(ids_MxK: np.ndarray, logprobs_MxK: np.ndarray, log_tail_M: np.ndarray,
-           q: Quantiser, id_space: int) -> dict[str, np.ndarray]:
-  """The ARRAYS of one shard's entries (descending log-probs, -inf = missing, missing last)."""
-  check(q)
+def _checked(ids_MxK: np.ndarray, logprobs_MxK: np.ndarray, id_space: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """(ids int64, log-probs float64) of some rows, ValueError unless they are a valid top-k."""
   lp = np.asarray(logprobs_MxK, np.float64)
   ids = np.asarray(ids_MxK, np.int64)
   valid = np.isfinite(lp)
@@ -152,34 +153,66 @@ def encode(ids_MxK: np.ndarray, logprobs_MxK: np.ndarray, log_tail_M: np.ndarray
     raise ValueError(f"top-k entries: ids outside [0, {id_space})")
   if (np.diff(np.sort(np.where(valid, ids, -1 - np.arange(ids.shape[1])), axis=1)) == 0).any():
     raise ValueError("top-k entries: an id is listed twice at one position")
-  n = valid.sum(1)
+  return ids, lp
+
+
+def _encode_rows(ids: np.ndarray, lp: np.ndarray, q: Quantiser, rank_of: np.ndarray
+                 ) -> dict[str, np.ndarray]:
+  """The coded pieces of some rows (`rank_of`: id -> frequency rank)."""
+  valid = np.isfinite(lp)
   rel = np.where(valid, lp[:, :1] - lp, 0.0)
   head = valid & (rel <= q.head_nats)
   tail = valid & ~head
-  table = rank_table(ids, valid, id_space)
-  rank = np.argsort(_permutation(table, id_space))[ids]
+  rank = rank_of[ids]
   codes = np.rint(rel / q.logprob_step).astype(np.int64)
-  head_codes = np.diff(codes, axis=1)[head[:, 1:]]
   levels = np.clip(np.rint((q.u_head - np.exp(-rel / 2)) / q.level_step), 0, q.max_level())
   key = np.where(tail, levels.astype(np.int64) << 32 | rank, np.int64(1) << 62)
-  key = np.sort(key, axis=1)[tail.sum(1)[:, None] > np.arange(ids.shape[1])]  # tails, flat
-  t_level, t_rank = key >> 32, key & 0xFFFFFFFF
   t = tail.sum(1)
-  pos_start = np.zeros(len(key), bool)
-  pos_start[(np.cumsum(t) - t)[t > 0]] = True
+  key = np.sort(key, axis=1)[t[:, None] > np.arange(ids.shape[1])]  # each row's tail, flat
+  t_level, t_rank = key >> 32, key & 0xFFFFFFFF
+  row_start = np.zeros(len(key), bool)
+  row_start[(np.cumsum(t) - t)[t > 0]] = True
   level_delta = t_level - np.concatenate([[0], t_level[:-1]])
-  level_delta[pos_start] = t_level[pos_start]
-  group_start = pos_start | (level_delta > 0)
+  level_delta[row_start] = t_level[row_start]
+  group_start = row_start | (level_delta > 0)
   gaps = t_rank - np.concatenate([[-1], t_rank[:-1]])
   gaps[group_start] = t_rank[group_start] + 1
   h_sym, h_low, h_bits = split_values(rank[head] + 1)
   t_sym, t_low, t_bits = split_values(gaps)
-  return {"rank_table": table, "entry_counts": n.astype(np.uint16),
-          "head_counts": head.sum(1).astype(np.uint16), "head_codes": head_codes.astype(np.uint8),
-          "tail_levels": level_delta.astype(np.uint8), "head_symbols": h_sym,
-          "tail_symbols": t_sym,
-          "id_bits_stream": pack_varbits(np.concatenate([h_low, t_low]),
-                                         np.concatenate([h_bits, t_bits])),
+  return {"entry_counts": valid.sum(1), "head_counts": head.sum(1),
+          "head_codes": np.diff(codes, axis=1)[head[:, 1:]], "tail_levels": level_delta,
+          "head_symbols": h_sym, "tail_symbols": t_sym, "head_low": h_low, "head_bits": h_bits,
+          "tail_low": t_low, "tail_bits": t_bits}
+
+
+def encode(ids_MxK: np.ndarray, logprobs_MxK: np.ndarray, log_tail_M: np.ndarray,
+           q: Quantiser, id_space: int) -> dict[str, np.ndarray]:
+  """The ARRAYS of one shard's entries (descending log-probs, -inf = missing, missing last),
+  coded _ENCODE_ENTRIES entries at a time."""
+  check(q)
+  m, k = np.shape(ids_MxK)
+  step = max(1, _ENCODE_ENTRIES // max(k, 1))
+  chunks = [slice(p, min(m, p + step)) for p in range(0, m, step)]
+  counts = np.zeros(id_space, np.int64)
+  for c in chunks:  # first pass: the shard's id frequencies
+    ids, lp = _checked(ids_MxK[c], logprobs_MxK[c], id_space)
+    counts += np.bincount(ids[np.isfinite(lp)], minlength=id_space)
+  table = rank_table(counts)
+  rank_of = np.argsort(_permutation(table, id_space))
+  parts = [_encode_rows(*_checked(ids_MxK[c], logprobs_MxK[c], id_space), q, rank_of)
+           for c in chunks]
+
+  def cat(name: str, dtype) -> np.ndarray:
+    return np.concatenate([np.zeros(0, dtype)] + [p[name].astype(dtype) for p in parts])
+
+  return {"rank_table": table, "entry_counts": cat("entry_counts", np.uint16),
+          "head_counts": cat("head_counts", np.uint16), "head_codes": cat("head_codes", np.uint8),
+          "tail_levels": cat("tail_levels", np.uint8),
+          "head_symbols": cat("head_symbols", np.uint8),
+          "tail_symbols": cat("tail_symbols", np.uint8),
+          "id_bits_stream": pack_varbits(
+              np.concatenate([cat("head_low", np.uint32), cat("tail_low", np.uint32)]),
+              np.concatenate([cat("head_bits", np.uint8), cat("tail_bits", np.uint8)])),
           "log_tail": np.asarray(log_tail_M, np.float16)}
 
 

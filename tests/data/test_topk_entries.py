@@ -130,3 +130,25 @@ def test_bad_entries_are_refused():
     te.decode(arrays | {"tail_symbols": arrays["tail_symbols"][:-1]}, q, 8, ID_SPACE)
   with pytest.raises(ValueError, match="out of range"):
     te.decode(arrays, q, 4, ID_SPACE)  # more entries than k
+
+
+def test_coding_in_chunks_gives_the_same_bytes_and_values(monkeypatch):
+  """A shard is coded and decoded a few thousand positions at a time: chunks of 3 positions
+  (with missing entries and positions without a tail) give what one chunk gives."""
+  k = 32
+  ids, lp, log_tail = _topk(_logits(50, 2000, seed=5, peaked=True), k)
+  lp[7, 20:], ids[7, 20:] = -np.inf, 0
+  lp[8, 1:], ids[8, 1:] = -np.inf, 0  # the top-1 only: no tail
+  q = te.Quantiser(0.125, 3.0, 0.02)
+  whole = te.encode(ids, lp, log_tail, q, ID_SPACE)
+  want_ids, want_p = te.decode(whole, q, k, ID_SPACE)
+  monkeypatch.setattr(te, "_ENCODE_ENTRIES", 3 * k)
+  monkeypatch.setattr(te, "_DECODE_ENTRIES", 3 * k)
+  monkeypatch.setattr(te, "_CHUNK", 50)  # values bit-packed at a time
+  chunked = te.encode(ids, lp, log_tail, q, ID_SPACE)
+  assert chunked.keys() == whole.keys()
+  for name in whole:
+    np.testing.assert_array_equal(chunked[name], whole[name], err_msg=name)
+  got_ids, got_p = te.decode(whole, q, k, ID_SPACE)
+  np.testing.assert_array_equal(got_ids, want_ids)
+  np.testing.assert_array_equal(got_p, want_p)
