@@ -46,12 +46,18 @@ import numpy as np
 from sentijax.data import sequences, topk_codec, topk_entries
 from sentijax.data.records import BadRow, Record, make_tokens, record_from_json
 from sentijax.data.tokenizer import vocab_fingerprint
-from sentijax.data.topk_format import (  # noqa: F401  (the store's public names)
+from sentijax.data.topk_format import (  # the store's public names (__all__)
     CODEC, FORMAT, FORMAT_V1, HEAD_NATS, INDEX, LEVEL_SCALE, LOGPROB_STEP, MODES, RECORD_ARRAYS,
     TOKENIZER_DIR, VERSION, ScoredRecord, StoreError, check_tokenizer, header, identity,
     iter_shards, mode_arrays, quantiser, read_index, read_shard, store_tokenizer,
     tokenizer_identity)
-from sentijax.data.topk_writer import StoreWriter  # noqa: F401
+from sentijax.data.topk_writer import StoreWriter
+
+__all__ = ["CACHED_SHARDS", "CODEC", "FORMAT", "HEAD_NATS", "LEVEL_SCALE", "LOGPROB_STEP",
+           "MODES", "VERSION", "ScoredRecord", "StoreError", "StoreWriter", "check_tokenizer",
+           "convert", "distill_support", "header", "identity", "iter_scored", "iter_shards",
+           "load", "main", "read_index", "read_records", "read_shard", "read_v1",
+           "store_tokenizer", "tokenizer_identity"]
 
 log = logging.getLogger("sentijax")
 
