@@ -59,7 +59,7 @@ def jax_runner(path: Path, batch: dict[str, np.ndarray], dtype: str, tc):
   tx = state_lib.make_optimizer(tc)
   state = jax.jit(lambda p: state_lib.create_state(p, tx))(params)
   del params
-  step_fn = jax.jit(functools.partial(step_lib.train_step, model_cfg=cfg, tx=tx),
+  step_fn = jax.jit(functools.partial(step_lib.train_step, spec=step_lib.StepSpec(cfg, tx)),
                     donate_argnums=0)
   batch_jax = {k: jnp.asarray(v, jnp.float32 if k == "weights" else jnp.int32)
                for k, v in batch.items()}

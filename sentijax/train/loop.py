@@ -131,9 +131,12 @@ def compile_steps(config, model_cfg: models.ModelConfig, s: Setup, loss_options)
   loss_chunk = int(config.train.loss_chunk)
   if callable(loss_options):
     loss_options = loss_options(s.mesh, s.rules)
-  train_fn = step_lib.jit_train_step(model_cfg, s.tx, s.state_sh, s.batch_sh, s.num_micro,
-                                     s.schedule, s.mesh, loss_chunk, rules=s.rules,
-                                     **(loss_options or {}))
+  options = dict(loss_options or {})
+  spec = step_lib.StepSpec(model_cfg, s.tx, s.num_micro, s.schedule, loss_chunk,
+                           distill=options.pop("distill", None),
+                           token_estimator=options.pop("token_estimator", False))
+  train_fn = step_lib.jit_train_step(spec, sharding.Placement(s.mesh, s.rules), s.state_sh,
+                                     s.batch_sh, **options)  # teacher, rollout
   return train_fn, step_lib.jit_eval_step(model_cfg, s.state_sh.params, s.batch_sh, loss_chunk)
 
 

@@ -92,13 +92,26 @@ def _split_microbatches(batch: Batch, num_micro: int, mesh, rules=None) -> Batch
   return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch: Batch, teacher_params: Any = None, *,
-               model_cfg: models.ModelConfig, tx: optax.GradientTransformation,
-               num_micro: int = 1, schedule: optax.Schedule | None = None, mesh=None,
-               loss_chunk: int = 0, rules=None, distill: losses.Distill | None = None,
-               teacher_cfg: models.ModelConfig | None = None,
-               token_estimator: bool = False) -> tuple[TrainState, dict]:
-  """Accumulates grads over `num_micro` microbatches, applies one update.
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What one optimizer step computes (static under jit): the student, the optimizer, grads
+  accumulated over `num_micro` microbatches, `loss_chunk` (losses.chunked_loss_sums), the
+  distillation term, the online teacher's config, and whether on-policy rows use
+  losses.token_reverse_kl's estimator."""
+  model_cfg: models.ModelConfig
+  tx: optax.GradientTransformation
+  num_micro: int = 1
+  schedule: optax.Schedule | None = None
+  loss_chunk: int = 0
+  distill: losses.Distill | None = None
+  teacher_cfg: models.ModelConfig | None = None
+  token_estimator: bool = False
+
+
+def train_step(state: TrainState, batch: Batch, teacher_params: Any = None, *, spec: StepSpec,
+               placement: sharding.Placement = sharding.Placement()
+               ) -> tuple[TrainState, dict]:
+  """Accumulates grads over `spec.num_micro` microbatches, applies one update.
 
   A non-finite loss or gradient leaves the state unchanged and reports `nonfinite=1`, so the loop
   can stop with the last good params (and checkpoint) intact. With `distill` the metrics also
@@ -106,9 +119,11 @@ def train_step(state: TrainState, batch: Batch, teacher_params: Any = None, *,
   student's probability on the teacher's support, averaged where the term counts);
   `teacher_params` (with `teacher_cfg`): an online teacher, run forward on every microbatch.
   """
+  distill, num_micro = spec.distill, spec.num_micro
+
   def loss_fn(params, mb):
-    terms = loss_terms(model_cfg, params, mb, loss_chunk, distill, teacher_cfg, teacher_params,
-                       token_estimator)
+    terms = loss_terms(spec.model_cfg, params, mb, spec.loss_chunk, distill, spec.teacher_cfg,
+                       teacher_params, spec.token_estimator)
     return terms["loss"], terms
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -128,12 +143,13 @@ def train_step(state: TrainState, batch: Batch, teacher_params: Any = None, *,
     (grads, sums), _ = micro(init, batch)
   else:
     (grads, sums), _ = jax.lax.scan(micro, init,
-                                    _split_microbatches(batch, num_micro, mesh, rules))
+                                    _split_microbatches(batch, num_micro, placement.mesh,
+                                                        placement.rules))
   denom = jnp.maximum(sums["tokens"], 1.0)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
   loss = sums["loss"] / denom
   grad_norm = optax.global_norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
@@ -146,8 +162,8 @@ def train_step(state: TrainState, batch: Batch, teacher_params: Any = None, *,
     metrics["kd_support_mass"] = sums["support_mass"] / jnp.maximum(sums["support_tokens"], 1.0)
   if "rkl_token" in sums:  # on-policy rows: the per-token reverse-KL estimate on the samples
     metrics["rkl_token"] = sums["rkl_token"] / jnp.maximum(sums["sampled_tokens"], 1.0)
-  if schedule is not None:
-    metrics["learning_rate"] = schedule(state.step)
+  if spec.schedule is not None:
+    metrics["learning_rate"] = spec.schedule(state.step)
   return new_state, metrics
 
 
@@ -157,19 +173,16 @@ def eval_step(params: Any, batch: Batch, *, model_cfg: models.ModelConfig,
   return {"nll_sum": nll_sum, "tokens": w_sum}
 
 
-def jit_train_step(model_cfg, tx, state_sh: TrainState, batch_sh, num_micro: int, schedule,
-                   mesh, loss_chunk: int = 0, rules=None, distill: losses.Distill | None = None,
-                   teacher: Teacher | None = None, rollout=None, token_estimator: bool = False):
+def jit_train_step(spec: StepSpec, placement: sharding.Placement, state_sh: TrainState,
+                   batch_sh, teacher: Teacher | None = None, rollout=None):
   """The jitted step `(state, batch) -> (state, metrics)`: explicit in/out shardings, the old
   state donated. An online `teacher` goes in as a third, non-donated argument, its params
-  sharded over `mesh` by the same logical `rules` as the student's. `rollout` (on-policy,
-  `train.onpolicy.Rollout`): `(state, batch) -> (batch, host metrics)` runs first, the current
-  (sharded) params writing the responses of part of the batch; its metrics join the step's;
-  `token_estimator`: on the student's own samples the term is losses.token_reverse_kl's."""
+  sharded over the placement's mesh by the same logical rules as the student's. `rollout`
+  (on-policy, `train.onpolicy.Rollout`): `(state, batch) -> (batch, host metrics)` runs first,
+  the current (sharded) params writing the responses of part of the batch; its metrics join the
+  step's."""
   if rollout is not None:
-    inner = jit_train_step(model_cfg, tx, state_sh, batch_sh, num_micro, schedule, mesh,
-                           loss_chunk, rules, distill, teacher,
-                           token_estimator=token_estimator)
+    inner = jit_train_step(spec, placement, state_sh, batch_sh, teacher)
 
     def rollout_step(state, batch):
       batch, extra = rollout(state, batch)
@@ -177,13 +190,13 @@ def jit_train_step(model_cfg, tx, state_sh: TrainState, batch_sh, num_micro: int
       return state, {**metrics, **extra}
     rollout_step.teacher_params = getattr(inner, "teacher_params", None)
     return rollout_step
-  fn = functools.partial(train_step, model_cfg=model_cfg, tx=tx, num_micro=num_micro,
-                         schedule=schedule, mesh=mesh, loss_chunk=loss_chunk, rules=rules,
-                         distill=distill, token_estimator=token_estimator,
-                         teacher_cfg=None if teacher is None else teacher.cfg)
+  mesh, rules = placement.mesh, placement.rules
   if mesh is not None and rules is None:
     from sentijax import config as config_lib  # pylint: disable=import-outside-toplevel
     rules = config_lib.base().sharding_rules
+  placement = sharding.Placement(mesh, rules)
+  spec = dataclasses.replace(spec, teacher_cfg=None if teacher is None else teacher.cfg)
+  fn = functools.partial(train_step, spec=spec, placement=placement)
   if teacher is None:
     return _traced_on(mesh, rules, jax.jit(fn, in_shardings=(state_sh, batch_sh),
                                            out_shardings=(state_sh, None), donate_argnums=0))

@@ -82,8 +82,8 @@ def test_online_step_sharded_equals_single_device():
   st_sh = state_lib.state_shardings(STUDENT, tx, mesh, RULES)
   batch_sh = sharding.batch_sharding(mesh, RULES)
   st = jax.device_put(jax.tree.map(np.array, state_lib.create_state(s_params, tx)), st_sh)
-  fn = step.jit_train_step(STUDENT, tx, st_sh, batch_sh, 2, state_lib.learning_rate_schedule(tc),
-                           mesh, 8, rules=RULES, distill=distill,
+  spec = step.StepSpec(STUDENT, tx, 2, state_lib.learning_rate_schedule(tc), 8, distill=distill)
+  fn = step.jit_train_step(spec, sharding.Placement(mesh, RULES), st_sh, batch_sh,
                            teacher=step.Teacher(TEACHER, t_params))
   new, m = fn(st, jax.device_put(batch, batch_sh))
   # Losses: sums of ~150 per-token terms in another order (chunks, microbatches, shards).

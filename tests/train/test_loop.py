@@ -30,8 +30,8 @@ def recorded(monkeypatch):
 
   real_train_step, real_eval_step = step_lib.jit_train_step, step_lib.jit_eval_step
 
-  def jit_train_step(model_cfg, tx, state_sh, batch_sh, *a, **kw):
-    fn = real_train_step(model_cfg, tx, state_sh, batch_sh, *a, **kw)
+  def jit_train_step(spec, placement, state_sh, batch_sh, *a, **kw):
+    fn = real_train_step(spec, placement, state_sh, batch_sh, *a, **kw)
     rec["batch_sh"].append(batch_sh)
 
     def run(state, batch):

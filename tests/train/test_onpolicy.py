@@ -162,9 +162,9 @@ def _train(batches, *, rollout=None, distill=None, teacher=None, params=None, me
     state_sh = state_lib.state_shardings(cfg, tx, mesh, RULES)
     batch_sh = sharding.batch_sharding(mesh, RULES)
     st = jax.device_put(st, state_sh)
-  fn = step.jit_train_step(cfg, tx, state_sh, batch_sh, 1, None, mesh, 0, rules=RULES,
-                           distill=distill, teacher=teacher, rollout=rollout,
-                           token_estimator=token_estimator)
+  spec = step.StepSpec(cfg, tx, distill=distill, token_estimator=token_estimator)
+  fn = step.jit_train_step(spec, sharding.Placement(mesh, RULES), state_sh, batch_sh,
+                           teacher=teacher, rollout=rollout)
   metrics = []
   for b in batches:
     st, m = fn(st, {k: jnp.asarray(v) for k, v in b.items()})

@@ -115,17 +115,17 @@ def _one_step(batch, num_micro, mesh=None, params=None, loss_chunk=0):
   tx = optax.chain(_record_grads(), state_lib.make_optimizer(tc))
   params = models.init(CFG, 2) if params is None else params
   st = state_lib.create_state(params, tx)
-  fn = functools.partial(step_lib.train_step, model_cfg=CFG, tx=tx, num_micro=num_micro,
-                         schedule=state_lib.learning_rate_schedule(tc), mesh=mesh,
-                         loss_chunk=loss_chunk)
+  fn = functools.partial(step_lib.train_step, spec=step_lib.StepSpec(
+      CFG, tx, num_micro, state_lib.learning_rate_schedule(tc), loss_chunk),
+                         placement=sharding.Placement(mesh))
   if mesh is None:
     return jax.jit(fn)(st, batch)
   rules = config_lib.base().sharding_rules
   st_sh = state_lib.state_shardings(CFG, tx, mesh, rules)
   batch_sh = sharding.batch_sharding(mesh)
   st = jax.device_put(jax.tree.map(np.array, st), st_sh)  # copies: the state is donated
-  step_fn = step_lib.jit_train_step(CFG, tx, st_sh, batch_sh, num_micro,
-                                    state_lib.learning_rate_schedule(tc), mesh, loss_chunk)
+  spec = step_lib.StepSpec(CFG, tx, num_micro, state_lib.learning_rate_schedule(tc), loss_chunk)
+  step_fn = step_lib.jit_train_step(spec, sharding.Placement(mesh), st_sh, batch_sh)
   new, metrics = step_fn(st, jax.device_put(batch, batch_sh))
   assert new.params["layers"]["mlp"]["up_kernel"].sharding.spec == \
       jax.sharding.PartitionSpec(None, "fsdp", "tensor")
@@ -221,8 +221,8 @@ def test_distillation_metrics_accumulate_over_microbatches():
   distill = losses.Distill(kind="reverse", alpha=0.4, temperature=1.5, support="listed")
   tc = _train_cfg()
   tx = state_lib.make_optimizer(tc)
-  fn = jax.jit(functools.partial(step_lib.train_step, model_cfg=CFG, tx=tx, num_micro=2,
-                                 distill=distill))
+  fn = jax.jit(functools.partial(step_lib.train_step,
+                                 spec=step_lib.StepSpec(CFG, tx, num_micro=2, distill=distill)))
   _, m = fn(state_lib.create_state(params, tx), batch)
   terms = jax.jit(lambda p: step_lib.loss_terms(CFG, p, batch, 0, distill))(params)
   w = float(terms["tokens"])
