@@ -101,8 +101,7 @@ class SamplingSettings:
     stop = tuple(s for s in stop.split("|") if s) if isinstance(stop, str) else tuple(stop)
     return cls(temperature=float(c.temperature), top_p=float(c.top_p), top_k=int(c.top_k),
                max_tokens=int(c.max_tokens), min_tokens=int(c.min_tokens), stop=stop,
-               seed=int(c.seed),
-               repetition_penalty=float(c.get("repetition_penalty", 1.0)))
+               seed=int(c.seed), repetition_penalty=float(c.repetition_penalty))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,9 @@ def sampling() -> ml_collections.ConfigDict:
   c.min_tokens = 16  # end-of-text blocked before this many new tokens
   c.stop = ""  # stop strings separated by "|"
   c.seed = 0
+  # transformers' repetition penalty (local: applied in the sampler; openai: sent as the vLLM /
+  # SGLang extra `repetition_penalty`); 1 = none, and then absent from record ids
+  c.repetition_penalty = 1.0
   return c
 
 

@@ -15,10 +15,10 @@ import pytest
 
 from teacher import teacher_fixtures as fx
 from sentijax import serve
-from sentijax.teacher import corpus as corpus_lib
-from sentijax.teacher import generate, inputs
 from sentijax.sampling import SamplingSettings
 from sentijax.teacher import backend
+from sentijax.teacher import corpus as corpus_lib
+from sentijax.teacher import generate, inputs
 from sentijax.teacher.common import TeacherConfigError, record_key
 from sentijax.teacher.openai_api import ClientSpec, OpenAITeacher
 
@@ -278,7 +278,8 @@ SETTING_CHANGES = [("teacher.backend", "local"), ("teacher.model", "other"),
                    ("teacher.base_url", "http://10.0.0.9:8000/v1"),
                    ("teacher.endpoint", "completions"), ("teacher.system_prompt", "Be brief."),
                    ("teacher.tokenizer", "/models/tok"), ("generate.logprobs", 5),
-                   ("sampling.temperature", 0.3), ("sampling.seed", 9)]
+                   ("sampling.temperature", 0.3), ("sampling.seed", 9),
+                   ("sampling.repetition_penalty", 1.3)]
 
 
 @pytest.mark.parametrize("key, value", SETTING_CHANGES, ids=[k for k, _ in SETTING_CHANGES])
@@ -290,6 +291,14 @@ def test_record_ids_cover_every_answer_setting(key, value):
     return [i.id for i in items]
   base, changed = ids(_knowdist_config()), ids(_knowdist_config(**{key: value}))
   assert base == ids(_knowdist_config()) and not set(base) & set(changed)
+
+
+def test_sampling_json_of_a_corpus_is_unchanged_by_the_repetition_penalty_key():
+  """Record ids hash `to_json`: without a penalty it holds exactly the keys corpora recorded
+  before the setting existed (their ids stay valid)."""
+  assert set(SAMPLING.to_json()) == {"temperature", "top_p", "top_k", "max_tokens", "min_tokens",
+                                     "stop", "seed"}
+  assert SamplingSettings(repetition_penalty=1.2).to_json()["repetition_penalty"] == 1.2
 
 
 def test_local_teacher_ids_cover_model_and_chat_template():

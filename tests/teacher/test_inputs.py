@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from sentijax.sampling import SamplingSettings
 from sentijax.teacher import inputs, leaks
 from sentijax.teacher.generate import knowdist_items, parse_perspectives
-from sentijax.sampling import SamplingSettings
 from sentijax.teacher.common import record_key
 
 ROWS = [{"id": "a", "text": "Great food."}, {"id": "b", "text": "  great   FOOD. "},

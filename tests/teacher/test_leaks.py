@@ -8,8 +8,8 @@ import pathlib
 
 import pytest
 
-from sentijax.teacher import generate, icl_job, inputs, leaks
 from sentijax.sampling import SamplingSettings
+from sentijax.teacher import generate, icl_job, inputs, leaks
 from teacher import teacher_fixtures as fx
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -12,9 +12,8 @@ import sys
 import time
 
 from teacher import teacher_fixtures as fx
-from sentijax.teacher import generate, inputs
 from sentijax.sampling import SamplingSettings
-from sentijax.teacher import backend
+from sentijax.teacher import backend, generate, inputs
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TEXTS = [f"Review {i}: the {w} was {a}." for i, (w, a) in enumerate(

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from teacher import teacher_fixtures as fx
-from sentijax.teacher import generate, inputs
 from sentijax.sampling import SamplingSettings
+from sentijax.teacher import generate, inputs
 from sentijax.teacher.common import TeacherConfigError, TeacherError
 from sentijax.teacher.openai_api import ClientSpec, OpenAITeacher, parse_retry_after
 
@@ -135,3 +135,23 @@ def test_key_scrubbed_before_the_text_is_cut(monkeypatch, status, limit):
   assert f"HTTP {status}" in message and "xxxxx" in message
   assert KEY[:6] not in message, message[-60:]
   assert isinstance(info.value, TeacherConfigError) == (status == 401)
+
+
+def test_client_spec_from_config_and_request_extras():
+  """config.teacher is read once into a ClientSpec; non-OpenAI extras go out only when set."""
+  from sentijax.teacher import config as teacher_config
+  c = teacher_config.teacher()
+  c.update(base_url="http://h:1/v1/", model="m", endpoint="completions", concurrency=3)
+  spec = ClientSpec.from_config(c)
+  assert spec == ClientSpec("http://h:1/v1/", "m", endpoint="completions", concurrency=3,
+                            timeout_s=120.0)
+  teacher = OpenAITeacher(spec)
+  try:
+    assert teacher.url == "http://h:1/v1/completions"
+    assert not {"top_k", "min_tokens", "repetition_penalty"} & set(teacher.body("hi", SAMPLING, 0))
+    extra = teacher.body("hi", SamplingSettings(top_k=5, min_tokens=2, repetition_penalty=1.2), 0)
+    assert (extra["top_k"], extra["min_tokens"], extra["repetition_penalty"]) == (5, 2, 1.2)
+  finally:
+    teacher.close()
+  with pytest.raises(ValueError, match="teacher.endpoint"):
+    ClientSpec("http://h:1/v1", "m", endpoint="responses")
