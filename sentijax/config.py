@@ -11,38 +11,9 @@ def base() -> ml_collections.ConfigDict:
   c.job = "knowdist"  # knowdist | icldist | kd | sentibench | export | pipeline (sentijax/main.py)
   c.workdir = "runs/default"
   c.seed = 0
-
-  # Multi-host: jax.distributed.initialize() when True (values from the cluster env when None).
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.enabled = False
-  c.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
-  c.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
-  c.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
-  # Seconds each process waits for all the others to connect (JAX's default, 300, is too short
-  # for large slices where hosts boot and install at different speeds).
-  c.distributed.initialization_timeout = 900
-  # This process's accelerators as a comma list ("0,1,2,3"); "" = auto (all of the host's, or
-  # JAX_LOCAL_DEVICE_IDS; launch/gpu_slurm.sbatch sets it for one process per node).
-  c.distributed.local_device_ids = ""
-
-  c.model = ml_collections.ConfigDict()
-  c.model.preset = "tiny"  # used when init == "" (random init); see sentijax/models/presets.py
-  c.model.init = ""  # local HF directory (config.json + safetensors) to start from
-  # Only these decoder layers of model.init, ascending ("0,3,6,9,12,15,18,21,24,27": a 10-layer
-  # student of a 30-layer teacher; embeddings, final norm, head and tokenizer kept); "" = all.
-  c.model.init_layers = ""
-  c.model.tokenizer = ""  # tokenizer dir; "" = model.init, or a demo tokenizer for presets
-  c.model.dtype = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
-  c.model.remat = False  # rematerialise each layer in the backward pass
-  c.model.attention_chunk = 1024  # query block for long sequences (memory ~ block x length)
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1 = all remaining devices
-  # 0 = auto: fsdp over all devices when the replicated train state (params + 2 Adam moments,
-  # 12 B/param) would exceed half a device's memory, else 1 (see sentijax/sharding.py).
-  c.mesh.fsdp = 0
-  c.mesh.tensor = 1
-  c.mesh.device_memory_gb = 0.0  # auto rule: 0 = the device's bytes_limit (16 GiB if none)
+  c.distributed = _distributed()
+  c.model = _model()
+  c.mesh = _mesh()
   # Logical param/activation axis -> mesh axis (or None = replicated). "batch" places every batch
   # (training, held-out eval, SentiBench scoring, decoding); batch sizes must divide over it.
   c.sharding_rules = (
@@ -56,73 +27,136 @@ def base() -> ml_collections.ConfigDict:
       ("layers", None),
       ("norm", None),
   )
+  c.data = _data()
+  c.train = _train()
+  c.checkpoint = _checkpoint()
+  c.export_hf = False  # write an HF directory into <workdir>/hf at the end of training
+  c.eval = _eval()
+  return c
 
-  c.data = ml_collections.ConfigDict()
-  c.data.corpus = ""  # JSONL / JSON / Parquet path; "" = the demo corpus shipped in the package
-  c.data.format = "auto"  # auto | records | mixtral | hf
-  c.data.val_corpus = ""  # "" = hold out val_fraction of the corpus
-  c.data.val_fraction = 0.05
-  c.data.skip_bad_records = False
+
+def _distributed() -> ml_collections.ConfigDict:
+  """Multi-host startup (`sentijax.distributed`)."""
+  # Multi-host: jax.distributed.initialize() when True (values from the cluster env when None).
+  s = ml_collections.ConfigDict()
+  s.enabled = False
+  s.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+  s.num_processes = ml_collections.FieldReference(None, field_type=int)
+  s.process_id = ml_collections.FieldReference(None, field_type=int)
+  # Seconds each process waits for all the others to connect (JAX's default, 300, is too short
+  # for large slices where hosts boot and install at different speeds).
+  s.initialization_timeout = 900
+  # This process's accelerators as a comma list ("0,1,2,3"); "" = auto (all of the host's, or
+  # JAX_LOCAL_DEVICE_IDS; launch/gpu_slurm.sbatch sets it for one process per node).
+  s.local_device_ids = ""
+  return s
+
+
+def _model() -> ml_collections.ConfigDict:
+  """The student (or scored) model: a preset or an HF directory."""
+  s = ml_collections.ConfigDict()
+  s.preset = "tiny"  # used when init == "" (random init); see sentijax/models/presets.py
+  s.init = ""  # local HF directory (config.json + safetensors) to start from
+  # Only these decoder layers of model.init, ascending ("0,3,6,9,12,15,18,21,24,27": a 10-layer
+  # student of a 30-layer teacher; embeddings, final norm, head and tokenizer kept); "" = all.
+  s.init_layers = ""
+  s.tokenizer = ""  # tokenizer dir; "" = model.init, or a demo tokenizer for presets
+  s.dtype = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
+  s.remat = False  # rematerialise each layer in the backward pass
+  s.attention_chunk = 1024  # query block for long sequences (memory ~ block x length)
+  return s
+
+
+def _mesh() -> ml_collections.ConfigDict:
+  """Device mesh sizes (`sentijax.sharding`)."""
+  s = ml_collections.ConfigDict()
+  s.data = -1  # -1 = all remaining devices
+  # 0 = auto: fsdp over all devices when the replicated train state (params + 2 Adam moments,
+  # 12 B/param) would exceed half a device's memory, else 1 (see sentijax/sharding.py).
+  s.fsdp = 0
+  s.tensor = 1
+  s.device_memory_gb = 0.0  # auto rule: 0 = the device's bytes_limit (16 GiB if none)
+  return s
+
+
+def _data() -> ml_collections.ConfigDict:
+  """The training corpus and how it becomes rows (`data/`)."""
+  s = ml_collections.ConfigDict()
+  s.corpus = ""  # JSONL / JSON / Parquet path; "" = the demo corpus shipped in the package
+  s.format = "auto"  # auto | records | mixtral | hf
+  s.val_corpus = ""  # "" = hold out val_fraction of the corpus
+  s.val_fraction = 0.05
+  s.skip_bad_records = False
   # Column names for HF `datasets` JSON/Parquet corpora (format="hf"); with no prompt column
   # the prompt is rebuilt from `text_column` with a KnowDist perspective chosen by prompt_seed.
-  c.data.id_column = "id"
-  c.data.prompt_column = "prompt"
-  c.data.response_column = "response"
-  c.data.text_column = ""
-  c.data.prompt_seed = 0
-  c.data.chat_template = False
-  c.data.seq_len = 512
-  c.data.truncation = "left_prompt"  # left_prompt | drop
-  c.data.shuffle = True
-  c.data.prefetch = 2  # batches read ahead by grain threads (0 = read in the training thread)
-  c.data.cache_dir = ""  # "" = <workdir>/data
+  s.id_column = "id"
+  s.prompt_column = "prompt"
+  s.response_column = "response"
+  s.text_column = ""
+  s.prompt_seed = 0
+  s.chat_template = False
+  s.seq_len = 512
+  s.truncation = "left_prompt"  # left_prompt | drop
+  s.shuffle = True
+  s.prefetch = 2  # batches read ahead by grain threads (0 = read in the training thread)
+  s.cache_dir = ""  # "" = <workdir>/data
+  return s
 
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 200
-  c.train.batch_size = 8  # rows per optimizer step (global)
-  c.train.microbatches = 1  # gradient accumulation steps per optimizer step
-  c.train.learning_rate = 3e-4
-  c.train.end_lr_ratio = 0.1
-  c.train.warmup_steps = 20
-  c.train.schedule = "cosine"  # cosine | linear | constant
-  c.train.weight_decay = 0.1
-  c.train.b1 = 0.9
-  c.train.b2 = 0.95
-  c.train.grad_clip = 1.0
-  c.train.loss_chunk = 512  # positions per output-projection chunk (0 = full [B, L, V] logits)
-  c.train.log_every = 10  # steps per train-metrics line / TensorBoard point (0 = never)
-  c.train.eval_every = 50
-  c.train.eval_batches = 4
-  c.train.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind (unknown: no MFU)
 
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every = 50
-  c.checkpoint.keep = 2
-  c.checkpoint.async_save = True
+def _train() -> ml_collections.ConfigDict:
+  """Optimizer, schedule, steps and the loop's cadence (`train/`)."""
+  s = ml_collections.ConfigDict()
+  s.steps = 200
+  s.batch_size = 8  # rows per optimizer step (global)
+  s.microbatches = 1  # gradient accumulation steps per optimizer step
+  s.learning_rate = 3e-4
+  s.end_lr_ratio = 0.1
+  s.warmup_steps = 20
+  s.schedule = "cosine"  # cosine | linear | constant
+  s.weight_decay = 0.1
+  s.b1 = 0.9
+  s.b2 = 0.95
+  s.grad_clip = 1.0
+  s.loss_chunk = 512  # positions per output-projection chunk (0 = full [B, L, V] logits)
+  s.log_every = 10  # steps per train-metrics line / TensorBoard point (0 = never)
+  s.eval_every = 50
+  s.eval_batches = 4
+  s.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind (unknown: no MFU)
+  return s
 
-  c.export_hf = False  # write an HF directory into <workdir>/hf at the end of training
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.data_dir = "../shared/sentibench"
-  c.eval.templates = ""  # "" = templates shipped in the package; or a protocol.json path
-  c.eval.datasets = "all"  # comma list like "sc/sst2,absa/opener" or "all"
-  c.eval.seeds = "42,52,62"
-  c.eval.max_examples = 0  # 0 = all test items
-  c.eval.max_examples_extraction = -1  # the 4 extraction datasets; -1 = eval.max_examples
-  c.eval.batch_size = 16
-  c.eval.max_new_tokens = 150
-  c.eval.during_training = ""  # datasets scored every train.eval_every steps ("" = none)
+def _checkpoint() -> ml_collections.ConfigDict:
+  """Orbax checkpoints (`sentijax.checkpoint`)."""
+  s = ml_collections.ConfigDict()
+  s.every = 50
+  s.keep = 2
+  s.async_save = True
+  return s
+
+
+def _eval() -> ml_collections.ConfigDict:
+  """SentiBench scoring, by the sentibench job and during training (`eval/`)."""
+  s = ml_collections.ConfigDict()
+  s.data_dir = "../shared/sentibench"
+  s.templates = ""  # "" = templates shipped in the package; or a protocol.json path
+  s.datasets = "all"  # comma list like "sc/sst2,absa/opener" or "all"
+  s.seeds = "42,52,62"
+  s.max_examples = 0  # 0 = all test items
+  s.max_examples_extraction = -1  # the 4 extraction datasets; -1 = eval.max_examples
+  s.batch_size = 16
+  s.max_new_tokens = 150
+  s.during_training = ""  # datasets scored every train.eval_every steps ("" = none)
   # Fidelity to the official harness (README "Fidelity"), here and during training:
-  c.eval.generation_config = "auto"  # auto: the model.init dir's generation_config.json | ignore
-  c.eval.decode_cleanup = "auto"  # auto: as transformers 4.44 (tokenizer config) | on | off
-  c.eval.aggregation = "mean"  # mean over seeds | official (round to 4 dp, / 12, missing = 0)
+  s.generation_config = "auto"  # auto: the model.init dir's generation_config.json | ignore
+  s.decode_cleanup = "auto"  # auto: as transformers 4.44 (tokenizer config) | on | off
+  s.aggregation = "mean"  # mean over seeds | official (round to 4 dp, / 12, missing = 0)
   # Tokens of compute one XLA compilation is worth when choosing batch shapes (eval/buckets.py):
   # -1 = estimate for the model and platform, 0 = least padding (most shapes).
-  c.eval.compile_cost_tokens = -1.0
+  s.compile_cost_tokens = -1.0
   # Run the instruction every prompt of a dataset starts with once, not per prompt
   # (sentijax/prefix.py): 19% fewer tokens on sc/sst2, ~half on the extraction datasets.
-  c.eval.shared_prefix = True
-  return c
+  s.shared_prefix = True
+  return s
 
 
 def icl() -> ml_collections.ConfigDict:
