@@ -84,6 +84,19 @@ class _Dataset:
     return metric_fn(self.metric)(golds, preds)
 
 
+  def label_counts(self) -> dict[str, dict[str, int]]:
+    """Classification only: {"gold": {label: n}, <run>: {label: n predicted}}, summed over the
+    seeds compared, labels in gold-then-predicted order (why a macro-F1 moved)."""
+    def count(values) -> dict[str, int]:
+      out: dict[str, int] = {}
+      for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+      return out
+    gold = count(g for _ in self.seeds for g in self.golds)
+    return {"gold": gold, **{label: count(p for seed in self.seeds for p in by_seed[seed])
+                             for label, by_seed in self.preds.items()}}
+
+
 def dataset_metric(runs: Sequence[Run], name: str) -> str:
   """The metric a results file records for `name` (held-out tasks outside SentiBench record
   theirs), else SentiBench's; runs that disagree are refused."""
@@ -367,6 +380,8 @@ def compare(runs: Sequence[Run], baseline: int = 0, resamples: int = MIN_RESAMPL
             "delta": float(values_NxK[i, k] - values_NxK[baseline, k]),
             "ci_low": float(low_NxK[i, k]) if has_ci else None,
             "ci_high": float(high_NxK[i, k]) if has_ci else None}
+    if row["metric"] == "macro_f1":
+      row["label_counts"] = members[0].label_counts()
     rows.append(row)
   return {"baseline": labels[baseline],
           "runs": [{"label": r.label, "results": r.results_path, "predictions": r.predictions_dir,

@@ -56,7 +56,28 @@ def markdown(result: Mapping[str, Any]) -> str:
     notes.insert(1, "‡ = the run's model was trained on this dataset's train split (an ICLDist "
                  "source task; its test items stay out of training); that run's other datasets "
                  "were held out (results.json `training`).")
-  return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+  return ("\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+          + label_counts_markdown(result))
+
+
+def label_counts_markdown(result: Mapping[str, Any]) -> str:
+  """Per classification dataset: gold label counts and each run's predicted counts (items x
+  seeds compared), the first thing to read when a run's macro-F1 moves."""
+  rows = [r for r in result["rows"] if r.get("label_counts")]
+  if not rows:
+    return ""
+  runs = [r["label"] for r in result["runs"]]
+  lines = ["", "## Predicted labels", "",
+           "| Dataset | Label | gold | " + " | ".join(runs) + " |",
+           "|---|---|" + "---:|" * (len(runs) + 1)]
+  for row in rows:
+    counts = row["label_counts"]
+    labels = list(dict.fromkeys([*counts["gold"], *(k for r in runs for k in counts[r])]))
+    for j, lab in enumerate(labels):
+      cells = [str(counts[c].get(lab, 0)) for c in ["gold", *runs]]
+      lines.append(f"| {row['name'] if j == 0 else ''} | {lab} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
 
 
 def plot(result: Mapping[str, Any], path: str | os.PathLike) -> str:

@@ -372,3 +372,27 @@ def test_datasets_a_run_trained_on_are_marked(tests, tmp_path):
   imdb_line = next(l for l in table.splitlines() if "| sc/imdb |" in l)
   sst2_line = next(l for l in table.splitlines() if "| sc/sst2 |" in l)
   assert imdb_line.count("‡") == 1 and "‡" not in sst2_line and "‡ = the run's model" in table
+
+
+def test_predicted_label_counts_show_why_a_macro_f1_moved(tests, tmp_path):
+  items = tests[SST2][:30]
+  gold = [ex.gold for ex in items]
+  base_rows = make_rows(SST2, items, [True] * 30)  # all right
+  collapsed = [dict(r, prediction="positive") for r in base_rows]  # everything "positive"
+  write_run(tmp_path / "base", {SST2: {42: base_rows}, ATSA: {42: make_rows(
+      ATSA, tests[ATSA][:5], [True] * 5)}}, tests)
+  write_run(tmp_path / "kd", {SST2: {42: collapsed}, ATSA: {42: make_rows(
+      ATSA, tests[ATSA][:5], [False] * 5)}}, tests)
+  result = compare.compare([runs_lib.load_run(tmp_path / "base"),
+                            runs_lib.load_run(tmp_path / "kd")], resamples=10)
+  rows = rows_of(result)
+  n_pos = gold.count("positive")
+  assert rows[SST2]["label_counts"] == {
+      "gold": {g: gold.count(g) for g in dict.fromkeys(gold)},
+      "base": {g: gold.count(g) for g in dict.fromkeys(gold)}, "kd": {"positive": 30}}
+  assert "label_counts" not in rows[ATSA]  # extraction: tuples, no label counts
+  table = compare_report.markdown(result)
+  assert "## Predicted labels" in table
+  assert f"| sc/sst2 | positive | {n_pos} | {n_pos} | 30 |" in table.replace(
+      "| sc/sst2 | negative", "| | negative") or f"| positive | {n_pos} | {n_pos} | 30 |" in table
+  assert f"| negative | {30 - n_pos} | {30 - n_pos} | 0 |" in table
