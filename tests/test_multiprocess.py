@@ -35,8 +35,8 @@ from tensorboardX.proto import event_pb2
 
 from sentijax import checkpoint, distributed, sharding
 from sentijax import config as config_lib
+from sentijax.models import factory
 from sentijax.train import state as state_lib
-from sentijax.train import student
 import hf_fixtures
 from tolerances import assert_close, assert_trees_close
 
@@ -157,7 +157,7 @@ def _restore_on_4_devices(workdir: Path, step: int):
   """(train state, data state) of `workdir`'s checkpoint `step`, restored in this one process
   onto 4 of its devices (the test process has 8) with the runs' mesh, data=1 x fsdp=4."""
   config = runpy.run_path(str(REPO / "configs" / "knowdist.py"))["get_config"]()
-  model_cfg = student.model_config(config)
+  model_cfg = factory.model_config(config)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}, devices=jax.devices()[:4])
   target, _ = state_lib.abstract_state(model_cfg, state_lib.make_optimizer(config.train), mesh,
                                        config.sharding_rules)

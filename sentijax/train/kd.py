@@ -27,7 +27,8 @@ from sentijax import models, sharding
 from sentijax.data import dataset, readers, records
 from sentijax.data import tokenizer as tokenizer_lib
 from sentijax.data.spec import DataSpec
-from sentijax.train import export, loop, losses, onpolicy, step, student
+from sentijax.models import factory
+from sentijax.train import export, loop, losses, onpolicy, step
 
 log = logging.getLogger("sentijax")
 LOSSES = ("ce",) + losses.KINDS
@@ -178,7 +179,7 @@ def student_tokenizer(config, spec: KDSpec, model_cfg: models.ModelConfig, texts
       models.check_tokenizer(model_cfg, tok, where=source)
       return tok, source
   where = str(mc.tokenizer or mc.init or Path(config.workdir) / "tokenizer")
-  return student.tokenizer(config, model_cfg, texts), where
+  return factory.tokenizer(config, model_cfg, texts), where
 
 
 # --------------------------------------------------------------------------- teacher
@@ -305,7 +306,7 @@ def run(config) -> loop.Result:
   workdir = Path(config.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   spec = KDSpec.from_config(config)
-  model_cfg = student.model_config(config)
+  model_cfg = factory.model_config(config)
   data = DataSpec.from_config(config.data, workdir=config.workdir, seed=config.seed)
   train_recs, val_recs, soft, corpus_stats = _records(spec, data)
   tok, tok_where = student_tokenizer(
@@ -366,7 +367,7 @@ def run(config) -> loop.Result:
   teacher_flops = 0.0
   if distill is not None and distill.online:  # forward only: 1/3 of a training step
     teacher_flops = teacher_cfg.flops_per_token(train_ds.seq_len) / 3
-  result = loop.train(config, model_cfg, student.param_initializer(config, model_cfg), train_ds,
+  result = loop.train(config, model_cfg, factory.param_initializer(config, model_cfg), train_ds,
                       val_ds, tokenizer=tok, eval_hooks=hooks, loss_options=ctx.loss_options,
                       teacher_flops_per_token=teacher_flops)
   if result.train_losses:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -340,12 +341,17 @@ def distill_terms(student_logits_BxLxV: Array, distill: Distill, teacher_logits_
 # --------------------------------------------------------------------------- chunked
 
 
-def chunked_loss_sums(hidden_BxTxE: Array, out_ExV: Array, targets_BxT: Array,
-                      weights_BxT: Array, chunk: int = 0, *, distill: Distill | None = None,
-                      soft: Mapping[str, Array] | None = None,
-                      teacher_hidden_BxTxF: Array | None = None,
-                      teacher_out_FxW: Array | None = None,
-                      sampled_BxT: Array | None = None,
+class Head(NamedTuple):
+  """What the one LM head (`models.project_logits`) turns into logits: final hidden states, the
+  output kernel and the model's logit soft-cap (0 = none)."""
+  hidden_BxTxE: Array
+  out_ExV: Array
+  softcap: float = 0.0
+
+
+def chunked_loss_sums(student: Head, targets_BxT: Array, weights_BxT: Array, chunk: int = 0, *,
+                      distill: Distill | None = None, soft: Mapping[str, Array] | None = None,
+                      teacher: Head | None = None, sampled_BxT: Array | None = None,
                       token_estimator: bool = False) -> dict[str, Array]:
   """Sums over the batch: {"ce": weighted CE, "kd": the distillation term (0 without
   `distill`)}, and for sparse supports "support_mass" / "support_tokens" (the student's mass on
@@ -355,7 +361,7 @@ def chunked_loss_sums(hidden_BxTxE: Array, out_ExV: Array, targets_BxT: Array,
   recomputed in the backward pass (jax.checkpoint), so peak memory is [B, chunk, V] instead of
   [B, T, V]: 8 x 256 x 128k fp32 = 1 GiB rather than 8.6 GiB at T = 2048 for a Llama-3
   vocabulary. 0 (or >= T): one chunk, no recompute. The distillation term: `distill` against the
-  online teacher's chunk logits (`teacher_hidden` / `teacher_out`, under stop_gradient) or the
+  online `teacher`'s chunk logits (under stop_gradient) or the
   `soft` fields (SOFT_FIELDS, [B, T, ...]); weighted by `weights` unless `distill.weighted` is
   False (then wherever a soft target is).
 
@@ -365,15 +371,16 @@ def chunked_loss_sums(hidden_BxTxE: Array, out_ExV: Array, targets_BxT: Array,
   `token_estimator`: there the distillation term IS that estimator's surrogate (a policy
   gradient on the sampled token only) instead of `distill`'s divergence.
   """
+  hidden_BxTxE = student.hidden_BxTxE
   b, t, _ = hidden_BxTxE.shape
   chunk = min(chunk or t, t)
   xs = {"h": hidden_BxTxE, "tgt": targets_BxT, "w": weights_BxT.astype(jnp.float32)}
   online = distill is not None and distill.online
   if online:
-    if teacher_hidden_BxTxF is None or teacher_out_FxW is None:
+    if teacher is None:
       raise ValueError(f"Distill(support={distill.support!r}) needs the online teacher's hidden "
                        "states and output kernel")
-    xs["th"] = jax.lax.stop_gradient(teacher_hidden_BxTxF)
+    xs["th"] = jax.lax.stop_gradient(teacher.hidden_BxTxE)
   elif distill is not None:
     xs |= {k: v for k, v in (soft or {}).items() if k in SOFT_FIELDS}
   if sampled_BxT is not None:
@@ -385,17 +392,19 @@ def chunked_loss_sums(hidden_BxTxE: Array, out_ExV: Array, targets_BxT: Array,
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
     return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
 
-  t_out = (jax.lax.stop_gradient(teacher_out_FxW).astype(teacher_hidden_BxTxF.dtype) if online
+  t_out = (jax.lax.stop_gradient(teacher.out_ExV).astype(teacher.hidden_BxTxE.dtype) if online
            else None)
 
   def chunk_sums(c):
-    logits_BxCxV = models.project_logits(c["h"], out_ExV, hidden_BxTxE.dtype)
+    logits_BxCxV = models.project_logits(c["h"], student.out_ExV, hidden_BxTxE.dtype,
+                                         student.softcap)
     ce_w = c["w"] * (1.0 - c["s"]) if "s" in c else c["w"]
     sums = {"ce": jnp.sum(cross_entropy(logits_BxCxV, c["tgt"]) * ce_w),
             "kd": jnp.zeros((), jnp.float32)}
     if distill is None:
       return sums
-    t_logits = models.project_logits(c["th"], t_out, t_out.dtype) if online else None
+    t_logits = (models.project_logits(c["th"], t_out, t_out.dtype, teacher.softcap) if online
+                else None)
     if online and "s" in c:
       v = distill.vocab or None
       t_logp = jnp.take_along_axis(

@@ -51,19 +51,23 @@ def loss_terms(model_cfg: models.ModelConfig, params: Any, batch: Batch, loss_ch
   weights_BxL = batch["weights"].astype(jnp.float32)
   where = dict(segment_ids_BxT=batch["segment_ids"], positions_BxT=batch["positions"])
   hidden_BxLxE = models.forward_hidden(model_cfg, params, batch["inputs"], **where)
-  t_hidden = t_out = soft = None
+  teacher = soft = None
   if distill is not None and distill.online:
     if teacher_params is None:
       raise ValueError(f"Distill(support={distill.support!r}) needs an online teacher "
                        "(teacher_cfg, teacher_params)")
-    t_hidden = models.forward_hidden(teacher_cfg, teacher_params, batch["inputs"], **where)
-    t_out = models.output_kernel(teacher_cfg, teacher_params)
+    teacher = losses.Head(models.forward_hidden(teacher_cfg, teacher_params, batch["inputs"],
+                                                **where),
+                          models.output_kernel(teacher_cfg, teacher_params),
+                          teacher_cfg.logit_softcap)
   elif distill is not None:
     soft = {k: batch[k] for k in losses.SOFT_FIELDS if k in batch}
-  sums = losses.chunked_loss_sums(
-      hidden_BxLxE, models.output_kernel(model_cfg, params), batch["targets"], weights_BxL,
-      loss_chunk, distill=distill, soft=soft, teacher_hidden_BxTxF=t_hidden,
-      teacher_out_FxW=t_out, sampled_BxT=batch.get("sampled"), token_estimator=token_estimator)
+  student = losses.Head(hidden_BxLxE, models.output_kernel(model_cfg, params),
+                        model_cfg.logit_softcap)
+  sums = losses.chunked_loss_sums(student, batch["targets"], weights_BxL, loss_chunk,
+                                  distill=distill, soft=soft, teacher=teacher,
+                                  sampled_BxT=batch.get("sampled"),
+                                  token_estimator=token_estimator)
   loss_sum = sums["ce"]
   if distill is not None:
     loss_sum = (1.0 - distill.alpha) * sums["ce"] + distill.alpha * sums["kd"]

@@ -408,8 +408,8 @@ def test_chunked_online_teacher_equals_unchunked_loss_and_grads(distill):
 
   def chunked_fn(chunk):
     def f(h_, o_, th_):
-      sums = losses.chunked_loss_sums(h_, o_, targets, weights, chunk, distill=distill,
-                                      teacher_hidden_BxTxF=th_, teacher_out_FxW=tout)
+      sums = losses.chunked_loss_sums(losses.Head(h_, o_), targets, weights, chunk,
+                                      distill=distill, teacher=losses.Head(th_, tout))
       return sums["ce"], sums["kd"]
     return mixed(f)
 
@@ -430,7 +430,7 @@ def test_vocab_cut_ignores_extra_embedding_rows():
   h, out, th, tout, targets, weights = _hidden_inputs(6)
   distill = losses.Distill(kind="jsd", alpha=0.5, beta=0.4, vocab=N)
   kd = lambda o, to, d: float(losses.chunked_loss_sums(  # noqa: E731
-      h, o, targets, weights, 4, distill=d, teacher_hidden_BxTxF=th, teacher_out_FxW=to)["kd"])
+      losses.Head(h, o), targets, weights, 4, distill=d, teacher=losses.Head(th, to))["kd"])
   cut = kd(out, tout[:, :N], distill)
   wild_t, wild_s = tout.copy(), out.copy()
   wild_t[:, N:], wild_s[:, N:] = 50.0, -50.0
@@ -439,6 +439,32 @@ def test_vocab_cut_ignores_extra_embedding_rows():
   assert abs(uncut - cut) > 1e-2 * cut  # the cut matters (3.6%)
   with pytest.raises(ValueError, match="Distill.vocab"):  # 40 vs 48 ids and no cut
     kd(out, tout, losses.Distill())
+
+
+def test_chunked_losses_apply_each_models_logit_softcap():
+  """A soft-capped model (Gemma-2 style) trains on cap * tanh(logits / cap), student and online
+  teacher alike, chunked or not (float64 numpy reference)."""
+  h, out, th, tout, targets, weights = _hidden_inputs()
+  distill = losses.Distill(kind="forward", alpha=0.5, vocab=N)
+  caps = (3.0, 2.0)
+
+  def capped_logp(hid, kernel, cap):
+    z = np.asarray(hid, np.float64) @ np.asarray(kernel, np.float64)[:, :N]
+    z = cap * np.tanh(z / cap)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+  s_logp, t_logp = capped_logp(h, out, caps[0]), capped_logp(th, tout, caps[1])
+  w = np.asarray(weights, np.float64)
+  tgt = np.asarray(targets)
+  want_ce = -(np.take_along_axis(s_logp, tgt[..., None], -1)[..., 0] * w).sum()
+  want_kd = ((np.exp(t_logp) * (t_logp - s_logp)).sum(-1) * w).sum()
+  for chunk in (5, 0):
+    sums = losses.chunked_loss_sums(losses.Head(h, out[:, :N], caps[0]), targets, weights,
+                                    chunk, distill=distill,
+                                    teacher=losses.Head(th, tout[:, :N], caps[1]))
+    np.testing.assert_allclose(float(sums["ce"]), want_ce, rtol=RTOL)
+    np.testing.assert_allclose(float(sums["kd"]), want_kd, rtol=RTOL)
+  uncapped = losses.chunked_loss_sums(losses.Head(h, out[:, :N]), targets, weights, 0)
+  assert abs(float(uncapped["ce"]) - want_ce) > 1e-2 * want_ce  # the cap changes the loss
 
 
 # ---------------------------------------------------------------------------------------------
