@@ -239,4 +239,20 @@ def kd_teacher() -> ml_collections.ConfigDict:
   c.tokenizer = ""  # teacher tokenizer dir; "" = model_dir's (a preset shares the student's)
   c.dtype = "auto"  # teacher params and compute: auto = bfloat16 on GPU/TPU, float32 on CPU
   c.seed = 1  # random init of a preset teacher
+  # kd.mode=on_policy only: local = the teacher model above, run in the step; openai = a served
+  # teacher (vLLM, sentijax.serve) scoring the student's samples through /v1/completions with
+  # echo + logprobs (train/served.py); then base_url, model and tokenizer are required
+  c.backend = "local"
+  c.base_url = "http://127.0.0.1:8000/v1"
+  c.model = ""  # the served model's name
+  c.echo_max_tokens = 0  # max_tokens of a scoring request (1 for servers refusing 0)
+  c.endpoint = "completions"  # scoring always posts to /completions
+  c.api_key_env = ""  # NAME of the env variable holding the key (never the key)
+  c.concurrency = 8  # scoring requests in flight
+  c.timeout_s = 120.0
+  c.max_retries = 5
+  c.backoff_s = 0.5
+  c.max_backoff_s = 30.0
+  c.max_retry_after_s = 300.0
+  c.system_prompt = ""  # the client's; scoring sends token ids only
   return c

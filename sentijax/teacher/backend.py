@@ -10,7 +10,9 @@ Capabilities, each with the members a backend that has it provides:
                            (per generated token, the top-N {token id: logprob})
   prompt_logprobs          `prompt_logprobs(token_ids, k, max_tokens) -> (tops, unmapped)`: the
                            top-k {id: logprob} at every prompt token, teacher-forced (None for
-                           the first), thread-safe, `concurrency` calls at once
+                           the first), thread-safe, `concurrency` calls at once; and
+                           `prompt_token_logprobs(token_ids, max_tokens) -> [logprob | None]`:
+                           each prompt token's own logprob (on-policy KD's served teacher)
   next_token_distribution  `next_logprobs(prompt) -> np.ndarray [V]`: the exact next-token
                            log-distribution after a prompt
   model                    `cfg`, `params`, `placement`, `batch_size`, `pad_id`: a sentijax model
@@ -36,7 +38,7 @@ PROMPT_LOGPROBS = "prompt_logprobs"
 NEXT_TOKEN_DISTRIBUTION = "next_token_distribution"
 MODEL = "model"
 MEANING = {TOKEN_LOGPROBS: "the top-N logprobs of each generated token",
-           PROMPT_LOGPROBS: "the top-k logprobs at every prompt token (teacher forcing)",
+           PROMPT_LOGPROBS: "each prompt token's logprob and the top-k there (teacher forcing)",
            NEXT_TOKEN_DISTRIBUTION: "the exact next-token distribution over the vocabulary",
            MODEL: "the model itself on this host's devices (full-vocabulary forwards)"}
 

@@ -17,10 +17,12 @@ Each is mapped to an id with the tokenizer when it encodes to exactly one token;
 dropped and counted in `Completion.unmapped` (the job reports the total). Strings of the form
 `token_id:N` (vLLM's `return_tokens_as_token_ids`, also `sentijax.serve`) are the id N itself.
 
-Prompt scoring (`prompt_logprobs`, the offline top-k store): the token ids themselves are sent as
-the prompt of `/v1/completions` with `echo: true, logprobs: k, max_tokens: 0,
-return_tokens_as_token_ids: true`, so the server scores exactly these ids (teacher forcing) and
-returns its top-k at every prompt position (vLLM and `sentijax.serve` do).
+Prompt scoring (`prompt_logprobs`: the offline top-k store; `prompt_token_logprobs`: a served
+on-policy teacher): the token ids themselves are sent as the prompt of `/v1/completions` with
+`echo: true, logprobs: k, max_tokens: 0, return_tokens_as_token_ids: true`, so the server scores
+exactly these ids (teacher forcing) and returns, at every prompt position, its top-k and the
+log-prob of the prompt token itself (`token_logprobs`; vLLM and `sentijax.serve` do). A well-formed
+completion without them (llama.cpp's server) is `backend.MissingCapability`, not retried.
 
 The API key is read from the environment variable named in the config, sent only in the
 Authorization header, and scrubbed from every error message this module produces (from the
@@ -287,22 +289,26 @@ class OpenAITeacher:
                       ) -> tuple[list[dict[int, float] | None], int]:
     """The server's top-k {id: logprob} for each of `token_ids` given the ids before it (None
     for the first), scored as sent (echo), and the number of unmappable token strings."""
+    _, tops, unmapped = self._echo(token_ids, k, max_tokens)
+    return tops, unmapped
+
+  def prompt_token_logprobs(self, token_ids: Sequence[int], max_tokens: int = 0
+                            ) -> list[float | None]:
+    """The log-prob of each of `token_ids` itself given the ids before it (None for the first),
+    scored as sent (echo's `token_logprobs`: the chosen token's, in or out of any top-N)."""
+    return self._echo(token_ids, 1, max_tokens)[0]
+
+  def _echo(self, token_ids: Sequence[int], k: int, max_tokens: int
+            ) -> tuple[list[float | None], list[dict[int, float] | None], int]:
+    """(chosen logprobs, top-k {id: logprob}, unmappable strings) of `token_ids` scored by the
+    server with echo; MissingCapability when it answers without the prompt's logprobs."""
     ids = [int(t) for t in token_ids]
     body = {"model": self.model, "prompt": ids, "echo": True, "logprobs": int(k),
             "max_tokens": int(max_tokens), "temperature": 0.0,
             "return_tokens_as_token_ids": True}
 
-    def parse(obj: Any) -> tuple[list[dict[int, float] | None], int]:
-      try:
-        lp = obj["choices"][0]["logprobs"]
-        tokens, tops = lp["tokens"][:len(ids)], lp["top_logprobs"][:len(ids)]
-        if len(tokens) != len(ids) or len(tops) != len(ids):
-          raise ValueError(f"{len(tokens)} echoed tokens for a prompt of {len(ids)}")
-        pieces = [None if top is None else {str(p): float(v) for p, v in top.items()}
-                  for top in tops]
-      except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
-        raise _Retryable(f"malformed echo response ({type(e).__name__}: {e}); the server must "
-                         "support echo with logprobs on /completions") from None
+    def parse(obj: Any):
+      tokens, chosen, pieces = self._echoed(obj, len(ids), int(max_tokens))
       for i, (piece, want) in enumerate(zip(tokens, ids)):  # exact check when ids come back
         got = self._token_id(str(piece)) if str(piece).startswith("token_id:") else want
         if got != want:
@@ -321,9 +327,37 @@ class OpenAITeacher:
           else:
             mapped.setdefault(token_id, value)
         out.append(mapped)
-      return out, unmapped
+      return chosen, out, unmapped
 
     return self._retried(body, self.completions_url, parse)
+
+  def _echoed(self, obj: Any, n: int, max_tokens: int) -> tuple[list, list, list]:
+    """(tokens, chosen logprobs, top-k pieces) of the first n echoed positions. _Retryable for a
+    body that is no completion; MissingCapability for a completion without prompt logprobs
+    (llama.cpp's server ignores echo)."""
+    try:
+      choice = obj["choices"][0]
+      if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
+        raise TypeError("choices[0] has no text")
+    except (KeyError, IndexError, TypeError) as e:
+      raise _Retryable(f"malformed echo response ({type(e).__name__}: {e})") from None
+    lp = choice.get("logprobs")
+    try:
+      tokens, chosen, tops = (lp[key][:n] for key in ("tokens", "token_logprobs", "top_logprobs"))
+      if not len(tokens) == len(chosen) == len(tops) == n:
+        raise ValueError(f"{len(tokens)} echoed tokens for a prompt of {n}")
+      chosen = [None if c is None else float(c) for c in chosen]
+      pieces = [None if top is None else {str(p): float(v) for p, v in top.items()}
+                for top in tops]
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+      raise backend.MissingCapability(
+          f"teacher backend {type(self).__name__} ({self.name!r}): the server at "
+          f"{self.completions_url} answered a prompt-scoring request (echo + logprobs, "
+          f"max_tokens {max_tokens}) without the prompt's logprobs ({type(e).__name__}: {e}): "
+          f"it lacks the {backend.PROMPT_LOGPROBS!r} capability "
+          f"({backend.MEANING[backend.PROMPT_LOGPROBS]}). llama.cpp's server does not echo "
+          "them; serve the teacher with vLLM or sentijax.serve") from None
+    return tokens, chosen, pieces
 
   def _wait_for_pause(self) -> None:
     """Sleeps while a client-wide pause lasts, then a random extra so workers spread out."""

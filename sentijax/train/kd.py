@@ -28,7 +28,8 @@ from sentijax.data import dataset, readers, records
 from sentijax.data import tokenizer as tokenizer_lib
 from sentijax.data.spec import DataSpec
 from sentijax.models import factory
-from sentijax.train import export, loop, losses, onpolicy, step
+from sentijax.teacher import backend
+from sentijax.train import export, loop, losses, onpolicy, served, step
 
 log = logging.getLogger("sentijax")
 LOSSES = ("ce",) + losses.KINDS
@@ -57,11 +58,17 @@ class KDSpec:
   teacher_dtype: str
   teacher_seed: int
   rollout: onpolicy.RolloutSpec | None = None  # kd.mode=on_policy
+  teacher_backend: str = "local"  # local (the model here) | a served one (on_policy only)
 
   @property
   def online(self) -> bool:
-    """The teacher model runs in the step (online and on_policy)."""
+    """The teacher scores every step's rows (online and on_policy; in the step unless served)."""
     return self.mode != "offline"
+
+  @property
+  def served(self) -> bool:
+    """A served teacher scores the student's samples (train/served.py)."""
+    return self.teacher_backend != "local"
 
   @classmethod
   def from_config(cls, config) -> "KDSpec":
@@ -71,7 +78,7 @@ class KDSpec:
                mode=str(k.mode), store=str(k.store), eval_teacher=str(k.eval_teacher),
                teacher_dir=str(t.model_dir), teacher_preset=str(t.preset),
                teacher_tokenizer=str(t.tokenizer), teacher_dtype=str(t.dtype),
-               teacher_seed=int(t.seed),
+               teacher_seed=int(t.seed), teacher_backend=str(t.backend),
                rollout=(onpolicy.RolloutSpec.from_config(config) if str(k.mode) == "on_policy"
                         else None))
     checks = (("kd.loss", spec.loss in LOSSES, f"expected one of {LOSSES}"),
@@ -93,9 +100,10 @@ class KDSpec:
                "kd.mode=offline needs the directory of a top-k teacher store"),
               ("kd.top_k", spec.online or spec.top_k > 0,
                "kd.mode=offline needs the number of stored entries per token to use (> 0)"),
-              ("teacher.model_dir", spec.mode == "offline" or spec.teacher_dir
+              ("teacher.model_dir", spec.mode == "offline" or spec.served or spec.teacher_dir
                or spec.teacher_preset, f"kd.mode={spec.mode} needs teacher.model_dir (an HF "
                "directory) or teacher.preset (a random init)"))
+    checks += _served_checks(spec)
     for key, ok, why in checks:
       if not ok:
         raise ValueError(f"{key}={_value(spec, key)!r}: {why}")
@@ -121,6 +129,8 @@ class KDSpec:
     store's (`listed` top-k + tail, or `sampled`)."""
     if self.loss == "ce":
       return None
+    if self.served:
+      return losses.Distill(kind="reverse", alpha=self.alpha, support="served", vocab=vocab)
     support = ("topk" if self.top_k else "full") if self.online else store_support
     if support == "sampled" and self.loss != "forward":
       raise ValueError(f"kd.loss={self.loss!r}: {self.store} is a sampled store, an unbiased "
@@ -131,9 +141,30 @@ class KDSpec:
                           vocab=vocab)
 
 
+def _served_checks(spec: KDSpec) -> tuple:
+  """(key, ok, why) of a served teacher: it gives the log-prob of the student's sampled tokens
+  only, through the sampled-token estimator."""
+  if not spec.served:
+    return ()
+  est = spec.rollout.estimator if spec.rollout else None
+  return (("teacher.backend", spec.teacher_backend in backend.REGISTRY,
+           f"expected one of {sorted(backend.REGISTRY)}"),
+          ("teacher.backend", spec.mode == "on_policy", f"a served teacher scores the student's "
+           f"samples: kd.mode=on_policy only (kd.mode={spec.mode} needs the teacher's logits: "
+           "teacher.backend=local)"),
+          ("kd.rollout.estimator", est == "token", "a served teacher gives the log-prob of the "
+           "sampled token only: set kd.rollout.estimator=token (with kd.loss=reverse)"),
+          ("kd.temperature", spec.temperature == 1, "a served teacher's log-probs are at T = 1"),
+          ("kd.top_k", spec.top_k == 0, "a served teacher gives sampled tokens only: 0"),
+          ("teacher.tokenizer", spec.teacher_tokenizer, "a served teacher needs its tokenizer "
+           "dir (its vocabulary is checked against the student's before training)"))
+
+
 def _value(spec: KDSpec, key: str) -> Any:
-  name = key.split(".")[1]
-  return getattr(spec, {"model_dir": "teacher_dir"}.get(name, name))
+  name = key.split(".")[-1]
+  name = {"model_dir": "teacher_dir", "backend": "teacher_backend",
+          "tokenizer": "teacher_tokenizer"}.get(name, name)
+  return getattr(spec.rollout, name) if name == "estimator" else getattr(spec, name)
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -188,7 +219,7 @@ def student_tokenizer(config, spec: KDSpec, model_cfg: models.ModelConfig, texts
 def teacher_config(spec: KDSpec) -> models.ModelConfig | None:
   """The config of the teacher model run here (`KDSpec.teacher_model_dir`), None offline
   without kd.eval_teacher."""
-  if spec.mode == "offline" and not spec.eval_teacher:
+  if (spec.mode == "offline" and not spec.eval_teacher) or spec.served:
     return None
   dtype = models.resolve_dtype(spec.teacher_dtype)
   cfg = (models.hf.read_config(spec.teacher_model_dir) if spec.teacher_model_dir
@@ -202,10 +233,12 @@ class Context:
   is passed to `loop.train`."""
 
   def __init__(self, spec: KDSpec, teacher_cfg: models.ModelConfig | None,
-               distill: losses.Distill | None, rollout_args: dict | None = None):
-    """`rollout_args` (kd.mode=on_policy): `onpolicy.Rollout`'s cfg, vocab, eos_id, seq_len."""
+               distill: losses.Distill | None, rollout_args: dict | None = None,
+               scorer: served.Scorer | None = None):
+    """`rollout_args` (kd.mode=on_policy): `onpolicy.Rollout`'s cfg, vocab, eos_id, seq_len;
+    `scorer`: a served teacher's."""
     self.spec, self.teacher_cfg, self.distill = spec, teacher_cfg, distill
-    self.rollout_args = rollout_args
+    self.rollout_args, self.scorer = rollout_args, scorer
     self.mesh = self.rules = self.teacher = None
 
   def load_teacher(self, mesh, rules) -> step.Teacher:
@@ -227,7 +260,8 @@ class Context:
     if self.spec.rollout is not None:
       options["rollout"] = onpolicy.Rollout(self.spec.rollout,
                                             placement=sharding.Placement(mesh, rules),
-                                            teacher=self.teacher, **self.rollout_args)
+                                            teacher=self.teacher, scorer=self.scorer,
+                                            **self.rollout_args)
       options["token_estimator"] = self.spec.rollout.estimator == "token"
     return options
 
@@ -242,7 +276,7 @@ def eval_terms(ctx: Context, vocab: int, store_support: str | None) -> dict[str,
     terms["kl_teacher"] = losses.Distill(alpha=0.0, vocab=vocab)
   elif store_support == "listed":
     terms["kl_teacher_bucketed"] = losses.Distill(alpha=0.0, support="listed", vocab=vocab)
-  if ctx.distill is not None:
+  if ctx.distill is not None and ctx.distill.support != "served":  # val rows are not scored
     terms["kd"] = ctx.distill
   return terms
 
@@ -288,6 +322,20 @@ def divergence_hook(ctx: Context, model_cfg: models.ModelConfig, val_ds, batch_s
 # --------------------------------------------------------------------------- job
 
 
+def served_scorer(config, spec: KDSpec, tok: Any, tok_where: str, probe_text: str
+                  ) -> tuple[served.Scorer, int]:
+  """(a served teacher's scorer, the shared vocabulary size): teacher.tokenizer checked against
+  the student's, then the server probed with `probe_text`'s ids (served.connect)."""
+  where = spec.teacher_tokenizer
+  vocab = check_same_tokenizer(tok, tok_where, tokenizer_lib.load_tokenizer(where),
+                               f"teacher.tokenizer={where}")
+  probe = tok.encode(probe_text, add_special_tokens=False)[:32]
+  client = served.connect(config, probe + [tok.eos_token_id or 0] * (2 - len(probe)))
+  log.info("teacher: %r served at %s scores the student's samples (%d requests at once)",
+           str(config.teacher.model), config.teacher.base_url, int(config.teacher.concurrency))
+  return served.Scorer(client, int(config.teacher.echo_max_tokens)), vocab
+
+
 def _records(spec: KDSpec, data: DataSpec):
   """(train records, val records, soft targets or None, stats)."""
   if spec.online:
@@ -316,6 +364,9 @@ def run(config) -> loop.Result:
     from sentijax.data import topk_store  # pylint: disable=import-outside-toplevel
     topk_store.check_tokenizer(spec.store, tok)
   teacher_cfg = teacher_config(spec)
+  scorer = None
+  if spec.served:  # before the data pipeline: a wrong tokenizer or server fails at once
+    scorer, vocab = served_scorer(config, spec, tok, tok_where, train_recs[0].prompt)
   if teacher_cfg is not None:
     where = spec.teacher_tokenizer_dir
     if where:
@@ -335,8 +386,8 @@ def run(config) -> loop.Result:
     stats = {"corpus": corpus_stats, "kd": dataclasses.asdict(spec), "vocab": vocab} | ds_stats
     (workdir / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
     export.save_student_spec(model_cfg, tok, workdir)
-  t_desc = ("-" if teacher_cfg is None else
-            f"{teacher_cfg.architecture} {teacher_cfg.num_params} params")
+  t_desc = (f"{teacher_cfg.architecture} {teacher_cfg.num_params} params" if teacher_cfg
+            else f"served {config.teacher.model!r}" if scorer else "-")
   log.info("KD (%s, loss %s, alpha %g, T %g, top_k %d): student %s %d params, teacher %s; "
            "%d train rows x %d tokens, vocab %d", spec.mode, spec.loss, spec.alpha,
            spec.temperature, spec.top_k, model_cfg.architecture, model_cfg.num_params, t_desc,
@@ -357,7 +408,7 @@ def run(config) -> loop.Result:
              "new tokens)", 100 * spec.rollout.lmbda, "teacher" if spec.rollout.seq_kd else
              "student", spec.rollout.sampling.temperature, spec.rollout.sampling.top_p,
              spec.rollout.sampling.max_tokens)
-  ctx = Context(spec, teacher_cfg, distill, rollout_args)
+  ctx = Context(spec, teacher_cfg, distill, rollout_args, scorer)
   tc = config.train
   hooks = ()
   terms = eval_terms(ctx, vocab, store_support)
@@ -367,9 +418,13 @@ def run(config) -> loop.Result:
   teacher_flops = 0.0
   if distill is not None and distill.online:  # forward only: 1/3 of a training step
     teacher_flops = teacher_cfg.flops_per_token(train_ds.seq_len) / 3
-  result = loop.train(config, model_cfg, factory.param_initializer(config, model_cfg), train_ds,
-                      val_ds, tokenizer=tok, eval_hooks=hooks, loss_options=ctx.loss_options,
-                      teacher_flops_per_token=teacher_flops)
+  try:
+    result = loop.train(config, model_cfg, factory.param_initializer(config, model_cfg),
+                        train_ds, val_ds, tokenizer=tok, eval_hooks=hooks,
+                        loss_options=ctx.loss_options, teacher_flops_per_token=teacher_flops)
+  finally:
+    if scorer is not None:
+      scorer.client.close()
   if result.train_losses:
     log.info("KD done at step %d: train loss %.4f -> %.4f%s", result.step,
              result.train_losses[0][1], result.train_losses[-1][1],

@@ -24,9 +24,11 @@ from sentijax.train import step as step_lib
 log = logging.getLogger("sentijax")
 
 EvalHook = Callable[[int, Any], dict]  # (step, params) -> scalars to log
-# Train metrics of distillation steps logged when present (train/kd.py, train/onpolicy.py).
+# Train metrics of distillation steps logged when present (train/kd.py, train/onpolicy.py,
+# train/served.py).
 DISTILL_METRICS = ("ce", "kd", "kd_support_mass", "rkl_token", "onpolicy_fraction",
-                   "rollout_tokens_per_s", "rollout_length", "rollout_dropped")
+                   "rollout_tokens_per_s", "rollout_length", "rollout_dropped",
+                   "teacher_score_s", "teacher_requests", "teacher_retries")
 
 
 class TrainingError(RuntimeError):

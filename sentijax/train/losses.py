@@ -22,6 +22,8 @@ Supports (`Distill.support`):
            verbalizers), plus the tail bucket ("any other token / answer").
   sampled  ids drawn from the tempered teacher with weights c_i / N and the teacher's log-probs of
            them: an unbiased estimate of the full-vocabulary forward KL (`sampled_kl`).
+  served   a served teacher's log-probs of the student's samples ("teacher_logp"): the sampled-
+           token reverse-KL estimator (`token_reverse_kl`) there, CE on corpus tokens elsewhere.
 
 The tail (`Distill.tail = "bucket"`, the default). The divergence is taken over k + 1 buckets:
 p_i, q_i for i in S and p_tail = 1 - sum_S p, q_tail = 1 - sum_S q. The student's probabilities
@@ -59,7 +61,7 @@ from sentijax import models
 
 Array = jax.Array
 KINDS = ("forward", "reverse", "jsd")
-SUPPORTS = ("full", "topk", "listed", "sampled")
+SUPPORTS = ("full", "topk", "listed", "sampled", "served")
 TAILS = ("bucket", "renorm")
 # Batch fields a listed / sampled support reads ([B, L, K]; soft_tail [B, L]):
 #   soft_ids    int32  the listed (or drawn) token ids
@@ -67,7 +69,8 @@ TAILS = ("bucket", "renorm")
 #                      target); sampled: weights c_i / N (counts of the N draws; they sum to 1)
 #   soft_tail   float  listed, optional: the teacher's mass outside the listed ids at T = 1
 #   soft_logp   float  sampled: the teacher's log-probability of each id at the KD temperature
-SOFT_FIELDS = ("soft_ids", "soft_probs", "soft_tail", "soft_logp")
+#   teacher_logp float served, [B, L]: the teacher's log-prob of each target "sampled" marks
+SOFT_FIELDS = ("soft_ids", "soft_probs", "soft_tail", "soft_logp", "teacher_logp")
 _NEG = -1e30  # a finite "minus infinity": masked entries get zero probability, no NaN gradients
 # The smallest teacher tail mass an offline store is taken to mean: 1 - sum(fp32 probs) has
 # rounding error of this order, so a smaller (or zero) tail is indistinguishable from it.
@@ -110,6 +113,8 @@ class Distill:
                "divergence is identically 0. Use tail='bucket' or top_k >= 2"),
               ("kind", self.support != "sampled" or self.kind == "forward",
                "support='sampled' estimates forward KL only (draws come from the teacher)"),
+              ("kind", self.support != "served" or (self.kind, self.temperature) == ("reverse", 1),
+               "support='served' estimates reverse KL at T = 1 from the student's samples"),
               ("vocab", self.vocab >= 0, "must be >= 0"))
     for key, ok, why in checks:
       if not ok:
@@ -123,7 +128,7 @@ class Distill:
   @property
   def sparse(self) -> bool:
     """True when the teacher's support is a subset (its student mass is worth logging)."""
-    return self.support != "full"
+    return self.support in ("topk", "listed", "sampled")
 
 
 def cross_entropy(logits_BxLxV: Array, targets_BxL: Array) -> Array:
@@ -305,12 +310,16 @@ def support_mass(logits_BxLxV: Array, ids_BxLxK: Array, valid_BxLxK: Array) -> A
 
 
 def distill_terms(student_logits_BxLxV: Array, distill: Distill, teacher_logits_BxLxV=None,
-                  soft: Mapping[str, Array] | None = None) -> dict[str, Array]:
+                  soft: Mapping[str, Array] | None = None, tokens_BxL=None) -> dict[str, Array]:
   """Per-position {"kd": the divergence of `distill`, "has": a target here; sparse supports
   also "mass": the student's probability on the teacher's support}, logits cut to
-  `distill.vocab` ids. The one place the online / listed / sampled forms branch. Not weighted."""
+  `distill.vocab` ids. The one place the supports branch (served: CE on `tokens`, the targets;
+  chunked_loss_sums puts the estimator on the samples). Not weighted."""
   d, v = distill, distill.vocab or None
   student = student_logits_BxLxV[..., :v]
+  if d.support == "served":
+    ce = cross_entropy(student, tokens_BxL)
+    return {"kd": ce, "has": jnp.ones(ce.shape, bool)}
   if d.online:
     if teacher_logits_BxLxV is None:
       raise ValueError(f"Distill(support={d.support!r}) needs an online teacher's logits")
@@ -366,16 +375,20 @@ def chunked_loss_sums(student: Head, targets_BxT: Array, weights_BxT: Array, chu
   False (then wherever a soft target is).
 
   `sampled` (on-policy rows, 1 where the target is a token the student sampled itself): no CE
-  there (a student's own sample is no target), and with an online teacher "rkl_token" /
-  "sampled_tokens": the sum of `token_reverse_kl`'s estimate log q(x) - log p(x) over them.
-  `token_estimator`: there the distillation term IS that estimator's surrogate (a policy
-  gradient on the sampled token only) instead of `distill`'s divergence.
+  there (a student's own sample is no target), and with an online or served teacher "rkl_token"
+  / "sampled_tokens": the sum of `token_reverse_kl`'s estimate log q(x) - log p(x) over them.
+  `token_estimator` (always, served): there the distillation term IS that estimator's surrogate
+  (a policy gradient on the sampled token only) instead of `distill`'s divergence.
   """
   hidden_BxTxE = student.hidden_BxTxE
   b, t, _ = hidden_BxTxE.shape
   chunk = min(chunk or t, t)
   xs = {"h": hidden_BxTxE, "tgt": targets_BxT, "w": weights_BxT.astype(jnp.float32)}
   online = distill is not None and distill.online
+  served = distill is not None and distill.support == "served"
+  if served and (sampled_BxT is None or "teacher_logp" not in (soft or {})):
+    raise ValueError("Distill(support='served') reads the batch fields 'sampled' and "
+                     "'teacher_logp' (on-policy rows a served teacher scored: train/served.py)")
   if online:
     if teacher is None:
       raise ValueError(f"Distill(support={distill.support!r}) needs the online teacher's hidden "
@@ -405,16 +418,16 @@ def chunked_loss_sums(student: Head, targets_BxT: Array, weights_BxT: Array, chu
       return sums
     t_logits = (models.project_logits(c["th"], t_out, t_out.dtype, teacher.softcap) if online
                 else None)
-    if online and "s" in c:
+    if (online or served) and "s" in c:
       v = distill.vocab or None
-      t_logp = jnp.take_along_axis(
+      t_logp = c["teacher_logp"] if served else jnp.take_along_axis(
           jax.nn.log_softmax(t_logits[..., :v].astype(jnp.float32), -1), c["tgt"][..., None],
           axis=-1)[..., 0]
       surrogate, est = token_reverse_kl(logits_BxCxV[..., :v], c["tgt"], t_logp)
       sums |= {"rkl_token": jnp.sum(est * c["s"]), "sampled_tokens": jnp.sum(c["s"])}
     terms = distill_terms(logits_BxCxV, distill, t_logits,
-                          {k: v for k, v in c.items() if k in SOFT_FIELDS})
-    if token_estimator and online and "s" in c:
+                          {k: v for k, v in c.items() if k in SOFT_FIELDS}, c["tgt"])
+    if (token_estimator or served) and "s" in c:
       terms = {**terms, "kd": jnp.where(c["s"] > 0, surrogate, terms["kd"])}
     w_BxC = c["w"] if distill.weighted else terms["has"].astype(jnp.float32)
     sums["kd"] = jnp.sum(terms["kd"] * w_BxC)

@@ -87,14 +87,16 @@ class Rollout:
   `cfg` / `teacher`: the student's config and the teacher (`step.Teacher`, params on the mesh;
   needed for `spec.seq_kd`). `vocab`: the shared tokenizer's length (a sample of a padding
   embedding row ends the response, dropped); `eos_id` ends a response (kept, trained on).
+  `scorer` (a served teacher, `served.Scorer`): `(host batch, step) -> (teacher_logp [B, T],
+  metrics)`, run on the host rows once "sampled" is set; its field joins the batch.
   """
 
   def __init__(self, spec: RolloutSpec, cfg: models.ModelConfig, *, vocab: int, eos_id: int,
                seq_len: int, placement: sharding.Placement | None = None, teacher=None,
-               per_layer: bool | None = None):
+               per_layer: bool | None = None, scorer=None):
     if spec.seq_kd and teacher is None:
       raise ValueError("kd.seq_kd=True samples from the teacher: it needs a teacher model")
-    self.spec, self.cfg, self.teacher = spec, cfg, teacher
+    self.spec, self.cfg, self.teacher, self.scorer = spec, cfg, teacher, scorer
     self.vocab, self.eos_id, self.seq_len = vocab, eos_id, seq_len
     self.placement, self.per_layer = placement or sharding.Placement(), per_layer
 
@@ -169,6 +171,9 @@ class Rollout:
       metrics |= {"rollout_tokens_per_s": generated / max(seconds, 1e-9),
                   "rollout_length": generated / len(responses), "rollout_dropped": dropped}
     local["sampled"] = sampled_L
+    if self.scorer is not None:
+      local["teacher_logp"], scored = self.scorer(local, step)
+      metrics |= scored
     batch_sh = self.placement.batch()
     if batch_sh is None:
       return {k: jax.numpy.asarray(v) for k, v in local.items()}, metrics

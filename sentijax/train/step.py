@@ -45,7 +45,8 @@ def loss_terms(model_cfg: models.ModelConfig, params: Any, batch: Batch, loss_ch
   The student runs to its final hidden states; the LM head and the losses run in chunks of
   `loss_chunk` positions (0 = one chunk), never holding more than [B, chunk, V] logits. An online
   `distill` (support full / topk) runs the teacher (`teacher_cfg`, `teacher_params`) forward
-  under stop_gradient; a listed / sampled one reads the batch's soft fields (losses.SOFT_FIELDS).
+  under stop_gradient; a listed / sampled / served one reads the batch's soft fields
+  (losses.SOFT_FIELDS).
   A batch field "sampled" (on-policy rows) and `token_estimator`: losses.chunked_loss_sums.
   """
   weights_BxL = batch["weights"].astype(jnp.float32)
@@ -141,7 +142,7 @@ def train_step(state: TrainState, batch: Batch, teacher_params: Any = None, *, s
   keys = ("loss", "ce", "kd", "tokens") + (
       ("support_mass", "support_tokens") if distill is not None and distill.sparse else ()) + (
       ("rkl_token", "sampled_tokens") if "sampled" in batch and distill is not None
-      and distill.online else ())
+      and (distill.online or distill.support == "served") else ())
   init = (zeros, {k: jnp.zeros((), jnp.float32) for k in keys})
   if num_micro == 1:
     (grads, sums), _ = micro(init, batch)

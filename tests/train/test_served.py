@@ -1,0 +1,246 @@
+"""A served on-policy teacher (train/served.py) against an in-process sentijax.serve of a tiny
+model: its teacher-forced log-probs of packed segments equal a local forward; steps it scores equal
+the local teacher's token-estimator steps; a failed score stops the step; the kd job stops before
+training on a server without prompt logprobs or a teacher tokenizer of another vocabulary."""
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sentijax import models, serve, sharding
+from sentijax.data import packing, sequences
+from sentijax.data import tokenizer as tok_lib
+from sentijax.sampling import SamplingSettings
+from sentijax.teacher import backend
+from sentijax.teacher.local import LocalTeacher
+from sentijax.teacher.openai_api import ClientSpec, OpenAITeacher
+from sentijax.train import kd, losses, onpolicy, served, state as state_lib, step
+from teacher import teacher_fixtures
+from tolerances import assert_close, assert_trees_close
+
+REPO = Path(__file__).resolve().parents[2]
+V = teacher_fixtures.VOCAB  # the tokenizer's length = both models' vocab (no padding rows)
+T_CFG = models.presets.get("tiny").replace(vocab_size=V, max_position_embeddings=256)
+S_CFG = T_CFG.replace(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
+LENGTH, PROMPT, RESPONSE = 40, 6, 12  # two prompt + response segments per packed row
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("served_tok")
+  tok_lib.train_tokenizer(teacher_fixtures.demo_texts(), V, root)
+  return root
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+  return tok_lib.load_tokenizer(tok_dir)
+
+
+@pytest.fixture(scope="module")
+def teacher_params():
+  """A random tiny teacher, its embedding (the tied head) scaled so its next-token log-probs
+  spread over several nats (a near-uniform random init would hide misaligned positions)."""
+  params = jax.tree.map(np.asarray, models.init(T_CFG, 7))
+  params["embedding"] = params["embedding"] * 12.0
+  return params
+
+
+@pytest.fixture(scope="module")
+def server(tok, teacher_params):
+  srv = serve.Server(LocalTeacher(T_CFG, teacher_params, tok, batch_size=4, name="tiny"), "tiny",
+                     max_batch=4, max_wait_ms=5).start()
+  yield srv
+  srv.stop()
+
+
+def _client(url, **kw):
+  return OpenAITeacher(ClientSpec(base_url=url, model="tiny", endpoint="completions",
+                                  concurrency=4, **kw))
+
+
+def _row(tok, texts, sampled_segments):
+  """A packed row of prompt + response segments and its 'sampled' mask (the response targets
+  of the segments listed)."""
+  seqs = []
+  for text in texts:
+    ids = tok.encode(text, add_special_tokens=False)[:PROMPT + RESPONSE]
+    mask = np.r_[np.zeros(PROMPT), np.ones(len(ids) - PROMPT)].astype(np.int32)
+    seqs.append(sequences.TokenizedSequence(np.asarray(ids, np.int32), mask))
+  row = packing.pack_row(seqs, LENGTH)
+  row["sampled"] = (row["weights"] * np.isin(row["segment_ids"], sampled_segments)).astype(
+      np.float32)
+  return row
+
+
+def _batch(rows):
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def test_served_logprobs_equal_a_local_forward(server, tok, teacher_params):
+  """Rows of 2, 2 and 1 segments; sampled: both segments of row 0, the second of row 1, none of
+  row 2. At every sampled target the served log-prob equals log_softmax of a local forward of
+  that segment alone (float64 reference), 0 elsewhere; one request per sampled segment. The
+  client asks for logprobs=1: the chosen token's log-prob comes back outside the top-1 too."""
+  texts = teacher_fixtures.demo_texts()
+  local = _batch([_row(tok, texts[0:2], [1, 2]), _row(tok, texts[2:4], [2]),
+                       _row(tok, texts[4:5], [])])
+  client = _client(server.url)
+  try:
+    logp_BxT, metrics = served.Scorer(client)(local, step=0)
+  finally:
+    client.close()
+  assert metrics["teacher_requests"] == 3 and metrics["teacher_score_s"] > 0
+  want_BxT = np.zeros_like(logp_BxT, np.float64)
+  for r in range(3):
+    for seg in np.unique(local["segment_ids"][r][local["sampled"][r] > 0]):
+      where = np.flatnonzero(local["segment_ids"][r] == seg)
+      logits = np.asarray(models.apply(T_CFG, teacher_params, local["inputs"][r, where][None]),
+                          np.float64)[0]
+      top = logits.max(-1, keepdims=True)
+      logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+      at = np.take_along_axis(logp, local["targets"][r, where][:, None], -1)[:, 0]
+      on = local["sampled"][r, where] > 0
+      want_BxT[r, where[on]] = at[on]
+  assert (want_BxT[local["sampled"] > 0] < -0.5).all()  # real log-probs, not zeros
+  assert np.ptp(want_BxT[local["sampled"] > 0]) > 3.0  # spread: misalignment would show
+  assert_close(logp_BxT, want_BxT, rel=1e-5, what="served teacher_logp")
+  np.testing.assert_array_equal(logp_BxT[local["sampled"] == 0], 0)
+
+
+ROLLOUT = onpolicy.RolloutSpec(lmbda=1.0, seq_kd=False, estimator="token", sampling=SamplingSettings(
+    temperature=1.0, max_tokens=RESPONSE, seed=3))
+
+
+def _train(batches, *, rollout, distill, teacher=None, token_estimator=False, steps_fn=None):
+  tx = optax.sgd(0.5)
+  st = state_lib.create_state(models.init(S_CFG, 1), tx)
+  spec = step.StepSpec(S_CFG, tx, distill=distill, token_estimator=token_estimator)
+  fn = step.jit_train_step(spec, sharding.Placement(), None, None, teacher=teacher,
+                           rollout=rollout)
+  metrics = []
+  for b in batches:
+    st, m = fn(st, {k: jnp.asarray(v) for k, v in b.items() if k != "sampled"})
+    metrics.append(jax.device_get(m))
+  return st.params, metrics
+
+
+def test_served_steps_equal_local_teacher_token_estimator_steps(server, tok, teacher_params):
+  """3 fully on-policy steps (two segments per row, 4 rows, SGD 0.5), the same rollout keys:
+  Distill(support='served') scored by the server = the local teacher in the step with
+  kd.rollout.estimator=token. Params within 1e-4 relative (the server's scoring forward and the
+  step's chunked one round differently, ~1e-6 of the log-probs); same samples, same rkl_token."""
+  texts = teacher_fixtures.demo_texts()
+  batches = [_batch([_row(tok, texts[i + 2 * r:i + 2 * r + 2], []) for r in range(4)])
+             for i in (10, 20, 30)]
+
+  def rollout(scorer=None):
+    return onpolicy.Rollout(ROLLOUT, S_CFG, vocab=V, eos_id=tok.eos_token_id, seq_len=LENGTH,
+                            per_layer=False, scorer=scorer)
+  want, m_local = _train(batches, rollout=rollout(),
+                         distill=losses.Distill(kind="reverse", alpha=1.0, vocab=V),
+                         teacher=step.Teacher(T_CFG, teacher_params), token_estimator=True)
+  client = _client(server.url)
+  try:
+    got, m_served = _train(batches, rollout=rollout(served.Scorer(client)), distill=losses.Distill(
+        kind="reverse", alpha=1.0, support="served", vocab=V))
+  finally:
+    client.close()
+  for a, b in zip(m_local, m_served):
+    assert a["rollout_length"] == b["rollout_length"] and a["rollout_dropped"] == 0
+    assert_close(b["rkl_token"], a["rkl_token"], rel=1e-4, what="rkl_token")
+    assert_close(b["loss"], a["loss"], rel=1e-4, what="loss")
+    assert b["teacher_requests"] == 8 and b["teacher_score_s"] > 0
+  assert abs(m_local[0]["rkl_token"]) > 0.5  # a teacher far from the student: a real signal
+  assert_trees_close(got, want, rtol=1e-4)
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), want,
+                                       models.init(S_CFG, 1)))
+  assert max(float(x) for x in moved) > 1e-3  # the steps trained
+
+
+def test_a_failed_score_stops_the_step(server, tok):
+  """Every request answered 500: the client retries, then the step raises ScoringError naming
+  the step and row; the state is not trained."""
+  proxy = teacher_fixtures.FaultProxy(server.url, lambda n, body: 500)
+  client = _client(proxy.url, max_retries=1, backoff_s=0.01)
+  texts = teacher_fixtures.demo_texts()
+  batch = _batch([_row(tok, texts[0:2], [])])
+  st = state_lib.create_state(models.init(S_CFG, 1), optax.sgd(0.5))
+  fn = step.jit_train_step(
+      step.StepSpec(S_CFG, optax.sgd(0.5), distill=losses.Distill(
+          kind="reverse", alpha=1.0, support="served", vocab=V)), sharding.Placement(), None,
+      None, rollout=onpolicy.Rollout(ROLLOUT, S_CFG, vocab=V, eos_id=tok.eos_token_id,
+                                     seq_len=LENGTH, per_layer=False,
+                                     scorer=served.Scorer(client)))
+  try:
+    with pytest.raises(served.ScoringError, match=r"step 0, row 0.*HTTP 500.*no step trains"):
+      fn(st, {k: jnp.asarray(v) for k, v in batch.items() if k != "sampled"})
+  finally:
+    client.close()
+    proxy.stop()
+  assert int(st.step) == 0 and proxy.count >= 2  # retried, then stopped
+
+
+# ---------------------------------------------------------------------------------------------
+# The kd job: checks before training.
+
+
+def _config(tmp_path, url, tok_dir, teacher_tok_dir, **over):
+  spec = importlib.util.spec_from_file_location("kd_config", REPO / "configs" / "kd.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.workdir, c.model.tokenizer = str(tmp_path / "kd"), str(tok_dir)
+  c.kd.mode, c.kd.loss, c.kd.rollout.estimator = "on_policy", "reverse", "token"
+  c.teacher.backend, c.teacher.base_url, c.teacher.model = "openai", url, "tiny"
+  c.teacher.tokenizer, c.teacher.max_retries, c.teacher.backoff_s = str(teacher_tok_dir), 2, 0.01
+  for key, value in over.items():
+    *path, name = key.split("__")
+    node = c
+    for part in path:
+      node = node[part]
+    node[name] = value
+  return c
+
+
+def test_server_without_prompt_logprobs_fails_naming_the_capability(tmp_path, tok_dir):
+  """A llama.cpp-like answer (a completion, no prompt logprobs): MissingCapability at the first
+  request, before training, not retried."""
+  answer = json.dumps({"choices": [{"index": 0, "text": "", "logprobs": None,
+                                    "finish_reason": "length"}],
+                       "usage": {"prompt_tokens": 5, "completion_tokens": 0}})
+  srv = teacher_fixtures.ScriptedServer(lambda n, body: (200, {}, answer))
+  try:
+    with pytest.raises(backend.MissingCapability,
+                       match=r"'openai:tiny'.*without the prompt's logprobs.*'prompt_logprobs'"):
+      kd.run(_config(tmp_path, srv.url, tok_dir, tok_dir))
+  finally:
+    srv.stop()
+  assert len(srv.arrivals) == 1 and srv.arrivals[0][2]["echo"] is True
+  assert not (tmp_path / "kd" / "checkpoints").exists()
+
+
+def test_teacher_tokenizer_of_another_vocabulary_fails_naming_both(tmp_path, tok_dir):
+  other = tmp_path / "other_tok"
+  tok_lib.train_tokenizer(teacher_fixtures.demo_texts(), V - 20, other)
+  with pytest.raises(kd.TokenizerMismatch, match=rf"student's tokenizer \({tok_dir}.*"
+                                                 rf"teacher's \(teacher.tokenizer={other}"):
+    kd.run(_config(tmp_path, "http://127.0.0.1:9/v1", tok_dir, other))
+
+
+def test_served_config_checks_name_the_key(tmp_path, tok_dir):
+  for over, match in [({"kd__rollout__estimator": "full"}, "kd.rollout.estimator='full'.*token"),
+                      ({"kd__mode": "online"}, "teacher.backend='openai'.*kd.mode=on_policy"),
+                      ({"teacher__tokenizer": ""}, "teacher.tokenizer=''.*tokenizer dir"),
+                      ({"kd__temperature": 2.0}, "kd.temperature=2.0"),
+                      ({"teacher__backend": "vllm"}, r"teacher.backend='vllm'.*expected one of")]:
+    with pytest.raises(ValueError, match=match):
+      kd.KDSpec.from_config(_config(tmp_path, "http://127.0.0.1:9/v1", tok_dir, tok_dir, **over))
+  spec = kd.KDSpec.from_config(_config(tmp_path, "http://127.0.0.1:9/v1", tok_dir, tok_dir))
+  assert spec.served and kd.teacher_config(spec) is None
+  assert spec.distill(V) == losses.Distill(kind="reverse", alpha=0.5, support="served", vocab=V)
