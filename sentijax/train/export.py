@@ -24,26 +24,34 @@ from sentijax.models import hf
 log = logging.getLogger("sentijax")
 
 SPEC_DIR = "student"
-# What the run trained on travels with its weights: the sentibench job reads it from model.init
-# and marks the SentiBench tasks the student saw in training (eval/job.py).
-PROVENANCE = ("heldout_audit.json",)
+GENERATION_CONFIG = "generation_config.json"
+# What travels with the weights: the generation config training started from (in the student
+# spec) and what the run trained on (the sentibench job reads it from model.init and marks the
+# SentiBench tasks the student saw in training, eval/job.py).
+PROVENANCE = (f"{SPEC_DIR}/{GENERATION_CONFIG}", "heldout_audit.json")
 
 
 def copy_provenance(workdir: str | Path, out: str | Path) -> list[Path]:
   """Copies the run's provenance files (`PROVENANCE`) from `workdir` into the export `out`."""
   copied = []
-  for name in PROVENANCE:
-    if (Path(workdir) / name).is_file():
-      copied.append(Path(shutil.copyfile(Path(workdir) / name, Path(out) / name)))
+  for rel in PROVENANCE:
+    if (Path(workdir) / rel).is_file():
+      dest = Path(out) / Path(rel).name
+      copied.append(Path(shutil.copyfile(Path(workdir) / rel, dest)))
   return copied
 
 
-def save_student_spec(model_cfg: models.ModelConfig, tokenizer, workdir: str | Path) -> Path:
-  """Writes <workdir>/student/{config.json, tokenizer files}: everything but the weights."""
+def save_student_spec(model_cfg: models.ModelConfig, tokenizer, workdir: str | Path,
+                      init: str | Path = "") -> Path:
+  """Writes <workdir>/student/{config.json, tokenizer files}: everything but the weights, and
+  the generation config of `init` (the HF dir training started from) when it has one: its eos
+  ids and repetition penalty are part of how SentiBench scores the model (eval/generation.py)."""
   out = Path(workdir) / SPEC_DIR
   out.mkdir(parents=True, exist_ok=True)
   hf.save_config(model_cfg, out)
   tokenizer.save_pretrained(str(out))
+  if init and (Path(init) / GENERATION_CONFIG).is_file():
+    shutil.copyfile(Path(init) / GENERATION_CONFIG, out / GENERATION_CONFIG)
   return out
 
 

@@ -113,7 +113,7 @@ def run(config) -> loop.Result:
     all_stats = {"icl": stats, "tasks": [t.name for t in sources],
                  "heldout": [t.name for t in heldout], "heldout_audit": audit} | ds_stats
     atomic.write_json(workdir / "data_stats.json", json.loads(json.dumps(all_stats, default=str)))
-    export.save_student_spec(model_cfg, tok, workdir)
+    export.save_student_spec(model_cfg, tok, workdir, config.model.init)
   log.info("ICLDist: %s, %d params, %d train records -> %d rows x %d tokens (target %s)",
            model_cfg.architecture, model_cfg.num_params, len(train), train_ds.num_rows,
            train_ds.seq_len, recipe.target)

@@ -385,7 +385,7 @@ def run(config) -> loop.Result:
   if jax.process_index() == 0:
     stats = {"corpus": corpus_stats, "kd": dataclasses.asdict(spec), "vocab": vocab} | ds_stats
     (workdir / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
-    export.save_student_spec(model_cfg, tok, workdir)
+    export.save_student_spec(model_cfg, tok, workdir, config.model.init)
   t_desc = (f"{teacher_cfg.architecture} {teacher_cfg.num_params} params" if teacher_cfg
             else f"served {config.teacher.model!r}" if scorer else "-")
   log.info("KD (%s, loss %s, alpha %g, T %g, top_k %d): student %s %d params, teacher %s; "

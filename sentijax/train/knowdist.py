@@ -31,7 +31,7 @@ def run(config) -> loop.Result:
   stats = {"corpus": corpus_stats} | stats
   if jax.process_index() == 0:
     (workdir / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
-    export.save_student_spec(model_cfg, tok, workdir)
+    export.save_student_spec(model_cfg, tok, workdir, config.model.init)
   log.info("KnowDist: %s, %d params, %d train rows x %d tokens", model_cfg.architecture,
            model_cfg.num_params, train_ds.num_rows, train_ds.seq_len)
   hooks = ()

@@ -9,6 +9,7 @@ from sentijax.data import tokenizer as tok_lib
 from sentijax.train import export
 from sentijax.train import state as state_lib
 
+GENERATION_CONFIG = '{"eos_token_id": [2, 7], "repetition_penalty": 1.3}'
 JUNK = 8 << 20  # floats in the stand-in optimizer state: 32 MiB, ~100x the tiny model's params
 
 
@@ -23,7 +24,10 @@ def _workdir(tmp_path):
   cfg = models.presets.get("tiny")
   texts = ["the food was great", "terrible service", "okay I guess"] * 20
   tok = tok_lib.train_tokenizer(texts, vocab_size=300, out_dir=tmp_path / "tok")
-  export.save_student_spec(cfg, tok, tmp_path)
+  init = tmp_path / "init"  # the HF dir training started from: its generation config travels
+  init.mkdir()
+  (init / "generation_config.json").write_text(GENERATION_CONFIG)
+  export.save_student_spec(cfg, tok, tmp_path, init)
   params = models.init(cfg, 3)
   state = state_lib.TrainState(step=np.int32(7), params=params,
                                opt_state={"junk": np.random.default_rng(0).standard_normal(
@@ -44,7 +48,12 @@ def test_export_restores_params_only(tmp_path):
   config.workdir = str(tmp_path)
   config.model.dtype = "float32"
   config.export = ml_collections.ConfigDict({"step": 0, "dir": "", "dtype": ""})
+  (tmp_path / "heldout_audit.json").write_text('{"heldout_tasks": []}')
   out = export.run(config)  # the job works without an optimizer state it could restore
+  # What travels with the weights: the init's generation config (eos ids, repetition penalty:
+  # SentiBench scores with them) and the ICLDist audit.
+  assert (out / "generation_config.json").read_text() == GENERATION_CONFIG
+  assert (out / "heldout_audit.json").read_text() == '{"heldout_tasks": []}'
   _, exported = models.load_hf(out)
   for a, b in zip(_leaves(exported), _leaves(params)):
     np.testing.assert_array_equal(a, b)
