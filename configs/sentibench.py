@@ -8,6 +8,7 @@ Command (from the repo root):
 Useful overrides:
   --config.eval.templates=../shared/sentibench/protocol.json   official instruction strings
   --config.eval.datasets=sc/sst2,absa/opener  --config.eval.seeds=42  --config.eval.max_examples=100
+  --config.eval.max_examples_extraction=50   (the 4 extraction datasets: their own item count)
   --config.model.dtype=float32   (exact parity runs; "auto" = bf16 on GPU/TPU, fp32 on CPU)
   --config.eval.batch_size=32   (rows of <=512 tokens)
   --config.eval.seeds=42 --config.eval.aggregation=official   the official scripts' numbers
