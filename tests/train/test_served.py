@@ -113,6 +113,42 @@ def test_served_logprobs_equal_a_local_forward(server, tok, teacher_params):
   np.testing.assert_array_equal(logp_BxT[local["sampled"] == 0], 0)
 
 
+def test_served_term_is_the_estimator_on_samples_and_ce_on_corpus_tokens():
+  """Distill(support='served') through the chunked loss (chunks of 3 of 7 positions, V = 11):
+  on sampled targets the value log q(x) - log p(x) (= rkl_token) with the gradient
+  sg(log q - log p) grad log q; on other response targets (corpus rows, kd.lmbda < 1) CE; no CE
+  term on the samples. Reference: the whole logits, float64 where it matters."""
+  rng = np.random.default_rng(0)
+  b, t, e, v = 2, 7, 5, 11
+  h = jnp.asarray(rng.normal(size=(b, t, e)), jnp.float32)
+  out = jnp.asarray(rng.normal(size=(e, v)), jnp.float32)
+  tgt = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+  w = jnp.asarray(rng.integers(0, 2, (b, t)), jnp.float32).at[:, 2:].set(1.0)
+  s = w * jnp.asarray([[1.0] * t, [0.0] * t])  # row 0 sampled, row 1 a corpus row
+  t_logp = jnp.asarray(-rng.uniform(0.5, 4.0, (b, t)), jnp.float32) * s
+  d = losses.Distill(kind="reverse", alpha=1.0, support="served")
+
+  def chunked(hh):
+    sums = losses.chunked_loss_sums(losses.Head(hh, out), tgt, w, 3, distill=d,
+                                    soft={"teacher_logp": t_logp}, sampled_BxT=s)
+    return sums["kd"], sums
+
+  def ref(hh):
+    log_q = jnp.take_along_axis(jax.nn.log_softmax(hh @ out, -1), tgt[..., None], -1)[..., 0]
+    adv = jax.lax.stop_gradient(log_q - t_logp)
+    return jnp.sum(w * jnp.where(s > 0, adv * log_q, -log_q)), (log_q, adv)
+  (kd_value, sums), grads = jax.value_and_grad(chunked, has_aux=True)(h)
+  want_grads, (log_q, adv) = jax.grad(ref, has_aux=True)(h)
+  want = jnp.sum(w * jnp.where(s > 0, adv, -log_q))
+  assert_close(kd_value, want, what="kd")
+  assert_close(sums["rkl_token"], jnp.sum(adv * s), what="rkl_token")
+  assert_close(sums["ce"], jnp.sum(-log_q * w * (1 - s)), what="ce on corpus rows only")
+  assert float(sums["sampled_tokens"]) == float(jnp.sum(s)) > 0
+  assert_close(grads, want_grads, rel=1e-5, what="gradient")
+  with pytest.raises(ValueError, match="'sampled' and 'teacher_logp'"):
+    losses.chunked_loss_sums(losses.Head(h, out), tgt, w, 3, distill=d, soft={})
+
+
 ROLLOUT = onpolicy.RolloutSpec(lmbda=1.0, seq_kd=False, estimator="token", sampling=SamplingSettings(
     temperature=1.0, max_tokens=RESPONSE, seed=3))
 
