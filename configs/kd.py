@@ -58,6 +58,21 @@ teacher is nearly uniform: a smoke test, as above). --config.kd.rollout.estimato
 kd.loss=reverse) trains on the sampled-token estimator instead (a policy gradient with advantage
 -(log q - log p), only the teacher's log-prob of the sampled token used).
 
+A served teacher (README: On-policy distillation, "A served teacher"; train/served.py): the
+teacher on an OpenAI-compatible server (vLLM, sentijax.serve) scores the student's samples,
+teacher-forced (echo + logprobs), for the sampled-token estimator; the KnowDist demo student
+served by `python -m sentijax.main --config=configs/serve.py --config.model.init=runs/knowdist/hf`:
+
+  python -m sentijax.main --config=configs/kd.py --config.kd.mode=on_policy \
+    --config.kd.loss=reverse --config.kd.alpha=1.0 --config.kd.rollout.estimator=token \
+    --config.teacher.backend=openai --config.teacher.base_url=http://127.0.0.1:8000/v1 \
+    --config.teacher.model=runs/knowdist/hf --config.teacher.tokenizer=runs/knowdist/hf \
+    --config.workdir=runs/kd-onpolicy-served
+
+checks the tokenizers and probes the server before training, then logs train/rkl_token (1.92 at
+step 20, 2.00 at 100: the same run as the local teacher's to sampling noise), train/teacher_score_s
+(0.05-0.07 s per step on 2 CPU cores), train/teacher_requests and train/teacher_retries.
+
 Sparse supports (kd.top_k > 0 online, every store) keep the teacher's tail as one bucket and take
 the student's probabilities from its full softmax (kd.tail=bucket); kd.tail=renorm is the old
 renormalised form, blind to the student's mass outside the support (README: Logit distillation).
