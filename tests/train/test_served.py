@@ -4,6 +4,9 @@ the local teacher's token-estimator steps; a failed score stops the step; the kd
 training on a server without prompt logprobs or a teacher tokenizer of another vocabulary."""
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -20,6 +23,8 @@ from sentijax.teacher import backend
 from sentijax.teacher.local import LocalTeacher
 from sentijax.teacher.openai_api import ClientSpec, OpenAITeacher
 from sentijax.train import kd, losses, onpolicy, served, state as state_lib, step
+import safetensors.numpy
+from kill_resume import kill_then_resume
 from teacher import teacher_fixtures
 from tolerances import assert_close, assert_trees_close
 
@@ -280,3 +285,41 @@ def test_served_config_checks_name_the_key(tmp_path, tok_dir):
   spec = kd.KDSpec.from_config(_config(tmp_path, "http://127.0.0.1:9/v1", tok_dir, tok_dir))
   assert spec.served and kd.teacher_config(spec) is None
   assert spec.distill(V) == losses.Distill(kind="reverse", alpha=0.5, support="served", vocab=V)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job from the command line against the in-process server: SIGKILL mid-run, resume.
+
+STEPS = 8
+
+
+def _main(workdir, url, tok_dir):
+  cmd = [sys.executable, "-m", "sentijax.main", "--config=configs/kd.py",
+         f"--config.workdir={workdir}", "--config.kd.mode=on_policy", "--config.kd.lmbda=0.5",
+         "--config.kd.loss=reverse", "--config.kd.rollout.estimator=token",
+         "--config.kd.rollout.max_new_tokens=8", "--config.teacher.backend=openai",
+         f"--config.teacher.base_url={url}", "--config.teacher.model=tiny",
+         f"--config.teacher.tokenizer={tok_dir}", "--config.data.seq_len=64",
+         f"--config.train.steps={STEPS}", "--config.train.eval_every=0",
+         "--config.train.log_every=2", "--config.checkpoint.every=2",
+         "--config.checkpoint.async_save=False"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def test_main_killed_mid_run_resumes_to_identical_params(tmp_path, server, tok_dir):
+  """kd.lmbda 0.5 (sampled rows scored by the server, corpus rows on CE): a run SIGKILLed after
+  a checkpoint and rerun recomputes the scores of the steps it redoes (same tokens from (seed,
+  step, row), the same teacher-forced scores) and ends on the uninterrupted run's params."""
+  ref = _main(tmp_path / "ref", server.url, tok_dir)
+  out, _ = ref.communicate(timeout=600)
+  assert ref.returncode == 0, out[-3000:]
+  assert f"KD done at step {STEPS}" in out and "train/teacher_score_s" in out
+  work = tmp_path / "killed"
+  killed_at, out = kill_then_resume(lambda w: _main(w, server.url, tok_dir), work, at_least=2,
+                                    steps=STEPS, timeout=300, final_timeout=600)
+  assert f"resumed from {work / 'checkpoints'} at step {killed_at}" in out
+  want = safetensors.numpy.load_file(str(tmp_path / "ref" / "hf" / "model.safetensors"))
+  got = safetensors.numpy.load_file(str(work / "hf" / "model.safetensors"))
+  assert_trees_close(got, want)  # reduction-order noise only (a resampled step moves far more)
