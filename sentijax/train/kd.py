@@ -157,7 +157,9 @@ def _served_checks(spec: KDSpec) -> tuple:
           ("kd.temperature", spec.temperature == 1, "a served teacher's log-probs are at T = 1"),
           ("kd.top_k", spec.top_k == 0, "a served teacher gives sampled tokens only: 0"),
           ("teacher.tokenizer", spec.teacher_tokenizer, "a served teacher needs its tokenizer "
-           "dir (its vocabulary is checked against the student's before training)"))
+           "dir (its vocabulary is checked against the student's before training)"),
+          ("teacher.model_dir", not spec.teacher_dir, "a served teacher runs on its server: "
+           "leave teacher.model_dir empty (or use teacher.backend=local)"))
 
 
 def _value(spec: KDSpec, key: str) -> Any:

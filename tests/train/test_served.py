@@ -279,7 +279,8 @@ def test_served_config_checks_name_the_key(tmp_path, tok_dir):
                       ({"kd__mode": "online"}, "teacher.backend='openai'.*kd.mode=on_policy"),
                       ({"teacher__tokenizer": ""}, "teacher.tokenizer=''.*tokenizer dir"),
                       ({"kd__temperature": 2.0}, "kd.temperature=2.0"),
-                      ({"teacher__backend": "vllm"}, r"teacher.backend='vllm'.*expected one of")]:
+                      ({"teacher__backend": "vllm"}, r"teacher.backend='vllm'.*expected one of"),
+                      ({"teacher__model_dir": str(tok_dir)}, "teacher.model_dir=.*leave")]:
     with pytest.raises(ValueError, match=match):
       kd.KDSpec.from_config(_config(tmp_path, "http://127.0.0.1:9/v1", tok_dir, tok_dir, **over))
   spec = kd.KDSpec.from_config(_config(tmp_path, "http://127.0.0.1:9/v1", tok_dir, tok_dir))
