@@ -173,9 +173,11 @@ def _train(batches, *, rollout, distill, teacher=None, token_estimator=False, st
 
 def test_served_steps_equal_local_teacher_token_estimator_steps(server, tok, teacher_params):
   """3 fully on-policy steps (two segments per row, 4 rows, SGD 0.5), the same rollout keys:
-  Distill(support='served') scored by the server = the local teacher in the step with
-  kd.rollout.estimator=token. Params within 1e-4 relative (the server's scoring forward and the
-  step's chunked one round differently, ~1e-6 of the log-probs); same samples, same rkl_token."""
+  Distill(support='served') scored by the server, behind a proxy failing 5 of the requests
+  (500, malformed, 429, dropped, truncated: retried by the client), = the local teacher in the
+  step with kd.rollout.estimator=token. Params within 1e-4 relative (the server's scoring
+  forward and the step's chunked one round differently, ~1e-6 of the log-probs); same samples,
+  same rkl_token."""
   texts = teacher_fixtures.demo_texts()
   batches = [_batch([_row(tok, texts[i + 2 * r:i + 2 * r + 2], []) for r in range(4)])
              for i in (10, 20, 30)]
@@ -186,12 +188,16 @@ def test_served_steps_equal_local_teacher_token_estimator_steps(server, tok, tea
   want, m_local = _train(batches, rollout=rollout(),
                          distill=losses.Distill(kind="reverse", alpha=1.0, vocab=V),
                          teacher=step.Teacher(T_CFG, teacher_params), token_estimator=True)
-  client = _client(server.url)
+  faults = {1: 500, 5: "malformed", 9: 429, 13: "drop", 20: "truncated"}
+  proxy = teacher_fixtures.FaultProxy(server.url, lambda n, body: faults.get(n))
+  client = _client(proxy.url, backoff_s=0.01, max_backoff_s=0.05)
   try:
     got, m_served = _train(batches, rollout=rollout(served.Scorer(client)), distill=losses.Distill(
         kind="reverse", alpha=1.0, support="served", vocab=V))
   finally:
     client.close()
+    proxy.stop()
+  assert proxy.count == 3 * 8 + len(faults) and sum(m["teacher_retries"] for m in m_served) == 5
   for a, b in zip(m_local, m_served):
     assert a["rollout_length"] == b["rollout_length"] and a["rollout_dropped"] == 0
     assert_close(b["rkl_token"], a["rkl_token"], rel=1e-4, what="rkl_token")
