@@ -10,7 +10,7 @@ import pytest
 
 from teacher import teacher_fixtures as fx
 from sentijax.sampling import SamplingSettings
-from sentijax.teacher import generate, inputs
+from sentijax.teacher import backend, generate, inputs
 from sentijax.teacher.common import TeacherConfigError, TeacherError
 from sentijax.teacher.openai_api import ClientSpec, OpenAITeacher, parse_retry_after
 
@@ -155,3 +155,25 @@ def test_client_spec_from_config_and_request_extras():
     teacher.close()
   with pytest.raises(ValueError, match="teacher.endpoint"):
     ClientSpec("http://h:1/v1", "m", endpoint="responses")
+
+
+def test_prompt_token_logprobs_chosen_outside_the_top_n_and_a_server_without_them():
+  """A vLLM-shaped echo answer: each prompt token's own logprob (token_logprobs) comes back even
+  where it is not among the top-1; the ids echoed are checked. A completion without prompt
+  logprobs (llama.cpp's server ignores echo) is MissingCapability at once, not retried."""
+  ids = [5, 9, 7]
+  echo = {"choices": [{"text": "x", "logprobs": {
+      "tokens": [f"token_id:{i}" for i in ids], "token_logprobs": [None, -3.5, -0.25],
+      "top_logprobs": [None, {"token_id:4": -0.1}, {"token_id:7": -0.25}]}}]}
+  plain = {"choices": [{"text": "", "logprobs": None, "finish_reason": "length"}]}
+  server = fx.ScriptedServer(lambda n, body: (200, {}, json.dumps(echo if n < 2 else plain)))
+  client = OpenAITeacher(ClientSpec(base_url=server.url, model="m", max_retries=3))
+  try:
+    assert client.prompt_token_logprobs(ids) == [None, -3.5, -0.25]
+    assert client.prompt_logprobs(ids, 1) == ([None, {4: -0.1}, {7: -0.25}], 0)
+    with pytest.raises(backend.MissingCapability, match=r"'openai:m'.*'prompt_logprobs'"):
+      client.prompt_token_logprobs(ids)
+  finally:
+    client.close()
+    server.stop()
+  assert len(server.arrivals) == 3 and server.arrivals[0][2]["echo"] is True
