@@ -12,6 +12,9 @@ support. Held out (`divergence_hook`), at step 0, every `train.eval_every` steps
 also for `kd.loss=ce` (the baseline): the full-vocabulary KL to a teacher model when one is at hand
 (`eval/kl_teacher`: online, or `kd.eval_teacher` offline), else a top-k store's bucketed KL
 (`eval/kl_teacher_bucketed`), the training divergence (`eval/kd`) and `eval/kd_support_mass`.
+On-policy with a served teacher (`teacher.backend=openai`): no teacher model here; its tokenizer
+(`teacher.tokenizer`) is checked and its server probed before the data pipeline, then it scores
+the student's samples (train/served.py).
 """
 from __future__ import annotations
 
