@@ -43,7 +43,8 @@ scoring: eval/kl_teacher, the held-out full-vocabulary KL.
 
 On-policy (README: On-policy distillation): each step the first round(kd.lmbda x batch) rows keep
 their prompts and get responses sampled by the current student (kd.seq_kd=True: by the teacher;
-kd.rollout.temperature / top_p / max_new_tokens, eos stops), the teacher in the step:
+kd.rollout.temperature / top_p / max_new_tokens; eos and kd.rollout.stop strings end a
+response), the teacher in the step:
 
   python -m sentijax.main --config=configs/kd.py --config.kd.mode=on_policy \
     --config.kd.loss=reverse --config.kd.alpha=1.0 --config.workdir=runs/kd-onpolicy

@@ -224,6 +224,9 @@ def kd() -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0  # 1 = the student's own distribution (what reverse KL is of)
   c.rollout.top_p = 1.0
   c.rollout.max_new_tokens = 64  # a response ends at eos or here (and at data.seq_len)
+  # Stop strings separated by "|" (as sampling.stop): a sampled token whose text contains one
+  # ends the response (kept and trained on, like eos); "" = eos only.
+  c.rollout.stop = ""
   # On the student's samples: full = kd.loss over the vocabulary; token = the sampled-token
   # reverse-KL estimator log q(x) - log p(x) as a policy-gradient advantage (needs kd.loss=reverse;
   # only the teacher's log-prob of the sampled token is used)

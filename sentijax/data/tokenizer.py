@@ -108,3 +108,16 @@ def vocab_fingerprint(tokenizer: Any) -> str:
   when the same ids mean the same tokens, whatever their chat templates or normalisers."""
   table = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
   return hashlib.sha256(json.dumps(table, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def ids_containing(tokenizer: Any, strings: Iterable[str], limit: int | None = None) -> list[int]:
+  """Ids (< `limit`, e.g. the model's embedding rows) whose own decoded text contains one of
+  `strings`: sampling that token is where a stop string appears, so decoding ends there (the
+  text is cut at the string afterwards; a string split over several tokens is cut then too)."""
+  strings = tuple(x for x in strings if x)
+  if not strings:
+    return []
+  n = len(tokenizer) if limit is None else min(len(tokenizer), limit)
+  pieces = tokenizer.batch_decode([[i] for i in range(n)])
+  return [i for i, piece in enumerate(pieces) if any(x in piece for x in strings)]
+

@@ -24,6 +24,7 @@ import numpy as np
 
 from sentijax import models, sampling, sharding
 from sentijax.data import records
+from sentijax.data import tokenizer as tokenizer_lib
 from sentijax.models import factory
 from sentijax.sampling import SamplingSettings
 from sentijax.teacher import backend
@@ -130,9 +131,8 @@ class LocalTeacher:
     if not stop:
       return []
     if stop not in self._stop_cache:
-      pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
-      self._stop_cache[stop] = [i for i, p in enumerate(pieces)
-                                if i < self.cfg.vocab_size and any(x in p for x in stop)]
+      self._stop_cache[stop] = tokenizer_lib.ids_containing(self.tokenizer, stop,
+                                                            self.cfg.vocab_size)
     return self._stop_cache[stop]
 
   def generate_ids(self, seqs: Sequence[Sequence[int]], keys: Sequence[str],

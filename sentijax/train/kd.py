@@ -408,7 +408,8 @@ def run(config) -> loop.Result:
       raise ValueError("kd.mode=on_policy: the tokenizer has no eos token to end sampled "
                        "responses with")
     rollout_args = {"cfg": model_cfg, "vocab": vocab, "eos_id": int(tok.eos_token_id),
-                    "seq_len": train_ds.seq_len}
+                    "seq_len": train_ds.seq_len, "stop_ids": tokenizer_lib.ids_containing(
+                        tok, spec.rollout.sampling.stop, model_cfg.vocab_size)}
     log.info("on-policy: %.0f%% of each batch's rows sampled by the %s (T %g, top_p %g, <= %d "
              "new tokens)", 100 * spec.rollout.lmbda, "teacher" if spec.rollout.seq_kd else
              "student", spec.rollout.sampling.temperature, spec.rollout.sampling.top_p,

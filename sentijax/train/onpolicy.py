@@ -58,8 +58,10 @@ class RolloutSpec:
     for key, value, ok, why in checks:
       if not ok:
         raise ValueError(f"{key}={value!r}: {why}")
+    stop = tuple(x for x in str(r.get("stop", "")).split("|") if x)  # as sampling.stop
     return cls(lmbda=lmbda, seq_kd=seq_kd, estimator=estimator, sampling=SamplingSettings(
-        temperature=temperature, top_p=top_p, max_tokens=max_new, seed=int(config.seed)))
+        temperature=temperature, top_p=top_p, max_tokens=max_new, stop=stop,
+        seed=int(config.seed)))
 
 
 def segments(row: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -86,18 +88,20 @@ class Rollout:
 
   `cfg` / `teacher`: the student's config and the teacher (`step.Teacher`, params on the mesh;
   needed for `spec.seq_kd`). `vocab`: the shared tokenizer's length (a sample of a padding
-  embedding row ends the response, dropped); `eos_id` ends a response (kept, trained on).
+  embedding row ends the response, dropped); `eos_id` ends a response (kept, trained on), as do
+  `stop_ids` (the tokens holding one of `spec.sampling.stop`, `tokenizer.ids_containing`).
   `scorer` (a served teacher, `served.Scorer`): `(host batch, step) -> (teacher_logp [B, T],
   metrics)`, run on the host rows once "sampled" is set; its field joins the batch.
   """
 
   def __init__(self, spec: RolloutSpec, cfg: models.ModelConfig, *, vocab: int, eos_id: int,
                seq_len: int, placement: sharding.Placement | None = None, teacher=None,
-               per_layer: bool | None = None, scorer=None):
+               per_layer: bool | None = None, scorer=None, stop_ids=()):
     if spec.seq_kd and teacher is None:
       raise ValueError("kd.seq_kd=True samples from the teacher: it needs a teacher model")
     self.spec, self.cfg, self.teacher, self.scorer = spec, cfg, teacher, scorer
     self.vocab, self.eos_id, self.seq_len = vocab, eos_id, seq_len
+    self.stop_ids = sorted(set(int(i) for i in stop_ids) - {eos_id})
     self.placement, self.per_layer = placement or sharding.Placement(), per_layer
 
   def sample(self, params: Any, prompts: list[np.ndarray], step: int) -> list[np.ndarray]:
@@ -109,7 +113,8 @@ class Rollout:
     s = self.spec.sampling
     out = sampling.decode(
         cfg, params, ids_BxT, mask_BxT, s,
-        sampling.Stops([self.eos_id], self.eos_id, end_ids=range(self.vocab, cfg.vocab_size)),
+        sampling.Stops([self.eos_id], self.eos_id,
+                       end_ids=[*self.stop_ids, *range(self.vocab, cfg.vocab_size)]),
         keys_B=rollout_keys(s.seed, step, len(prompts)), placement=self.placement,
         per_layer=self.per_layer)
     responses = []

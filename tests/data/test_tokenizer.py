@@ -103,3 +103,13 @@ def test_load_tokenizer_errors(tmp_path):
     tokenizer_lib.load_tokenizer(tmp_path)
   with pytest.raises(ValueError, match="vocab_size"):
     tokenizer_lib.train_tokenizer(["abc"], 100, tmp_path / "t")
+
+
+def test_ids_containing_finds_every_token_holding_a_stop_string(tmp_path):
+  texts = ["the food was good\n###\nthe wood", "good mood\n", "food ### food"] * 20
+  tok = tokenizer_lib.train_tokenizer(texts, vocab_size=300, out_dir=tmp_path / "tok")
+  got = tokenizer_lib.ids_containing(tok, ["ood", "", "\n"], limit=280)
+  want = [i for i in range(280) if "ood" in tok.decode([i]) or "\n" in tok.decode([i])]
+  assert got == want and got  # each id decoded on its own, by hand
+  assert all(i < 280 for i in got)
+  assert tokenizer_lib.ids_containing(tok, []) == [] == tokenizer_lib.ids_containing(tok, [""])

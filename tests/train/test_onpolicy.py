@@ -294,6 +294,29 @@ def test_seq_kd_samples_from_the_teacher():
     onpolicy.Rollout(spec, S_CFG, vocab=V, eos_id=EOS, seq_len=LENGTH)
 
 
+def test_stop_ids_end_sampled_responses_where_they_are_drawn():
+  """kd.rollout.stop: a sampled token holding a stop string ends the response there (kept and
+  trained on). Here every token but eos is a stop token: each response is its first token."""
+  batch = _batches(3, 1)[0]
+  st = state_lib.create_state(models.init(S_CFG, 1), optax.adam(1e-3))
+  stop = [i for i in range(V) if i != EOS]
+  out, m = onpolicy.Rollout(_rollout_spec(), S_CFG, vocab=V, eos_id=EOS, seq_len=LENGTH,
+                            per_layer=False, stop_ids=stop)(
+                                st, {k: jnp.asarray(v) for k, v in batch.items()})
+  assert m["rollout_length"] == 1.0
+  sampled = np.asarray(out["sampled"])
+  np.testing.assert_array_equal(sampled.sum(-1), np.ones(len(sampled)))  # one token per row
+  assert (sampled[:, PROMPT - 1] == 1).all()
+  free, m_free = onpolicy.Rollout(_rollout_spec(), S_CFG, vocab=V, eos_id=EOS, seq_len=LENGTH,
+                                  per_layer=False)(
+                                      st, {k: jnp.asarray(v) for k, v in batch.items()})
+  assert m_free["rollout_length"] > 1.0  # without stop ids the same rows run on
+  config = config_lib.base()
+  config.kd = config_lib.kd()
+  config.kd.rollout.stop = "\n|###"
+  assert onpolicy.RolloutSpec.from_config(config).sampling.stop == ("\n", "###")
+
+
 def test_config_checks_name_the_key():
   spec = importlib.util.spec_from_file_location("kd_config", REPO / "configs" / "kd.py")
   mod = importlib.util.module_from_spec(spec)
