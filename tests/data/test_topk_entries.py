@@ -68,6 +68,9 @@ def test_round_trip_keeps_ids_head_order_and_the_level_bounds(peaked):
     assert (u_err <= q.level_step / 2 + 1e-6).all(), u_err.max()
     assert (np.diff(got_lp[m, h:n]) <= 1e-6).all()  # tail by level: non-increasing
     want_listed = -np.expm1(np.float16(log_tail[m]).astype(np.float64))
+    # decode rescales positive float32 weights by one float32 factor to sum to 1 - tail: each
+    # entry carries <= 3 IEEE roundings (weight, factor, product), 3 * 2**-24 = 1.8e-7 relative,
+    # on any x86-64 CPU (no transcendental in float32); the float64 sum adds ~k * 1e-16.
     np.testing.assert_allclose(got_p[m].sum(dtype=np.float64), want_listed, rtol=1e-6)
     heads, tails = heads + h, tails + n - h
   assert heads > len(ids) and tails > 5 * len(ids)  # both parts exercised
