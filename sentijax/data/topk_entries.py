@@ -156,33 +156,64 @@ def _checked(ids_MxK: np.ndarray, logprobs_MxK: np.ndarray, id_space: int
   return ids, lp
 
 
-def _encode_rows(ids: np.ndarray, lp: np.ndarray, q: Quantiser, rank_of: np.ndarray
-                 ) -> dict[str, np.ndarray]:
-  """The coded pieces of some rows (`rank_of`: id -> frequency rank)."""
+def quantised(ids: np.ndarray, lp: np.ndarray, q: Quantiser
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(valid, head, head codes, tail levels) [rows, k] of some checked rows."""
   valid = np.isfinite(lp)
   rel = np.where(valid, lp[:, :1] - lp, 0.0)
   head = valid & (rel <= q.head_nats)
-  tail = valid & ~head
-  rank = rank_of[ids]
   codes = np.rint(rel / q.logprob_step).astype(np.int64)
   levels = np.clip(np.rint((q.u_head - np.exp(-rel / 2)) / q.level_step), 0, q.max_level())
-  key = np.where(tail, levels.astype(np.int64) << 32 | rank, np.int64(1) << 62)
+  return valid, head, codes, levels.astype(np.int64)
+
+
+def head_parts(valid: np.ndarray, head: np.ndarray, codes: np.ndarray, rank: np.ndarray
+               ) -> dict[str, np.ndarray]:
+  """The head's coded pieces (counts, code steps, rank + 1 as symbols and low bits)."""
+  h_sym, h_low, h_bits = split_values(rank[head] + 1)
+  return {"entry_counts": valid.sum(1), "head_counts": head.sum(1),
+          "head_codes": np.diff(codes, axis=1)[head[:, 1:]], "head_symbols": h_sym,
+          "head_low": h_low, "head_bits": h_bits}
+
+
+def level_gaps(level: np.ndarray, rank: np.ndarray, counts: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """(level deltas, rank gaps) of tail entries sorted by (row, level, rank); `counts` per row:
+  a row's first level is stored as it is, a level group's first rank as rank + 1."""
+  row_start = np.zeros(len(level), bool)
+  row_start[(np.cumsum(counts) - counts)[counts > 0]] = True
+  level_delta = level - np.concatenate([[0], level[:-1]])
+  level_delta[row_start] = level[row_start]
+  group_start = row_start | (level_delta > 0)
+  gaps = rank - np.concatenate([[-1], rank[:-1]])
+  gaps[group_start] = rank[group_start] + 1
+  return level_delta, gaps
+
+
+def levels_ranks(level_delta: np.ndarray, gaps: np.ndarray, counts: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Inverse of `level_gaps`: (levels, ranks)."""
+  if not len(gaps):
+    return level_delta.astype(np.int64), gaps.astype(np.int64)
+  start = np.zeros(len(gaps), bool)
+  start[(np.cumsum(counts) - counts)[counts > 0]] = True
+  level = _segment_cumsum(level_delta, start)
+  return level, _segment_cumsum(gaps, start | (level_delta > 0)) - 1
+
+
+def _encode_rows(ids: np.ndarray, lp: np.ndarray, q: Quantiser, rank_of: np.ndarray
+                 ) -> dict[str, np.ndarray]:
+  """The coded pieces of some rows (`rank_of`: id -> frequency rank)."""
+  valid, head, codes, levels = quantised(ids, lp, q)
+  tail = valid & ~head
+  rank = rank_of[ids]
+  key = np.where(tail, levels << 32 | rank, np.int64(1) << 62)
   t = tail.sum(1)
   key = np.sort(key, axis=1)[t[:, None] > np.arange(ids.shape[1])]  # each row's tail, flat
-  t_level, t_rank = key >> 32, key & 0xFFFFFFFF
-  row_start = np.zeros(len(key), bool)
-  row_start[(np.cumsum(t) - t)[t > 0]] = True
-  level_delta = t_level - np.concatenate([[0], t_level[:-1]])
-  level_delta[row_start] = t_level[row_start]
-  group_start = row_start | (level_delta > 0)
-  gaps = t_rank - np.concatenate([[-1], t_rank[:-1]])
-  gaps[group_start] = t_rank[group_start] + 1
-  h_sym, h_low, h_bits = split_values(rank[head] + 1)
+  level_delta, gaps = level_gaps(key >> 32, key & 0xFFFFFFFF, t)
   t_sym, t_low, t_bits = split_values(gaps)
-  return {"entry_counts": valid.sum(1), "head_counts": head.sum(1),
-          "head_codes": np.diff(codes, axis=1)[head[:, 1:]], "tail_levels": level_delta,
-          "head_symbols": h_sym, "tail_symbols": t_sym, "head_low": h_low, "head_bits": h_bits,
-          "tail_low": t_low, "tail_bits": t_bits}
+  return head_parts(valid, head, codes, rank) | {
+      "tail_levels": level_delta, "tail_symbols": t_sym, "tail_low": t_low, "tail_bits": t_bits}
 
 
 def encode(ids_MxK: np.ndarray, logprobs_MxK: np.ndarray, log_tail_M: np.ndarray,
@@ -223,18 +254,45 @@ def _starts(counts: np.ndarray) -> np.ndarray:
   return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
 
 
+def counts(a: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+  """(entries, head entries) per position, checked against k and the head's arrays."""
+  n, h = a["entry_counts"].astype(np.int64), a["head_counts"].astype(np.int64)
+  if (h > n).any() or (n > k).any() or (n[h == 0] > 0).any():
+    raise ValueError("entry/head counts out of range")
+  if len(a["head_symbols"]) != h.sum() or len(a["head_codes"]) != (h - 1).clip(0).sum():
+    raise ValueError("entry arrays do not match the entry counts")
+  return n, h
+
+
+def head_entries(hh: np.ndarray, p0: int, head_codes: np.ndarray, q: Quantiser
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(rows, columns, weights p / p_1) of the heads of rows p0.. (`hh` entries each)."""
+  row_h = np.repeat(np.arange(p0, p0 + len(hh)), hh)
+  col_h = np.arange(len(row_h)) - np.repeat(np.cumsum(hh) - hh, hh)
+  later = col_h > 0  # the head's codes after the top-1 (code 0)
+  codes = _segment_cumsum(head_codes.astype(np.int64), col_h[later] == 1)
+  w = np.ones(len(row_h))
+  w[later] = np.exp(-np.arange(256) * q.logprob_step)[np.minimum(codes, 255)]
+  return row_h, col_h, w
+
+
+def normalise(probs_MxK: np.ndarray, log_tail_M: np.ndarray) -> np.ndarray:
+  """Scales each row's weights (in place) to sum to 1 - exp(log_tail)."""
+  total = probs_MxK.sum(-1, dtype=np.float64)
+  listed = np.clip(-np.expm1(np.asarray(log_tail_M).astype(np.float64)), 0.0, 1.0)  # 1 - tail
+  probs_MxK *= (listed / np.where(total > 0, total, 1.0)).astype(np.float32)[:, None]
+  return probs_MxK
+
+
 def decode(a: dict[str, np.ndarray], q: Quantiser, k: int, id_space: int
            ) -> tuple[np.ndarray, np.ndarray]:
   """(ids int32 [M, k], probabilities float32 [M, k]) of a shard's ARRAYS (0 = no entry),
   decoded _DECODE_ENTRIES entries at a time (the temporaries stay ~1 MB)."""
   check(q)
-  n, h = a["entry_counts"].astype(np.int64), a["head_counts"].astype(np.int64)
+  n, h = counts(a, k)
   m, t = len(n), n - h
-  if (h > n).any() or (n > k).any() or (n[h == 0] > 0).any():
-    raise ValueError("entry/head counts out of range")
   h_sym, t_sym = a["head_symbols"], a["tail_symbols"]
-  if len(h_sym) != h.sum() or len(t_sym) != t.sum() or len(a["head_codes"]) != (h - 1).clip(
-      0).sum() or len(a["tail_levels"]) != t.sum():
+  if len(t_sym) != t.sum() or len(a["tail_levels"]) != t.sum():
     raise ValueError("entry arrays do not match the entry counts")
   hs, ts, cs = _starts(h), _starts(t), _starts((h - 1).clip(0))
   h_bits, t_bits = symbol_low_bits(h_sym), symbol_low_bits(t_sym)
@@ -244,7 +302,7 @@ def decode(a: dict[str, np.ndarray], q: Quantiser, k: int, id_space: int
     raise ValueError("id bit stream length does not match the symbols")
   padded = np.concatenate([np.asarray(a["id_bits_stream"], np.uint8), np.zeros(4, np.uint8)])
   perm = _permutation(np.asarray(a["rank_table"], np.int64), id_space).astype(np.int32)
-  head_w, level_w = np.exp(-np.arange(256) * q.logprob_step), q.level_weights()
+  level_w = q.level_weights()
   ids, probs = np.zeros((m, k), np.int32), np.zeros((m, k), np.float32)
   step = max(1, _DECODE_ENTRIES // max(k, 1))
   for p0 in range(0, m, step):
@@ -254,25 +312,13 @@ def decode(a: dict[str, np.ndarray], q: Quantiser, k: int, id_space: int
                             read_varbits(padded, int(hb[p0]), h_bits[hs[p0]:hs[p1]])) - 1
     gaps = join_values(t_sym[ts[p0]:ts[p1]],
                        read_varbits(padded, int(tb[p0]), t_bits[ts[p0]:ts[p1]]))
-    level_delta = a["tail_levels"][ts[p0]:ts[p1]].astype(np.int64)
-    t_start = np.zeros(len(gaps), bool)
-    t_start[(np.cumsum(tt) - tt)[tt > 0]] = True
-    level = _segment_cumsum(level_delta, t_start) if len(gaps) else level_delta
-    tail_rank = _segment_cumsum(gaps, t_start | (level_delta > 0)) - 1 if len(gaps) else gaps
+    level, tail_rank = levels_ranks(a["tail_levels"][ts[p0]:ts[p1]].astype(np.int64), gaps, tt)
     if (head_rank >= id_space).any() or (tail_rank >= id_space).any() or (
         level > q.max_level()).any():
       raise ValueError("entry ranks or levels out of range")
-    row_h = np.repeat(np.arange(p0, p1), hh)
-    col_h = np.arange(len(row_h)) - np.repeat(np.cumsum(hh) - hh, hh)
+    row_h, col_h, w = head_entries(hh, p0, a["head_codes"][cs[p0]:cs[p1]], q)
     row_t = np.repeat(np.arange(p0, p1), tt)
     col_t = np.arange(len(row_t)) - np.repeat(np.cumsum(tt) - tt, tt) + np.repeat(hh, tt)
-    later = col_h > 0  # the head's codes after the top-1 (code 0)
-    codes = _segment_cumsum(a["head_codes"][cs[p0]:cs[p1]].astype(np.int64), col_h[later] == 1)
-    w = np.ones(len(row_h))
-    w[later] = head_w[np.minimum(codes, 255)]
     probs[row_h, col_h], probs[row_t, col_t] = w, level_w[level]
     ids[row_h, col_h], ids[row_t, col_t] = perm[head_rank], perm[tail_rank]
-  total = probs.sum(-1, dtype=np.float64)
-  listed = np.clip(-np.expm1(a["log_tail"].astype(np.float64)), 0.0, 1.0)  # 1 - tail
-  probs *= (listed / np.where(total > 0, total, 1.0)).astype(np.float32)[:, None]
-  return ids, probs
+  return ids, normalise(probs, a["log_tail"])

@@ -155,3 +155,29 @@ def test_coding_in_chunks_gives_the_same_bytes_and_values(monkeypatch):
   got_ids, got_p = te.decode(whole, q, k, ID_SPACE)
   np.testing.assert_array_equal(got_ids, want_ids)
   np.testing.assert_array_equal(got_p, want_p)
+
+
+def test_level_gaps_match_a_reference_and_invert():
+  """A tail's (level, rank) entries per row -> level deltas and rank gaps, as a plain loop
+  computes them (a row's first level as it is, a level group's first rank + 1), and back;
+  rows without a tail in between."""
+  rng = np.random.default_rng(3)
+  counts = np.array([3, 0, 5, 1, 0, 4])
+  level, rank, want_delta, want_gaps = [], [], [], []
+  for c in counts:
+    row = sorted(zip(rng.integers(0, 4, c).tolist(), rng.choice(50, c, replace=False).tolist()))
+    prev_level, prev_rank = 0, -1
+    for i, (lv, rk) in enumerate(row):
+      want_delta.append(lv if i == 0 else lv - prev_level)
+      want_gaps.append(rk + 1 if i == 0 or lv != prev_level else rk - prev_rank)
+      prev_level, prev_rank = lv, rk
+      level.append(lv)
+      rank.append(rk)
+  level, rank = np.array(level, np.int64), np.array(rank, np.int64)
+  delta, gaps = te.level_gaps(level, rank, counts)
+  np.testing.assert_array_equal(delta, want_delta)
+  np.testing.assert_array_equal(gaps, want_gaps)
+  assert (gaps >= 1).all()  # exp-Golomb codes v >= 1
+  got_level, got_rank = te.levels_ranks(delta, gaps, counts)
+  np.testing.assert_array_equal(got_level, level)
+  np.testing.assert_array_equal(got_rank, rank)
