@@ -12,13 +12,16 @@ previous writer made it) and v1 (int32 ids + float32 log-probs, uncompressed npz
 throughput (positions/s and MB/s of the float32 top-k they stand for, k * 8 bytes per
 position; read = every record's soft targets decoded as training asks for them), and the
 KL(float64 teacher top-k + tail || what training reads) over the k + 1 buckets, mean nats per
-position. Teacher time is not counted.
+position. Teacher time is not counted. Then, per k, what context models of the tail ids would
+save (`context_sizes`: a tail coded against an earlier position's tail) and the floors of the
+tail's two parts (`tail_floors`: id sets under shard / record frequencies, level entropy).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import math
 import pathlib
 import shutil
 import sys
@@ -241,6 +244,8 @@ def main() -> None:
         row(k, f"v{version} lzma", size, positions, w_s, r_s, f", KL error {err:.2e} nats/pos")
         print(f"          per array (B/pos): {breakdown(store, positions)}")
       zstd_size(tok, scored, k, positions)
+      context_sizes(scored, k, positions)
+      tail_floors(scored, k, positions)
     sample_sizes(tmp, tok, raw, positions)
   finally:
     shutil.rmtree(tmp)
@@ -261,6 +266,117 @@ def zstd_size(tok, scored, k: int, positions: int) -> None:
                 else np.ascontiguousarray(a).tobytes()) for n, a in arrays.items() if n != "ids"]
   zs = sum(len(zstandard.ZstdCompressor(level=19).compress(b)) for b in raw_bytes)
   print(f"k={k:3d} v3 arrays with zstd-19 (PyPI zstandard): {zs / positions:7.1f} B/pos")
+
+
+def _chain_parents(key: np.ndarray) -> np.ndarray:
+  """Per position, the last earlier position with the same key (-1: none)."""
+  order = np.lexsort((np.arange(len(key)), key))
+  parent = np.full(len(key), -1)
+  same = key[order][1:] == key[order][:-1]
+  parent[order[1:][same]] = order[:-1][same]
+  return parent
+
+
+def _tails(scored, k: int) -> dict[str, np.ndarray]:
+  """Every position's tail in v3's order (level, frequency rank), flat: row, level, rank, id;
+  per position: record, top-1 id."""
+  from sentijax.data import topk_entries as te  # pylint: disable=import-outside-toplevel
+  from sentijax.data import topk_format  # pylint: disable=import-outside-toplevel
+  ids = np.concatenate([s.ids for s in scored]).astype(np.int64)
+  lp = np.concatenate([s.logprobs for s in scored]).astype(np.float64)
+  q = topk_format.quantiser({"encoding": topk_format.encoding(k, 1 << 16)})
+  valid, head, _, levels = te.quantised(ids, lp, q)
+  tail = valid & ~head
+  perm = te._permutation(  # rank -> id  pylint: disable=protected-access
+      te.rank_table(np.bincount(ids[valid], minlength=1 << 16)), 1 << 16)
+  t = tail.sum(1)
+  key = np.sort(np.where(tail, levels << 32 | np.argsort(perm)[ids], np.int64(1) << 62), axis=1)
+  key = key[t[:, None] > np.arange(k)]
+  return {"row": np.repeat(np.arange(len(ids)), t), "level": key >> 32,
+          "rank": key & 0xFFFFFFFF, "id": perm[key & 0xFFFFFFFF], "top1": ids[:, 0],
+          "record": np.repeat(np.arange(len(scored)), [len(s.ids) for s in scored])}
+
+
+def context_sizes(scored, k: int, positions: int) -> None:
+  """What a context model of the tail ids would save (measured before any format change): per
+  position, the tail of a context position (an earlier one) is coded as a carry byte per context
+  entry (0 = not in this tail, else 1 + its level here), the rest of the tail (new ids) as v3
+  codes a tail (level deltas, frequency-rank gaps as exp-Golomb symbols + low bits); lzma on
+  each stream. Prints bytes per position of the tail's streams (v3: context `none`)."""
+  import lzma  # pylint: disable=import-outside-toplevel
+  from sentijax.data import topk_entries as te  # pylint: disable=import-outside-toplevel
+  e = _tails(scored, k)
+  row, lev, m = e["row"], e["level"], len(e["top1"])
+  entry = row * (1 << 16) + e["id"]  # (position, id) of every tail entry
+  by_entry = np.argsort(entry)
+  previous = np.arange(m) - 1
+  previous[np.flatnonzero(np.diff(e["record"], prepend=-1))] = -1
+  contexts = {"none (v3)": np.full(m, -1), "previous position": previous,
+              "same top-1, record": _chain_parents(e["record"] * (1 << 16) + e["top1"]),
+              "same top-1, shard": _chain_parents(e["top1"])}
+
+  def level_at(rows: np.ndarray) -> np.ndarray:
+    """Level + 1 of each entry's id at `rows` (0: not in that tail)."""
+    want = rows * (1 << 16) + e["id"]
+    at = by_entry[np.clip(np.searchsorted(entry[by_entry], want), 0, len(entry) - 1)]
+    return np.where((rows >= 0) & (entry[at] == want), lev[at] + 1, 0)
+
+  for name, parent in contexts.items():
+    child = np.full(m, -1)  # each position is the context of at most one later one
+    child[parent[parent >= 0]] = np.flatnonzero(parent >= 0)
+    order = np.lexsort((np.arange(len(row)), child[row]))  # grouped by the position coded
+    carry = level_at(child[row])[order][child[row][order] >= 0].astype(np.uint8)
+    new = level_at(parent[row]) == 0
+    level_delta, gaps = te.level_gaps(lev[new], e["rank"][new], np.bincount(row[new],
+                                                                            minlength=m))
+    sym, low, bits = te.split_values(gaps)
+    sizes = [len(lzma.compress(x.tobytes())) / positions for x in (
+        carry, sym, level_delta.astype(np.uint8))] + [len(te.pack_varbits(low, bits)) / positions]
+    print(f"k={k:3d} tail ids by context {name:19s}: carry {sizes[0]:5.1f} + symbols "
+          f"{sizes[1]:5.1f} + low bits {sizes[3]:5.1f} + levels {sizes[2]:5.1f} = "
+          f"{sum(sizes):6.1f} B/pos; {1 - new.mean():.1%} of tail entries carried")
+
+
+def _entropy_bits(*columns: np.ndarray) -> float:
+  _, counts = np.unique(np.stack(columns, 1), axis=0, return_counts=True)
+  p = counts / counts.sum()
+  return float(-(p * np.log2(p)).sum())
+
+
+def tail_floors(scored, k: int, positions: int) -> None:
+  """Lower bounds of the tail's two parts. Sets: each id's positions as a subset of the shard's
+  (log2 C(M, count) bits per id: the shard's unigram model, counts free) or of its record's
+  (a record's own frequencies, free: what a record-adaptive model could at best reach; what
+  sending those frequencies would cost, plainly coded). Levels:
+  entropy per entry, alone and given the same id's level at its last earlier position in the
+  record (the history a context model would use)."""
+  lgamma = np.vectorize(math.lgamma)
+  e = _tails(scored, k)
+
+  def subsets(n: np.ndarray, c: np.ndarray) -> float:
+    return float((lgamma(n + 1) - lgamma(c + 1) - lgamma(n - c + 1)).sum() / math.log(2))
+
+  shard = subsets(len(e["top1"]), np.bincount(e["id"])[np.bincount(e["id"]) > 0])
+  rec = e["record"][e["row"]]
+  _, pair_counts = np.unique(rec * (1 << 16) + e["id"], return_counts=True)
+  rec_of_pair = np.unique(rec * (1 << 16) + e["id"]) >> 16
+  per_record = np.bincount(e["record"])  # positions
+  record = subsets(per_record[rec_of_pair], pair_counts)
+  distinct = np.bincount(rec_of_pair, minlength=len(per_record))  # a record table's ids...
+  table = subsets(np.full(len(distinct), 1 << 16), distinct) + float(
+      (distinct * np.log2(np.maximum(per_record, 1))).sum())  # ... + log2(positions) per count
+  order = np.lexsort((e["row"], e["id"], rec))
+  level = e["level"][order]
+  seen = np.zeros(len(order), bool)
+  seen[1:] = (rec[order][1:] == rec[order][:-1]) & (e["id"][order][1:] == e["id"][order][:-1])
+  last = np.where(seen, np.concatenate([[-1], level[:-1]]), -1)
+  h_level = _entropy_bits(level)
+  h_given = _entropy_bits(level, last) - _entropy_bits(last)
+  print(f"k={k:3d} tail floors: id sets {shard / 8 / positions:5.1f} B/pos (shard unigram), "
+        f"{record / 8 / positions:5.1f} (record unigram, its table free; the table as a subset "
+        f"of the ids + counts: {table / 8 / positions:5.1f}); levels "
+        f"{h_level:.2f} bits/entry, {h_given:.2f} given the id's last level in the record "
+        f"({seen.mean():.0%} had one)")
 
 
 def sample_sizes(tmp: pathlib.Path, tok, raw, positions: int) -> None:
