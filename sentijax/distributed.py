@@ -173,3 +173,31 @@ def check_same_on_all_processes(value: str, what: str, timeout_s: float = 600.0)
     raise DistributedConfigError(
         f"processes disagree on {what}: process groups {sorted(groups.values())} see different "
         "values; give every process the same config, inputs and workdir")
+
+
+def allgather(x: Any) -> Any:
+  """Every process's `x` (numpy arrays of one shape and dtype on all processes), stacked on a new
+  axis 0 in process order: [P, ...]; `x[None]` on one process. All processes must call."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return np.asarray(x)[None]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+
+
+def gather_sequences(seqs: Any) -> list[list[Any]]:
+  """Every process's list of int32 sequences (lengths and counts may differ per process), in
+  process order: [[process 0's], [process 1's], ...]. All processes must call (an empty list
+  too); one process gets `[list(seqs)]` back, untouched."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return [list(seqs)]
+  lengths = np.asarray([len(s) for s in seqs], np.int32)
+  sizes_Px2 = allgather(np.asarray([len(seqs), lengths.max(initial=0)], np.int32))
+  n, length = max(int(sizes_Px2[:, 0].max()), 1), max(int(sizes_Px2[:, 1].max()), 1)
+  ids_NxL, lengths_N = np.zeros((n, length), np.int32), np.zeros((n,), np.int32)
+  for i, s in enumerate(seqs):
+    ids_NxL[i, :len(s)], lengths_N[i] = s, len(s)
+  ids_PxNxL, lengths_PxN = allgather(ids_NxL), allgather(lengths_N)
+  return [[ids_PxNxL[p, i, :lengths_PxN[p, i]] for i in range(int(sizes_Px2[p, 0]))]
+          for p in range(len(sizes_Px2))]

@@ -263,6 +263,27 @@ def to_host(x: Any) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def process_rows(x: Any) -> tuple[np.ndarray, int]:
+  """(numpy copy of the rows of axis 0 that this process's devices hold, in order; the global
+  index of the first): a batch-sharded multi-process array's own rows, no cross-process
+  transfer; (the whole array, 0) when this process holds all of it. Whole rows only."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return to_host(x), 0
+  spans = {}
+  for shard in x.addressable_shards:
+    rows = shard.index[0] if shard.index else slice(None)
+    start, stop, _ = rows.indices(x.shape[0])
+    if tuple(shard.data.shape[1:]) != tuple(x.shape[1:]):
+      raise MeshError(f"an array {x.shape} sharded as {x.sharding.spec} splits more than its "
+                      "rows (axis 0): process_rows takes batch-sharded arrays")
+    spans.setdefault((start, stop), shard.data)
+  bounds = sorted(spans)
+  if any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+    raise MeshError(f"this process holds rows {bounds} of an array {x.shape}: not one contiguous "
+                    "block; order the mesh's devices by process (jax.make_mesh does)")
+  return np.concatenate([np.asarray(spans[b]) for b in bounds]), bounds[0][0]
+
+
 def batch_divisor(mesh: Mesh | None, rules: Any = None) -> int:
   """Rows a batch must be a multiple of to shard by the `batch` rule; 1 without a mesh."""
   if mesh is None:

@@ -12,7 +12,9 @@ One chain of runs, 6 steps of the tiny KnowDist model:
   post   1 process x 2 devices resumes pre's step 4 (2 -> 1 processes, 4 -> 2 devices) and
          ends with ref's params
 
-And the sentibench job on 2 processes x 1 device writes what 1 process x 2 devices writes.
+And the sentibench job on 2 processes x 1 device writes what 1 process x 2 devices writes; the kd
+job on-policy on 2 processes x 4 devices samples the tokens and ends with the params of 1 process
+x 8 devices.
 """
 import json
 import os
@@ -61,12 +63,12 @@ class _Run:
   first 2-process run compiled); the cache only skips XLA compiles of identical programs.
   """
 
-  def __init__(self, workdir, devices, extra=(), args=ARGS):
+  def __init__(self, workdir, devices, extra=(), args=ARGS, entry=("-m", "sentijax.main")):
     cache = Path(workdir).parent / "jax_cache"
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    cmd = [sys.executable, "-m", "sentijax.main", *args, f"--config.workdir={workdir}", *extra]
+    cmd = [sys.executable, *entry, *args, f"--config.workdir={workdir}", *extra]
     self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
     self.lines: list[str] = []
@@ -102,13 +104,13 @@ class _Run:
     return self.out
 
 
-def _two_processes(workdir, args=ARGS, devices=2) -> list[_Run]:
+def _two_processes(workdir, args=ARGS, devices=2, **kw) -> list[_Run]:
   port = _free_port()
   return [_Run(workdir, devices, ["--config.distributed.enabled=True",
                             f"--config.distributed.coordinator_address=localhost:{port}",
                             "--config.distributed.num_processes=2",
                             f"--config.distributed.process_id={i}",
-                            "--config.distributed.initialization_timeout=120"], args)
+                            "--config.distributed.initialization_timeout=120"], args, **kw)
           for i in range(2)]
 
 
@@ -260,6 +262,54 @@ def test_sentibench_over_two_processes_equals_one(tmp_path, sentibench_dir):
         assert_close(g["scores"], w["scores"], 1e-5, name)
   ref_results = json.loads((ref_dir / "results.json").read_text(encoding="utf-8"))
   assert json.loads((multi_dir / "results.json").read_text(encoding="utf-8")) == ref_results
+
+
+# ---------------------------------------------------------------------------------------------
+# On-policy KD over 2 processes equals 1 process.
+
+ONPOLICY_STEPS = 4
+ONPOLICY_ARGS = ["--config=configs/kd.py", "--config.kd.mode=on_policy", "--config.kd.lmbda=0.75",
+                 "--config.kd.loss=reverse", "--config.kd.rollout.max_new_tokens=8",
+                 "--config.data.seq_len=64", f"--config.train.steps={ONPOLICY_STEPS}",
+                 "--config.train.eval_every=0", "--config.train.log_every=1",
+                 "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
+RECORDER = (str(REPO / "tests" / "onpolicy_recorder.py"),)  # the job + each step's batch
+
+
+def _rollouts(workdir: Path) -> list[dict[str, np.ndarray]]:
+  """Per step, the global batch the rollouts handed the train step ("inputs", "sampled";
+  tests/onpolicy_recorder.py)."""
+  with np.load(workdir / "rollouts.npz") as f:
+    return [{k: f[f"{k}_{i}"] for k in ("inputs", "sampled")} for i in range(ONPOLICY_STEPS)]
+
+
+def test_on_policy_kd_over_two_processes_equals_one(tmp_path):
+  """kd.mode=on_policy with kd.lmbda=0.75 of 8 rows: global rows 0-5 get responses sampled by
+  the current student (process 0's four rows and process 1's first two), rows 6-7 keep the
+  corpus's. 2 processes x 4 devices (params fsdp-sharded over both processes) hand every train
+  step the same batch, token for token, as 1 process x 8 devices, and end with its params and
+  curves: rollout keys are numbered over the global batch, not per process."""
+  ref_dir, multi_dir = tmp_path / "ref", tmp_path / "multi"
+  outs = _finish_all([*_two_processes(multi_dir, ONPOLICY_ARGS, devices=4, entry=RECORDER),
+                      _Run(ref_dir, 8, args=ONPOLICY_ARGS, entry=RECORDER)])
+  assert all(f"KD done at step {ONPOLICY_STEPS}" in o for o in outs), outs[0][-3000:]
+  want, got = _rollouts(ref_dir), _rollouts(multi_dir)
+  for step, (g, w) in enumerate(zip(got, want)):
+    # Rows 0-5 hold the student's tokens (up to 8 per segment), rows 6-7 none.
+    assert w["sampled"][:6].any(-1).all() and not w["sampled"][6:].any(), step
+    for k in w:  # tokens are discrete: equal, not close
+      np.testing.assert_array_equal(g[k], w[k], err_msg=f"step {step + 1} {k}")
+  ref_curve, multi_curve = _scalars(ref_dir / "tensorboard"), _scalars(multi_dir / "tensorboard")
+  every_step = list(range(1, ONPOLICY_STEPS + 1))
+  for tag in ("train/loss", "train/kd", "train/grad_norm"):
+    _assert_curve(multi_curve, ref_curve, tag, every_step)  # see _assert_curve's bound
+  _assert_curve(multi_curve, ref_curve, "eval/kl_teacher", [ONPOLICY_STEPS])  # at the end
+  for tag in ("train/onpolicy_fraction", "train/rollout_length", "train/rollout_dropped"):
+    assert multi_curve[tag] == ref_curve[tag], tag  # counts over all processes' rows
+  # Same batches, so only reduction order differs: the bound of the knowdist test above (Adam
+  # after a few steps: a few ulps, ~1e-7 of each tensor's largest element measured; one row
+  # sampled with another key moves the params by > 1e-3 of that scale).
+  assert_trees_close(_params(multi_dir), _params(ref_dir))
 
 
 # ---------------------------------------------------------------------------------------------

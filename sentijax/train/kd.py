@@ -400,10 +400,6 @@ def run(config) -> loop.Result:
 
   rollout_args = None
   if spec.rollout is not None:
-    if jax.process_count() > 1:
-      raise NotImplementedError(
-          f"kd.mode=on_policy runs in one process (any number of its devices); this job has "
-          f"{jax.process_count()} processes: run it on one host, or use kd.mode=online")
     if tok.eos_token_id is None:
       raise ValueError("kd.mode=on_policy: the tokenizer has no eos token to end sampled "
                        "responses with")

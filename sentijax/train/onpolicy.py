@@ -13,6 +13,14 @@ own sample is no target) and the per-token reverse-KL estimate log q(x) - log p(
 Randomness: row i of step s samples with fold_in(fold_in(key(seed), s), i) (`sampling.row_keys`,
 rows numbered over the global batch), so a rerun, a resume after SIGKILL and any device count
 sample the same tokens from the same params.
+
+Several processes (jax.distributed): each process takes its own rows of the global batch (the
+ones its devices hold), the sampled share being the global rows [0, round(lmbda x B)); the
+prompts of all processes are gathered (`distributed.gather_sequences`, small) and decoded as one
+global batch on the mesh, numbered as one process numbers them, so P processes x D devices sample
+exactly what 1 x P*D samples; each process re-packs its own rows, a served teacher scores them
+(its metrics summed over processes), and the rows go back as the process's part of the global
+batch. The student's (or, seq_kd, the teacher's) params stay where they lie on the mesh.
 """
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sentijax import models, sampling, sharding
+from sentijax import distributed, models, sampling, sharding
 from sentijax.data import packing, sequences
 from sentijax.sampling import SamplingSettings
 
@@ -91,7 +99,7 @@ class Rollout:
   embedding row ends the response, dropped); `eos_id` ends a response (kept, trained on), as do
   `stop_ids` (the tokens holding one of `spec.sampling.stop`, `tokenizer.ids_containing`).
   `scorer` (a served teacher, `served.Scorer`): `(host batch, step) -> (teacher_logp [B, T],
-  metrics)`, run on the host rows once "sampled" is set; its field joins the batch.
+  metrics)`, run on this process's host rows once "sampled" is set; its field joins the batch.
   """
 
   def __init__(self, spec: RolloutSpec, cfg: models.ModelConfig, *, vocab: int, eos_id: int,
@@ -105,7 +113,22 @@ class Rollout:
     self.placement, self.per_layer = placement or sharding.Placement(), per_layer
 
   def sample(self, params: Any, prompts: list[np.ndarray], step: int) -> list[np.ndarray]:
-    """One response per prompt (eos kept; a padding-row id ends it, dropped)."""
+    """One response per prompt (eos kept; a padding-row id ends it, dropped).
+
+    Several processes: a collective, every process calls it with its own prompts (an empty list
+    too). The prompts are numbered over processes in process order (process 0's first), which
+    is the order of their rows in the global batch, and decoded as ONE global batch on the mesh
+    (`sampling.decode`, each device its rows; rows keyed by that global number), so any process
+    and device count samples the same tokens; each process gets its own prompts' responses."""
+    everyone = distributed.gather_sequences(prompts)
+    first = sum(len(ps) for ps in everyone[:jax.process_index()])
+    flat = [p for ps in everyone for p in ps]
+    if not flat:
+      return []
+    return self._decode(params, flat, step)[first:first + len(prompts)]
+
+  def _decode(self, params: Any, prompts: list[np.ndarray], step: int) -> list[np.ndarray]:
+    """Responses to `prompts`, the global batch's: the same list on every process."""
     cfg, params = ((self.teacher.cfg, self.teacher.params) if self.spec.seq_kd
                    else (self.cfg, params))
     length = max(len(p) for p in prompts)
@@ -147,23 +170,23 @@ class Rollout:
     return rows, dropped
 
   def __call__(self, state, batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], dict]:
-    if jax.process_count() > 1:
-      raise NotImplementedError(
-          f"kd.mode=on_policy runs in one process (any number of its devices); this job has "
-          f"{jax.process_count()} processes")
-    local = {k: np.array(sharding.to_host(v)) for k, v in batch.items()}  # writable
-    b = local["inputs"].shape[0]
-    n_on = int(round(self.spec.lmbda * b))
+    local, row0 = self._own_rows(batch)
+    b, b_local = batch["inputs"].shape[0], local["inputs"].shape[0]
+    n_on = int(round(self.spec.lmbda * b))  # global rows [0, n_on) are sampled
+    mine = min(max(n_on - row0, 0), b_local)
     step = int(jax.device_get(state.step))
-    prompts_per_row = [segments({k: v[r] for k, v in local.items()}) for r in range(n_on)]
+    prompts_per_row = [segments({k: v[r] for k, v in local.items()}) for r in range(mine)]
     flat = [p for ps in prompts_per_row for p in ps]
     sampled_L = np.zeros(local["weights"].shape, np.float32)
     metrics = {"onpolicy_fraction": n_on / b}
-    if flat:
-      start = time.perf_counter()
-      responses = self.sample(state.params, flat, step)
-      seconds = time.perf_counter() - start
-      new_rows, dropped = self.rows(prompts_per_row, responses)
+    start = time.perf_counter()
+    responses = self.sample(state.params, flat, step)  # every process: a collective
+    seconds = time.perf_counter() - start
+    new_rows, dropped = self.rows(prompts_per_row, responses)
+    # Over all processes: responses, their tokens, segments dropped.
+    count, generated, dropped = distributed.allgather(np.asarray(
+        [len(responses), sum(len(x) for x in responses), dropped], np.int32)).sum(0).tolist()
+    if count:  # some process sampled: every process's sampled rows are re-packed
       for r, row in enumerate(new_rows):
         for k in local:
           if k not in row:
@@ -172,14 +195,43 @@ class Rollout:
           local[k][r] = row[k]
         if not self.spec.seq_kd:
           sampled_L[r] = row["weights"]
-      generated = sum(len(x) for x in responses)
       metrics |= {"rollout_tokens_per_s": generated / max(seconds, 1e-9),
-                  "rollout_length": generated / len(responses), "rollout_dropped": dropped}
+                  "rollout_length": generated / count, "rollout_dropped": dropped}
     local["sampled"] = sampled_L
-    if self.scorer is not None:
+    if self.scorer is not None:  # each process scores its own rows
       local["teacher_logp"], scored = self.scorer(local, step)
-      metrics |= scored
+      metrics |= _over_processes(scored)
     batch_sh = self.placement.batch()
     if batch_sh is None:
       return {k: jax.numpy.asarray(v) for k, v in local.items()}, metrics
-    return {k: jax.device_put(v, batch_sh) for k, v in local.items()}, metrics
+    return {k: jax.make_array_from_process_local_data(batch_sh, v)
+            for k, v in local.items()}, metrics
+
+  @staticmethod
+  def _own_rows(batch: dict[str, jax.Array]) -> tuple[dict[str, np.ndarray], int]:
+    """(this process's rows of the global batch, writable numpy; the global index of its first
+    row): every row on one process."""
+    local, firsts = {}, set()
+    for k, v in batch.items():
+      rows, first = sharding.process_rows(v)
+      local[k] = np.array(rows)  # writable
+      firsts.add(first)
+    b, b_local = batch["inputs"].shape[0], local["inputs"].shape[0]
+    if len(firsts) > 1 or b_local * jax.process_count() != b:
+      raise ValueError(
+          f"kd.mode=on_policy: process {jax.process_index()} holds {b_local} rows (from "
+          f"{sorted(firsts)}) of a batch of {b} over {jax.process_count()} processes; the "
+          "'batch' rule of sharding_rules must split batches over all devices' processes "
+          "(the default ('data', 'fsdp') does)")
+    return local, firsts.pop()
+
+
+def _over_processes(scored: dict) -> dict:
+  """A served teacher's step metrics over all processes: requests and retries summed, the wall
+  seconds the slowest process's."""
+  if jax.process_count() == 1:
+    return scored
+  keys = sorted(scored)
+  values_PxK = distributed.allgather(np.asarray([scored[k] for k in keys], np.float32))
+  return {k: (values_PxK[:, i].max() if k == "teacher_score_s" else values_PxK[:, i].sum())
+          for i, k in enumerate(keys)}
