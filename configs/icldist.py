@@ -64,4 +64,14 @@ def get_config():
   c.eval.max_examples = 40
   c.eval.max_new_tokens = 64
   c.export_hf = True
+  # icl.target=on_policy only (context distillation, train/icl_onpolicy.py): the divergence and
+  # the rollouts read as the kd job reads them (kd.loss / alpha / beta / lmbda, kd.rollout.*),
+  # the teacher as its teacher section (a local model_dir / preset, or a served backend=openai).
+  c.kd = base_config.kd()
+  c.kd.mode = "on_policy"
+  c.kd.loss = "reverse"
+  c.kd.alpha = 1.0
+  c.kd.rollout.max_new_tokens = 32  # ICL answers are short; prompts leave room for this many
+  c.kd.rollout.stop = "\n"  # an answer ends at its line (SentiBench's format)
+  c.teacher = base_config.kd_teacher()
   return c

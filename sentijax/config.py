@@ -176,7 +176,11 @@ def icl() -> ml_collections.ConfigDict:
   c.shuffle_labels = True  # label order shuffled in paraphrased instructions
   c.paraphrase = True  # paraphrased instructions as well as the task's own
   c.balance = True  # queries balanced over classes
-  c.target = "gold"  # gold | teacher | teacher_probs
+  # gold | teacher | teacher_probs | on_policy (context distillation: the student samples the
+  # answer to its student_shots prompt, a teacher seeing the k-shot prompt scores it; the kd and
+  # teacher sections set the divergence, kd.rollout.* the sampling: configs/icldist.py)
+  c.target = "gold"
+  c.student_shots = 0  # on_policy: the student's demos, the first of the teacher's (0..min shots)
   c.teacher_corpus = ""  # JSONL records (KnowDist format) whose meta.task names the task
   c.temperature = 1.0  # teacher_probs: KL temperature
   c.alpha = 0.5  # teacher_probs: loss = (1 - alpha) CE + alpha KL

@@ -157,6 +157,7 @@ class Prompt:
   query: int  # index of the query in the task's pool
   demos: tuple[int, ...]
   sentences: tuple[str, ...]  # demo sentences then the query sentence
+  pieces: tuple[str, ...] = ()  # what `text` joins: instruction, "", the k demos, the query
 
   def meta(self) -> dict:
     return {"task": self.task, "k": self.k, "instruction": self.instruction,
@@ -321,12 +322,24 @@ def build_prompts(sources: Sequence[tuple[TaskSpec, Sequence[sentibench.Example]
     stats["shrunk"] += int(len(demos) < drawn)
     used = others[:len(demos)]
     prompts.append(Prompt(spec.name, text, answer, len(used), idx, label_map, q, tuple(used),
-                          tuple(src.pool[i].sentence for i in used) + (query.sentence,)))
+                          tuple(src.pool[i].sentence for i in used) + (query.sentence,),
+                          (instruction, "", *demos, query_text)))
     stats["per_task"][spec.name] += 1
     stats["renamed"] += int(bool(label_map))
     stats["k_hist"][len(used)] = stats["k_hist"].get(len(used), 0) + 1
   stats["k_hist"] = {str(k): v for k, v in sorted(stats["k_hist"].items())}
   return prompts, stats
+
+
+def fewer_shots(prompt: Prompt, shots: int, join: str) -> tuple[str, tuple[str, ...]]:
+  """(text, sentences) of `prompt` with only its first min(shots, k) demos: the same
+  instruction, label map and query (context distillation's student prompt); `join` is the
+  prompt format's."""
+  if not prompt.pieces:
+    raise ValueError(f"prompt of task {prompt.task!r} has no pieces (built before fewer_shots)")
+  n = min(int(shots), prompt.k)
+  return (join.join(prompt.pieces[:2 + n] + prompt.pieces[-1:]),
+          prompt.sentences[:n] + prompt.sentences[-1:])
 
 
 # --------------------------------------------------------------------------- held-out sentences

@@ -23,7 +23,7 @@ from sentijax import atomic
 from sentijax.data import icl, identity, readers, records, sentibench, sequences, tasks
 
 log = logging.getLogger("sentijax")
-TARGETS = ("gold", "teacher", "teacher_probs")
+TARGETS = ("gold", "teacher", "teacher_probs", "on_policy")
 LEAK_CHECK = ("on", "off")
 DEMO_TASKS = Path(__file__).resolve().parent.parent / "assets" / "icl_demo"
 
@@ -47,6 +47,7 @@ class RecipeSpec:
   mix_fraction: float
   sentibench_dir: str
   leak_check: str
+  student_shots: int = 0  # on_policy: the student's demos (the teacher's first ones)
 
   @classmethod
   def from_config(cls, config) -> "RecipeSpec":
@@ -63,7 +64,9 @@ class RecipeSpec:
         teacher_corpus=str(c.teacher_corpus),
         soft_width=int(c.soft_width), drop_leaks=bool(c.drop_leaks),
         mix_corpus=str(c.mix_corpus), mix_fraction=float(c.mix_fraction),
-        sentibench_dir=str(config.eval.data_dir), leak_check=str(c.leak_check))
+        sentibench_dir=str(config.eval.data_dir), leak_check=str(c.leak_check),
+        student_shots=int(c.student_shots))
+    lo = spec.options.shots[0]
     checks = (("target", spec.target in TARGETS, f"expected one of {TARGETS}"),
               ("leak_check", spec.leak_check in LEAK_CHECK, f"expected one of {LEAK_CHECK}"),
               ("num_prompts", spec.num_prompts > 0, "must be > 0"),
@@ -71,8 +74,12 @@ class RecipeSpec:
               ("val_fraction", 0 <= spec.val_fraction < 1, "must be in [0, 1)"),
               ("soft_width", spec.soft_width > 0, "must be > 0"),
               ("mix_fraction", spec.mix_fraction >= 0, "must be >= 0"),
-              ("teacher_corpus", spec.target == "gold" or spec.teacher_corpus,
-               f"required for icl.target={spec.target!r}"))
+              ("teacher_corpus", spec.target in ("gold", "on_policy") or spec.teacher_corpus,
+               f"required for icl.target={spec.target!r}"),
+              ("student_shots", spec.target != "on_policy" or 0 <= spec.student_shots <= lo,
+               f"the student's demos must be in 0..{lo} (the fewest of icl.shots={c.shots!r}: "
+               f"the teacher's k-shot prompt, of which the student sees the first "
+               f"student_shots demos), e.g. --config.icl.student_shots=0"))
     for key, ok, why in checks:
       if not ok:
         raise ValueError(f"icl.{key}={getattr(spec, key)!r}: {why}")
@@ -152,6 +159,29 @@ def gold_records(spec: RecipeSpec, sources: list[tasks.TaskSpec], forbidden: ide
                  ) -> tuple[list[records.Record], list[records.Record], dict]:
   """ICL prompts with gold answers: (train, val, stats); `length` counts the tokens of a
   (prompt, answer) sequence (`sequences.sequence_length_fn`): prompts shrink to fit `seq_len`."""
+  train, val, stats = gold_prompts(spec, sources, forbidden, length, seq_len)
+  return icl.to_records(train, "icl"), icl.to_records(val, "icl-val"), stats
+
+
+def student_records(spec: RecipeSpec, prompts: list[icl.Prompt], forbidden: identity.SentenceIndex,
+                    prefix: str) -> list[records.Record]:
+  """Per prompt, the student's record of context distillation (icl.target=on_policy): the same
+  instruction, label map and query with its first `icl.student_shots` demos, the gold answer;
+  held-out checked like every prompt."""
+  join = sentibench.load_templates(None)["prompt_format"]["join"]
+  out = []
+  for i, p in enumerate(prompts):
+    text, sentences = icl.fewer_shots(p, spec.student_shots, join)
+    icl.check_no_leaks([(p.task, text, sentences)], forbidden)
+    meta = p.meta() | {"k": min(spec.student_shots, p.k), "teacher_k": p.k}
+    out.append(records.Record(id=f"{prefix}-{i}", prompt=text, response=p.answer, meta=meta))
+  return out
+
+
+def gold_prompts(spec: RecipeSpec, sources: list[tasks.TaskSpec], forbidden: identity.SentenceIndex,
+                 length: icl.LengthFn, seq_len: int
+                 ) -> tuple[list[icl.Prompt], list[icl.Prompt], dict]:
+  """The prompts of `gold_records`, leak-checked: (train, val, stats)."""
   train_srcs, val_srcs = [], []
   stats = {"source_examples": {}, "dropped_leaks": {}, "found_in": {}}
   for t in sources:
@@ -189,7 +219,7 @@ def gold_records(spec: RecipeSpec, sources: list[tasks.TaskSpec], forbidden: ide
                                           seq_len + 1, fmt)
   icl.check_no_leaks([(p.task, p.text, p.sentences) for p in train + val], forbidden)
   stats["prompts_checked"] = len(train) + len(val)
-  return icl.to_records(train, "icl"), icl.to_records(val, "icl-val"), stats
+  return train, val, stats
 
 
 def teacher_records(spec: RecipeSpec, sources: list[tasks.TaskSpec], heldout: list[tasks.TaskSpec],

@@ -5,6 +5,9 @@ records (`gold`: ICL prompts with their gold answers; `teacher` / `teacher_probs
 corpus whose records name their task in `meta.task`) -> the shared tokenise/mask/pack path -> the
 shared loop (`loop.train`), scoring the held-out tasks at step 0, every `train.eval_every` steps
 and at the end -> HF export. `config.icl` is read once into `ICLSpec` (the recipe + the loss).
+`icl.target=on_policy`: context distillation (train/icl_onpolicy.py): the student answers its
+`icl.student_shots` prompt, a teacher (`teacher.*`, local or served) seeing the k-shot prompt
+scores the answer (`kd.*`).
 """
 from __future__ import annotations
 
@@ -20,16 +23,19 @@ from sentijax.data import dataset, icl, icl_recipe, sequences, tasks
 from sentijax.data.spec import DataSpec
 from sentijax.eval import hooks as eval_hooks
 from sentijax.models import factory
-from sentijax.train import export, loop, losses
+from sentijax.train import export, icl_onpolicy, kd, loop, losses
 
 log = logging.getLogger("sentijax")
 
 
 @dataclasses.dataclass(frozen=True)
 class ICLSpec:
-  """`config.icl`: the data recipe and, for icl.target=teacher_probs, the verbalizer KL."""
+  """`config.icl`: the data recipe and, for icl.target=teacher_probs, the verbalizer KL; for
+  icl.target=on_policy `on_policy` (config.kd + config.teacher: the divergence, rollouts,
+  teacher)."""
   recipe: icl_recipe.RecipeSpec
   distill: losses.Distill | None
+  on_policy: kd.KDSpec | None = None
 
   @classmethod
   def from_config(cls, config) -> "ICLSpec":
@@ -39,7 +45,8 @@ class ICLSpec:
       raise ValueError(f"icl.soft_width={recipe.soft_width!r}: with icl.tail=renorm one "
                        "verbalizer renormalised is probability 1 on both sides (a KL of 0): use "
                        "icl.tail=bucket")
-    return cls(recipe, distill)
+    on_policy = icl_onpolicy.kd_spec(config) if recipe.target == "on_policy" else None
+    return cls(recipe, distill, on_policy)
 
 
 def _distill(c) -> losses.Distill | None:
@@ -97,7 +104,13 @@ def run(config) -> loop.Result:
            ", ".join(t.name for t in heldout) or "-", len(forbidden))
   model_cfg = factory.model_config(config)
   tok = factory.tokenizer(config, model_cfg, _tokenizer_texts(sources))
-  train, val, stats, soft = _records(spec, sources, heldout, forbidden, tok, data)
+  student = []
+  if spec.on_policy is not None:
+    train, student, val, stats = icl_onpolicy.records(
+        recipe, sources, forbidden, tok, data, spec.on_policy.rollout.sampling.max_tokens)
+    soft = None
+  else:
+    train, val, stats, soft = _records(spec, sources, heldout, forbidden, tok, data)
   audit = icl_recipe.heldout_audit(recipe, heldout, groups, forbidden, stats)
   icl_recipe.log_audit(audit)
   mixed = icl_recipe.mix_records(recipe, len(train))
@@ -105,7 +118,7 @@ def run(config) -> loop.Result:
   if jax.process_index() == 0:
     atomic.write_json(workdir / "heldout_audit.json", audit)
     icl_recipe.write_prompts(workdir / "icl_prompts.jsonl",
-                             {"train": train, "val": val, "mix": mixed})
+                             {"train": train, "val": val, "mix": mixed, "student": student})
   train = train + mixed
   train_ds, val_ds, ds_stats = dataset.build_train_val(
       train, val, tok, data, soft_targets=soft, show_progress=jax.process_index() == 0)
@@ -119,8 +132,18 @@ def run(config) -> loop.Result:
            train_ds.seq_len, recipe.target)
   hooks = (eval_hooks.ScoringHook(config, model_cfg, tok, heldout),) if heldout else ()
   loss_options = {"distill": spec.distill} if spec.distill is not None else None
-  result = loop.train(config, model_cfg, factory.param_initializer(config, model_cfg), train_ds,
-                      val_ds, tokenizer=tok, eval_hooks=hooks, loss_options=loss_options)
+  scorer, teacher_flops = None, 0.0
+  if spec.on_policy is not None:
+    student_of = icl_onpolicy.student_prompts(train, student + mixed, tok, data.chat_template)
+    loss_options, scorer, teacher_flops = icl_onpolicy.setup(
+        config, spec.on_policy, model_cfg, tok, train_ds.seq_len, student_of, train[0].prompt)
+  try:
+    result = loop.train(config, model_cfg, factory.param_initializer(config, model_cfg),
+                        train_ds, val_ds, tokenizer=tok, eval_hooks=hooks,
+                        loss_options=loss_options, teacher_flops_per_token=teacher_flops)
+  finally:
+    if scorer is not None:
+      scorer.client.close()
   if result.train_losses:
     log.info("ICLDist done at step %d: train loss %.4f -> %.4f%s", result.step,
              result.train_losses[0][1], result.train_losses[-1][1],

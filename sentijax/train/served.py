@@ -53,15 +53,19 @@ def connect(config, probe_ids: Sequence[int]) -> Any:
 def segments(local: dict[str, np.ndarray]) -> list[tuple[int, np.ndarray, np.ndarray]]:
   """(row, positions [n], token ids [n + 1]) per packed segment with sampled targets: its inputs
   up to its last sampled position, then that position's target. The teacher's log-prob of
-  ids[i + 1] (given ids[:i + 1]) scores the target at positions[i]."""
+  ids[i + 1] (given ids[:i + 1]) scores the target at positions[i]. The teacher's own view of
+  the rows when the batch has one ("teacher_inputs" / "teacher_segment_ids": context
+  distillation, train/icl_onpolicy.py: its prompt, the student's answer at the same positions)."""
   out = []
-  sampled_BxT, seg_BxT = local["sampled"] > 0, local["segment_ids"]
+  inputs_BxT = local.get("teacher_inputs", local["inputs"])
+  seg_BxT = local.get("teacher_segment_ids", local["segment_ids"])
+  sampled_BxT = local["sampled"] > 0
   for r in np.flatnonzero(sampled_BxT.any(-1)):
     for seg in np.unique(seg_BxT[r][sampled_BxT[r]]):
       where = np.flatnonzero(seg_BxT[r] == seg)
       last = where[sampled_BxT[r, where]].max()
       where = where[where <= last]
-      ids = np.append(local["inputs"][r, where], local["targets"][r, last]).astype(np.int32)
+      ids = np.append(inputs_BxT[r, where], local["targets"][r, last]).astype(np.int32)
       out.append((int(r), where, ids))
   return out
 

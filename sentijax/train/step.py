@@ -22,6 +22,8 @@ from sentijax.train import losses
 from sentijax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
+# The teacher's own view of each row (`teacher_view`), [B, L] like the student's fields.
+TEACHER_FIELDS = ("teacher_inputs", "teacher_segment_ids", "teacher_positions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +47,8 @@ def loss_terms(model_cfg: models.ModelConfig, params: Any, batch: Batch, loss_ch
   The student runs to its final hidden states; the LM head and the losses run in chunks of
   `loss_chunk` positions (0 = one chunk), never holding more than [B, chunk, V] logits. An online
   `distill` (support full / topk) runs the teacher (`teacher_cfg`, `teacher_params`) forward
-  under stop_gradient; a listed / sampled / served one reads the batch's soft fields
-  (losses.SOFT_FIELDS).
+  under stop_gradient, on the batch's TEACHER_FIELDS when present (`teacher_view`); a listed /
+  sampled / served one reads the batch's soft fields (losses.SOFT_FIELDS).
   A batch field "sampled" (on-policy rows) and `token_estimator`: losses.chunked_loss_sums.
   """
   weights_BxL = batch["weights"].astype(jnp.float32)
@@ -57,8 +59,8 @@ def loss_terms(model_cfg: models.ModelConfig, params: Any, batch: Batch, loss_ch
     if teacher_params is None:
       raise ValueError(f"Distill(support={distill.support!r}) needs an online teacher "
                        "(teacher_cfg, teacher_params)")
-    teacher = losses.Head(models.forward_hidden(teacher_cfg, teacher_params, batch["inputs"],
-                                                **where),
+    t_inputs, t_where = teacher_view(batch)
+    teacher = losses.Head(models.forward_hidden(teacher_cfg, teacher_params, t_inputs, **t_where),
                           models.output_kernel(teacher_cfg, teacher_params),
                           teacher_cfg.logit_softcap)
   elif distill is not None:
@@ -73,6 +75,20 @@ def loss_terms(model_cfg: models.ModelConfig, params: Any, batch: Batch, loss_ch
   if distill is not None:
     loss_sum = (1.0 - distill.alpha) * sums["ce"] + distill.alpha * sums["kd"]
   return {"loss": loss_sum, **sums, "tokens": jnp.sum(weights_BxL)}
+
+
+def teacher_view(batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(inputs, segment_ids / positions) the online teacher reads: the batch's TEACHER_FIELDS when
+  present (context distillation, train/icl_onpolicy.py: the teacher's own prompt, its answer
+  tokens at the student's answer positions), else the student's own."""
+  present = [k for k in TEACHER_FIELDS if k in batch]
+  if not present:
+    return batch["inputs"], dict(segment_ids_BxT=batch["segment_ids"],
+                                 positions_BxT=batch["positions"])
+  if len(present) != len(TEACHER_FIELDS):
+    raise ValueError(f"the batch has {present} but not all of {TEACHER_FIELDS}")
+  return batch["teacher_inputs"], dict(segment_ids_BxT=batch["teacher_segment_ids"],
+                                       positions_BxT=batch["teacher_positions"])
 
 
 def loss_sums(model_cfg: models.ModelConfig, params: Any, batch: Batch, loss_chunk: int = 0, *,
