@@ -273,12 +273,15 @@ class Context:
 
 def eval_terms(ctx: Context, vocab: int, store_support: str | None) -> dict[str, losses.Distill]:
   """The held-out divergences, each named for what it measures: "kl_teacher" (a teacher model
-  at hand: KL(teacher || student) at T = 1 over the whole shared vocabulary), else
+  at hand: KL(teacher || student) at T = 1 over the whole shared vocabulary) and
+  "kl_teacher_reverse" (KL(student || teacher), the direction on-policy and reverse-KL runs
+  minimise, on the same tokens), else
   "kl_teacher_bucketed" (a top-k store: the same over its listed ids + the tail bucket, a lower
   bound of it); "kd" (the training divergence)."""
   terms = {}
   if ctx.teacher_cfg is not None:
     terms["kl_teacher"] = losses.Distill(alpha=0.0, vocab=vocab)
+    terms["kl_teacher_reverse"] = losses.Distill(kind="reverse", alpha=0.0, vocab=vocab)
   elif store_support == "listed":
     terms["kl_teacher_bucketed"] = losses.Distill(alpha=0.0, support="listed", vocab=vocab)
   if ctx.distill is not None and ctx.distill.support != "served":  # val rows are not scored

@@ -288,7 +288,8 @@ def _np_softmax(x):
 def test_offline_held_out_metrics_are_named_for_what_they_measure(tmp_path):
   """Offline (store-like soft targets: the teacher's top 8 at T = 1 and its tail) with
   kd.eval_teacher: the teacher model is loaded on the mesh only to score the held-out FULL
-  vocabulary KL (eval/kl_teacher; the train step never gets it); without it the store's
+  vocabulary KL (eval/kl_teacher, and KL(student || teacher) as eval/kl_teacher_reverse; the
+  train step never gets it); without it the store's
   bucketed KL is reported as eval/kl_teacher_bucketed (a lower bound), never as kl_teacher.
   Values against float64 numpy from both models' logits."""
   rng = np.random.default_rng(5)
@@ -321,6 +322,7 @@ def test_offline_held_out_metrics_are_named_for_what_they_measure(tmp_path):
                              np.float64)[..., :n])
   w = batch["weights"]
   full = (p * np.log(p / q)).sum(-1)
+  reverse = (q * np.log(q / p)).sum(-1)
   in_s = np.zeros(p.shape, bool)
   np.put_along_axis(in_s, ids, True, -1)
   bucket = lambda x: np.concatenate(  # noqa: E731
@@ -329,11 +331,11 @@ def test_offline_held_out_metrics_are_named_for_what_they_measure(tmp_path):
   pos = pb > 0
   bucketed = np.where(pos, pb * np.log(np.where(pos, pb, 1) / np.where(pos, qb, 1)), 0).sum(-1)
   mass = np.where(in_s, q, 0).sum(-1)
-  want = {"kl_teacher": full, "kl_teacher_bucketed": bucketed, "kd": bucketed,
-          "kd_support_mass": mass}
+  want = {"kl_teacher": full, "kl_teacher_reverse": reverse, "kl_teacher_bucketed": bucketed,
+          "kd": bucketed, "kd_support_mass": mass}
   assert (bucketed < 0.9 * full).all() and mass.max() < 0.2  # the names tell different things
 
-  for eval_teacher, names in ((True, {"kl_teacher", "kd"}),
+  for eval_teacher, names in ((True, {"kl_teacher", "kl_teacher_reverse", "kd"}),
                               (False, {"kl_teacher_bucketed", "kd"})):
     if not eval_teacher:
       c.kd.eval_teacher = ""
