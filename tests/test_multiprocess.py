@@ -312,6 +312,47 @@ def test_on_policy_kd_over_two_processes_equals_one(tmp_path):
   assert_trees_close(_params(multi_dir), _params(ref_dir))
 
 
+def test_on_policy_kd_with_a_served_teacher_over_two_processes_equals_one(tmp_path):
+  """The same with a served teacher (teacher.backend=openai, the sampled-token estimator): each
+  process sends its own rows' samples to the server (sentijax.serve of a tiny model in this
+  process); 2 processes x 4 devices sample the tokens, send the requests (summed over
+  processes) and end with the params of 1 process x 8 devices."""
+  from sentijax import models, serve  # pylint: disable=import-outside-toplevel
+  from sentijax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+  from sentijax.teacher.local import LocalTeacher  # pylint: disable=import-outside-toplevel
+  from teacher import teacher_fixtures  # pylint: disable=import-outside-toplevel
+  t_cfg = models.presets.get("tiny")  # the student's: its vocabulary is the tokenizer's
+  tok_dir = tmp_path / "tok"
+  tok_lib.train_tokenizer(teacher_fixtures.demo_texts(), t_cfg.vocab_size, tok_dir)
+  params = jax.tree.map(np.asarray, models.init(t_cfg, 7))
+  params["embedding"] = params["embedding"] * 12.0  # log-probs spread over several nats
+  srv = serve.Server(LocalTeacher(t_cfg, params, tok_lib.load_tokenizer(tok_dir), batch_size=4,
+                                  name="tiny"), "tiny", max_batch=4, max_wait_ms=5).start()
+  args = [*ONPOLICY_ARGS, "--config.kd.rollout.estimator=token",
+          "--config.teacher.backend=openai", f"--config.teacher.base_url={srv.url}",
+          "--config.teacher.model=tiny", f"--config.teacher.tokenizer={tok_dir}"]
+  ref_dir, multi_dir = tmp_path / "ref", tmp_path / "multi"
+  try:
+    outs = _finish_all([*_two_processes(multi_dir, args, devices=4, entry=RECORDER),
+                        _Run(ref_dir, 8, args=args, entry=RECORDER)])
+  finally:
+    srv.stop()
+  assert all(f"KD done at step {ONPOLICY_STEPS}" in o for o in outs), outs[0][-3000:]
+  for step, (g, w) in enumerate(zip(_rollouts(multi_dir), _rollouts(ref_dir))):
+    assert w["sampled"][:6].any(-1).all() and not w["sampled"][6:].any(), step
+    for k in w:
+      np.testing.assert_array_equal(g[k], w[k], err_msg=f"step {step + 1} {k}")
+  ref_curve, multi_curve = _scalars(ref_dir / "tensorboard"), _scalars(multi_dir / "tensorboard")
+  every_step = list(range(1, ONPOLICY_STEPS + 1))
+  for tag in ("train/loss", "train/rkl_token"):
+    # The server batches requests as they come: a teacher log-prob may round differently
+    # (~1e-7 relative) in another batch; 1e-5 is _assert_curve's reduction-order bound.
+    _assert_curve(multi_curve, ref_curve, tag, every_step)
+  assert multi_curve["train/teacher_requests"] == ref_curve["train/teacher_requests"]
+  assert min(ref_curve["train/teacher_requests"].values()) >= 6  # a segment or more per row
+  assert_trees_close(_params(multi_dir), _params(ref_dir))
+
+
 # ---------------------------------------------------------------------------------------------
 # config.distributed: checked once, passed to jax.distributed.initialize.
 
