@@ -37,6 +37,30 @@ icl.teacher_corpus, KnowDist format, meta.task naming the task) or teacher_probs
 meta.teacher_probs = {verbalizer: p}: KL over the verbalizers' first tokens plus one bucket for
 "any other answer" (icl.tail=bucket; renorm = over the verbalizers only, biased) at
 icl.temperature, mixed with CE by icl.alpha: the one distillation term, losses.Distill).
+
+On-policy ICLDist (context distillation, train/icl_onpolicy.py): icl.target=on_policy; the teacher
+sees the k-shot prompt, the student the same query with its first icl.student_shots demos, the
+student samples the answer and both score it (kd.* below: the divergence and rollouts as the kd
+job's on-policy mode; teacher.*: a local model_dir / preset, or a served backend=openai):
+
+  python -m sentijax.main --config=configs/icldist.py --config.icl.target=on_policy \
+    --config.icl.shots=4 --config.icl.student_shots=0 --config.workdir=runs/icldist-onpolicy
+
+logs train/rkl_token (the per-token reverse-KL estimate on the student's answers),
+train/onpolicy_fraction, train/rollout_tokens_per_s, train/rollout_length, train/rollout_dropped
+(served: train/teacher_score_s) next to train/kd, eval/loss (the student's, on held-out queries in
+its own prompts) and the held-out tasks as above; <workdir>/icl_prompts.jsonl lists the teacher's
+prompts (split "train") and the student's ("student"). SmolLM2-135M-Instruct, its 8-shot self as
+the teacher of its 0-shot self (README "On-policy ICLDist" has the served-teacher form):
+
+  python -m sentijax.main --config=configs/icldist.py --config.icl.target=on_policy \
+    --config.icl.shots=8 --config.icl.student_shots=0 --config.icl.rename_prob=0 \
+    --config.model.init=/work/models/smollm2 --config.teacher.model_dir=/work/models/smollm2 \
+    --config.icl.task_dirs=../shared/sentibench,../shared/icl_sources \
+    --config.icl.heldout=sc/sst2,multifaced/irony18,absa/atsa_rest16 \
+    --config.eval.data_dir=../shared/sentibench --config.data.seq_len=1024 \
+    --config.train.learning_rate=1e-5 --config.train.warmup_steps=10 \
+    --config.workdir=runs/icldist-onpolicy-smollm2
 """
 from sentijax import config as base_config
 
