@@ -1,6 +1,8 @@
-"""Test helpers: a tiny HF teacher and a fault-injecting HTTP proxy on 127.0.0.1."""
+"""Test helpers: a job config with a teacher's settings, a tiny HF teacher and a fault-injecting
+HTTP proxy on 127.0.0.1."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 import threading
@@ -13,6 +15,23 @@ import hf_fixtures
 from sentijax.data import records
 
 VOCAB = 320
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def job_config(name: str, **settings):
+  """configs/<name>.py's config with `settings` set in order; keys are dotted paths
+  ("teacher.model"), or "__"-separated ones where a keyword argument is handier."""
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in settings.items():
+    *path, last = key.replace("__", ".").split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
 
 
 def demo_texts() -> list[str]:

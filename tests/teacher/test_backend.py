@@ -1,9 +1,7 @@
 """The teacher-backend contract: a backend written against `backend.TeacherBackend` plugs into a
 teacher job through one registry line; a job needing a capability the backend lacks stops naming
 both."""
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
@@ -12,8 +10,7 @@ from sentijax.teacher import backend, generate, icl_job, topk
 from sentijax.teacher.common import Completion
 from sentijax.teacher.local import LocalTeacher
 from sentijax.teacher.openai_api import ClientSpec, OpenAITeacher
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from teacher import teacher_fixtures as fx
 
 
 class EchoTeacher:
@@ -52,19 +49,9 @@ class PlainTeacher(EchoTeacher):
 
 
 def _config(name, workdir, **overrides):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.workdir, c.teacher.backend, c.teacher.model = str(workdir), "echo", "plain"
-  c.generate.leak_check, c.generate.progress = "off", False
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return c
+  return fx.job_config(name, **{"workdir": str(workdir), "teacher.backend": "echo",
+                                "teacher.model": "plain", "generate.leak_check": "off",
+                                "generate.progress": False, **overrides})
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Teacher corpus jobs against a real HTTP server on 127.0.0.1 (sentijax.serve): the corpus
 trains KnowDist, faults between client and server lose and duplicate nothing, a SIGKILLed job
 resumes to the uninterrupted corpus, and the API key is never written."""
-import importlib.util
 import json
 import math
 import os
@@ -59,14 +58,6 @@ def reference(server, tmp_path_factory):
   return workdir, items
 
 
-def _load_config(name: str):
-  path = REPO / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def test_corpus_from_server_trains_knowdist(reference, tmp_path):
   from sentijax.data import readers
   from sentijax.train import knowdist
@@ -79,7 +70,7 @@ def test_corpus_from_server_trains_knowdist(reference, tmp_path):
     assert r.meta["source_id"] in {t.id for t in TEXTS} and r.meta["perspective"] in PERSPECTIVES
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["completion_tokens"] == 8 * len(items)
-  config = _load_config("knowdist")
+  config = fx.job_config("knowdist")
   config.workdir = str(tmp_path / "kd")
   config.data.corpus = str(workdir / "corpus.jsonl")
   config.data.val_fraction = 0.25
@@ -263,15 +254,8 @@ def test_refused_requests_stop_the_job(tmp_path, status):
 
 
 def _knowdist_config(**overrides):
-  config = _load_config("generate_knowdist")
-  config.teacher.backend, config.teacher.model = "openai", "fake"
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return config
+  return fx.job_config("generate_knowdist",
+                       **{"teacher.backend": "openai", "teacher.model": "fake", **overrides})
 
 
 SETTING_CHANGES = [("teacher.backend", "local"), ("teacher.model", "other"),
@@ -360,7 +344,7 @@ def test_generate_icl_rerun_with_logprobs(teacher_dir, tmp_path):
   from sentijax.data import icl
   from sentijax.teacher import icl_job
   from sentijax.data import icl_recipe
-  config = _load_config("generate_icl")
+  config = fx.job_config("generate_icl")
   config.workdir, config.model.init = str(tmp_path / "a"), str(teacher_dir)
   config.icl.num_prompts, config.sampling.max_tokens = 3, 2
   config.generate.leak_check, config.generate.progress = "off", False

@@ -2,7 +2,6 @@
 model: its teacher-forced log-probs of packed segments equal a local forward; steps it scores equal
 the local teacher's token-estimator steps; a failed score stops the step; the kd job stops before
 training on a server without prompt logprobs or a teacher tokenizer of another vocabulary."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -238,21 +237,11 @@ def test_a_failed_score_stops_the_step(server, tok):
 
 
 def _config(tmp_path, url, tok_dir, teacher_tok_dir, **over):
-  spec = importlib.util.spec_from_file_location("kd_config", REPO / "configs" / "kd.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  c.workdir, c.model.tokenizer = str(tmp_path / "kd"), str(tok_dir)
-  c.kd.mode, c.kd.loss, c.kd.rollout.estimator = "on_policy", "reverse", "token"
-  c.teacher.backend, c.teacher.base_url, c.teacher.model = "openai", url, "tiny"
-  c.teacher.tokenizer, c.teacher.max_retries, c.teacher.backoff_s = str(teacher_tok_dir), 2, 0.01
-  for key, value in over.items():
-    *path, name = key.split("__")
-    node = c
-    for part in path:
-      node = node[part]
-    node[name] = value
-  return c
+  return teacher_fixtures.job_config("kd", **dict(
+      workdir=str(tmp_path / "kd"), model__tokenizer=str(tok_dir), kd__mode="on_policy",
+      kd__loss="reverse", kd__rollout__estimator="token", teacher__backend="openai",
+      teacher__base_url=url, teacher__model="tiny", teacher__tokenizer=str(teacher_tok_dir),
+      teacher__max_retries=2, teacher__backoff_s=0.01) | over)
 
 
 def test_server_without_prompt_logprobs_fails_naming_the_capability(tmp_path, tok_dir):
