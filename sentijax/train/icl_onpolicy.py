@@ -23,10 +23,11 @@ divergence on gold answers (kd.lmbda < 1). Metrics as kd.mode=on_policy (`onpoli
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -36,7 +37,7 @@ from sentijax.data import icl, icl_recipe, packing, sequences
 from sentijax.data import tokenizer as tokenizer_lib
 from sentijax.data.records import Record
 from sentijax.data.spec import DataSpec
-from sentijax.train import kd, onpolicy, step
+from sentijax.train import kd, losses, onpolicy, step
 
 log = logging.getLogger("sentijax")
 STUDENT = ("inputs", "segment_ids", "positions")
@@ -71,30 +72,47 @@ def kd_spec(config) -> kd.KDSpec:
 # --------------------------------------------------------------------------- data
 
 
+@dataclasses.dataclass
+class Data:
+  """The records of on-policy ICLDist: the teacher's k-shot prompts with gold answers (`teacher`:
+  the training rows; `val_teacher`) and, aligned, their students' records (`student`;
+  `val_student`: the val rows, so eval/loss is the student's on its own prompts)."""
+  teacher: list[Record]
+  student: list[Record]
+  val_teacher: list[Record]
+  val_student: list[Record]
+  stats: dict
+
+
 def records(recipe: icl_recipe.RecipeSpec, sources, forbidden, tok: Any, data: DataSpec,
-            max_new_tokens: int) -> tuple[list[Record], list[Record], list[Record], dict]:
-  """(train: the teacher's k-shot prompts with gold answers, their students' records (aligned),
-  val: the students' prompts with gold answers (eval/loss is the student's on its own prompts),
-  stats). Prompts shrink until the longer of the gold answer and `max_new_tokens` sampled tokens
-  fits data.seq_len; every prompt, the teacher's and the student's, is held-out checked."""
+            max_new_tokens: int) -> Data:
+  """The ICL recipe's gold prompts as `Data`. Prompts shrink until the longer of the gold answer
+  and `max_new_tokens` sampled tokens fits data.seq_len; every prompt, the teacher's and the
+  student's, is held-out checked."""
   base = sequences.sequence_length_fn(tok, data.chat_template)
 
   def length(prompt: str, answer: str) -> int:
     return max(base(prompt, answer), base(prompt, "") - 1 + max_new_tokens)
   train, val, stats = icl_recipe.gold_prompts(recipe, sources, forbidden, length, data.seq_len)
-  teacher = icl.to_records(train, "icl")
-  student = icl_recipe.student_records(recipe, train, forbidden, "icl-student")
-  val_student = icl_recipe.student_records(recipe, val, forbidden, "icl-val")
-  stats["prompts_checked"] += len(student) + len(val_student)
+  out = Data(icl.to_records(train, "icl"),
+             icl_recipe.student_records(recipe, train, forbidden, "icl-student"),
+             icl.to_records(val, "icl-val-teacher"),
+             icl_recipe.student_records(recipe, val, forbidden, "icl-val"), stats)
+  stats["prompts_checked"] += len(out.student) + len(out.val_student)
   stats["student_shots"] = recipe.student_shots
-  return teacher, student, val_student, stats
+  return out
 
 
-def _prompt_tokens(recs: Sequence[Record], tok: Any, chat_template: bool) -> list[np.ndarray]:
-  """Each record's prompt as the data path tokenises it: its tokens before the first response
-  token (what a packed segment holds up to its first loss target)."""
+def _split(recs: Sequence[Record], tok: Any, chat_template: bool
+           ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Each record as the data path tokenises it: (prompt: its tokens before the first response
+  token, what a packed segment holds up to its first loss target; the response tokens)."""
   seqs, _ = sequences.tokenize_records(recs, tok, chat_template, show_progress=False)
-  return [s.tokens[:sequences.first_response_index(s)].astype(np.int32) for s in seqs]
+  out = []
+  for s in seqs:
+    first = sequences.first_response_index(s)
+    out.append((s.tokens[:first].astype(np.int32), s.tokens[first:].astype(np.int32)))
+  return out
 
 
 def student_prompts(teacher: Sequence[Record], student: Sequence[Record], tok: Any,
@@ -104,9 +122,8 @@ def student_prompts(teacher: Sequence[Record], student: Sequence[Record], tok: A
   mixed in without a student prompt (icl.mix_corpus) is listed with itself as both."""
   if len(teacher) != len(student):
     raise ValueError(f"{len(teacher)} teacher records, {len(student)} student records")
-  t_ids = _prompt_tokens(teacher, tok, chat_template)
-  s_ids = _prompt_tokens(student, tok, chat_template)
-  return {t.tobytes(): s for t, s in zip(t_ids, s_ids)}
+  return {t.tobytes(): s for (t, _), (s, _) in zip(_split(teacher, tok, chat_template),
+                                                   _split(student, tok, chat_template))}
 
 
 # --------------------------------------------------------------------------- rows
@@ -239,16 +256,65 @@ def teacher_setup(config, spec: kd.KDSpec, tok: Any, tok_where: str, probe_text:
   return teacher_cfg, scorer, vocab
 
 
+def val_triples(val_teacher: Sequence[Record], val_student: Sequence[Record], tok: Any,
+                chat_template: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """(student prompt, teacher prompt, gold answer) token ids of each val query."""
+  return [(s, t, a) for (t, a), (s, _) in zip(_split(val_teacher, tok, chat_template),
+                                              _split(val_student, tok, chat_template))]
+
+
+def kl_teacher_hook(ctx: kd.Context, model_cfg: models.ModelConfig, triples, seq_len: int,
+                    batch_size: int, num_batches: int, loss_chunk: int, vocab: int):
+  """(step, params) -> {"kl_teacher": KL(teacher || student) per gold-answer token at T = 1 over
+  the shared vocabulary, the teacher on its k-shot prompt, the student on its own}: held-out
+  context distillation, on the first `num_batches` x `batch_size` val queries (one per row,
+  `dual_row`). Needs the local teacher (`ctx.teacher`, on the mesh once the step is built)."""
+  rows = [dual_row([t], seq_len, sampled=False)[0] for t in triples[:num_batches * batch_size]]
+  rows += [dual_row([], seq_len, sampled=False)[0]] * (-len(rows) % batch_size)
+  distill = losses.Distill(alpha=0.0, vocab=vocab)
+  fn = None
+
+  def hook(step_num: int, params) -> dict:
+    nonlocal fn
+    del step_num
+    if fn is None:
+      fn = jax.jit(lambda p, b, tp: step.loss_terms(model_cfg, p, b, loss_chunk, distill,
+                                                    ctx.teacher.cfg, tp))
+    kl = tokens = 0.0
+    for i in range(0, len(rows), batch_size):
+      local = {k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]
+               if k != "sampled"}
+      batch = ({k: jax.numpy.asarray(v) for k, v in local.items()} if ctx.mesh is None else
+               {k: jax.make_array_from_process_local_data(
+                   sharding.batch_sharding(ctx.mesh, ctx.rules), v) for k, v in local.items()})
+      out = jax.device_get(fn(params, batch, ctx.teacher.params))
+      kl, tokens = kl + float(out["kd"]), tokens + float(out["tokens"])
+    return {"kl_teacher": kl / max(tokens, 1.0)}
+  return hook
+
+
+class Setup(NamedTuple):
+  """What the ICLDist job hands `loop.train`: `loss_options` (`(mesh, rules) -> step options`),
+  eval `hooks` (eval/kl_teacher with a local teacher), the teacher's forward FLOPs per token;
+  `scorer`: a served teacher's (its client closed after training)."""
+  loss_options: Any
+  hooks: tuple
+  teacher_flops: float
+  scorer: Any
+
+
 def setup(config, spec: kd.KDSpec, model_cfg: models.ModelConfig, tok: Any, seq_len: int,
-          student_of: dict[bytes, np.ndarray], probe_text: str) -> tuple[Any, Any, float]:
-  """(`(mesh, rules) -> step options` for `loop.train`, a served teacher's scorer or None, the
-  teacher's forward FLOPs per token): the kd job's options (distill, the teacher on the mesh, an
-  `onpolicy.Rollout`), the Rollout wrapped in `ICLRollout`."""
-  mc = config.model
+          data: Data, mixed: Sequence[Record]) -> Setup:
+  """The kd job's step options (distill, the teacher on the mesh, an `onpolicy.Rollout`) with the
+  Rollout wrapped in `ICLRollout` (`data`'s prompts and the `mixed` records, each its own
+  student prompt), and the held-out KL to the teacher."""
+  mc, dc, tc = config.model, config.data, config.train
   tok_where = str(mc.tokenizer or mc.init or f"{config.workdir}/tokenizer")
-  teacher_cfg, scorer, vocab = teacher_setup(config, spec, tok, tok_where, probe_text)
+  teacher_cfg, scorer, vocab = teacher_setup(config, spec, tok, tok_where, data.teacher[0].prompt)
   if tok.eos_token_id is None:
     raise ValueError("icl.target=on_policy: the tokenizer has no eos token to end sampled answers")
+  student_of = student_prompts([*data.teacher, *mixed], [*data.student, *mixed], tok,
+                               dc.chat_template)
   rollout_args = {"cfg": model_cfg, "vocab": vocab, "eos_id": int(tok.eos_token_id),
                   "seq_len": seq_len, "stop_ids": tokenizer_lib.ids_containing(
                       tok, spec.rollout.sampling.stop, model_cfg.vocab_size)}
@@ -264,5 +330,11 @@ def setup(config, spec: kd.KDSpec, model_cfg: models.ModelConfig, tok: Any, seq_
     options = ctx.loss_options(mesh, rules)
     options["rollout"] = ICLRollout(options["rollout"], student_of)
     return options
+  hooks = ()
+  if teacher_cfg is not None and data.val_teacher:
+    hooks = (kl_teacher_hook(ctx, model_cfg, val_triples(data.val_teacher, data.val_student, tok,
+                                                         dc.chat_template),
+                             seq_len, int(tc.batch_size), int(tc.eval_batches),
+                             int(tc.loss_chunk), vocab),)
   teacher_flops = 0.0 if teacher_cfg is None else teacher_cfg.flops_per_token(seq_len) / 3
-  return build, scorer, teacher_flops
+  return Setup(build, hooks, teacher_flops, scorer)

@@ -104,11 +104,11 @@ def run(config) -> loop.Result:
            ", ".join(t.name for t in heldout) or "-", len(forbidden))
   model_cfg = factory.model_config(config)
   tok = factory.tokenizer(config, model_cfg, _tokenizer_texts(sources))
-  student = []
+  onp = None
   if spec.on_policy is not None:
-    train, student, val, stats = icl_onpolicy.records(
-        recipe, sources, forbidden, tok, data, spec.on_policy.rollout.sampling.max_tokens)
-    soft = None
+    onp = icl_onpolicy.records(recipe, sources, forbidden, tok, data,
+                               spec.on_policy.rollout.sampling.max_tokens)
+    train, val, stats, soft = onp.teacher, onp.val_student, onp.stats, None
   else:
     train, val, stats, soft = _records(spec, sources, heldout, forbidden, tok, data)
   audit = icl_recipe.heldout_audit(recipe, heldout, groups, forbidden, stats)
@@ -118,7 +118,8 @@ def run(config) -> loop.Result:
   if jax.process_index() == 0:
     atomic.write_json(workdir / "heldout_audit.json", audit)
     icl_recipe.write_prompts(workdir / "icl_prompts.jsonl",
-                             {"train": train, "val": val, "mix": mixed, "student": student})
+                             {"train": train, "val": val, "mix": mixed,
+                              "student": onp.student if onp else []})
   train = train + mixed
   train_ds, val_ds, ds_stats = dataset.build_train_val(
       train, val, tok, data, soft_targets=soft, show_progress=jax.process_index() == 0)
@@ -133,10 +134,11 @@ def run(config) -> loop.Result:
   hooks = (eval_hooks.ScoringHook(config, model_cfg, tok, heldout),) if heldout else ()
   loss_options = {"distill": spec.distill} if spec.distill is not None else None
   scorer, teacher_flops = None, 0.0
-  if spec.on_policy is not None:
-    student_of = icl_onpolicy.student_prompts(train, student + mixed, tok, data.chat_template)
-    loss_options, scorer, teacher_flops = icl_onpolicy.setup(
-        config, spec.on_policy, model_cfg, tok, train_ds.seq_len, student_of, train[0].prompt)
+  if onp is not None:
+    onp_setup = icl_onpolicy.setup(config, spec.on_policy, model_cfg, tok, train_ds.seq_len, onp,
+                                   mixed)
+    loss_options, scorer = onp_setup.loss_options, onp_setup.scorer
+    hooks, teacher_flops = hooks + onp_setup.hooks, onp_setup.teacher_flops
   try:
     result = loop.train(config, model_cfg, factory.param_initializer(config, model_cfg),
                         train_ds, val_ds, tokenizer=tok, eval_hooks=hooks,
