@@ -220,9 +220,9 @@ class Rollout:
     if len(firsts) > 1 or b_local * jax.process_count() != b:
       raise ValueError(
           f"kd.mode=on_policy: process {jax.process_index()} holds {b_local} rows (from "
-          f"{sorted(firsts)}) of a batch of {b} over {jax.process_count()} processes; the "
-          "'batch' rule of sharding_rules must split batches over all devices' processes "
-          "(the default ('data', 'fsdp') does)")
+          f"{sorted(firsts)}) of a batch of {b} over {jax.process_count()} processes, not its "
+          "1/process_count share: set the ('batch', ...) rule of sharding_rules to mesh axes "
+          "that split batches over every process's devices (the default ('data', 'fsdp') does)")
     return local, firsts.pop()
 
 
