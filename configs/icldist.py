@@ -49,7 +49,8 @@ job's on-policy mode; teacher.*: a local model_dir / preset, or a served backend
 logs train/rkl_token (the per-token reverse-KL estimate on the student's answers),
 train/onpolicy_fraction, train/rollout_tokens_per_s, train/rollout_length, train/rollout_dropped
 (served: train/teacher_score_s) next to train/kd, eval/loss (the student's, on held-out queries in
-its own prompts) and the held-out tasks as above; <workdir>/icl_prompts.jsonl lists the teacher's
+its own prompts), eval/kl_teacher (local teacher: KL(teacher on the k-shot prompt || student on
+its own) per gold-answer token of those queries) and the held-out tasks as above; <workdir>/icl_prompts.jsonl lists the teacher's
 prompts (split "train") and the student's ("student"). SmolLM2-135M-Instruct, its 8-shot self as
 the teacher of its 0-shot self (README "On-policy ICLDist" has the served-teacher form):
 
