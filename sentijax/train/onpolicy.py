@@ -20,7 +20,9 @@ prompts of all processes are gathered (`distributed.gather_sequences`, small) an
 global batch on the mesh, numbered as one process numbers them, so P processes x D devices sample
 exactly what 1 x P*D samples; each process re-packs its own rows, a served teacher scores them
 (its metrics summed over processes), and the rows go back as the process's part of the global
-batch. The student's (or, seq_kd, the teacher's) params stay where they lie on the mesh.
+batch. The student's (or, seq_kd, the teacher's) params stay where they lie on the mesh. Any
+rollout does the same with `own_rows`, `Rollout.sample` (called by every process),
+`rollout_metrics` / `served_metrics` and `to_batch`.
 """
 from __future__ import annotations
 
@@ -170,7 +172,7 @@ class Rollout:
     return rows, dropped
 
   def __call__(self, state, batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], dict]:
-    local, row0 = self._own_rows(batch)
+    local, row0 = own_rows(batch)
     b, b_local = batch["inputs"].shape[0], local["inputs"].shape[0]
     n_on = int(round(self.spec.lmbda * b))  # global rows [0, n_on) are sampled
     mine = min(max(n_on - row0, 0), b_local)
@@ -183,10 +185,8 @@ class Rollout:
     responses = self.sample(state.params, flat, step)  # every process: a collective
     seconds = time.perf_counter() - start
     new_rows, dropped = self.rows(prompts_per_row, responses)
-    # Over all processes: responses, their tokens, segments dropped.
-    count, generated, dropped = distributed.allgather(np.asarray(
-        [len(responses), sum(len(x) for x in responses), dropped], np.int32)).sum(0).tolist()
-    if count:  # some process sampled: every process's sampled rows are re-packed
+    sampled = rollout_metrics(responses, dropped, seconds)
+    if sampled:  # some process sampled: every process's sampled rows are re-packed
       for r, row in enumerate(new_rows):
         for k in local:
           if k not in row:
@@ -195,38 +195,55 @@ class Rollout:
           local[k][r] = row[k]
         if not self.spec.seq_kd:
           sampled_L[r] = row["weights"]
-      metrics |= {"rollout_tokens_per_s": generated / max(seconds, 1e-9),
-                  "rollout_length": generated / count, "rollout_dropped": dropped}
+      metrics |= sampled
     local["sampled"] = sampled_L
     if self.scorer is not None:  # each process scores its own rows
       local["teacher_logp"], scored = self.scorer(local, step)
-      metrics |= _over_processes(scored)
-    batch_sh = self.placement.batch()
-    if batch_sh is None:
-      return {k: jax.numpy.asarray(v) for k, v in local.items()}, metrics
-    return {k: jax.make_array_from_process_local_data(batch_sh, v)
-            for k, v in local.items()}, metrics
-
-  @staticmethod
-  def _own_rows(batch: dict[str, jax.Array]) -> tuple[dict[str, np.ndarray], int]:
-    """(this process's rows of the global batch, writable numpy; the global index of its first
-    row): every row on one process."""
-    local, firsts = {}, set()
-    for k, v in batch.items():
-      rows, first = sharding.process_rows(v)
-      local[k] = np.array(rows)  # writable
-      firsts.add(first)
-    b, b_local = batch["inputs"].shape[0], local["inputs"].shape[0]
-    if len(firsts) > 1 or b_local * jax.process_count() != b:
-      raise ValueError(
-          f"kd.mode=on_policy: process {jax.process_index()} holds {b_local} rows (from "
-          f"{sorted(firsts)}) of a batch of {b} over {jax.process_count()} processes, not its "
-          "1/process_count share: set the ('batch', ...) rule of sharding_rules to mesh axes "
-          "that split batches over every process's devices (the default ('data', 'fsdp') does)")
-    return local, firsts.pop()
+      metrics |= served_metrics(scored)
+    return to_batch(local, self.placement), metrics
 
 
-def _over_processes(scored: dict) -> dict:
+def own_rows(batch: dict[str, jax.Array]) -> tuple[dict[str, np.ndarray], int]:
+  """(this process's rows of the global batch, writable numpy; the global index of its first
+  row): every row on one process. With several processes a rollout rebuilds these rows only and
+  hands them back with `to_batch`."""
+  local, firsts = {}, set()
+  for k, v in batch.items():
+    rows, first = sharding.process_rows(v)
+    local[k] = np.array(rows)  # writable
+    firsts.add(first)
+  b, b_local = batch["inputs"].shape[0], local["inputs"].shape[0]
+  if len(firsts) > 1 or b_local * jax.process_count() != b:
+    raise ValueError(
+        f"on-policy rollout: process {jax.process_index()} holds {b_local} rows (from "
+        f"{sorted(firsts)}) of a batch of {b} over {jax.process_count()} processes, not its "
+        "1/process_count share: set the ('batch', ...) rule of sharding_rules to mesh axes "
+        "that split batches over every process's devices (the default ('data', 'fsdp') does)")
+  return local, firsts.pop()
+
+
+def to_batch(local: dict[str, np.ndarray], placement: sharding.Placement
+             ) -> dict[str, jax.Array]:
+  """This process's rows as its part of the global batch on `placement`'s mesh (the batch rule;
+  on the default device without a mesh)."""
+  batch_sh = placement.batch()
+  if batch_sh is None:
+    return {k: jax.numpy.asarray(v) for k, v in local.items()}
+  return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+
+
+def rollout_metrics(responses: list[np.ndarray], dropped: int, seconds: float) -> dict:
+  """rollout_tokens_per_s, rollout_length (mean tokens per response), rollout_dropped (segments)
+  over all processes' `responses` and `dropped` (every process calls); {} when none sampled."""
+  count, generated, dropped = distributed.allgather(np.asarray(
+      [len(responses), sum(len(x) for x in responses), dropped], np.int32)).sum(0).tolist()
+  if not count:
+    return {}
+  return {"rollout_tokens_per_s": generated / max(seconds, 1e-9),
+          "rollout_length": generated / count, "rollout_dropped": dropped}
+
+
+def served_metrics(scored: dict) -> dict:
   """A served teacher's step metrics over all processes: requests and retries summed, the wall
   seconds the slowest process's."""
   if jax.process_count() == 1:
