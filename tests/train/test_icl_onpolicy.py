@@ -232,10 +232,15 @@ def test_held_out_kl_teacher_is_teacher_k_shot_vs_student_own_prompt(params, tea
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
+def tok_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("icl_onpolicy_tok")
   tok_lib.train_tokenizer(teacher_fixtures.demo_texts(), V, root)
-  return tok_lib.load_tokenizer(root)
+  return root
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+  return tok_lib.load_tokenizer(tok_dir)
 
 
 def _train(batches, rollout, distill, teacher=None, token_estimator=False):
@@ -283,6 +288,33 @@ def test_served_teacher_steps_equal_the_local_teacher(tok, teacher_params):
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), want,
                                        models.init(S_CFG, 1)))
   assert max(float(x) for x in moved) > 1e-3  # the steps trained
+
+
+def test_icldist_job_with_a_served_teacher(tmp_path, tok_dir, tok, teacher_params, caplog):
+  """The ICLDist job, icl.target=on_policy, teacher.backend=openai against an in-process
+  sentijax.serve (behind a counting proxy): the teacher's tokenizer checked, the server probed,
+  then every step's sampled answers scored there (train/teacher_requests); no eval/kl_teacher
+  without a local teacher."""
+  srv = serve.Server(LocalTeacher(T_CFG, teacher_params, tok, batch_size=4, name="tiny"),
+                     "tiny", max_batch=4, max_wait_ms=5).start()
+  proxy = teacher_fixtures.FaultProxy(srv.url, lambda n, body: None)
+  c = _config(model__tokenizer=str(tok_dir), teacher__backend="openai",
+              teacher__base_url=proxy.url, teacher__model="tiny", teacher__tokenizer=str(tok_dir),
+              kd__rollout__estimator="token", kd__rollout__max_new_tokens=4, train__steps=2,
+              train__eval_every=0, train__log_every=1, icl__num_prompts=16, data__seq_len=96,
+              checkpoint__every=0, export_hf=False, workdir=str(tmp_path / "served"),
+              icl__heldout="sc/sst2")  # not found: no held-out scoring
+  try:
+    with caplog.at_level("INFO", logger="sentijax"):
+      result = icldist.run(c)
+  finally:
+    proxy.stop()
+    srv.stop()
+  assert result.step == 2 and "scored by the served 'tiny'" in caplog.text
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+  assert any("train/teacher_requests=" in m and "train/rkl_token=" in m for m in lines), lines
+  assert not any("eval/kl_teacher" in m for m in lines)
+  assert proxy.count >= 3  # the probe, then scoring
 
 
 # ---------------------------------------------------------------------------------------------
