@@ -43,15 +43,22 @@ sees the k-shot prompt, the student the same query with its first icl.student_sh
 student samples the answer and both score it (kd.* below: the divergence and rollouts as the kd
 job's on-policy mode; teacher.*: a local model_dir / preset, or a served backend=openai):
 
+  python -m sentijax.main --config=configs/icldist.py     # the gold demo above: runs/icldist/hf
   python -m sentijax.main --config=configs/icldist.py --config.icl.target=on_policy \
-    --config.icl.shots=4 --config.icl.student_shots=0 --config.workdir=runs/icldist-onpolicy
+    --config.icl.shots=4 --config.icl.student_shots=0 --config.model.init=runs/icldist/hf \
+    --config.teacher.model_dir=runs/icldist/hf --config.train.steps=100 \
+    --config.train.learning_rate=1e-3 --config.workdir=runs/icldist-onpolicy
 
+(the demo student as its own 4-shot teacher; without teacher.model_dir a random `tiny` teacher)
 logs train/rkl_token (the per-token reverse-KL estimate on the student's answers),
 train/onpolicy_fraction, train/rollout_tokens_per_s, train/rollout_length, train/rollout_dropped
 (served: train/teacher_score_s) next to train/kd, eval/loss (the student's, on held-out queries in
 its own prompts), eval/kl_teacher (local teacher: KL(teacher on the k-shot prompt || student on
 its own) per gold-answer token of those queries) and the held-out tasks as above; <workdir>/icl_prompts.jsonl lists the teacher's
-prompts (split "train") and the student's ("student"). SmolLM2-135M-Instruct, its 8-shot self as
+prompts (split "train") and the student's ("student"). Measured (1.5 min wall on a shared
+2-core CPU, 3 held-out scorings included): rollouts ~2600 tokens/s, 7-9 sampled tokens per
+answer, train/rkl_token ~0.002-0.02, eval/kl_teacher 0.0021 -> 0.0028, held-out scores unchanged:
+this tiny student's 4-shot and 0-shot answers already agree (mechanics, not the effect). SmolLM2-135M-Instruct, its 8-shot self as
 the teacher of its 0-shot self (README "On-policy ICLDist" has the served-teacher form):
 
   python -m sentijax.main --config=configs/icldist.py --config.icl.target=on_policy \
