@@ -55,7 +55,7 @@ train/onpolicy_fraction, train/rollout_tokens_per_s, train/rollout_length, train
 (served: train/teacher_score_s) next to train/kd, eval/loss (the student's, on held-out queries in
 its own prompts), eval/kl_teacher (local teacher: KL(teacher on the k-shot prompt || student on
 its own) per gold-answer token of those queries) and the held-out tasks as above; <workdir>/icl_prompts.jsonl lists the teacher's
-prompts (split "train") and the student's ("student"). Measured (1.5 min wall on a shared
+prompts (split "train") and the student's ("student"). Measured (under 2 min wall on a shared
 2-core CPU, 3 held-out scorings included): rollouts ~2600 tokens/s, 7-9 sampled tokens per
 answer, train/rkl_token ~0.002-0.02, eval/kl_teacher 0.0021 -> 0.0028, held-out scores unchanged:
 this tiny student's 4-shot and 0-shot answers already agree (mechanics, not the effect). SmolLM2-135M-Instruct, its 8-shot self as
