@@ -7,7 +7,8 @@ with their gold answers (the ICL recipe, prompts sized so a sampled answer of
 instruction, label map and query, the first `icl.student_shots` demos: data/icl.fewer_shots).
 Each step `ICLRollout` rewrites the batch: for the first round(kd.lmbda x B) rows the CURRENT
 student samples an answer to its own prompt (`onpolicy.Rollout.sample`: the jitted KV-cache
-sampler on the sharded params, row keys from (seed, step, row)); the other rows keep the gold
+sampler on the sharded params, row keys from (seed, step, global row); several processes each
+rebuild their own rows, their prompts decoded as one global batch); the other rows keep the gold
 answer. Every segment is laid out twice over the same row positions (`dual_row`): the student's
 sequence (prompt + answer) in the batch's own fields, the teacher's (k-shot prompt + the same
 answer) in `step.TEACHER_FIELDS`, both right-aligned so the answer tokens sit at the same
@@ -198,42 +199,35 @@ class ICLRollout:
     return found
 
   def __call__(self, state, batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], dict]:
-    if jax.process_count() > 1:
-      raise NotImplementedError(
-          f"icl.target=on_policy runs in one process (any number of its devices); this job has "
-          f"{jax.process_count()} processes")
+    """Several processes: each rebuilds its own rows (`onpolicy.own_rows`); the global rows
+    [0, round(lmbda x B)) are sampled, all processes' prompts decoded as one global batch
+    (`Rollout.sample`, a collective every process calls), metrics over all processes."""
     r = self.rollout
-    local = {k: np.asarray(sharding.to_host(v)) for k, v in batch.items()}
+    local, row0 = onpolicy.own_rows(batch)
     extra = sorted(set(local) - set(packing.FIELDS))
     if extra:
       raise ValueError(f"on-policy ICLDist rows carry no batch fields {extra} (gold ICL "
                        "prompts only: no soft targets)")
-    b = local["inputs"].shape[0]
+    b, b_local = batch["inputs"].shape[0], local["inputs"].shape[0]
     n_on = int(round(r.spec.lmbda * b))
+    mine = min(max(n_on - row0, 0), b_local)  # this process's sampled rows
     now = int(jax.device_get(state.step))
     per_row = [[(self.student_prompt(p), p, answer) for p, answer in
-                split_segments({k: v[i] for k, v in local.items()})] for i in range(b)]
+                split_segments({k: v[i] for k, v in local.items()})] for i in range(b_local)]
+    flat = [s for segs in per_row[:mine] for s, _, _ in segs]
+    start = time.perf_counter()
+    answers = r.sample(state.params, flat, now)
+    seconds = time.perf_counter() - start
+    it = iter(answers)
+    per_row[:mine] = [[(s, t, next(it)) for s, t, _ in segs] for segs in per_row[:mine]]
+    rows, dropped = zip(*(dual_row(segs, r.seq_len, i < mine) for i, segs in enumerate(per_row)))
     metrics = {"onpolicy_fraction": n_on / b}
-    flat = [s for segs in per_row[:n_on] for s, _, _ in segs]
-    if flat:
-      start = time.perf_counter()
-      answers = iter(r.sample(state.params, flat, now))
-      seconds = time.perf_counter() - start
-      per_row[:n_on] = [[(s, t, next(answers)) for s, t, _ in segs] for segs in per_row[:n_on]]
-      generated = sum(len(a) for segs in per_row[:n_on] for _, _, a in segs)
-      metrics |= {"rollout_tokens_per_s": generated / max(seconds, 1e-9),
-                  "rollout_length": generated / len(flat)}
-    rows, dropped = zip(*(dual_row(segs, r.seq_len, i < n_on) for i, segs in enumerate(per_row)))
-    if flat:
-      metrics["rollout_dropped"] = sum(dropped)
+    metrics |= onpolicy.rollout_metrics(answers, sum(dropped), seconds)
     out = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
-    if r.scorer is not None:
+    if r.scorer is not None:  # each process scores its own rows
       out["teacher_logp"], scored = r.scorer(out, now)
-      metrics |= scored
-    batch_sh = r.placement.batch()
-    if batch_sh is None:
-      return {k: jax.numpy.asarray(v) for k, v in out.items()}, metrics
-    return {k: jax.device_put(v, batch_sh) for k, v in out.items()}, metrics
+      metrics |= onpolicy.served_metrics(scored)
+    return onpolicy.to_batch(out, r.placement), metrics
 
 
 # --------------------------------------------------------------------------- job
@@ -282,11 +276,11 @@ def kl_teacher_hook(ctx: kd.Context, model_cfg: models.ModelConfig, triples, seq
                                                     ctx.teacher.cfg, tp))
     kl = tokens = 0.0
     for i in range(0, len(rows), batch_size):
-      local = {k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]
-               if k != "sampled"}
-      batch = ({k: jax.numpy.asarray(v) for k, v in local.items()} if ctx.mesh is None else
-               {k: jax.make_array_from_process_local_data(
-                   sharding.batch_sharding(ctx.mesh, ctx.rules), v) for k, v in local.items()})
+      full = {k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]
+              if k != "sampled"}  # every process builds the whole batch: each places its part
+      batch = ({k: jax.numpy.asarray(v) for k, v in full.items()} if ctx.mesh is None else
+               {k: jax.make_array_from_callback(v.shape, sharding.batch_sharding(
+                   ctx.mesh, ctx.rules), lambda idx, v=v: v[idx]) for k, v in full.items()})
       out = jax.device_get(fn(params, batch, ctx.teacher.params))
       kl, tokens = kl + float(out["kd"]), tokens + float(out["tokens"])
     return {"kl_teacher": kl / max(tokens, 1.0)}

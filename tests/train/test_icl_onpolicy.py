@@ -424,3 +424,32 @@ def test_main_killed_mid_run_resumes_to_identical_params(tmp_path):
   want = safetensors.numpy.load_file(str(tmp_path / "ref" / "hf" / "model.safetensors"))
   got = safetensors.numpy.load_file(str(work / "hf" / "model.safetensors"))
   assert_trees_close(got, want)  # reduction-order noise only (a resampled step moves far more)
+
+
+ICL_MP_ARGS = ["--config=configs/icldist.py", "--config.icl.target=on_policy",
+               "--config.icl.shots=2", "--config.icl.student_shots=0",
+               "--config.icl.num_prompts=48", "--config.icl.leak_check=off",
+               "--config.icl.heldout=sc/sst2", "--config.eval.data_dir=/nonexistent",
+               "--config.kd.lmbda=0.75", "--config.kd.rollout.max_new_tokens=8",
+               "--config.data.seq_len=128", "--config.train.steps=4",
+               "--config.train.eval_every=0", "--config.train.log_every=1",
+               "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
+
+
+def test_two_processes_equal_one(tmp_path):
+  """kd.lmbda 0.75 of 8 rows: 2 processes x 2 devices (each rebuilding its own rows, the student
+  prompts of both decoded as one global batch) end with the params, losses, rollout counts and
+  eval/kl_teacher of 1 process x 4 devices."""
+  import test_multiprocess as mp  # the multi-process harness (subprocesses, event files)
+  ref_dir, multi_dir = tmp_path / "ref", tmp_path / "multi"
+  outs = mp._finish_all([*mp._two_processes(multi_dir, ICL_MP_ARGS, devices=2),
+                         mp._Run(ref_dir, 4, args=ICL_MP_ARGS)])
+  assert all("ICLDist done at step 4" in o for o in outs), outs[0][-3000:]
+  ref, multi = mp._scalars(ref_dir / "tensorboard"), mp._scalars(multi_dir / "tensorboard")
+  for tag in ("train/loss", "train/kd", "train/ce"):
+    mp._assert_curve(multi, ref, tag, [1, 2, 3, 4])
+  mp._assert_curve(multi, ref, "eval/kl_teacher", [4])  # at the end
+  for tag in ("train/onpolicy_fraction", "train/rollout_length", "train/rollout_dropped"):
+    assert multi[tag] == ref[tag], tag  # counts over all processes' rows
+  assert ref["train/onpolicy_fraction"][1] == 0.75
+  assert_trees_close(mp._params(multi_dir), mp._params(ref_dir))
