@@ -219,6 +219,11 @@ def kd() -> ml_collections.ConfigDict:
   # offline: an HF teacher dir used only to score the held-out FULL-vocabulary KL
   # (eval/kl_teacher); "" = the store's support only (eval/kl_teacher_bucketed)
   c.eval_teacher = ""
+  # Also log eval/kl_teacher_onpolicy at every held-out eval: KL(student || teacher) over the
+  # full vocabulary on responses the student samples for the val rows' prompts (kd.rollout.*
+  # settings, keys of step 0: the same draws each eval), the quantity on-policy distillation
+  # minimises; any kd.mode with a teacher model at hand (teacher.* or kd.eval_teacher)
+  c.eval_onpolicy = False
   # on_policy (GKD): the first round(lmbda x batch) rows of each batch keep their prompts and get
   # responses sampled by the CURRENT student (seq_kd=True: by the teacher); the rest keep the
   # corpus responses. Needs an online teacher (teacher.*); the student's own samples get no CE.

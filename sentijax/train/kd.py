@@ -8,9 +8,10 @@ response token; online, the teacher runs forward inside the jitted step (stop_gr
 sharded over the same mesh, a separate non-donated argument, never in the optimizer state).
 Sparse supports (online `kd.top_k`, offline stores) keep the teacher's tail as one bucket
 (`kd.tail=bucket`, losses.py); `train/kd_support_mass` logs the student's mass on the teacher's
-support. Held out (`divergence_hook`), at step 0, every `train.eval_every` steps and at the end,
+support. Held out (`kd_eval.divergence_hook`), at step 0, every `train.eval_every` steps and at the end,
 also for `kd.loss=ce` (the baseline): the full-vocabulary KL to a teacher model when one is at hand
-(`eval/kl_teacher`: online, or `kd.eval_teacher` offline), else a top-k store's bucketed KL
+(`eval/kl_teacher`, `eval/kl_teacher_reverse`: online, or `kd.eval_teacher` offline; with
+`kd.eval_onpolicy` also `eval/kl_teacher_onpolicy` on the student's samples), else a top-k store's bucketed KL
 (`eval/kl_teacher_bucketed`), the training divergence (`eval/kd`) and `eval/kd_support_mass`.
 On-policy with a served teacher (`teacher.backend=openai`): no teacher model here; its tokenizer
 (`teacher.tokenizer`) is checked and its server probed before the data pipeline, then it scores
@@ -32,7 +33,7 @@ from sentijax.data import tokenizer as tokenizer_lib
 from sentijax.data.spec import DataSpec
 from sentijax.models import factory
 from sentijax.teacher import backend
-from sentijax.train import export, loop, losses, onpolicy, served, step
+from sentijax.train import export, kd_eval, loop, losses, onpolicy, served, step
 
 log = logging.getLogger("sentijax")
 LOSSES = ("ce",) + losses.KINDS
@@ -61,6 +62,7 @@ class KDSpec:
   teacher_dtype: str
   teacher_seed: int
   rollout: onpolicy.RolloutSpec | None = None  # kd.mode=on_policy
+  eval_rollout: onpolicy.RolloutSpec | None = None  # kd.eval_onpolicy: every val row sampled
   teacher_backend: str = "local"  # local (the model here) | a served one (on_policy only)
 
   @property
@@ -83,7 +85,10 @@ class KDSpec:
                teacher_tokenizer=str(t.tokenizer), teacher_dtype=str(t.dtype),
                teacher_seed=int(t.seed), teacher_backend=str(t.backend),
                rollout=(onpolicy.RolloutSpec.from_config(config) if str(k.mode) == "on_policy"
-                        else None))
+                        else None),
+               eval_rollout=(dataclasses.replace(onpolicy.RolloutSpec.from_config(config),
+                                                 lmbda=1.0, seq_kd=False, estimator="full")
+                             if bool(k.get("eval_onpolicy", False)) else None))
     checks = (("kd.loss", spec.loss in LOSSES, f"expected one of {LOSSES}"),
               ("kd.mode", spec.mode in MODES, f"expected one of {MODES}"),
               ("kd.alpha", 0 <= spec.alpha <= 1, "must be in [0, 1]"),
@@ -271,62 +276,6 @@ class Context:
     return options
 
 
-def eval_terms(ctx: Context, vocab: int, store_support: str | None) -> dict[str, losses.Distill]:
-  """The held-out divergences, each named for what it measures: "kl_teacher" (a teacher model
-  at hand: KL(teacher || student) at T = 1 over the whole shared vocabulary) and
-  "kl_teacher_reverse" (KL(student || teacher), the direction on-policy and reverse-KL runs
-  minimise, on the same tokens), else
-  "kl_teacher_bucketed" (a top-k store: the same over its listed ids + the tail bucket, a lower
-  bound of it); "kd" (the training divergence)."""
-  terms = {}
-  if ctx.teacher_cfg is not None:
-    terms["kl_teacher"] = losses.Distill(alpha=0.0, vocab=vocab)
-    terms["kl_teacher_reverse"] = losses.Distill(kind="reverse", alpha=0.0, vocab=vocab)
-  elif store_support == "listed":
-    terms["kl_teacher_bucketed"] = losses.Distill(alpha=0.0, support="listed", vocab=vocab)
-  if ctx.distill is not None and ctx.distill.support != "served":  # val rows are not scored
-    terms["kd"] = ctx.distill
-  return terms
-
-
-def divergence_hook(ctx: Context, model_cfg: models.ModelConfig, val_ds, batch_size: int,
-                    num_batches: int, loss_chunk: int, terms: dict[str, losses.Distill]):
-  """(step, params) -> `terms` (see `eval_terms`) and "kd_support_mass" (the student's mass on
-  the teacher's support, for a sparse "kd" or "kl_teacher_bucketed"), per response token over the
-  first `num_batches` val batches (the ones `eval/loss` uses)."""
-  mass_term = next((n for n in ("kd", "kl_teacher_bucketed") if n in terms and terms[n].sparse),
-                   None)
-  fn = None
-
-  def hook(step_num: int, params) -> dict:
-    nonlocal fn
-    del step_num
-    if fn is None:
-      t_cfg = None if ctx.teacher is None else ctx.teacher.cfg
-      fn = jax.jit(lambda p, b, tp: {
-          name: step.loss_terms(model_cfg, p, b, loss_chunk, d, t_cfg, tp)
-          for name, d in terms.items()})
-    batch_sh = sharding.batch_sharding(ctx.mesh, ctx.rules)
-    t_params = None if ctx.teacher is None else ctx.teacher.params
-    sums = {name: 0.0 for name in terms}
-    tokens = mass = mass_tokens = 0.0
-    for i in range(num_batches):
-      local = val_ds.batch_at(i, batch_size)
-      batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
-      out = jax.device_get(fn(params, batch, t_params))
-      for name in terms:
-        sums[name] += float(out[name]["kd"])
-      tokens += float(next(iter(out.values()))["tokens"])
-      if mass_term:
-        mass += float(out[mass_term]["support_mass"])
-        mass_tokens += float(out[mass_term]["support_tokens"])
-    scalars = {name: total / max(tokens, 1.0) for name, total in sums.items()}
-    if mass_term:
-      scalars["kd_support_mass"] = mass / max(mass_tokens, 1.0)
-    return scalars
-  return hook
-
-
 # --------------------------------------------------------------------------- job
 
 
@@ -402,13 +351,15 @@ def run(config) -> loop.Result:
            train_ds.num_rows, train_ds.seq_len, vocab)
 
   rollout_args = None
-  if spec.rollout is not None:
+  if spec.rollout is not None or spec.eval_rollout is not None:
     if tok.eos_token_id is None:
-      raise ValueError("kd.mode=on_policy: the tokenizer has no eos token to end sampled "
-                       "responses with")
+      raise ValueError(f"kd.mode={spec.mode}, kd.eval_onpolicy={spec.eval_rollout is not None}: "
+                       "the tokenizer has no eos token to end sampled responses with")
     rollout_args = {"cfg": model_cfg, "vocab": vocab, "eos_id": int(tok.eos_token_id),
                     "seq_len": train_ds.seq_len, "stop_ids": tokenizer_lib.ids_containing(
-                        tok, spec.rollout.sampling.stop, model_cfg.vocab_size)}
+                        tok, (spec.rollout or spec.eval_rollout).sampling.stop,
+                        model_cfg.vocab_size)}
+  if spec.rollout is not None:
     log.info("on-policy: %.0f%% of each batch's rows sampled by the %s (T %g, top_p %g, <= %d "
              "new tokens)", 100 * spec.rollout.lmbda, "teacher" if spec.rollout.seq_kd else
              "student", spec.rollout.sampling.temperature, spec.rollout.sampling.top_p,
@@ -416,10 +367,18 @@ def run(config) -> loop.Result:
   ctx = Context(spec, teacher_cfg, distill, rollout_args, scorer)
   tc = config.train
   hooks = ()
-  terms = eval_terms(ctx, vocab, store_support)
+  terms = kd_eval.eval_terms(ctx, vocab, store_support)
+  if spec.eval_rollout is not None and val_ds is None:
+    raise ValueError("kd.eval_onpolicy=True samples responses for the held-out rows: set "
+                     "data.val_fraction > 0 (or a validation corpus)")
   if val_ds is not None and terms:
-    hooks = (divergence_hook(ctx, model_cfg, val_ds, int(tc.batch_size), int(tc.eval_batches),
-                             int(tc.loss_chunk), terms),)
+    if spec.eval_rollout is not None and "kl_teacher_reverse" not in terms:
+      raise ValueError("kd.eval_onpolicy=True scores the student's samples with a teacher model: "
+                       "set teacher.model_dir / teacher.preset (online), or kd.eval_teacher "
+                       "(offline)")
+    hooks = (kd_eval.divergence_hook(
+        ctx, model_cfg, val_ds, int(tc.batch_size), int(tc.eval_batches), int(tc.loss_chunk),
+        terms, rollout_args if spec.eval_rollout is not None else None),)
   teacher_flops = 0.0
   if distill is not None and distill.online:  # forward only: 1/3 of a training step
     teacher_flops = teacher_cfg.flops_per_token(train_ds.seq_len) / 3

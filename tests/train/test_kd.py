@@ -19,7 +19,7 @@ from sentijax import config as config_lib
 from sentijax import models, sharding
 from sentijax.data import readers, records
 from sentijax.data import tokenizer as tokenizer_lib
-from sentijax.train import kd, losses, state as state_lib, step
+from sentijax.train import kd, kd_eval, losses, onpolicy, state as state_lib, step
 from tolerances import RTOL, assert_trees_close
 
 REPO = Path(__file__).resolve().parents[2]
@@ -343,16 +343,61 @@ def test_offline_held_out_metrics_are_named_for_what_they_measure(tmp_path):
     ctx = kd.Context(spec, kd.teacher_config(spec), distill)
     assert ctx.loss_options(mesh, RULES) == {"distill": distill, "teacher": None}
     assert (ctx.teacher is not None) == eval_teacher
-    terms = kd.eval_terms(ctx, n, "listed")
+    terms = kd_eval.eval_terms(ctx, n, "listed")
     assert set(terms) == names
-    got = kd.divergence_hook(ctx, STUDENT, Val(), 8, 1, 0, terms)(0, s_params)
+    got = kd_eval.divergence_hook(ctx, STUDENT, Val(), 8, 1, 0, terms)(0, s_params)
     assert set(got) == names | {"kd_support_mass"}
     for name, value in got.items():
       # Per-token means of fp32 divergences of ~1..5 nats: ~1e-6 relative to float64.
       np.testing.assert_allclose(value, (want[name] * w).sum() / w.sum(), rtol=1e-4,
                                  err_msg=name)
   # A sampled store without a teacher model: only the training term, nothing named kl_teacher.
-  assert set(kd.eval_terms(kd.Context(spec, None, None), n, "sampled")) == set()
+  assert set(kd_eval.eval_terms(kd.Context(spec, None, None), n, "sampled")) == set()
+
+
+def test_eval_onpolicy_scores_the_students_own_samples(tmp_path):
+  """kd.eval_onpolicy: eval/kl_teacher_onpolicy is KL(student || teacher) over the full
+  vocabulary on the tokens the student samples for the val rows' prompts (keys of step 0), not
+  on the corpus responses (eval/kl_teacher_reverse). Against float64 numpy on the sampled rows."""
+  rng = np.random.default_rng(7)
+  t_params = jax.tree.map(lambda s: (rng.normal(size=s.shape) * 0.05).astype(np.float32),
+                          models.param_shapes(TEACHER))
+  t_params["lm_head"] *= 40
+  models.save_hf(TEACHER, t_params, tmp_path / "teacher")
+  batch = _batch(np.random.default_rng(8), rows=8)
+  n = 1000
+
+  class Val:
+    def batch_at(self, i, batch_size):
+      return batch
+
+  c = kd_config.get_config()
+  c.kd.update(eval_onpolicy=True, loss="forward")
+  c.kd.rollout.max_new_tokens = 12
+  c.teacher.model_dir = str(tmp_path / "teacher")
+  spec = kd.KDSpec.from_config(c)
+  assert spec.rollout is None and spec.eval_rollout.lmbda == 1.0
+  distill = spec.distill(n, "listed")
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  ctx = kd.Context(spec, TEACHER, distill)
+  ctx.loss_options(mesh, RULES)
+  s_params = jax.device_put(models.init(STUDENT, 0), models.shardings_for(STUDENT, mesh, RULES))
+  args = {"cfg": STUDENT, "vocab": n, "eos_id": 1, "seq_len": 32, "stop_ids": ()}
+  terms = kd_eval.eval_terms(ctx, n, None)
+  got = kd_eval.divergence_hook(ctx, STUDENT, Val(), 8, 1, 0, terms, args)(0, s_params)
+
+  rollout = onpolicy.Rollout(spec.eval_rollout, placement=sharding.Placement(mesh, RULES), **args)
+  state = type("S", (), {"params": s_params, "step": 0})
+  rolled = {k: np.asarray(v) for k, v in rollout(state, batch)[0].items()}
+  w = rolled["weights"] * (rolled["segment_ids"] > 0)
+  assert w.sum() > 40 and not np.array_equal(rolled["inputs"], batch["inputs"])
+  p = _np_softmax(np.asarray(models.apply(TEACHER, t_params, rolled["inputs"]), np.float64)[..., :n])
+  q = _np_softmax(np.asarray(models.apply(STUDENT, jax.device_get(s_params), rolled["inputs"]),
+                             np.float64)[..., :n])
+  reverse = (q * np.log(q / p)).sum(-1)
+  # A per-token mean of fp32 divergences of ~1..10 nats: ~1e-6 relative to float64.
+  np.testing.assert_allclose(got["kl_teacher_onpolicy"], (reverse * w).sum() / w.sum(), rtol=1e-4)
+  assert abs(got["kl_teacher_onpolicy"] - got["kl_teacher_reverse"]) > 1e-3 * got["kl_teacher_reverse"]
 
 
 # ---------------------------------------------------------------------------------------------
