@@ -258,6 +258,11 @@ def kd_teacher() -> ml_collections.ConfigDict:
   c.base_url = "http://127.0.0.1:8000/v1"
   c.model = ""  # the served model's name
   c.echo_max_tokens = 0  # max_tokens of a scoring request (1 for servers refusing 0)
+  # N > 0: the scoring request also asks for the teacher's top-N log-probs per token, and each
+  # sampled token's loss is the reverse-KL estimator PLUS the tail-aware bucketed reverse KL over
+  # those N ids + one tail bucket (1 - their mass; student side exact), weight 1 each. The server
+  # must return >= N (vLLM --max-logprobs); fewer stops the run. 0 = the estimator only.
+  c.top_logprobs = 0
   c.endpoint = "completions"  # scoring always posts to /completions
   c.api_key_env = ""  # NAME of the env variable holding the key (never the key)
   c.concurrency = 8  # scoring requests in flight

@@ -298,6 +298,15 @@ class OpenAITeacher:
     scored as sent (echo's `token_logprobs`: the chosen token's, in or out of any top-N)."""
     return self._echo(token_ids, 1, max_tokens)[0]
 
+  def prompt_token_scores(self, token_ids: Sequence[int], k: int, max_tokens: int = 0
+                          ) -> tuple[list[float | None], list[dict[int, float] | None]]:
+    """Both in one request: each of `token_ids`' own log-prob (as `prompt_token_logprobs`) and
+    the server's top-k {id: logprob} at each position (as `prompt_logprobs`; None for the
+    first). Ids come back as ids (`return_tokens_as_token_ids`); a key that maps to no id is
+    dropped, so a position may hold fewer than k (the caller checks)."""
+    chosen, tops, _ = self._echo(token_ids, k, max_tokens)
+    return chosen, tops
+
   def _echo(self, token_ids: Sequence[int], k: int, max_tokens: int
             ) -> tuple[list[float | None], list[dict[int, float] | None], int]:
     """(chosen logprobs, top-k {id: logprob}, unmappable strings) of `token_ids` scored by the

@@ -290,7 +290,8 @@ def served_scorer(config, spec: KDSpec, tok: Any, tok_where: str, probe_text: st
   client = served.connect(config, probe + [tok.eos_token_id or 0] * (2 - len(probe)))
   log.info("teacher: %r served at %s scores the student's samples (%d requests at once)",
            str(config.teacher.model), config.teacher.base_url, int(config.teacher.concurrency))
-  return served.Scorer(client, int(config.teacher.echo_max_tokens)), vocab
+  return served.Scorer(client, int(config.teacher.echo_max_tokens),
+                       served.top_logprobs_setting(config)), vocab
 
 
 def _records(spec: KDSpec, data: DataSpec):

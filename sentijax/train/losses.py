@@ -23,7 +23,9 @@ Supports (`Distill.support`):
   sampled  ids drawn from the tempered teacher with weights c_i / N and the teacher's log-probs of
            them: an unbiased estimate of the full-vocabulary forward KL (`sampled_kl`).
   served   a served teacher's log-probs of the student's samples ("teacher_logp"): the sampled-
-           token reverse-KL estimator (`token_reverse_kl`) there, CE on corpus tokens elsewhere.
+           token reverse-KL estimator (`token_reverse_kl`) there, CE on corpus tokens elsewhere;
+           with the teacher's top-N in the listed fields (teacher.top_logprobs), the sampled
+           tokens' term is the estimator PLUS the listed bucketed reverse KL (N + 1 buckets).
 
 The tail (`Distill.tail = "bucket"`, the default). The divergence is taken over k + 1 buckets:
 p_i, q_i for i in S and p_tail = 1 - sum_S p, q_tail = 1 - sum_S q. The student's probabilities
@@ -319,7 +321,11 @@ def distill_terms(student_logits_BxLxV: Array, distill: Distill, teacher_logits_
   student = student_logits_BxLxV[..., :v]
   if d.support == "served":
     ce = cross_entropy(student, tokens_BxL)
-    return {"kd": ce, "has": jnp.ones(ce.shape, bool)}
+    out = {"kd": ce, "has": jnp.ones(ce.shape, bool)}
+    if "soft_ids" in (soft or {}):  # the teacher's top-N + tail (teacher.top_logprobs)
+      out["listed"] = soft_divergence(student, soft["soft_ids"], soft["soft_probs"], kind=d.kind,
+                                      tail="bucket", soft_tail_BxL=soft.get("soft_tail"))
+    return out
   if d.online:
     if teacher_logits_BxLxV is None:
       raise ValueError(f"Distill(support={d.support!r}) needs an online teacher's logits")
@@ -378,7 +384,8 @@ def chunked_loss_sums(student: Head, targets_BxT: Array, weights_BxT: Array, chu
   there (a student's own sample is no target), and with an online or served teacher "rkl_token"
   / "sampled_tokens": the sum of `token_reverse_kl`'s estimate log q(x) - log p(x) over them.
   `token_estimator` (always, served): there the distillation term IS that estimator's surrogate
-  (a policy gradient on the sampled token only) instead of `distill`'s divergence.
+  (a policy gradient on the sampled token only) instead of `distill`'s divergence; served with
+  the listed fields too (a top-N served teacher), that surrogate plus the bucketed reverse KL.
   """
   hidden_BxTxE = student.hidden_BxTxE
   b, t, _ = hidden_BxTxE.shape
@@ -428,7 +435,8 @@ def chunked_loss_sums(student: Head, targets_BxT: Array, weights_BxT: Array, chu
     terms = distill_terms(logits_BxCxV, distill, t_logits,
                           {k: v for k, v in c.items() if k in SOFT_FIELDS}, c["tgt"])
     if (token_estimator or served) and "s" in c:
-      terms = {**terms, "kd": jnp.where(c["s"] > 0, surrogate, terms["kd"])}
+      on_samples = surrogate + terms["listed"] if "listed" in terms else surrogate
+      terms = {**terms, "kd": jnp.where(c["s"] > 0, on_samples, terms["kd"])}
     w_BxC = c["w"] if distill.weighted else terms["has"].astype(jnp.float32)
     sums["kd"] = jnp.sum(terms["kd"] * w_BxC)
     if "mass" in terms:

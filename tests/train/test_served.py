@@ -153,6 +153,137 @@ def test_served_term_is_the_estimator_on_samples_and_ce_on_corpus_tokens():
     losses.chunked_loss_sums(losses.Head(h, out), tgt, w, 3, distill=d, soft={})
 
 
+def _log_softmax64(logits):
+  logits = np.asarray(logits, np.float64)
+  top = logits.max(-1, keepdims=True)
+  return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def test_top_logprobs_parsed_into_the_listed_fields_equal_a_local_forward(server, tok,
+                                                                           teacher_params):
+  """teacher.top_logprobs=2 against sentijax.serve: at every sampled target the soft fields hold
+  the teacher's 2 most likely ids (in order), their probabilities and 1 - their sum, from a
+  float64 local forward of the segment alone; zeros elsewhere; teacher_logp as without them."""
+  n = 2
+  texts = teacher_fixtures.demo_texts()
+  local = _batch([_row(tok, texts[0:2], [1, 2]), _row(tok, texts[2:4], [2])])
+  client = _client(server.url)
+  try:
+    plain_BxT, _ = served.Scorer(client)(dict(local), step=0)
+    logp_BxT, metrics = served.Scorer(client, top_logprobs=n)(local, step=0)
+  finally:
+    client.close()
+  assert metrics["teacher_requests"] == 3
+  assert_close(logp_BxT, plain_BxT, rel=1e-6, what="teacher_logp with top_logprobs")
+  sampled = local["sampled"] > 0
+  want_ids = np.zeros(sampled.shape + (n,), np.int64)
+  want_probs = np.zeros(sampled.shape + (n,))
+  for r in range(2):
+    for seg in np.unique(local["segment_ids"][r][sampled[r]]):
+      where = np.flatnonzero(local["segment_ids"][r] == seg)
+      logp = _log_softmax64(models.apply(T_CFG, teacher_params, local["inputs"][r, where][None])[0])
+      order = np.argsort(-logp, -1, kind="stable")[:, :n]
+      on = sampled[r, where]
+      want_ids[r, where[on]] = order[on]
+      want_probs[r, where[on]] = np.exp(np.take_along_axis(logp, order, -1))[on]
+  want_tail = np.where(sampled, 1.0 - want_probs.sum(-1), 0.0)
+  assert local["soft_ids"].shape == sampled.shape + (n,) and local["soft_ids"].dtype == np.int32
+  np.testing.assert_array_equal(local["soft_ids"], want_ids)
+  assert_close(local["soft_probs"], want_probs, rel=1e-5, what="soft_probs")
+  # The teacher is peaked (tails 1e-4 .. 3e-3): 1e-3 of the largest tail is ~1e-6 absolute, the
+  # server's fp32 log-probs' rounding; a dropped or misaligned tail is off by the whole tail.
+  assert want_tail[sampled].max() > 1e-3
+  assert_close(local["soft_tail"], want_tail, rel=1e-3, what="soft_tail")
+
+
+def _top_server(tops):
+  """A scripted vLLM-shaped echo answer for the ids [5, 9, 7] with these top_logprobs."""
+  echo = {"choices": [{"text": "", "logprobs": {
+      "tokens": ["token_id:5", "token_id:9", "token_id:7"],
+      "token_logprobs": [None, -3.5, -0.25]} | ({} if tops is None else {"top_logprobs": tops})}]}
+  return teacher_fixtures.ScriptedServer(lambda k, body: (200, {}, json.dumps(echo)))
+
+
+def test_top_logprobs_from_a_vllm_shaped_answer_and_short_or_missing_lists():
+  """vLLM adds the chosen token to the top-N (N + 1 entries, any order): the N most likely are
+  kept, sorted, tail = 1 - their probabilities. Fewer than N at a position, no top_logprobs, or
+  top-N probabilities summing past 1 stop with an error naming teacher.top_logprobs."""
+  tops = [None, {"token_id:9": -3.5, "token_id:4": -0.5, "token_id:2": -1.5},
+          {"token_id:1": -3.0, "token_id:7": -0.25, "token_id:3": -2.0}]
+  srv = _top_server(tops)
+  client = _client(srv.url, max_retries=0)
+  try:
+    values, (ids, probs, tail) = served.Scorer(client, top_logprobs=2).score([5, 9, 7], "t")
+    assert srv.arrivals[0][2]["logprobs"] == 2 and srv.arrivals[0][2]["echo"] is True
+    with pytest.raises(served.ScoringError, match=r"returned 3 top log-probs at token 1, "
+                       r"teacher.top_logprobs=4 asked for 4"):
+      served.Scorer(client, top_logprobs=4).score([5, 9, 7], "t")
+  finally:
+    client.close()
+    srv.stop()
+  np.testing.assert_array_equal(values, np.float32([-3.5, -0.25]))
+  np.testing.assert_array_equal(ids, [[4, 2], [7, 3]])
+  want = np.exp([[-0.5, -1.5], [-0.25, -2.0]])
+  assert_close(probs, want, rel=1e-6, what="probs")
+  assert_close(tail, 1.0 - want.sum(-1), rel=1e-6, what="tail")
+  assert tail.min() > 0.05
+  not_a_distribution = [None, tops[1], {"token_id:7": -0.25, "token_id:3": -0.5}]
+  for missing in (None, [None, None, None], [None, {}, {}], not_a_distribution):
+    srv = _top_server(missing)
+    client = _client(srv.url, max_retries=0)
+    try:
+      with pytest.raises((served.ScoringError, backend.MissingCapability),
+                         match=r"teacher.top_logprobs=2\b"):
+        served.Scorer(client, top_logprobs=2).score([5, 9, 7], "t")
+    finally:
+      client.close()
+      srv.stop()
+
+
+def test_step_loss_is_the_estimator_plus_the_bucketed_reverse_kl():
+  """step.loss_terms on the tiny student (chunks of 7): with the teacher's top-3 + tail in the
+  listed fields, kd = sum over weighted targets of, on sampled ones, (log q(x) - log p(x)) +
+  sum over the 4 buckets q_b log(q_b / p_b) (q_tail = the student's mass outside the 3 ids), CE
+  on corpus ones. Reference: float64 numpy on the model's logits."""
+  rng = np.random.default_rng(5)
+  params = models.init(S_CFG, 1)
+  n, b, t = 3, 2, 16
+  inputs = rng.integers(0, V, (b, t)).astype(np.int32)
+  targets = np.roll(inputs, -1, 1)
+  w = np.ones((b, t), np.float32)
+  w[:, :3] = 0
+  s = np.stack([w[0], w[1] * (np.arange(t) >= 8)]).astype(np.float32)
+  p_BxTxV = rng.dirichlet(np.full(V, 0.05), (b, t))  # a peaked teacher
+  ids = np.argsort(-p_BxTxV, -1)[..., :n].astype(np.int32)
+  probs = np.take_along_axis(p_BxTxV, ids, -1) * s[..., None]
+  tail = (1.0 - probs.sum(-1)) * s
+  t_logp = np.log(np.take_along_axis(p_BxTxV, targets[..., None], -1)[..., 0]) * s
+  batch = {"inputs": inputs, "targets": targets, "weights": w, "sampled": s,
+           "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t), (b, 1)),
+           "teacher_logp": t_logp.astype(np.float32), "soft_ids": ids,
+           "soft_probs": probs.astype(np.float32), "soft_tail": tail.astype(np.float32)}
+  d = losses.Distill(kind="reverse", alpha=1.0, support="served", vocab=V)
+  got = step.loss_terms(S_CFG, params, {k: jnp.asarray(v) for k, v in batch.items()}, 7, d)
+  plain = step.loss_terms(S_CFG, params, {k: jnp.asarray(v) for k, v in batch.items()
+                                          if k not in ("soft_ids", "soft_probs", "soft_tail")}, 7, d)
+  log_q = _log_softmax64(models.apply(S_CFG, params, inputs, segment_ids=batch["segment_ids"]))
+  at = np.take_along_axis(log_q, targets[..., None], -1)[..., 0]
+  q_s = np.exp(np.take_along_axis(log_q, ids, -1))
+  q_tail = 1.0 - q_s.sum(-1)
+  p_s = np.where(s[..., None] > 0, probs, 1.0)
+  p_tail = np.where(s > 0, tail, 1.0)
+  bucket_kl = (q_s * (np.log(q_s) - np.log(p_s))).sum(-1) + q_tail * (np.log(q_tail) - np.log(p_tail))
+  estimator = at - t_logp
+  want = np.sum(w * np.where(s > 0, estimator + bucket_kl, -at))
+  assert np.sum(s * bucket_kl) > 1.0  # a real term, not a rounding of the estimator's sum
+  assert_close(got["kd"], want, rel=1e-5, what="kd = estimator + bucketed reverse KL")
+  assert_close(got["kd"] - plain["kd"], np.sum(s * bucket_kl), rel=1e-3,
+               what="the bucketed term alone (sampled targets only)")
+  assert_close(got["rkl_token"], np.sum(s * estimator), rel=1e-5, what="rkl_token")
+  assert_close(plain["kd"], np.sum(w * np.where(s > 0, estimator, -at)), rel=1e-5,
+               what="kd without top_logprobs")
+
+
 ROLLOUT = onpolicy.RolloutSpec(lmbda=1.0, seq_kd=False, estimator="token", sampling=SamplingSettings(
     temperature=1.0, max_tokens=RESPONSE, seed=3))
 
@@ -259,6 +390,49 @@ def test_server_without_prompt_logprobs_fails_naming_the_capability(tmp_path, to
     srv.stop()
   assert len(srv.arrivals) == 1 and srv.arrivals[0][2]["echo"] is True
   assert not (tmp_path / "kd" / "checkpoints").exists()
+
+
+def test_a_server_with_fewer_top_logprobs_fails_at_the_probe_naming_the_setting(tmp_path,
+                                                                               tok_dir):
+  """teacher.top_logprobs=2 against a server echoing prompt logprobs with only 1 top entry: the
+  job's probe request (before training) stops with ScoringError naming teacher.top_logprobs; a
+  negative setting is refused before any request."""
+  def script(n, body):
+    ids = body["prompt"]
+    return 200, {}, json.dumps({"choices": [{"text": "", "logprobs": {
+        "tokens": [f"token_id:{i}" for i in ids], "token_logprobs": [None] + [-1.0] * (len(ids) - 1),
+        "top_logprobs": [None] + [{f"token_id:{i}": -1.0} for i in ids[1:]]}}]})
+  srv = teacher_fixtures.ScriptedServer(script)
+  try:
+    with pytest.raises(served.ScoringError, match=r"probe request.*returned 1 top log-probs.*"
+                       r"teacher.top_logprobs=2 asked for 2"):
+      kd.run(_config(tmp_path, srv.url, tok_dir, tok_dir, teacher__top_logprobs=2))
+    assert len(srv.arrivals) == 1 and srv.arrivals[0][2]["logprobs"] == 2
+    with pytest.raises(ValueError, match=r"teacher.top_logprobs=-1: expected an int >= 0"):
+      kd.run(_config(tmp_path, srv.url, tok_dir, tok_dir, teacher__top_logprobs=-1))
+    assert len(srv.arrivals) == 1
+  finally:
+    srv.stop()
+
+
+def test_top_logprobs_steps_add_the_bucketed_term_on_the_same_samples(server, tok):
+  """One on-policy step scored by sentijax.serve with and without teacher.top_logprobs=2 (the
+  soft fields go through the rollout's batch into the jitted step): the same samples and
+  rkl_token, and a loss larger by the (non-negative, here > 0) bucketed reverse KL."""
+  texts = teacher_fixtures.demo_texts()
+  batches = [_batch([_row(tok, texts[2 * r:2 * r + 2], []) for r in range(2)])]
+  client = _client(server.url)
+  try:
+    runs = [_train(batches, rollout=onpolicy.Rollout(
+        ROLLOUT, S_CFG, vocab=V, eos_id=tok.eos_token_id, seq_len=LENGTH, per_layer=False,
+        scorer=served.Scorer(client, top_logprobs=n)), distill=losses.Distill(
+            kind="reverse", alpha=1.0, support="served", vocab=V))[1][0] for n in (0, 2)]
+  finally:
+    client.close()
+  plain, top = runs
+  assert plain["rollout_length"] == top["rollout_length"] > 0
+  assert_close(top["rkl_token"], plain["rkl_token"], rel=1e-6, what="rkl_token")
+  assert top["loss"] > plain["loss"] + 1e-3 * abs(plain["loss"])
 
 
 def test_teacher_tokenizer_of_another_vocabulary_fails_naming_both(tmp_path, tok_dir):
