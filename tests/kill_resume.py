@@ -1,7 +1,22 @@
 """The shared body of the kill/resume tests: SIGKILL a training job after a checkpoint, rerun it."""
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_main(config: str, workdir, *flags: str, **popen_kw) -> subprocess.Popen:
+  """`python -m sentijax.main --config=configs/<config>.py --config.workdir=<workdir> <flags>` in
+  the repo root on 2 fake CPU devices, stdout and stderr merged as text."""
+  cmd = [sys.executable, "-m", "sentijax.main", f"--config=configs/{config}.py",
+         f"--config.workdir={workdir}", *flags]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **popen_kw)
 
 
 def checkpoint_steps(workdir) -> list[int]:

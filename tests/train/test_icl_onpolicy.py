@@ -3,12 +3,7 @@ answer at the same positions, the loss counts exactly those tokens; student_shot
 ordinary on-policy path; the divergence against a float64 reference of teacher(k-shot) vs
 student(0-shot); a served teacher's steps equal the local teacher's; the icldist job SIGKILLed
 mid-run resumes to the uninterrupted run's params; bad settings name their key."""
-import importlib.util
-import os
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +20,10 @@ from sentijax.teacher.local import LocalTeacher
 from sentijax.teacher.openai_api import ClientSpec, OpenAITeacher
 from sentijax.train import icl_onpolicy, icldist, losses, onpolicy, served, state as state_lib
 from sentijax.train import step
-from kill_resume import kill_then_resume
+from kill_resume import kill_then_resume, start_main
 from teacher import teacher_fixtures
 from tolerances import assert_close, assert_trees_close
 
-REPO = Path(__file__).resolve().parents[2]
 V = teacher_fixtures.VOCAB  # the test tokenizer's length = both models' vocab
 T_CFG = models.presets.get("tiny").replace(vocab_size=V, max_position_embeddings=256)
 S_CFG = T_CFG.replace(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
@@ -322,19 +316,9 @@ def test_icldist_job_with_a_served_teacher(tmp_path, tok_dir, tok, teacher_param
 
 
 def _config(**over):
-  spec = importlib.util.spec_from_file_location("icldist_config", REPO / "configs" / "icldist.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  c.icl.target, c.icl.shots, c.icl.leak_check = "on_policy", "3", "off"
-  c.icl.heldout, c.eval.data_dir = "sc/movies", "/nonexistent"
-  for key, value in over.items():
-    *path, name = key.split("__")
-    node = c
-    for part in path:
-      node = node[part]
-    node[name] = value
-  return c
+  return teacher_fixtures.job_config("icldist", **{
+      "icl.target": "on_policy", "icl.shots": "3", "icl.leak_check": "off",
+      "icl.heldout": "sc/movies", "eval.data_dir": "/nonexistent", **over})
 
 
 def test_bad_settings_name_the_key():
@@ -397,18 +381,14 @@ STEPS = 8
 
 
 def _main(workdir):
-  cmd = [sys.executable, "-m", "sentijax.main", "--config=configs/icldist.py",
-         f"--config.workdir={workdir}", "--config.icl.target=on_policy",
-         "--config.icl.shots=2", "--config.icl.student_shots=0", "--config.icl.num_prompts=48",
-         "--config.icl.leak_check=off", "--config.icl.heldout=sc/sst2",
-         "--config.eval.data_dir=/nonexistent", "--config.kd.lmbda=0.5",
-         "--config.kd.rollout.max_new_tokens=8", "--config.data.seq_len=128",
-         f"--config.train.steps={STEPS}", "--config.train.eval_every=0",
-         "--config.train.log_every=2", "--config.checkpoint.every=2",
-         "--config.checkpoint.async_save=False"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return start_main("icldist", workdir, "--config.icl.target=on_policy", "--config.icl.shots=2",
+                    "--config.icl.student_shots=0", "--config.icl.num_prompts=48",
+                    "--config.icl.leak_check=off", "--config.icl.heldout=sc/sst2",
+                    "--config.eval.data_dir=/nonexistent", "--config.kd.lmbda=0.5",
+                    "--config.kd.rollout.max_new_tokens=8", "--config.data.seq_len=128",
+                    f"--config.train.steps={STEPS}", "--config.train.eval_every=0",
+                    "--config.train.log_every=2", "--config.checkpoint.every=2",
+                    "--config.checkpoint.async_save=False")
 
 
 def test_main_killed_mid_run_resumes_to_identical_params(tmp_path):

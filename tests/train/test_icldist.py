@@ -2,9 +2,6 @@
 import importlib.util
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -17,7 +14,7 @@ from sentijax.data import icl, icl_recipe, packing, records, sequences, tasks
 from sentijax.eval import compare
 from sentijax.eval import runs as runs_lib
 from sentijax.train import icldist, losses, step
-from kill_resume import kill_then_resume
+from kill_resume import kill_then_resume, start_main
 from tolerances import assert_trees_close
 
 REPO = Path(__file__).resolve().parents[2]
@@ -197,16 +194,12 @@ STEPS = 30
 
 
 def _main(workdir):
-  cmd = [sys.executable, "-m", "sentijax.main", "--config=configs/icldist.py",
-         f"--config.workdir={workdir}", f"--config.train.steps={STEPS}",
-         "--config.checkpoint.every=5", "--config.train.eval_every=15",
-         "--config.icl.num_prompts=300", "--config.icl.val_prompts=8",
-         "--config.icl.heldout=sc/movies", "--config.eval.max_examples=4",
-         f"--config.eval.data_dir={workdir}/none", "--config.icl.leak_check=off",
-         "--config.data.seq_len=128"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return start_main("icldist", workdir, f"--config.train.steps={STEPS}",
+                    "--config.checkpoint.every=5", "--config.train.eval_every=15",
+                    "--config.icl.num_prompts=300", "--config.icl.val_prompts=8",
+                    "--config.icl.heldout=sc/movies", "--config.eval.max_examples=4",
+                    f"--config.eval.data_dir={workdir}/none", "--config.icl.leak_check=off",
+                    "--config.data.seq_len=128")
 
 
 def test_main_killed_mid_run_resumes_to_identical_params(tmp_path):

@@ -1,8 +1,5 @@
 """KnowDist end to end: learning on the real teacher sample, NaN stop, kill/resume, main job."""
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,10 +8,10 @@ import pytest
 import safetensors.numpy
 
 from sentijax import config as config_lib
+from kill_resume import start_main
 from sentijax.train import knowdist, loop
 from tolerances import assert_trees_close
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _config(workdir, **overrides):
@@ -97,12 +94,8 @@ STEPS = 40
 
 
 def _main(workdir, **popen_kw):
-  cmd = [sys.executable, "-m", "sentijax.main", "--config=configs/knowdist.py",
-         f"--config.workdir={workdir}", f"--config.train.steps={STEPS}",
-         "--config.checkpoint.every=5", "--config.train.eval_every=20"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **popen_kw)
+  return start_main("knowdist", workdir, f"--config.train.steps={STEPS}",
+                    "--config.checkpoint.every=5", "--config.train.eval_every=20", **popen_kw)
 
 
 def _steps(workdir):

@@ -2,9 +2,6 @@
 training against CE on teacher text on a teacher with a known distribution, rollouts sharded
 over 8 devices = 1 device, the kd job killed mid-run resumes to the uninterrupted run's params."""
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -18,7 +15,7 @@ from sentijax import config as config_lib
 from sentijax import models, sharding
 from sentijax.sampling import SamplingSettings
 from sentijax.train import kd, losses, onpolicy, state as state_lib, step
-from kill_resume import kill_then_resume
+from kill_resume import kill_then_resume, start_main
 from tolerances import assert_close, assert_trees_close
 
 REPO = Path(__file__).resolve().parents[2]
@@ -357,15 +354,11 @@ STEPS = 12
 
 
 def _main(workdir):
-  cmd = [sys.executable, "-m", "sentijax.main", "--config=configs/kd.py",
-         f"--config.workdir={workdir}", "--config.kd.mode=on_policy", "--config.kd.lmbda=0.5",
-         "--config.kd.loss=reverse", "--config.kd.rollout.max_new_tokens=8",
-         "--config.data.seq_len=64", f"--config.train.steps={STEPS}",
-         "--config.train.eval_every=0", "--config.train.log_every=4",
-         "--config.checkpoint.every=2", "--config.checkpoint.async_save=False"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return start_main("kd", workdir, "--config.kd.mode=on_policy", "--config.kd.lmbda=0.5",
+                    "--config.kd.loss=reverse", "--config.kd.rollout.max_new_tokens=8",
+                    "--config.data.seq_len=64", f"--config.train.steps={STEPS}",
+                    "--config.train.eval_every=0", "--config.train.log_every=4",
+                    "--config.checkpoint.every=2", "--config.checkpoint.async_save=False")
 
 
 def test_main_killed_mid_run_resumes_to_identical_params(tmp_path):

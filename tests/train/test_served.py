@@ -3,10 +3,6 @@ model: its teacher-forced log-probs of packed segments equal a local forward; st
 the local teacher's token-estimator steps; a failed score stops the step; the kd job stops before
 training on a server without prompt logprobs or a teacher tokenizer of another vocabulary."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +19,10 @@ from sentijax.teacher.local import LocalTeacher
 from sentijax.teacher.openai_api import ClientSpec, OpenAITeacher
 from sentijax.train import kd, losses, onpolicy, served, state as state_lib, step
 import safetensors.numpy
-from kill_resume import kill_then_resume
+from kill_resume import kill_then_resume, start_main
 from teacher import teacher_fixtures
 from tolerances import assert_close, assert_trees_close
 
-REPO = Path(__file__).resolve().parents[2]
 V = teacher_fixtures.VOCAB  # the tokenizer's length = both models' vocab (no padding rows)
 T_CFG = models.presets.get("tiny").replace(vocab_size=V, max_position_embeddings=256)
 S_CFG = T_CFG.replace(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
@@ -464,18 +459,14 @@ STEPS = 8
 
 
 def _main(workdir, url, tok_dir):
-  cmd = [sys.executable, "-m", "sentijax.main", "--config=configs/kd.py",
-         f"--config.workdir={workdir}", "--config.kd.mode=on_policy", "--config.kd.lmbda=0.5",
-         "--config.kd.loss=reverse", "--config.kd.rollout.estimator=token",
-         "--config.kd.rollout.max_new_tokens=8", "--config.teacher.backend=openai",
-         f"--config.teacher.base_url={url}", "--config.teacher.model=tiny",
-         f"--config.teacher.tokenizer={tok_dir}", "--config.data.seq_len=64",
-         f"--config.train.steps={STEPS}", "--config.train.eval_every=0",
-         "--config.train.log_every=2", "--config.checkpoint.every=2",
-         "--config.checkpoint.async_save=False"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return start_main("kd", workdir, "--config.kd.mode=on_policy", "--config.kd.lmbda=0.5",
+                    "--config.kd.loss=reverse", "--config.kd.rollout.estimator=token",
+                    "--config.kd.rollout.max_new_tokens=8", "--config.teacher.backend=openai",
+                    f"--config.teacher.base_url={url}", "--config.teacher.model=tiny",
+                    f"--config.teacher.tokenizer={tok_dir}", "--config.data.seq_len=64",
+                    f"--config.train.steps={STEPS}", "--config.train.eval_every=0",
+                    "--config.train.log_every=2", "--config.checkpoint.every=2",
+                    "--config.checkpoint.async_save=False")
 
 
 def test_main_killed_mid_run_resumes_to_identical_params(tmp_path, server, tok_dir):
