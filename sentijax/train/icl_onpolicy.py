@@ -233,23 +233,6 @@ class ICLRollout:
 # --------------------------------------------------------------------------- job
 
 
-def teacher_setup(config, spec: kd.KDSpec, tok: Any, tok_where: str, probe_text: str
-                  ) -> tuple[models.ModelConfig | None, Any, int]:
-  """(the local teacher's config or None, a served teacher's scorer or None, the shared vocab),
-  the teacher's tokenizer checked against the student's as in the kd job."""
-  vocab, scorer = len(tok), None
-  teacher_cfg = kd.teacher_config(spec)
-  if spec.served:
-    scorer, vocab = kd.served_scorer(config, spec, tok, tok_where, probe_text)
-  if teacher_cfg is not None:
-    where = spec.teacher_tokenizer_dir
-    if where:
-      vocab = kd.check_same_tokenizer(tok, tok_where, tokenizer_lib.load_tokenizer(where), where)
-    models.check_tokenizer(teacher_cfg, tok,
-                           where=where or f"teacher preset {spec.teacher_preset}")
-  return teacher_cfg, scorer, vocab
-
-
 def val_triples(val_teacher: Sequence[Record], val_student: Sequence[Record], tok: Any,
                 chat_template: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """(student prompt, teacher prompt, gold answer) token ids of each val query."""
@@ -304,7 +287,7 @@ def setup(config, spec: kd.KDSpec, model_cfg: models.ModelConfig, tok: Any, seq_
   student prompt), and the held-out KL to the teacher."""
   mc, dc, tc = config.model, config.data, config.train
   tok_where = str(mc.tokenizer or mc.init or f"{config.workdir}/tokenizer")
-  teacher_cfg, scorer, vocab = teacher_setup(config, spec, tok, tok_where, data.teacher[0].prompt)
+  teacher_cfg, scorer, vocab = kd.teacher_setup(config, spec, tok, tok_where, data.teacher[0].prompt)
   if tok.eos_token_id is None:
     raise ValueError("icl.target=on_policy: the tokenizer has no eos token to end sampled answers")
   student_of = student_prompts([*data.teacher, *mixed], [*data.student, *mixed], tok,

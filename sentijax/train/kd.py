@@ -294,6 +294,25 @@ def served_scorer(config, spec: KDSpec, tok: Any, tok_where: str, probe_text: st
                        served.top_logprobs_setting(config)), vocab
 
 
+def teacher_setup(config, spec: KDSpec, tok: Any, tok_where: str, probe_text: str
+                  ) -> tuple[models.ModelConfig | None, served.Scorer | None, int]:
+  """(the local teacher's config or None, a served teacher's scorer or None, the shared vocab):
+  the teacher's tokenizer checked against the student's (`tok`, from `tok_where`); a served
+  teacher probed with `probe_text` (served_scorer)."""
+  vocab, scorer = len(tok), None
+  teacher_cfg = teacher_config(spec)
+  if spec.served:
+    scorer, vocab = served_scorer(config, spec, tok, tok_where, probe_text)
+  if teacher_cfg is not None:
+    where = spec.teacher_tokenizer_dir
+    if where:
+      vocab = check_same_tokenizer(tok, tok_where, tokenizer_lib.load_tokenizer(where), where)
+    else:
+      log.info("teacher preset %r: shares the student's tokenizer", spec.teacher_preset)
+    models.check_tokenizer(teacher_cfg, tok, where=where or f"teacher preset {spec.teacher_preset}")
+  return teacher_cfg, scorer, vocab
+
+
 def _records(spec: KDSpec, data: DataSpec):
   """(train records, val records, soft targets or None, stats)."""
   if spec.online:
@@ -321,17 +340,8 @@ def run(config) -> loop.Result:
   if spec.mode == "offline":
     from sentijax.data import topk_store  # pylint: disable=import-outside-toplevel
     topk_store.check_tokenizer(spec.store, tok)
-  teacher_cfg = teacher_config(spec)
-  scorer = None
-  if spec.served:  # before the data pipeline: a wrong tokenizer or server fails at once
-    scorer, vocab = served_scorer(config, spec, tok, tok_where, train_recs[0].prompt)
-  if teacher_cfg is not None:
-    where = spec.teacher_tokenizer_dir
-    if where:
-      vocab = check_same_tokenizer(tok, tok_where, tokenizer_lib.load_tokenizer(where), where)
-    else:
-      log.info("teacher preset %r: shares the student's tokenizer", spec.teacher_preset)
-    models.check_tokenizer(teacher_cfg, tok, where=where or f"teacher preset {spec.teacher_preset}")
+  # before the data pipeline: a wrong tokenizer or server fails at once
+  teacher_cfg, scorer, vocab = teacher_setup(config, spec, tok, tok_where, train_recs[0].prompt)
   if spec.top_k > vocab:
     raise ValueError(f"kd.top_k={spec.top_k} exceeds the tokenizer's {vocab} tokens")
   store_support = corpus_stats.get("store_support")
