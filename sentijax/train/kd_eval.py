@@ -38,16 +38,19 @@ def divergence_hook(ctx, model_cfg: models.ModelConfig, val_ds, batch_size: int,
   also "kl_teacher_onpolicy", "kl_teacher_reverse" on the student's own samples of those rows."""
   mass_term = next((n for n in ("kd", "kl_teacher_bucketed") if n in terms and terms[n].sparse),
                    None)
-  fn = None
+  fn = rollout = None
 
   def hook(step_num: int, params) -> dict:
-    nonlocal fn
+    nonlocal fn, rollout
     del step_num
-    if fn is None:
+    if fn is None:  # the mesh and the teacher exist once the loop has built the step
       t_cfg = None if ctx.teacher is None else ctx.teacher.cfg
       fn = jax.jit(lambda p, b, tp: {
           name: step.loss_terms(model_cfg, p, b, loss_chunk, d, t_cfg, tp)
           for name, d in terms.items()})
+      if rollout_args is not None:
+        rollout = onpolicy.Rollout(ctx.spec.eval_rollout, placement=sharding.Placement(
+            ctx.mesh, ctx.rules), **rollout_args)
     batch_sh = sharding.batch_sharding(ctx.mesh, ctx.rules)
     t_params = None if ctx.teacher is None else ctx.teacher.params
     sums = {name: 0.0 for name in terms}
@@ -60,9 +63,7 @@ def divergence_hook(ctx, model_cfg: models.ModelConfig, val_ds, batch_size: int,
       for name in terms:
         sums[name] += float(out[name]["kd"])
       tokens += float(next(iter(out.values()))["tokens"])
-      if rollout_args is not None:  # the same rows, responses the student writes now
-        rollout = onpolicy.Rollout(ctx.spec.eval_rollout, placement=sharding.Placement(
-            ctx.mesh, ctx.rules), **rollout_args)
+      if rollout is not None:  # the same rows, responses the student writes now
         own, _ = rollout(types.SimpleNamespace(params=params, step=0), batch)
         rev = jax.device_get(fn(params, own, t_params))["kl_teacher_reverse"]
         sampled, sampled_tokens = sampled + float(rev["kd"]), sampled_tokens + float(rev["tokens"])
@@ -70,7 +71,7 @@ def divergence_hook(ctx, model_cfg: models.ModelConfig, val_ds, batch_size: int,
         mass += float(out[mass_term]["support_mass"])
         mass_tokens += float(out[mass_term]["support_tokens"])
     scalars = {name: total / max(tokens, 1.0) for name, total in sums.items()}
-    if rollout_args is not None:
+    if rollout is not None:
       scalars["kl_teacher_onpolicy"] = sampled / max(sampled_tokens, 1.0)
     if mass_term:
       scalars["kd_support_mass"] = mass / max(mass_tokens, 1.0)
