@@ -78,7 +78,8 @@ def teacher_topk(model_dir: str, n: int, k: int = 128):
 def cached_teacher_topk(model_dir: str, n: int, cache: str):
   """`teacher_topk`, saved to / read from `cache` (an npz) when given."""
   if cache and pathlib.Path(cache).is_file():
-    a = np.load(cache)
+    with np.load(cache) as z:  # each array read once (an NpzFile reads it again per access)
+      a = {name: z[name] for name in z.files}
     if int(a["n"]) == n:
       off, pos = a["tok_off"], a["pos_off"]
       raw = [(Record(f"r{i}", "p", "r", tokens=Tokens(a["tokens"][off[i]:off[i + 1]],

@@ -108,7 +108,7 @@ def log_tail(logprobs_MxK: np.ndarray) -> np.ndarray:
 
 def v2_arrays(ids_MxK: np.ndarray, logprobs_MxK: np.ndarray, log_tail_M: np.ndarray,
               step: float) -> dict[str, np.ndarray]:
-  """A version-2 shard's top-k arrays (stores are written as version 3 now: this makes v2
+  """A version-2 shard's top-k arrays (stores are written as version 4 now: this makes v2
   stores for the converter's tests and bench_store.py's comparison)."""
   return {"topk_ids": np.asarray(ids_MxK), "logprob_deltas": codes_to_deltas(quantise(
       logprobs_MxK, step)), "log_tail": np.asarray(log_tail_M).astype(np.float16)}

@@ -6,10 +6,11 @@ index.json: {"format": "sentijax-topk", "version": 3, "mode": "topk" | "sample",
   "tokenizer": {"name", "vocab", "size"}, "render": {"mode"},
   "encoding": {"id_bits", "codec", "logprob_step", "head_nats", "level_step"},
   "shards": [{"file", "records", "tokens", "positions", "bytes", "sha256"}], "complete": bool}
-Version 3 codes top-k entries as topk_entries.py describes; version 2 (rank-ordered bit-packed
-ids, 8-bit log-prob codes: topk_codec.py) is still read, and converted by
-`python -m sentijax.data.topk_store convert OLD NEW`; version 1 ("sentijax-topk-v1") only
-converted.
+Version 4 codes top-k entries as topk_context.py describes (version 3's quantisation, each list
+range-coded against the lists of earlier positions with the same tokens); version 3
+(topk_entries.py) and version 2 (rank-ordered bit-packed ids, 8-bit log-prob codes:
+topk_codec.py) are still read, and converted by `python -m sentijax.data.topk_store convert OLD
+NEW`; version 1 ("sentijax-topk-v1") only converted.
 """
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from sentijax.data import topk_codec, topk_entries
+from sentijax.data import topk_codec, topk_context, topk_entries
 from sentijax.data.records import DataError, Record
 from sentijax.data.tokenizer import vocab_fingerprint
 
 FORMAT = "sentijax-topk"
-VERSION = 3
-READABLE = (2, 3)
+VERSION = 4
+READABLE = (2, 3, 4)
+APPENDABLE = (3, 4)  # a writer resumes a store in its own version
 FORMAT_V1 = "sentijax-topk-v1"
 MODES = ("topk", "sample")
 INDEX = "index.json"
@@ -57,8 +59,8 @@ class ScoredRecord:
 
   topk: `ids` descending by probability, `logprobs` their log-probabilities at T = 1 (-inf = no
   entry, after the listed ones), `log_tail` log of the mass outside them (None: 1 - sum, computed
-  on writing). Read back (version 3), the head keeps this order; tail entries come by level
-  (equal probabilities), then by frequency rank.
+  on writing). Read back (versions 3, 4), the head keeps this order; tail entries come by level
+  (equal probabilities), then by frequency rank (version 3) or id (version 4).
   sample: `ids` the distinct drawn ids (padding 0), `counts` their draw counts (0 = padding),
   `logprobs` the teacher's log-probabilities of them at the store's temperature.
   """
@@ -70,10 +72,12 @@ class ScoredRecord:
 
 
 def mode_arrays(index: dict) -> tuple[str, ...]:
-  """The per-position arrays of a shard of this store's mode and version."""
+  """The arrays a shard's per-position entries decode from, for this store's mode and version
+  (version 4: with the token ids its contexts come from)."""
   if index["mode"] == "sample":
     return SAMPLE_ARRAYS
-  return V2_TOPK_ARRAYS if index["version"] == 2 else topk_entries.ARRAYS
+  return {2: V2_TOPK_ARRAYS, 3: topk_entries.ARRAYS}.get(
+      index["version"], topk_context.ARRAYS + ("tokens", "loss_mask"))
 
 
 def encoding(k: int, vocab_size: int, codec: str = CODEC, level_scale: float = LEVEL_SCALE
@@ -185,6 +189,6 @@ def iter_shards(store_dir: str | os.PathLike, index: dict | None = None,
                 ) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:
   """(path, {name: array}) per listed shard, one at a time; default: every array."""
   index = read_index(store_dir) if index is None else index
-  names = tuple(names or RECORD_ARRAYS + mode_arrays(index))
+  names = tuple(dict.fromkeys(names or RECORD_ARRAYS + mode_arrays(index)))
   for entry in index["shards"]:
     yield Path(store_dir) / entry["file"], read_shard(store_dir, entry, names)

@@ -2,7 +2,8 @@
 (loss) position only, either its top-k next-token distribution plus the tail mass (mode `topk`)
 or N tokens drawn from it at the KD temperature (mode `sample`), in compressed shards. Reading
 here; the format (index.json, versions) in topk_format.py, writing in topk_writer.py, the entry
-coding in topk_entries.py (version 3) and topk_codec.py (container, version 2).
+coding in topk_context.py (version 4), topk_entries.py (version 3) and topk_codec.py (container,
+version 2).
 
 Layout of `store_dir`: index.json, tokenizer/ (the teacher's tokenizer: a student trains with
 it, model.tokenizer=...), and shards `shard-00000.bin` (topk_codec container; each array
@@ -14,8 +15,9 @@ compressed with the store's codec):
   token_offsets   int64   [n + 1]
   loss_mask       1 bit   [T]     1 on response tokens (never a record's first)
 then, per loss token (M = loss_mask.sum(), in order), for the token it predicts:
-  topk    topk_entries.ARRAYS (version 3: head in rank order, tail by level, frequency-ranked
-          exp-Golomb ids) with log_tail float16 [M] = log(1 - sum of the k probabilities)
+  topk    topk_context.ARRAYS (version 4: entry counts, one range-coded stream, plain low bits
+          of rare ids; version 3: topk_entries.ARRAYS) with log_tail float16 [M] = log(1 - sum
+          of the k probabilities)
   sample  sample_ids id_bits [M, N] (distinct drawn ids, padding 0), sample_counts uint8
           [M, N] (0 = padding), sample_logprobs float16 [M, N] (the teacher's tempered log p_T)
 
@@ -26,9 +28,10 @@ then, per loss token (M = loss_mask.sum(), in order), for the token it predicts:
 record when its packed row is built, decoding one shard at a time (at most `CACHED_SHARDS`
 decoded shards in memory): topk stores give soft_ids / soft_probs (T = 1) / soft_tail, sample
 stores soft_ids / soft_probs (= counts / N) / soft_logp (train/losses.py SOFT_FIELDS).
-Version-2 stores load as they are; version-1 stores are refused with the converter:
+Version-2 and version-3 stores load as they are (a version-3 store is resumed in version 3);
+version-1 stores are refused with the converter:
 
-    python -m sentijax.data.topk_store convert OLD_STORE NEW_STORE   # v1 or v2 -> v3
+    python -m sentijax.data.topk_store convert OLD_STORE NEW_STORE   # v1 or v2 -> v4
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sentijax.data import sequences, topk_codec, topk_entries
+from sentijax.data import sequences, topk_codec, topk_context, topk_entries
 from sentijax.data.records import BadRow, Record, make_tokens, record_from_json
 from sentijax.data.tokenizer import vocab_fingerprint
 from sentijax.data.topk_format import (  # the store's public names (__all__)
@@ -102,9 +105,14 @@ def _decode_entries(path: Path, index: dict, a: dict[str, np.ndarray], positions
                                   index["encoding"]["logprob_step"])
     out = {"ids": a["topk_ids"].view(np.int32), "probs": probs}  # ids < 2**31: a view
   else:
+    id_space = 1 << int(index["encoding"]["id_bits"])
     try:
-      ids, probs = topk_entries.decode(a, quantiser(index), k,
-                                       1 << int(index["encoding"]["id_bits"]))
+      if index["version"] == 3:
+        ids, probs = topk_entries.decode(a, quantiser(index), k, id_space)
+      else:
+        ids, probs = topk_context.decode(a, quantiser(index), k, id_space,
+                                         *topk_context.context_tokens(a["tokens"],
+                                                                      a["loss_mask"]))
     except (ValueError, IndexError) as e:
       raise StoreError(f"{path}: unreadable top-k entries ({e}).") from None
     out = {"ids": ids, "probs": probs}
@@ -292,9 +300,9 @@ def read_v1(store_dir: str | os.PathLike) -> Iterator[list[ScoredRecord]]:
 
 
 def convert(old_dir: str | os.PathLike, new_dir: str | os.PathLike) -> dict:
-  """Writes the version-1 or version-2 store `old_dir` as a version-3 store `new_dir` (same
-  shards, records and top-k; log-probabilities quantised as version 3 does; v1: tail = 1 - their
-  sum); returns the new index."""
+  """Writes the version-1 or version-2 store `old_dir` as a version-4 store `new_dir` (same
+  shards, records and top-k; log-probabilities quantised as versions 3 and 4 do; v1: tail = 1 -
+  their sum); returns the new index."""
   from sentijax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   old_dir, new_dir = Path(old_dir), Path(new_dir)
   try:
@@ -306,7 +314,8 @@ def convert(old_dir: str | os.PathLike, new_dir: str | os.PathLike) -> dict:
   elif read_index(old_dir)["version"] == 2:
     shards = iter_scored(old_dir)
   else:
-    raise StoreError(f"{old_dir / INDEX}: already format {FORMAT} version {VERSION}.")
+    raise StoreError(f"{old_dir / INDEX}: format {FORMAT} version {index['version']}: this "
+                     "sentijax reads it as it is (nothing to convert).")
   tok = tokenizer_lib.load_tokenizer(str(old_dir / TOKENIZER_DIR))
   if vocab_fingerprint(tok) != index["tokenizer"]["vocab"]:
     raise StoreError(f"{old_dir / TOKENIZER_DIR}: not the tokenizer the store's ids come from.")
@@ -325,7 +334,7 @@ def convert(old_dir: str | os.PathLike, new_dir: str | os.PathLike) -> dict:
 
 def main(argv: Sequence[str]) -> int:
   if len(argv) != 3 or argv[0] != "convert":
-    print("usage: python -m sentijax.data.topk_store convert OLD_STORE NEW_STORE  (v1/v2 -> v3)",
+    print("usage: python -m sentijax.data.topk_store convert OLD_STORE NEW_STORE  (v1/v2 -> v4)",
           file=sys.stderr)
     return 2
   new = convert(argv[1], argv[2])

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from sentijax import atomic
-from sentijax.data import topk_codec, topk_entries
-from sentijax.data.topk_format import (FORMAT, HEADER_KEYS, INDEX, MODES, TOKENIZER_DIR, VERSION,
-                                       ScoredRecord, StoreError, convert_hint, encoding,
-                                       iter_shards, quantiser, read_index,
-                                       tokenizer_identity)
+from sentijax.data import topk_codec, topk_context, topk_entries
+from sentijax.data.topk_format import (APPENDABLE, FORMAT, HEADER_KEYS, INDEX, MODES,
+                                       TOKENIZER_DIR, VERSION, ScoredRecord, StoreError,
+                                       convert_hint, encoding, iter_shards, quantiser,
+                                       read_index, tokenizer_identity)
 from sentijax.data.writers import write_json_atomic
 
 log = logging.getLogger("sentijax")
@@ -49,8 +49,13 @@ def _entry_arrays(scored: Sequence[ScoredRecord], index: dict) -> dict[str, np.n
             "sample_logprobs": np.where(counts > 0, lp, 0.0).astype(np.float16)}
   tails = np.concatenate([topk_codec.log_tail(s.logprobs) if s.log_tail is None else s.log_tail
                           for s in scored])
-  return topk_entries.encode(ids, lp, tails, quantiser(index),
-                             1 << int(index["encoding"]["id_bits"]))
+  id_space = 1 << int(index["encoding"]["id_bits"])
+  if index["version"] == 3:  # a version-3 store being resumed
+    return topk_entries.encode(ids, lp, tails, quantiser(index), id_space)
+  cur, tgt = topk_context.context_tokens(
+      np.concatenate([s.record.tokens.ids for s in scored]),
+      np.concatenate([s.record.tokens.loss_mask for s in scored]))
+  return topk_context.encode(ids, lp, tails, cur, tgt, quantiser(index), id_space)
 
 
 def record_arrays(scored: Sequence[ScoredRecord]) -> dict[str, np.ndarray]:
@@ -112,9 +117,10 @@ class StoreWriter:
     self.dir.mkdir(parents=True, exist_ok=True)
     if (self.dir / INDEX).is_file():
       self.index = read_index(self.dir)
-      if self.index["version"] != VERSION:
+      header["version"] = self.index["version"]  # a version-3 store is resumed as version 3
+      if self.index["version"] not in APPENDABLE:
         raise StoreError(f"{self.dir / INDEX}: a version-{self.index['version']} store; this "
-                         f"sentijax appends to version {VERSION}: {convert_hint(self.dir)}.")
+                         f"sentijax appends to versions {APPENDABLE}: {convert_hint(self.dir)}.")
       header["tokenizer"]["name"] = self.index["tokenizer"].get("name", "")  # vocab decides
       changed = [key for key in HEADER_KEYS if self.index[key] != header[key]]
       if "k" in changed and "encoding" in changed:
