@@ -1,20 +1,20 @@
-"""Top-k store size and speed: store v3 vs v2 (and the v1 format), on a real teacher.
+"""Top-k store size and speed: store v4 vs v3, v2 (and the v1 format), on a real teacher.
 
     python bench/bench_store.py --model /work/models/smollm2 --records 32 --cache /tmp/t32.npz
 
 The teacher (an HF Llama-family dir, SmolLM2-135M-Instruct: 49152 ids; made by
 ../shared/tools/smollm2_hf.py) scores the first `--records` records of
 ../shared/teacher_corpus (chat template, prompt + response, fp64 log-softmax in torch); its
-top-128 and tail at every response token are then written as stores at k=128 and k=20: v3 (the
-writer, topk_entries.py), v2 (rank-ordered bit-packed ids + 8-bit log-prob deltas, lzma: as the
-previous writer made it) and v1 (int32 ids + float32 log-probs, uncompressed npz). Printed per
-(k, format): bytes per stored position (shard bytes / response positions), write and read
-throughput (positions/s and MB/s of the float32 top-k they stand for, k * 8 bytes per
-position; read = every record's soft targets decoded as training asks for them), and the
-KL(float64 teacher top-k + tail || what training reads) over the k + 1 buckets, mean nats per
-position. Teacher time is not counted. Then, per k, what context models of the tail ids would
-save (`context_sizes`: a tail coded against an earlier position's tail) and the floors of the
-tail's two parts (`tail_floors`: id sets under shard / record frequencies, level entropy).
+top-128 and tail at every response token are then written as one-shard stores at k=128 and
+k=20: v4 (the writer: topk_context.py), v3 (topk_entries.py), v2 (rank-ordered bit-packed ids +
+8-bit log-prob deltas, lzma) and v1 (int32 ids + float32 log-probs, uncompressed npz). Printed
+per (k, format): bytes per stored position (shard bytes / response positions, everything the
+shard holds), write and read throughput (positions/s and MB/s of the float32 top-k they stand
+for, k * 8 bytes per position; read = every record's soft targets decoded as training asks for
+them), the KL(float64 teacher top-k + tail || what training reads) over the k + 1 buckets, mean
+nats per position, and v4's range code by model. Teacher time is not counted. With
+--v3-analyses also what led to v4: zstd instead of lzma, context models of v3's tail ids
+(`context_sizes`) and the floors of the tail's two parts (`tail_floors`).
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def with_text(tok, rec: Record) -> Record:
 
 
 def breakdown(store: pathlib.Path, positions: int) -> str:
-  """Bytes per position of each array of a v2 store's shards."""
+  """Bytes per position of each array of a store's shards."""
   from sentijax.data import topk_codec  # pylint: disable=import-outside-toplevel
   sizes: dict[str, int] = {}
   for entry in topk_store.read_index(store)["shards"]:
@@ -147,22 +147,29 @@ def read_v1(store: pathlib.Path) -> int:
   return n
 
 
-def write_v2(store: pathlib.Path, tok, scored, k: int) -> None:
-  """The v2 layout (the previous writer's arrays and index), one shard."""
-  from sentijax.data import topk_codec, topk_writer  # pylint: disable=import-outside-toplevel
+def write_old(store: pathlib.Path, tok, scored, k: int, version: int) -> None:
+  """A version-2 or version-3 store as the previous writers made it, one shard."""
+  # pylint: disable-next=import-outside-toplevel
+  from sentijax.data import topk_codec, topk_entries, topk_format, topk_writer
   store.mkdir(parents=True)
   bits = topk_codec.id_bits(len(tok))
   arrays = topk_writer.record_arrays(scored)
-  lp = np.concatenate([s.logprobs for s in scored])
-  arrays |= topk_codec.v2_arrays(np.concatenate([s.ids for s in scored]), lp,
-                                 np.concatenate([s.log_tail for s in scored]), 0.125)
+  ids, lp = np.concatenate([s.ids for s in scored]), np.concatenate([s.logprobs for s in scored])
+  tails = np.concatenate([s.log_tail for s in scored])
+  encoding = topk_format.encoding(k, len(tok))
+  if version == 2:
+    arrays |= topk_codec.v2_arrays(ids, lp, tails, 0.125)
+    encoding = {"id_bits": bits, "logprob_step": 0.125, "codec": "lzma"}
+  else:
+    arrays |= topk_entries.encode(ids, lp, tails, topk_format.quantiser({"encoding": encoding}),
+                                  1 << bits)
   data = topk_codec.encode_shard(arrays, "lzma", {"tokens": bits, "topk_ids": bits,
-                                                  "loss_mask": 1})
+                                                  "rank_table": bits, "loss_mask": 1})
   (store / "shard-00000.bin").write_bytes(data)
   (store / "index.json").write_text(json.dumps({
-      "format": topk_store.FORMAT, "version": 2, "mode": "topk", "k": k, "temperature": 1.0,
-      "teacher": "t", "tokenizer": topk_store.tokenizer_identity(tok), "render": {"mode": "chat"},
-      "encoding": {"id_bits": bits, "logprob_step": 0.125, "codec": "lzma"},
+      "format": topk_store.FORMAT, "version": version, "mode": "topk", "k": k,
+      "temperature": 1.0, "teacher": "t", "tokenizer": topk_store.tokenizer_identity(tok),
+      "render": {"mode": "chat"}, "encoding": encoding,
       "shards": [{"file": "shard-00000.bin", "records": len(scored),
                   "tokens": int(len(arrays["tokens"])), "positions": int(len(lp)),
                   "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}],
@@ -205,6 +212,8 @@ def main() -> None:
   ap.add_argument("--model", default="/work/models/smollm2")
   ap.add_argument("--records", type=int, default=48)
   ap.add_argument("--cache", default="", help="npz of the teacher's top-128 (made if missing)")
+  ap.add_argument("--v3-analyses", action="store_true",
+                  help="also the measurements that led to v4 (zstd, context models, floors)")
   args = ap.parse_args()
   t0 = time.time()
   tok, raw = cached_teacher_topk(args.model, args.records, args.cache)
@@ -226,11 +235,11 @@ def main() -> None:
       read_v1(tmp / f"v1-{k}")
       row(k, "v1 (int32 + float32 npz)", (tmp / f"v1-{k}" / "shard-00000.npz").stat().st_size,
           positions, w_s, time.perf_counter() - t, "")
-      for version in (2, 3):
+      for version in (2, 3, 4):
         store = tmp / f"v{version}-{k}"
         t = time.perf_counter()
-        if version == 2:
-          write_v2(store, tok, scored, k)
+        if version < topk_store.VERSION:
+          write_old(store, tok, scored, k, version)
         else:
           w = topk_store.StoreWriter(store, k=k, teacher="t", tokenizer=tok,
                                      render={"mode": "chat"})
@@ -244,12 +253,31 @@ def main() -> None:
         err = kl_error(scored, topk_store.read_records(store))
         row(k, f"v{version} lzma", size, positions, w_s, r_s, f", KL error {err:.2e} nats/pos")
         print(f"          per array (B/pos): {breakdown(store, positions)}")
-      zstd_size(tok, scored, k, positions)
-      context_sizes(scored, k, positions)
-      tail_floors(scored, k, positions)
+      range_code_streams(tok, scored, k, positions)
+      if args.v3_analyses:
+        zstd_size(tok, scored, k, positions)
+        context_sizes(scored, k, positions)
+        tail_floors(scored, k, positions)
     sample_sizes(tmp, tok, raw, positions)
   finally:
     shutil.rmtree(tmp)
+
+
+def range_code_streams(tok, scored, k: int, positions: int) -> None:
+  """Bytes per position of v4's range code by model (membership, escapes, shape, values,
+  ties: topk_context.py)."""
+  from sentijax.data import topk_context, topk_format  # pylint: disable=import-outside-toplevel
+  tokens = np.concatenate([s.record.tokens.ids for s in scored])
+  mask = np.concatenate([s.record.tokens.loss_mask for s in scored])
+  enc = topk_format.encoding(k, len(tok))
+  stats: dict[str, int] = {}
+  topk_context.encode(np.concatenate([s.ids for s in scored]),
+                      np.concatenate([s.logprobs for s in scored]),
+                      np.concatenate([s.log_tail for s in scored]),
+                      *topk_context.context_tokens(tokens, mask),
+                      topk_format.quantiser({"encoding": enc}), 1 << enc["id_bits"], stats)
+  print(f"          v4 range code by model (B/pos): "
+        + ", ".join(f"{n} {b / 8 / positions:.1f}" for n, b in stats.items()))
 
 
 def zstd_size(tok, scored, k: int, positions: int) -> None:

@@ -90,7 +90,8 @@ def contexts(key_M: np.ndarray, starts: np.ndarray) -> np.ndarray:
 class _Counts:
   """Integer counts [buckets, symbols]; a bucket's model gives count + 1/4 to each symbol."""
 
-  def __init__(self, buckets: int, symbols: int):
+  def __init__(self, name: str, buckets: int, symbols: int):
+    self.name = name
     self.n = np.zeros((buckets, symbols), np.int32)  # < 2**31 entries per shard
 
   def groups(self, bucket: np.ndarray):
@@ -136,11 +137,11 @@ class _State:
     self.head_codes = int(np.rint(q.head_nats / q.logprob_step)) + 1
     self.symbols = self.head_codes + q.max_level() + 1
     s = self.symbols
-    self.member = _Counts((J + 1) ** 4 * 2, 2)
-    self.escape = _Counts(_N_BITS * _N_BITS, 8 * (self.id_bits + 2))  # split_values symbols
-    self.shape = _Counts(s + 1, s)
-    self.tie = _Counts(_TIE_BUCKETS, k)
-    self.value = _Counts((s // _MEAN_BIN + 1) * 5 * 2 * s, s)
+    self.member = _Counts("membership", (J + 1) ** 4 * 2, 2)
+    self.escape = _Counts("escapes", _N_BITS * _N_BITS, 8 * (self.id_bits + 2))  # split_values
+    self.shape = _Counts("shape", s + 1, s)
+    self.value = _Counts("values", (s // _MEAN_BIN + 1) * 5 * 2 * s, s)
+    self.tie = _Counts("ties", _TIE_BUCKETS, k)
     self.unigram = np.zeros(id_space, np.int64)
     self.packed = np.zeros((m, k), np.int64)  # id << 13 | value symbol, by value then id
     self.n = np.zeros(m, np.int64)
@@ -215,6 +216,7 @@ class _Io:
 
   def __init__(self, coder, low_bits: np.ndarray | None = None):
     self.coder, self.encoding = coder, low_bits is None
+    self.stats: dict[str, int] = {}  # bits per model (encoding)
     self.lows: list[np.ndarray] = []
     self.bits: list[np.ndarray] = []
     self.padded = None if low_bits is None else np.concatenate(
@@ -225,7 +227,9 @@ class _Io:
            ) -> np.ndarray:
     """The symbols (encoded, or decoded when None), then counted in their buckets."""
     if self.encoding:
+      before = self.coder.num_bits()
       counts.encode(self.coder, symbols, bucket)
+      self.stats[counts.name] = self.stats.get(counts.name, 0) + self.coder.num_bits() - before
     else:
       symbols = counts.decode(self.coder, bucket)
     counts.update(symbols, bucket)
@@ -350,10 +354,11 @@ def _keep_head_order(st: _State, io: _Io, p0: int, b: int, rows: np.ndarray, ids
 
 
 def encode(ids_MxK: np.ndarray, logprobs_MxK: np.ndarray, log_tail_M: np.ndarray,
-           cur_M: np.ndarray, tgt_M: np.ndarray, q: Quantiser, id_space: int
-           ) -> dict[str, np.ndarray]:
+           cur_M: np.ndarray, tgt_M: np.ndarray, q: Quantiser, id_space: int,
+           stats: dict | None = None) -> dict[str, np.ndarray]:
   """The ARRAYS of one shard's entries (`cur_M` / `tgt_M`: the token before the predicted one
-  and the predicted one, per position)."""
+  and the predicted one, per position; `stats`, if given, gets the range code's bits per
+  model: bench_store.py's breakdown)."""
   topk_entries.check(q)
   m, k = np.shape(ids_MxK)
   ids, lp = topk_entries._checked(ids_MxK, logprobs_MxK, id_space)  # pylint: disable=W0212
@@ -366,6 +371,8 @@ def encode(ids_MxK: np.ndarray, logprobs_MxK: np.ndarray, log_tail_M: np.ndarray
   io = _Io(constriction.stream.queue.RangeEncoder())
   for p0, p1 in zip(starts[:-1], starts[1:]):
     _block(st, io, p0, p1, ctx, tgt_M, n_M, (ids[p0:p1], sym_MxK[p0:p1]))
+  if stats is not None:
+    stats.update(io.stats)
   return {"entry_counts": n_M.astype(np.uint16),
           "range_code": io.coder.get_compressed().astype(np.uint32),
           "id_bits_stream": topk_entries.pack_varbits(
