@@ -73,6 +73,9 @@ served by `python -m sentijax.main --config=configs/serve.py --config.model.init
 checks the tokenizers and probes the server before training, then logs train/rkl_token (1.92 at
 step 20, 2.00 at 100: the same run as the local teacher's to sampling noise), train/teacher_score_s
 (0.05-0.07 s per step on 2 CPU cores), train/teacher_requests and train/teacher_retries.
+Adding --config.kd.rollout.overlap=True scores step t + 1's samples (drawn by the params step t
+starts from) on the server while step t trains: the scoring time hidden, rows one update old
+(train/rollout_lag=1); checkpoints hold the prepared batch, so a rerun resumes exactly.
 
 Sparse supports (kd.top_k > 0 online, every store) keep the teacher's tail as one bucket and take
 the student's probabilities from its full softmax (kd.tail=bucket); kd.tail=renorm is the old

@@ -61,7 +61,8 @@ class _Manager(ocp.CheckpointManager):
 
 
 class Checkpointer:
-  """Saves `{"state": pytree, "data": json}` every `every` steps into `directory`."""
+  """Saves `{"state": pytree, "data": json}` (and optionally a `pending` batch) every `every`
+  steps into `directory`."""
 
   def __init__(self, directory: str | Path, *, every: int, keep: int, async_save: bool = True):
     self.directory = Path(directory).absolute()
@@ -71,7 +72,10 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
     )
-    self.manager = _Manager(self.directory, options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "pending": ocp.StandardCheckpointHandler(),
+                "pending_meta": ocp.JsonCheckpointHandler()}  # known to item_metadata
+    self.manager = _Manager(self.directory, options=options, item_handlers=handlers)
     self._preempted = threading.Event()
     self._old_handler = None
 
@@ -115,15 +119,20 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, data_state: dict, force: bool = False,
+           pending: tuple[dict, dict] | None = None) -> bool:
+    """`pending`: (arrays, JSON metadata) saved with the state in the same checkpoint (a
+    batch prepared for the next step: `restore_pending`)."""
     if not force and step % self.every:
       return False
     if step in (self.manager.all_steps() or []):
       return False
-    return self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      data=ocp.args.JsonSave(data_state)),
-        force=True)  # `every` is decided above, not by Orbax's save-interval policy
+    items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_state)}
+    if pending is not None:
+      items |= {"pending": ocp.args.StandardSave(pending[0]),
+                "pending_meta": ocp.args.JsonSave(pending[1])}
+    return self.manager.save(step, args=ocp.args.Composite(**items),
+                             force=True)  # `every` is decided above, not by Orbax's policy
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
     """Restores into the shardings of `abstract_state` (jax.ShapeDtypeStruct leaves)."""
@@ -134,6 +143,19 @@ class Checkpointer:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                       data=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["data"] or {}), step
+
+  def restore_pending(self, step: int, sharding: Any) -> tuple[dict, dict] | None:
+    """(arrays, metadata) saved as `pending` at `step`, the arrays read into `sharding` (any
+    mesh: Orbax reshards); None when that checkpoint holds none."""
+    meta = self.manager.item_metadata(step)
+    if meta.get("pending") is None:
+      return None
+    tree = getattr(meta["pending"], "tree", meta["pending"])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          tree)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        pending=ocp.args.StandardRestore(target), pending_meta=ocp.args.JsonRestore()))
+    return dict(restored["pending"]), dict(restored["pending_meta"])
 
   def close(self) -> None:
     self.manager.wait_until_finished()

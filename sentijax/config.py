@@ -240,6 +240,9 @@ def kd() -> ml_collections.ConfigDict:
   # reverse-KL estimator log q(x) - log p(x) as a policy-gradient advantage (needs kd.loss=reverse;
   # only the teacher's log-prob of the sampled token is used)
   c.rollout.estimator = "full"
+  # A served teacher (teacher.backend=openai) scores step t + 1's samples while the device runs
+  # step t: hidden scoring time, rows one update old (train/onpolicy.py Overlapped)
+  c.rollout.overlap = False
   return c
 
 

@@ -202,32 +202,40 @@ class ICLRollout:
     """Several processes: each rebuilds its own rows (`onpolicy.own_rows`); the global rows
     [0, round(lmbda x B)) are sampled, all processes' prompts decoded as one global batch
     (`Rollout.sample`, a collective every process calls), metrics over all processes."""
+    step = int(jax.device_get(state.step))
+    rows = (*onpolicy.own_rows(batch), batch["inputs"].shape[0])
+    local, metrics = self.sampled(state.params, rows, step)
+    return self.scored(local, step, metrics)
+
+  def sampled(self, params: Any, rows: onpolicy.Rows, step: int
+              ) -> tuple[dict[str, np.ndarray], dict]:
+    """(this process's student / teacher rows, the student's answers sampled by `params` at
+    step `step`, not yet scored; host metrics), as `Rollout.sampled`."""
     r = self.rollout
-    local, row0 = onpolicy.own_rows(batch)
+    local, row0, b = rows
     extra = sorted(set(local) - set(packing.FIELDS))
     if extra:
       raise ValueError(f"on-policy ICLDist rows carry no batch fields {extra} (gold ICL "
                        "prompts only: no soft targets)")
-    b, b_local = batch["inputs"].shape[0], local["inputs"].shape[0]
+    b_local = local["inputs"].shape[0]
     n_on = int(round(r.spec.lmbda * b))
     mine = min(max(n_on - row0, 0), b_local)  # this process's sampled rows
-    now = int(jax.device_get(state.step))
     per_row = [[(self.student_prompt(p), p, answer) for p, answer in
                 split_segments({k: v[i] for k, v in local.items()})] for i in range(b_local)]
     flat = [s for segs in per_row[:mine] for s, _, _ in segs]
     start = time.perf_counter()
-    answers = r.sample(state.params, flat, now)
+    answers = r.sample(params, flat, step)
     seconds = time.perf_counter() - start
     it = iter(answers)
     per_row[:mine] = [[(s, t, next(it)) for s, t, _ in segs] for segs in per_row[:mine]]
-    rows, dropped = zip(*(dual_row(segs, r.seq_len, i < mine) for i, segs in enumerate(per_row)))
+    out, dropped = zip(*(dual_row(segs, r.seq_len, i < mine) for i, segs in enumerate(per_row)))
     metrics = {"onpolicy_fraction": n_on / b}
     metrics |= onpolicy.rollout_metrics(answers, sum(dropped), seconds)
-    out = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
-    if r.scorer is not None:  # each process scores its own rows
-      out["teacher_logp"], scored = r.scorer(out, now)
-      metrics |= onpolicy.served_metrics(scored)
-    return onpolicy.to_batch(out, r.placement), metrics
+    return {k: np.stack([row[k] for row in out]) for k in out[0]}, metrics
+
+  def scored(self, local: dict[str, np.ndarray], step: int, metrics: dict
+             ) -> tuple[dict[str, jax.Array], dict]:
+    return self.rollout.scored(local, step, metrics)
 
 
 # --------------------------------------------------------------------------- job
@@ -295,7 +303,8 @@ def setup(config, spec: kd.KDSpec, model_cfg: models.ModelConfig, tok: Any, seq_
   rollout_args = {"cfg": model_cfg, "vocab": vocab, "eos_id": int(tok.eos_token_id),
                   "seq_len": seq_len, "stop_ids": tokenizer_lib.ids_containing(
                       tok, spec.rollout.sampling.stop, model_cfg.vocab_size)}
-  ctx = kd.Context(spec, teacher_cfg, spec.distill(vocab), rollout_args, scorer)
+  ctx = kd.Context(spec, teacher_cfg, spec.distill(vocab), rollout_args, scorer,
+                   adapt_rollout=lambda rollout: ICLRollout(rollout, student_of))
   s = spec.rollout.sampling
   log.info("on-policy ICLDist: %.0f%% of each batch's rows answered by the student (T %g, "
            "top_p %g, <= %d new tokens), scored by %s", 100 * spec.rollout.lmbda, s.temperature,
@@ -303,10 +312,6 @@ def setup(config, spec: kd.KDSpec, model_cfg: models.ModelConfig, tok: Any, seq_
            f"the served {config.teacher.model!r}" if scorer else
            f"the local {teacher_cfg.architecture} ({teacher_cfg.num_params} params)")
 
-  def build(mesh, rules) -> dict:
-    options = ctx.loss_options(mesh, rules)
-    options["rollout"] = ICLRollout(options["rollout"], student_of)
-    return options
   hooks = ()
   if teacher_cfg is not None and data.val_teacher:
     hooks = (kl_teacher_hook(ctx, model_cfg, val_triples(data.val_teacher, data.val_student, tok,
@@ -314,4 +319,4 @@ def setup(config, spec: kd.KDSpec, model_cfg: models.ModelConfig, tok: Any, seq_
                              seq_len, int(tc.batch_size), int(tc.eval_batches),
                              int(tc.loss_chunk), vocab),)
   teacher_flops = 0.0 if teacher_cfg is None else teacher_cfg.flops_per_token(seq_len) / 3
-  return Setup(build, hooks, teacher_flops, scorer)
+  return Setup(ctx.loss_options, hooks, teacher_flops, scorer)

@@ -87,7 +87,8 @@ class KDSpec:
                rollout=(onpolicy.RolloutSpec.from_config(config) if str(k.mode) == "on_policy"
                         else None),
                eval_rollout=(dataclasses.replace(onpolicy.RolloutSpec.from_config(config),
-                                                 lmbda=1.0, seq_kd=False, estimator="full")
+                                                 lmbda=1.0, seq_kd=False, estimator="full",
+                                                 overlap=False)
                              if bool(k.get("eval_onpolicy", False)) else None))
     checks = (("kd.loss", spec.loss in LOSSES, f"expected one of {LOSSES}"),
               ("kd.mode", spec.mode in MODES, f"expected one of {MODES}"),
@@ -112,6 +113,9 @@ class KDSpec:
                or spec.teacher_preset, f"kd.mode={spec.mode} needs teacher.model_dir (an HF "
                "directory) or teacher.preset (a random init)"))
     checks += _served_checks(spec)
+    if spec.rollout is None and bool(k.rollout.get("overlap", False)):
+      raise ValueError(f"kd.rollout.overlap=True pipelines on-policy rollouts: only for "
+                       f"kd.mode=on_policy (got kd.mode={spec.mode!r})")
     for key, ok, why in checks:
       if not ok:
         raise ValueError(f"{key}={_value(spec, key)!r}: {why}")
@@ -244,11 +248,12 @@ class Context:
 
   def __init__(self, spec: KDSpec, teacher_cfg: models.ModelConfig | None,
                distill: losses.Distill | None, rollout_args: dict | None = None,
-               scorer: served.Scorer | None = None):
+               scorer: served.Scorer | None = None, adapt_rollout=None):
     """`rollout_args` (kd.mode=on_policy): `onpolicy.Rollout`'s cfg, vocab, eos_id, seq_len;
-    `scorer`: a served teacher's."""
+    `scorer`: a served teacher's; `adapt_rollout(rollout) -> rollout` (e.g. ICLDist's)."""
     self.spec, self.teacher_cfg, self.distill = spec, teacher_cfg, distill
     self.rollout_args, self.scorer = rollout_args, scorer
+    self.adapt_rollout = adapt_rollout or (lambda rollout: rollout)
     self.mesh = self.rules = self.teacher = None
 
   def load_teacher(self, mesh, rules) -> step.Teacher:
@@ -268,10 +273,11 @@ class Context:
       return {}
     options = {"distill": self.distill, "teacher": self.teacher if self.distill.online else None}
     if self.spec.rollout is not None:
-      options["rollout"] = onpolicy.Rollout(self.spec.rollout,
-                                            placement=sharding.Placement(mesh, rules),
-                                            teacher=self.teacher, scorer=self.scorer,
-                                            **self.rollout_args)
+      rollout = self.adapt_rollout(onpolicy.Rollout(
+          self.spec.rollout, placement=sharding.Placement(mesh, rules), teacher=self.teacher,
+          scorer=self.scorer, **self.rollout_args))
+      options["rollout"] = (onpolicy.Overlapped(rollout) if self.spec.rollout.overlap
+                            else rollout)
       options["token_estimator"] = self.spec.rollout.estimator == "token"
     return options
 

@@ -3,7 +3,9 @@
 Recipe, one phase each: setup (mesh, optimizer, shardings) -> restore (the latest checkpoint, or
 fresh params) -> compile (jitted train / eval steps) -> loop over deterministic batches from the
 restored data position (step, logging, evaluating, checkpointing every N steps, on SIGTERM and
-at the end) -> optional HF export.
+at the end) -> optional HF export. A pipelined step function (`onpolicy.Overlapped`: `start`,
+`pending`) gets the data order and the batch the checkpoint prepared for its step, and each
+checkpoint saves the batch it has prepared for the next.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ EvalHook = Callable[[int, Any], dict]  # (step, params) -> scalars to log
 # train/served.py).
 DISTILL_METRICS = ("ce", "kd", "kd_support_mass", "rkl_token", "onpolicy_fraction",
                    "rollout_tokens_per_s", "rollout_length", "rollout_dropped",
-                   "teacher_score_s", "teacher_requests", "teacher_retries")
+                   "teacher_score_s", "teacher_requests", "teacher_retries", "rollout_lag")
 
 
 class TrainingError(RuntimeError):
@@ -248,17 +250,27 @@ class _Run:
       preempted = self.ckpt.preempted(step)  # every step on every host (multi-host: agreed)
       if preempted:
         self.finish_pending()
-        self.ckpt.save(step, self.state, data_state(), force=True)
+        self.save(step, data_state())
         log.warning("preemption signal: saved step %d, exiting", step)
         break
       if step % self.ckpt.every == 0:
-        self.paused(lambda: self.ckpt.save(step, self.state, data_state(), force=True))
+        self.paused(lambda: self.save(step, data_state()))
     self.finish_pending()
     if self.val_ds is not None and not preempted and (not self.val_losses
                                                       or self.val_losses[-1][0] != step):
       self.evaluate(step)
-    self.ckpt.save(step, self.state, data_state(), force=True)
+    self.save(step, data_state())
     return step, preempted
+
+  def save(self, step: int, data_state: dict) -> None:
+    """A checkpoint of `step`, with the batch a pipelined step function prepared for it
+    (`onpolicy.Overlapped.pending`)."""
+    get = getattr(self.train_fn, "pending", None)
+    ready = get() if get is not None else None
+    pending = None
+    if ready is not None and ready[0] == step:
+      pending = ready[1], {"step": step, "metrics": {k: float(v) for k, v in ready[2].items()}}
+    self.ckpt.save(step, self.state, data_state, force=True, pending=pending)
 
   def close(self) -> None:
     self.bar.close()
@@ -291,6 +303,14 @@ def train(config, model_cfg: models.ModelConfig, init_params: Callable[[Any, Any
                                  async_save=config.checkpoint.async_save)
   state, batches, start = restore(s, ckpt, init_params, train_ds)
   fns = compile_steps(config, model_cfg, s, loss_options)
+  if hasattr(fns[0], "start"):  # a pipelined step (onpolicy.Overlapped): data order and the
+    restored = None             # batch the checkpoint prepared for this step
+    if ckpt.latest_step() == start:
+      restored = ckpt.restore_pending(start, s.batch_sh)
+      log.info("step %d: %s", start, "the batch prepared before the checkpoint restored"
+               if restored else "no prepared batch in the checkpoint: sampled now")
+    fns[0].start(lambda i: train_ds.batch_at(i, s.batch_size), int(config.train.steps),
+                 restored and (start, restored[0], restored[1]["metrics"]))
   fingerprint = train_ds.stats.get("cache_key")
   run = _Run(config, s, state, fns, ckpt, val_ds, eval_hooks,
              (model_cfg.flops_per_token(train_ds.seq_len), teacher_flops_per_token))

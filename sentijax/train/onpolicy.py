@@ -38,6 +38,8 @@ from sentijax.data import packing, sequences
 from sentijax.sampling import SamplingSettings
 
 ESTIMATORS = ("full", "token")
+Rows = tuple  # (this process's rows of a global batch: numpy by field, its first row's global
+#              index, the global batch size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +50,15 @@ class RolloutSpec:
   seq_kd: bool
   sampling: SamplingSettings
   estimator: str = "full"  # full | token (losses.token_reverse_kl on the student's samples)
+  overlap: bool = False  # kd.rollout.overlap: Overlapped (a served teacher only)
 
   @classmethod
   def from_config(cls, config) -> "RolloutSpec":
     k, r = config.kd, config.kd.rollout
     temperature, top_p, max_new = float(r.temperature), float(r.top_p), int(r.max_new_tokens)
     lmbda, seq_kd, estimator = float(k.lmbda), bool(k.seq_kd), str(r.estimator)
+    overlap = bool(r.get("overlap", False))
+    backend = str(config.teacher.backend) if overlap else ""
     checks = (("kd.lmbda", lmbda, 0 <= lmbda <= 1, "must be in [0, 1] (the sampled share of rows)"),
               ("kd.rollout.temperature", temperature, temperature > 0,
                "must be > 0 (on-policy samples are drawn; 1 = the student's own distribution)"),
@@ -64,12 +69,16 @@ class RolloutSpec:
               ("kd.rollout.estimator", estimator, estimator != "token" or str(k.loss) == "reverse",
                f"'token' estimates reverse KL: set kd.loss=reverse (got {k.loss!r})"),
               ("kd.rollout.estimator", estimator, estimator != "token" or not seq_kd,
-               "'token' needs the student's own samples: kd.seq_kd=False"))
+               "'token' needs the student's own samples: kd.seq_kd=False"),
+              ("kd.rollout.overlap", overlap, not overlap or backend != "local",
+               "overlaps a served teacher's scoring with the train step: set "
+               "teacher.backend=openai (a local teacher scores inside the step)"))
     for key, value, ok, why in checks:
       if not ok:
         raise ValueError(f"{key}={value!r}: {why}")
     stop = tuple(x for x in str(r.get("stop", "")).split("|") if x)  # as sampling.stop
-    return cls(lmbda=lmbda, seq_kd=seq_kd, estimator=estimator, sampling=SamplingSettings(
+    return cls(lmbda=lmbda, seq_kd=seq_kd, estimator=estimator, overlap=overlap,
+               sampling=SamplingSettings(
         temperature=temperature, top_p=top_p, max_tokens=max_new, stop=stop,
         seed=int(config.seed)))
 
@@ -172,17 +181,23 @@ class Rollout:
     return rows, dropped
 
   def __call__(self, state, batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], dict]:
-    local, row0 = own_rows(batch)
-    b, b_local = batch["inputs"].shape[0], local["inputs"].shape[0]
+    step = int(jax.device_get(state.step))
+    local, metrics = self.sampled(state.params, (*own_rows(batch), batch["inputs"].shape[0]), step)
+    return self.scored(local, step, metrics)
+
+  def sampled(self, params: Any, rows: Rows, step: int) -> tuple[dict[str, np.ndarray], dict]:
+    """(this process's `rows` with step `step`'s sampled responses written by `params`, their
+    host metrics): everything but the served teacher's scores. A collective."""
+    local, row0, b = rows
+    b_local = local["inputs"].shape[0]
     n_on = int(round(self.spec.lmbda * b))  # global rows [0, n_on) are sampled
     mine = min(max(n_on - row0, 0), b_local)
-    step = int(jax.device_get(state.step))
     prompts_per_row = [segments({k: v[r] for k, v in local.items()}) for r in range(mine)]
     flat = [p for ps in prompts_per_row for p in ps]
     sampled_L = np.zeros(local["weights"].shape, np.float32)
     metrics = {"onpolicy_fraction": n_on / b}
     start = time.perf_counter()
-    responses = self.sample(state.params, flat, step)  # every process: a collective
+    responses = self.sample(params, flat, step)  # every process: a collective
     seconds = time.perf_counter() - start
     new_rows, dropped = self.rows(prompts_per_row, responses)
     sampled = rollout_metrics(responses, dropped, seconds)
@@ -197,10 +212,76 @@ class Rollout:
           sampled_L[r] = row["weights"]
       metrics |= sampled
     local["sampled"] = sampled_L
+    return local, metrics
+
+  def scored(self, local: dict[str, np.ndarray], step: int, metrics: dict
+             ) -> tuple[dict[str, jax.Array], dict]:
+    """`sampled`'s rows, scored by the served teacher (if any), as this process's part of the
+    global batch; the metrics with the scorer's (a collective with several processes)."""
     if self.scorer is not None:  # each process scores its own rows
       local["teacher_logp"], scored = self.scorer(local, step)
-      metrics |= served_metrics(scored)
+      metrics = metrics | served_metrics(scored)
     return to_batch(local, self.placement), metrics
+
+
+class Overlapped:
+  """`kd.rollout.overlap=True`: the served teacher scores step t + 1's rows while the device
+  runs step t, so step t + 1 trains on rows sampled by the params step t started from: one
+  update old (`rollout_lag` 1; asynchronous RL's trade-off), the price of hiding the scoring.
+
+  Per call at step t (the step function `wrap` returns): step t + 1's rows (`batch_at(t + 1)`,
+  the loop's own data order) are sampled by params_t (`rollout.sampled`, blocking on the
+  device: the step below donates those params), train step t is dispatched on the batch
+  prepared during step t - 1, and while it runs the host scores the new rows
+  (`rollout.scored`). The first step of a run, and a resume from a checkpoint without a
+  prepared batch, samples its own rows first (`rollout_lag` 0). The prepared batch is saved in
+  every checkpoint (`pending`, loop.py: the same Orbax save as the state, atomic with it) and
+  handed back by `start`, so a resumed run trains on exactly what the uninterrupted one did.
+  The last step prepares nothing. `rollout`: a `Rollout` or `icl_onpolicy.ICLRollout`.
+  """
+
+  def __init__(self, rollout: Any):
+    self.rollout, self.inner = rollout, None
+    self.batch_at, self.last_step = None, 0
+    self.ready = None  # (step, global batch, host metrics): what step `step` trains on
+
+  def wrap(self, inner):
+    """The pipelined step function `(state, batch) -> (state, metrics)` around `inner`
+    (`step.jit_train_step`'s jitted step)."""
+    self.inner = inner
+    return self
+
+  def start(self, batch_at, last_step: int, restored: tuple | None = None) -> None:
+    """`batch_at(step)`: this process's rows of the loop's global batch `step` (numpy);
+    `last_step`: the step the run ends at; `restored`: `(step, batch, metrics)` of a checkpoint."""
+    self.batch_at, self.last_step, self.ready = batch_at, int(last_step), restored
+
+  def pending(self) -> tuple | None:
+    """`(step, global batch, host metrics)` prepared for the next step, or None."""
+    return self.ready
+
+  def __call__(self, state, batch: dict[str, jax.Array]) -> tuple[Any, dict]:
+    if self.batch_at is None:
+      raise RuntimeError("Overlapped: call start(batch_at, last_step) before the first step")
+    step = int(jax.device_get(state.step))
+    if self.ready is not None and self.ready[0] == step:
+      _, current, metrics = self.ready
+      metrics = {**metrics, "rollout_lag": 1}
+    else:  # nothing prepared: this step's own params sample its rows
+      current, metrics = self.rollout(state, batch)
+      metrics = {**metrics, "rollout_lag": 0}
+    self.ready, nxt = None, step + 1
+    if nxt < self.last_step:
+      local, next_metrics = self.rollout.sampled(state.params, self._rows(nxt), nxt)
+    state, out = self.inner(state, current)  # dispatched: the device trains while the host scores
+    if nxt < self.last_step:
+      self.ready = (nxt, *self.rollout.scored(local, nxt, next_metrics))
+    return state, {**out, **metrics}
+
+  def _rows(self, step: int) -> Rows:
+    local = {k: np.array(v) for k, v in self.batch_at(step).items()}  # writable
+    b_local = local["inputs"].shape[0]
+    return local, jax.process_index() * b_local, b_local * jax.process_count()
 
 
 def own_rows(batch: dict[str, jax.Array]) -> tuple[dict[str, np.ndarray], int]:

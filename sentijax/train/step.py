@@ -201,14 +201,16 @@ def jit_train_step(spec: StepSpec, placement: sharding.Placement, state_sh: Trai
   sharded over the placement's mesh by the same logical rules as the student's. `rollout`
   (on-policy, `train.onpolicy.Rollout`): `(state, batch) -> (batch, host metrics)` runs first,
   the current (sharded) params writing the responses of part of the batch; its metrics join the
-  step's."""
+  step's. A rollout with `wrap(inner) -> step function` (`onpolicy.Overlapped`) runs the step."""
   if rollout is not None:
     inner = jit_train_step(spec, placement, state_sh, batch_sh, teacher)
-
-    def rollout_step(state, batch):
-      batch, extra = rollout(state, batch)
-      state, metrics = inner(state, batch)
-      return state, {**metrics, **extra}
+    if hasattr(rollout, "wrap"):  # a pipelined rollout (onpolicy.Overlapped) runs the step
+      rollout_step = rollout.wrap(inner)
+    else:
+      def rollout_step(state, batch):
+        batch, extra = rollout(state, batch)
+        state, metrics = inner(state, batch)
+        return state, {**metrics, **extra}
     rollout_step.teacher_params = getattr(inner, "teacher_params", None)
     return rollout_step
   mesh, rules = placement.mesh, placement.rules

@@ -3,6 +3,7 @@ model: its teacher-forced log-probs of packed segments equal a local forward; st
 the local teacher's token-estimator steps; a failed score stops the step; the kd job stops before
 training on a server without prompt logprobs or a teacher tokenizer of another vocabulary."""
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -335,6 +336,76 @@ def test_served_steps_equal_local_teacher_token_estimator_steps(server, tok, tea
   assert max(float(x) for x in moved) > 1e-3  # the steps trained
 
 
+class _Recorded(served.Scorer):
+  """A Scorer that logs ("score", step) in `events` before scoring."""
+
+  def __init__(self, client, events):
+    super().__init__(client)
+    self.events = events
+
+  def __call__(self, local, step):
+    self.events.append(("score", step))
+    return super().__call__(local, step)
+
+
+def test_overlapped_steps_train_on_rows_sampled_one_update_earlier(server, tok):
+  """kd.rollout.overlap: step t's rows are sampled by the params of step t - 1 (step 0's by its
+  own) with step t's keys and scored while step t - 1 runs: 4 steps equal a hand-written
+  schedule of that (sample t + 1 from params_t, then train t), not the unpipelined run; the
+  server is asked for step t + 1's scores only after step t was dispatched; the last step
+  prepares nothing."""
+  texts = teacher_fixtures.demo_texts()
+  batches = [_batch([_row(tok, texts[i + 2 * r:i + 2 * r + 2], []) for r in range(4)])
+             for i in (10, 20, 30, 40)]
+  rows = [({k: np.array(v) for k, v in b.items() if k != "sampled"}, 0, 4) for b in batches]
+  distill = losses.Distill(kind="reverse", alpha=1.0, support="served", vocab=V)
+  tx = optax.sgd(0.5)
+  spec = step.StepSpec(S_CFG, tx, distill=distill, token_estimator=True)
+  inner = step.jit_train_step(spec, sharding.Placement(), None, None)
+  client, events = _client(server.url), []
+
+  def rollout():
+    return onpolicy.Rollout(ROLLOUT, S_CFG, vocab=V, eos_id=tok.eos_token_id, seq_len=LENGTH,
+                            per_layer=False, scorer=_Recorded(client, events))
+
+  def recorded_inner(st, batch):
+    events.append(("train", int(st.step)))
+    return inner(st, batch)
+  try:
+    want = state_lib.create_state(models.init(S_CFG, 1), tx)  # the schedule by hand
+    r = rollout()
+
+    def sampled(params, t):  # on a copy: sampling rewrites the rows it is given
+      local, first, b = rows[t]
+      return r.sampled(params, ({k: v.copy() for k, v in local.items()}, first, b), t)[0]
+    ready = r.scored(sampled(want.params, 0), 0, {})[0]
+    for t in range(4):
+      nxt = sampled(want.params, t + 1) if t < 3 else None
+      want, _ = inner(want, ready)
+      ready = r.scored(nxt, t + 1, {})[0] if t < 3 else None
+    events.clear()
+    pipelined = onpolicy.Overlapped(rollout())
+    fn = step.jit_train_step(spec, sharding.Placement(), None, None, rollout=pipelined)
+    assert fn is pipelined
+    pipelined.wrap(recorded_inner).start(lambda i: rows[i][0], 4)
+    st, lags = state_lib.create_state(models.init(S_CFG, 1), tx), []
+    for t in range(4):
+      st, m = fn(st, {k: jnp.asarray(v) for k, v in rows[t][0].items()})
+      lags.append(int(m["rollout_lag"]))
+      assert m["teacher_requests"] == 8 and m["rollout_length"] > 0
+    order = list(events)
+    fresh, _ = _train(batches, rollout=rollout(), distill=distill, token_estimator=True)
+  finally:
+    client.close()
+  assert order == [("score", 0), ("train", 0), ("score", 1), ("train", 1), ("score", 2),
+                    ("train", 2), ("score", 3), ("train", 3)]
+  assert lags == [0, 1, 1, 1] and pipelined.pending() is None
+  assert_trees_close(st.params, want.params, rtol=1e-6)
+  gap = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(st.params),
+                                                     jax.tree.leaves(fresh)))
+  assert gap > 1e-3  # one update old is a different run than the unpipelined one
+
+
 def test_a_failed_score_stops_the_step(server, tok):
   """Every request answered 500: the client retries, then the step raises ScoringError naming
   the step and row; the state is not trained."""
@@ -444,7 +515,11 @@ def test_served_config_checks_name_the_key(tmp_path, tok_dir):
                       ({"teacher__tokenizer": ""}, "teacher.tokenizer=''.*tokenizer dir"),
                       ({"kd__temperature": 2.0}, "kd.temperature=2.0"),
                       ({"teacher__backend": "vllm"}, r"teacher.backend='vllm'.*expected one of"),
-                      ({"teacher__model_dir": str(tok_dir)}, "teacher.model_dir=.*leave")]:
+                      ({"teacher__model_dir": str(tok_dir)}, "teacher.model_dir=.*leave"),
+                      ({"kd__rollout__overlap": True, "teacher__backend": "local"},
+                       "kd.rollout.overlap=True.*teacher.backend=openai"),
+                      ({"kd__rollout__overlap": True, "kd__mode": "online"},
+                       "kd.rollout.overlap=True.*only for kd.mode=on_policy")]:
     with pytest.raises(ValueError, match=match):
       kd.KDSpec.from_config(_config(tmp_path, "http://127.0.0.1:9/v1", tok_dir, tok_dir, **over))
   spec = kd.KDSpec.from_config(_config(tmp_path, "http://127.0.0.1:9/v1", tok_dir, tok_dir))
@@ -458,29 +533,38 @@ def test_served_config_checks_name_the_key(tmp_path, tok_dir):
 STEPS = 8
 
 
-def _main(workdir, url, tok_dir):
+def _main(workdir, url, tok_dir, *flags):
   return start_main("kd", workdir, "--config.kd.mode=on_policy", "--config.kd.lmbda=0.5",
                     "--config.kd.loss=reverse", "--config.kd.rollout.estimator=token",
                     "--config.kd.rollout.max_new_tokens=8", "--config.teacher.backend=openai",
                     f"--config.teacher.base_url={url}", "--config.teacher.model=tiny",
                     f"--config.teacher.tokenizer={tok_dir}", "--config.data.seq_len=64",
                     f"--config.train.steps={STEPS}", "--config.train.eval_every=0",
-                    "--config.train.log_every=2", "--config.checkpoint.every=2",
-                    "--config.checkpoint.async_save=False")
+                    "--config.train.log_every=1", "--config.checkpoint.every=2",
+                    "--config.checkpoint.async_save=False", *flags)
 
 
-def test_main_killed_mid_run_resumes_to_identical_params(tmp_path, server, tok_dir):
+@pytest.mark.parametrize("overlap", [False, True], ids=["scored_in_step", "overlap"])
+def test_main_killed_mid_run_resumes_to_identical_params(tmp_path, server, tok_dir, overlap):
   """kd.lmbda 0.5 (sampled rows scored by the server, corpus rows on CE): a run SIGKILLed after
   a checkpoint and rerun recomputes the scores of the steps it redoes (same tokens from (seed,
-  step, row), the same teacher-forced scores) and ends on the uninterrupted run's params."""
-  ref = _main(tmp_path / "ref", server.url, tok_dir)
+  step, row), the same teacher-forced scores) and ends on the uninterrupted run's params. With
+  kd.rollout.overlap the checkpoint holds the batch prepared (sampled one update earlier) for
+  its step, and the resumed run trains on it."""
+  flags = [f"--config.kd.rollout.overlap={overlap}"]
+  ref = _main(tmp_path / "ref", server.url, tok_dir, *flags)
   out, _ = ref.communicate(timeout=600)
   assert ref.returncode == 0, out[-3000:]
   assert f"KD done at step {STEPS}" in out and "train/teacher_score_s" in out
+  assert ("train/rollout_lag" in out) == overlap
   work = tmp_path / "killed"
-  killed_at, out = kill_then_resume(lambda w: _main(w, server.url, tok_dir), work, at_least=2,
-                                    steps=STEPS, timeout=300, final_timeout=600)
+  killed_at, out = kill_then_resume(lambda w: _main(w, server.url, tok_dir, *flags), work,
+                                    at_least=2, steps=STEPS, timeout=300, final_timeout=600)
   assert f"resumed from {work / 'checkpoints'} at step {killed_at}" in out
+  if overlap:  # the resumed step trained on the checkpoint's batch (sampled before it), not
+    # on one sampled now (nearly the same params sample nearly the same tokens here)
+    assert f"step {killed_at}: the batch prepared before the checkpoint restored" in out
+    assert re.search(rf"step {killed_at + 1} train/.*train/rollout_lag=1\b", out), out[-3000:]
   want = safetensors.numpy.load_file(str(tmp_path / "ref" / "hf" / "model.safetensors"))
   got = safetensors.numpy.load_file(str(work / "hf" / "model.safetensors"))
   assert_trees_close(got, want)  # reduction-order noise only (a resampled step moves far more)
