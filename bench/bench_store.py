@@ -288,7 +288,7 @@ def zstd_size(tok, scored, k: int, positions: int) -> None:
     print("zstandard not installed: zstd not measured")
     return
   from sentijax.data import topk_codec, topk_format, topk_writer  # pylint: disable=C0415
-  index = {"mode": "topk", "k": k, "encoding": topk_format.encoding(k, len(tok))}
+  index = {"mode": "topk", "version": 3, "k": k, "encoding": topk_format.encoding(k, len(tok))}
   bits = index["encoding"]["id_bits"]
   arrays = topk_writer.shard_arrays(scored, index)
   raw_bytes = [(topk_codec.pack_bits(a, bits).tobytes() if n in topk_writer.ID_ARRAYS

@@ -59,7 +59,9 @@ def context_tokens(tokens_T: np.ndarray, loss_mask_T: np.ndarray
 
 
 def block_starts(m: int) -> np.ndarray:
-  """Start of each block, then m."""
+  """Start of each block, then m (no block when m = 0)."""
+  if m == 0:
+    return np.zeros(1, np.int64)
   starts, size, p = [0], FIRST_BLOCK, 0
   while p + size < m:
     p += size
@@ -96,6 +98,8 @@ class _Counts:
 
   def groups(self, bucket: np.ndarray):
     """(bucket, indices into `bucket` in order) per bucket present, ascending."""
+    if not len(bucket):
+      return
     key = np.sort(bucket.astype(np.int64) << 32 | np.arange(len(bucket)))
     order, b = key & 0xFFFFFFFF, key >> 32
     cut = np.concatenate([[0], np.flatnonzero(np.diff(b)) + 1, [len(b)]]).tolist()

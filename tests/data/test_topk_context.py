@@ -172,3 +172,20 @@ def test_a_v3_store_still_loads_and_is_resumed_as_v3(tok, tmp_path, monkeypatch)
                                  n.logprobs[m][np.argsort(n.ids[m])], rtol=0, atol=1e-5)
   recs, soft = topk_store.load(tmp_path / "v3", 5)
   assert len(recs) == 7 and soft.width == 5
+
+
+@pytest.mark.parametrize("m", [0, 1, 2, 65])
+def test_tiny_shards_and_empty_positions_round_trip(m):
+  """No position, one, or a first block plus one; the last position lists nothing."""
+  q = topk_entries.Quantiser(0.125, 3.0, 0.02)
+  ids = (np.arange(m * 8).reshape(m, 8) * 7) % 50
+  lp = -np.arange(m * 8, dtype=np.float64).reshape(m, 8) * 0.3 - 0.1
+  if m:
+    ids[-1], lp[-1] = 0, -np.inf
+  cur, tgt = np.arange(m) % 3, ids[:, 0]
+  with np.errstate(invalid="ignore"):  # the empty position's log-ratios
+    arrays = tc.encode(ids, lp, np.full(m, -1.0), cur, tgt, q, 64)
+  got_ids, got_p = tc.decode(arrays, q, 8, 64, cur, tgt)
+  assert got_ids.shape == got_p.shape == (m, 8)
+  np.testing.assert_array_equal(np.sort(got_ids, 1), np.sort(ids, 1))
+  assert (got_p[-1:] == 0).all() if m else True
