@@ -287,8 +287,8 @@ def _block(st: _State, io: _Io, p0: int, p1: int, ctx: np.ndarray, tgt_M: np.nda
     valid = np.arange(st.k)[None, :] < n_M[p0:p1, None]
     rows_l, cols_l = np.nonzero(valid)
     key_l = rows_l * v + truth[0][rows_l, cols_l]
-    cand = row_c.astype(np.int64) * v + id_c
-    hit = np.isin(cand, key_l)
+    cand = row_c.astype(np.int64) * v + id_c  # ascending (candidates come by row, id)
+    hit = _in_sorted(cand, np.sort(key_l))
   hit = io.code(st.member, bucket, hit.astype(np.int64) if truth else None).astype(bool)
   n_esc = n_M[p0:p1] - np.bincount(row_c[hit], minlength=b)
   if (n_esc < 0).any():
@@ -297,7 +297,7 @@ def _block(st: _State, io: _Io, p0: int, p1: int, ctx: np.ndarray, tgt_M: np.nda
   rank, perm = st.rank_of()
   gaps = e_low = None
   if truth is not None:
-    esc = ~np.isin(key_l, cand)
+    esc = ~_in_sorted(key_l, cand)
     e_rank = np.sort(rows_l[esc] * v + rank[truth[0][rows_l, cols_l][esc]]) % v
     _, gaps = topk_entries.level_gaps(np.zeros(len(e_rank), np.int64), e_rank, n_esc)
     gaps_sym, e_low, _ = topk_entries.split_values(gaps)
@@ -390,6 +390,12 @@ def _interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   out = np.empty((len(a), 2 * J), np.int64)
   out[:, 0::2], out[:, 1::2] = a, b
   return out
+
+
+def _in_sorted(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+  """x in ref (ascending), elementwise (np.isin hashes: 10x slower here)."""
+  at = np.minimum(np.searchsorted(ref, x), max(len(ref) - 1, 0))
+  return ref[at] == x if len(ref) else np.zeros(len(x), bool)
 
 
 def _lookup(keys: np.ndarray, values: np.ndarray, want: np.ndarray) -> np.ndarray:
