@@ -12,8 +12,9 @@ position as float16 log(tail). Decoding gives
   p_i = (1 - tail) * exp(-code_i * step) / sum_j exp(-code_j * step).
 
 Shard container: MAGIC, an 8-byte little-endian header length, a JSON header listing each array
-(name, dtype, shape, offset, size, bits), then the arrays, each compressed on its own with the
-store's codec (so a reader decompresses only what it asks for).
+(name, dtype, shape, offset, size, bits, and "codec": "none" for an array stored as it is), then
+the arrays, each compressed on its own with the store's codec (so a reader decompresses only
+what it asks for).
 """
 from __future__ import annotations
 
@@ -148,8 +149,9 @@ def decompress(data: bytes, codec: str) -> bytes:
 
 
 def encode_shard(arrays: Mapping[str, np.ndarray], codec: str,
-                 bits: Mapping[str, int] | None = None) -> bytes:
-  """The shard bytes: arrays in the given order, `bits[name]`-bit packed where named."""
+                 bits: Mapping[str, int] | None = None, stored: Sequence[str] = ()) -> bytes:
+  """The shard bytes: arrays in the given order, `bits[name]`-bit packed where named, those in
+  `stored` (already entropy-coded) with codec "none"."""
   bits = dict(bits or {})
   entries, blobs, offset = [], [], 0
   for name, array in arrays.items():
@@ -160,9 +162,10 @@ def encode_shard(arrays: Mapping[str, np.ndarray], codec: str,
       raw = json.dumps(array.tolist()).encode("utf-8")
     else:
       raw = array.tobytes()
-    blob = compress(raw, codec)
+    blob = compress(raw, "none" if name in stored else codec)
     entries.append({"name": name, "dtype": array.dtype.str, "shape": list(array.shape),
-                    "offset": offset, "size": len(blob), "bits": bits.get(name, 0)})
+                    "offset": offset, "size": len(blob), "bits": bits.get(name, 0)}
+                   | ({"codec": "none"} if name in stored else {}))
     blobs.append(blob)
     offset += len(blob)
   header = json.dumps({"codec": codec, "arrays": entries}, sort_keys=True).encode("utf-8")
@@ -193,7 +196,8 @@ def decode_arrays(data: bytes | memoryview, names: Sequence[str]) -> dict[str, n
   for name in names:
     e = entries[name]
     try:
-      raw = decompress(data[base + e["offset"]:base + e["offset"] + e["size"]], header["codec"])
+      raw = decompress(data[base + e["offset"]:base + e["offset"] + e["size"]],
+                       e.get("codec", header["codec"]))
     except (lzma.LZMAError, zlib.error, ValueError) as err:
       raise CodecError(f"array {name!r}: {type(err).__name__}: {err}") from None
     dtype, shape = np.dtype(e["dtype"]), tuple(e["shape"])

@@ -169,7 +169,8 @@ class StoreWriter:
     enc = self.index["encoding"]
     arrays = shard_arrays(scored, self.index)
     data = topk_codec.encode_shard(arrays, enc["codec"], {
-        name: enc["id_bits"] for name in ID_ARRAYS if name in arrays} | {"loss_mask": 1})
+        name: enc["id_bits"] for name in ID_ARRAYS if name in arrays} | {"loss_mask": 1},
+        stored=("range_code",))  # v4's range code: lzma would only spend time on it
     name = f"shard-{len(self.index['shards']):05d}.bin"
     with atomic.atomic_open(self.dir / name, "wb") as f:  # temp, fsync, rename, fsync dir
       f.write(data)

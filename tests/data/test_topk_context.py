@@ -162,6 +162,9 @@ def test_a_v3_store_still_loads_and_is_resumed_as_v3(tok, tmp_path, monkeypatch)
                               render={"mode": "raw"})
   v4.write_shard(first + second)
   assert topk_store.read_index(tmp_path / "v4")["version"] == 4
+  header, _ = topk_codec.read_header((tmp_path / "v4" / "shard-00000.bin").read_bytes())
+  code = {a["name"]: a for a in header["arrays"]}["range_code"]  # stored as it is, not lzma
+  assert code.get("codec") == "none" and code["size"] == 4 * code["shape"][0]
   old, new = topk_store.read_records(tmp_path / "v3"), topk_store.read_records(tmp_path / "v4")
   assert [o.record.id for o in old] == [n.record.id for n in new] == [
       s.record.id for s in first + second]
