@@ -31,7 +31,7 @@ setuptools.setup(
         "tensorboardX",
         "matplotlib",
         "scikit-learn",
-        "constriction>=0.5.0,<0.6",  # top-k store v4: range coder (bench/README.md: -37 B/pos)
+        "constriction>=0.5.0,<0.6",  # top-k store v4: range coder (bench/README.md: -35.7 B/pos)
     ],
     extras_require={
         # torch is only the parity reference in tests; the exact pin selects the CPU wheel.
