@@ -481,6 +481,27 @@ def test_a_server_with_fewer_top_logprobs_fails_at_the_probe_naming_the_setting(
     srv.stop()
 
 
+def test_the_kd_job_asks_for_top_logprobs_when_it_scores_training_steps(tmp_path, tok_dir):
+  """teacher.top_logprobs=2 reaches the scorer the job trains with: every request after the
+  probe (one per sampled segment of the step) asks for logprobs 2, and the step logs the
+  teacher's signal."""
+  def script(n, body):
+    ids = body["prompt"]
+    return 200, {}, json.dumps({"choices": [{"text": "", "logprobs": {
+        "tokens": [f"token_id:{i}" for i in ids], "token_logprobs": [None] + [-1.0] * (len(ids) - 1),
+        "top_logprobs": [None] + [{f"token_id:{i}": -1.0, f"token_id:{(i + 1) % V}": -2.0}
+                                  for i in ids[1:]]}}]})
+  srv = teacher_fixtures.ScriptedServer(script)
+  try:
+    kd.run(_config(tmp_path, srv.url, tok_dir, tok_dir, teacher__top_logprobs=2,
+                   train__steps=1, train__batch_size=8, train__eval_every=0, data__seq_len=64,
+                   kd__rollout__max_new_tokens=4, export_hf=False))
+  finally:
+    srv.stop()
+  asked = [body["logprobs"] for _, _, body in srv.arrivals]
+  assert len(asked) > 1 and asked == [2] * len(asked)
+
+
 def test_top_logprobs_steps_add_the_bucketed_term_on_the_same_samples(server, tok):
   """One on-policy step scored by sentijax.serve with and without teacher.top_logprobs=2 (the
   soft fields go through the rollout's batch into the jitted step): the same samples and
