@@ -36,6 +36,7 @@ import numpy as np
 from sentijax import distributed, models, sampling, sharding
 from sentijax.data import packing, sequences
 from sentijax.sampling import SamplingSettings
+from sentijax.train import served
 
 ESTIMATORS = ("full", "token")
 Rows = tuple  # (this process's rows of a global batch: numpy by field, its first row's global
@@ -219,8 +220,11 @@ class Rollout:
     """`sampled`'s rows, scored by the served teacher (if any), as this process's part of the
     global batch; the metrics with the scorer's (a collective with several processes)."""
     if self.scorer is not None:  # each process scores its own rows
-      local["teacher_logp"], scored = self.scorer(local, step)
-      metrics = metrics | served_metrics(scored)
+      try:
+        local["teacher_logp"], scored = self.scorer(local, step)
+      except Exception as e:  # pylint: disable=broad-except
+        served_metrics({}, step, error=e)  # raises on every process, none left waiting
+      metrics = metrics | served_metrics(scored, step)
     return to_batch(local, self.placement), metrics
 
 
@@ -324,12 +328,28 @@ def rollout_metrics(responses: list[np.ndarray], dropped: int, seconds: float) -
           "rollout_length": generated / count, "rollout_dropped": dropped}
 
 
-def served_metrics(scored: dict) -> dict:
+SERVED_KEYS = ("teacher_requests", "teacher_retries", "teacher_score_s")  # served.Scorer's
+
+
+def served_metrics(scored: dict, step: int, error: Exception | None = None) -> dict:
   """A served teacher's step metrics over all processes: requests and retries summed, the wall
-  seconds the slowest process's."""
+  seconds the slowest process's. Every process calls it, also the one whose scoring raised
+  `error`: the failure is gathered with the metrics, so all processes stop (that one with its
+  error, the others with `served.ScoringError` naming it) instead of waiting for it."""
   if jax.process_count() == 1:
+    if error is not None:
+      raise error
     return scored
-  keys = sorted(scored)
-  values_PxK = distributed.allgather(np.asarray([scored[k] for k in keys], np.float32))
-  return {k: (values_PxK[:, i].max() if k == "teacher_score_s" else values_PxK[:, i].sum())
-          for i, k in enumerate(keys)}
+  row = [float(error is not None)] + [float(scored.get(k, 0.0)) for k in SERVED_KEYS]
+  values_PxK = distributed.allgather(np.asarray(row, np.float32))
+  if error is not None:
+    raise error
+  failed = np.flatnonzero(values_PxK[:, 0]).tolist()
+  if failed:
+    raise served.ScoringError(
+        f"step {step}: process(es) {failed} could not score their rows with the served teacher "
+        "(their logs name the request); this process stops too, as no step trains without its "
+        "teacher signal: fix the server, then rerun the same command (it resumes from the last "
+        "checkpoint)")
+  return {k: (values_PxK[:, i + 1].max() if k == "teacher_score_s" else
+              values_PxK[:, i + 1].sum()) for i, k in enumerate(SERVED_KEYS)}

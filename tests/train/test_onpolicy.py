@@ -14,7 +14,7 @@ import safetensors.numpy
 from sentijax import config as config_lib
 from sentijax import models, sharding
 from sentijax.sampling import SamplingSettings
-from sentijax.train import kd, losses, onpolicy, state as state_lib, step
+from sentijax.train import kd, losses, onpolicy, served, state as state_lib, step
 from kill_resume import kill_then_resume, start_main
 from tolerances import assert_close, assert_trees_close
 
@@ -377,3 +377,33 @@ def test_main_killed_mid_run_resumes_to_identical_params(tmp_path):
   # bound admits only reduction-order noise (one step sampled with other keys moves the params
   # by > 1e-3 of their scale).
   assert_trees_close(got, want)
+
+
+def test_a_scoring_failure_on_one_process_stops_every_process(monkeypatch):
+  """Two processes (process count and allgather faked): a served teacher's failure on one is
+  gathered with the step's metrics, so the failing process raises its own error and the other
+  ScoringError naming it, both after the same one gather (none left waiting at it); without a
+  failure the requests and retries are summed, the seconds the slowest process's."""
+  gathered = []
+
+  def other_process(row):
+    def allgather(x):
+      gathered.append(np.asarray(x).shape)
+      return np.stack([np.asarray(x), np.asarray(row, np.float32)])
+    return allgather
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  mine = {"teacher_requests": 3, "teacher_retries": 1, "teacher_score_s": 0.5}
+  monkeypatch.setattr(onpolicy.distributed, "allgather", other_process([1, 0, 0, 0]))
+  with pytest.raises(served.ScoringError, match=r"step 7: process\(es\) \[1\] could not score"):
+    onpolicy.served_metrics(mine, 7)
+
+  def failing(local, step):
+    raise ConnectionError("server gone")
+  rollout = onpolicy.Rollout(_rollout_spec(), S_CFG, vocab=V, eos_id=EOS, seq_len=LENGTH,
+                             scorer=failing)
+  with pytest.raises(ConnectionError, match="server gone"):  # its own error, after the gather
+    rollout.scored({"targets": np.zeros((2, LENGTH), np.int32)}, 7, {})
+  assert gathered == [(4,), (4,)]
+  monkeypatch.setattr(onpolicy.distributed, "allgather", other_process([0, 5, 0, 2.0]))
+  assert onpolicy.served_metrics(mine, 7) == {"teacher_requests": 8, "teacher_retries": 1,
+                                              "teacher_score_s": 2.0}
