@@ -364,6 +364,28 @@ class Head(NamedTuple):
   softcap: float = 0.0
 
 
+def _position_inputs(student: Head, targets_BxT: Array, weights_BxT: Array,
+                     distill: Distill | None, soft: Mapping[str, Array] | None,
+                     teacher: Head | None, sampled_BxT: Array | None) -> dict[str, Array]:
+  """chunked_loss_sums' [B, T, ...] inputs by short name (h, tgt, w; th: the online teacher's
+  hidden states; the soft fields; s: sampled), checked against what `distill` reads."""
+  xs = {"h": student.hidden_BxTxE, "tgt": targets_BxT, "w": weights_BxT.astype(jnp.float32)}
+  if (distill is not None and distill.support == "served"
+      and (sampled_BxT is None or "teacher_logp" not in (soft or {}))):
+    raise ValueError("Distill(support='served') reads the batch fields 'sampled' and "
+                     "'teacher_logp' (on-policy rows a served teacher scored: train/served.py)")
+  if distill is not None and distill.online:
+    if teacher is None:
+      raise ValueError(f"Distill(support={distill.support!r}) needs the online teacher's hidden "
+                       "states and output kernel")
+    xs["th"] = jax.lax.stop_gradient(teacher.hidden_BxTxE)
+  elif distill is not None:
+    xs |= {k: v for k, v in (soft or {}).items() if k in SOFT_FIELDS}
+  if sampled_BxT is not None:
+    xs["s"] = sampled_BxT.astype(jnp.float32)
+  return xs
+
+
 def chunked_loss_sums(student: Head, targets_BxT: Array, weights_BxT: Array, chunk: int = 0, *,
                       distill: Distill | None = None, soft: Mapping[str, Array] | None = None,
                       teacher: Head | None = None, sampled_BxT: Array | None = None,
@@ -390,21 +412,9 @@ def chunked_loss_sums(student: Head, targets_BxT: Array, weights_BxT: Array, chu
   hidden_BxTxE = student.hidden_BxTxE
   b, t, _ = hidden_BxTxE.shape
   chunk = min(chunk or t, t)
-  xs = {"h": hidden_BxTxE, "tgt": targets_BxT, "w": weights_BxT.astype(jnp.float32)}
+  xs = _position_inputs(student, targets_BxT, weights_BxT, distill, soft, teacher, sampled_BxT)
   online = distill is not None and distill.online
   served = distill is not None and distill.support == "served"
-  if served and (sampled_BxT is None or "teacher_logp" not in (soft or {})):
-    raise ValueError("Distill(support='served') reads the batch fields 'sampled' and "
-                     "'teacher_logp' (on-policy rows a served teacher scored: train/served.py)")
-  if online:
-    if teacher is None:
-      raise ValueError(f"Distill(support={distill.support!r}) needs the online teacher's hidden "
-                       "states and output kernel")
-    xs["th"] = jax.lax.stop_gradient(teacher.hidden_BxTxE)
-  elif distill is not None:
-    xs |= {k: v for k, v in (soft or {}).items() if k in SOFT_FIELDS}
-  if sampled_BxT is not None:
-    xs["s"] = sampled_BxT.astype(jnp.float32)
   pad = -t % chunk
   n = (t + pad) // chunk
 
