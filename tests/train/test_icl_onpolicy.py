@@ -14,7 +14,6 @@ import safetensors.numpy
 
 from sentijax import models, serve, sharding
 from sentijax.data import packing, sequences
-from sentijax.data import tokenizer as tok_lib
 from sentijax.sampling import SamplingSettings
 from sentijax.teacher.local import LocalTeacher
 from sentijax.teacher.openai_api import ClientSpec, OpenAITeacher
@@ -223,18 +222,6 @@ def test_held_out_kl_teacher_is_teacher_k_shot_vs_student_own_prompt(params, tea
 
 # ---------------------------------------------------------------------------------------------
 # A served teacher: the same steps as the local one.
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("icl_onpolicy_tok")
-  tok_lib.train_tokenizer(teacher_fixtures.demo_texts(), V, root)
-  return root
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-  return tok_lib.load_tokenizer(tok_dir)
 
 
 def _train(batches, rollout, distill, teacher=None, token_estimator=False):

@@ -31,18 +31,6 @@ LENGTH, PROMPT, RESPONSE = 40, 6, 12  # two prompt + response segments per packe
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("served_tok")
-  tok_lib.train_tokenizer(teacher_fixtures.demo_texts(), V, root)
-  return root
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-  return tok_lib.load_tokenizer(tok_dir)
-
-
-@pytest.fixture(scope="module")
 def teacher_params():
   """A random tiny teacher, its embedding (the tied head) scaled so its next-token log-probs
   spread over several nats (a near-uniform random init would hide misaligned positions)."""
