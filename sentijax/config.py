@@ -216,8 +216,9 @@ def kd() -> ml_collections.ConfigDict:
   # responses sampled by the student: see lmbda below)
   c.mode = "online"
   c.store = ""  # offline: directory of a top-k teacher store
-  # offline: an HF teacher dir used only to score the held-out FULL-vocabulary KL
-  # (eval/kl_teacher); "" = the store's support only (eval/kl_teacher_bucketed)
+  # offline, or on_policy with a served teacher: an HF teacher dir used only to score the
+  # held-out FULL-vocabulary KL (eval/kl_teacher*); "" = offline the store's support only
+  # (eval/kl_teacher_bucketed), served none
   c.eval_teacher = ""
   # Also log eval/kl_teacher_onpolicy at every held-out eval: KL(student || teacher) over the
   # full vocabulary on responses the student samples for the val rows' prompts (kd.rollout.*

@@ -10,10 +10,11 @@ Sparse supports (online `kd.top_k`, offline stores) keep the teacher's tail as o
 (`kd.tail=bucket`, losses.py); `train/kd_support_mass` logs the student's mass on the teacher's
 support. Held out (`kd_eval.divergence_hook`), at step 0, every `train.eval_every` steps and at the end,
 also for `kd.loss=ce` (the baseline): the full-vocabulary KL to a teacher model when one is at hand
-(`eval/kl_teacher`, `eval/kl_teacher_reverse`: online, or `kd.eval_teacher` offline; with
+(`eval/kl_teacher`, `eval/kl_teacher_reverse`: online, or `kd.eval_teacher` offline or served; with
 `kd.eval_onpolicy` also `eval/kl_teacher_onpolicy` on the student's samples), else a top-k store's bucketed KL
 (`eval/kl_teacher_bucketed`), the training divergence (`eval/kd`) and `eval/kd_support_mass`.
-On-policy with a served teacher (`teacher.backend=openai`): no teacher model here; its tokenizer
+On-policy with a served teacher (`teacher.backend=openai`): no teacher model in the step (with
+`kd.eval_teacher`, one here for the held-out divergences only); its tokenizer
 (`teacher.tokenizer`) is checked and its server probed before the data pipeline, then it scores
 the student's samples (train/served.py).
 """
@@ -103,8 +104,9 @@ class KDSpec:
               ("kd.loss", spec.mode != "on_policy" or spec.loss != "ce",
                "kd.mode=on_policy distils on the student's own samples: set kd.loss=forward | "
                "reverse | jsd (kd.loss=ce is the baseline of kd.mode=online)"),
-              ("kd.eval_teacher", spec.mode == "offline" or not spec.eval_teacher,
-               "only for kd.mode=offline (an online run scores the teacher it trains with)"),
+              ("kd.eval_teacher", spec.mode == "offline" or spec.served or not spec.eval_teacher,
+               "only for kd.mode=offline or a served teacher (an online run scores the teacher "
+               "it trains with)"),
               ("kd.store", spec.online or spec.store,
                "kd.mode=offline needs the directory of a top-k teacher store"),
               ("kd.top_k", spec.online or spec.top_k > 0,
@@ -128,8 +130,9 @@ class KDSpec:
   @property
   def teacher_model_dir(self) -> str:
     """The HF dir of the teacher model run here: online the one trained with, offline the
-    held-out scorer (kd.eval_teacher); "" = a preset (online) or none (offline)."""
-    return self.teacher_dir if self.online else self.eval_teacher
+    held-out scorer (kd.eval_teacher, offline or beside a served teacher); "" = a preset
+    (online) or none."""
+    return self.teacher_dir if self.online and not self.served else self.eval_teacher
 
   @property
   def teacher_tokenizer_dir(self) -> str:
@@ -231,9 +234,9 @@ def student_tokenizer(config, spec: KDSpec, model_cfg: models.ModelConfig, texts
 
 
 def teacher_config(spec: KDSpec) -> models.ModelConfig | None:
-  """The config of the teacher model run here (`KDSpec.teacher_model_dir`), None offline
-  without kd.eval_teacher."""
-  if (spec.mode == "offline" and not spec.eval_teacher) or spec.served:
+  """The config of the teacher model run here (`KDSpec.teacher_model_dir`), None offline or
+  served without kd.eval_teacher."""
+  if (spec.mode == "offline" or spec.served) and not spec.eval_teacher:
     return None
   dtype = models.resolve_dtype(spec.teacher_dtype)
   cfg = (models.hf.read_config(spec.teacher_model_dir) if spec.teacher_model_dir
@@ -309,8 +312,8 @@ def teacher_setup(config, spec: KDSpec, tok: Any, tok_where: str, probe_text: st
   teacher_cfg = teacher_config(spec)
   if spec.served:
     scorer, vocab = served_scorer(config, spec, tok, tok_where, probe_text)
-  if teacher_cfg is not None:
-    where = spec.teacher_tokenizer_dir
+  if teacher_cfg is not None:  # served: the held-out scorer (kd.eval_teacher)
+    where = spec.teacher_model_dir if spec.served else spec.teacher_tokenizer_dir
     if where:
       vocab = check_same_tokenizer(tok, tok_where, tokenizer_lib.load_tokenizer(where), where)
     else:
@@ -360,8 +363,9 @@ def run(config) -> loop.Result:
     stats = {"corpus": corpus_stats, "kd": dataclasses.asdict(spec), "vocab": vocab} | ds_stats
     (workdir / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
     export.save_student_spec(model_cfg, tok, workdir, config.model.init)
-  t_desc = (f"{teacher_cfg.architecture} {teacher_cfg.num_params} params" if teacher_cfg
-            else f"served {config.teacher.model!r}" if scorer else "-")
+  t_desc = (f"served {config.teacher.model!r}" if scorer
+            else f"{teacher_cfg.architecture} {teacher_cfg.num_params} params" if teacher_cfg
+            else "-")
   log.info("KD (%s, loss %s, alpha %g, T %g, top_k %d): student %s %d params, teacher %s; "
            "%d train rows x %d tokens, vocab %d", spec.mode, spec.loss, spec.alpha,
            spec.temperature, spec.top_k, model_cfg.architecture, model_cfg.num_params, t_desc,
@@ -388,11 +392,11 @@ def run(config) -> loop.Result:
   if spec.eval_rollout is not None and val_ds is None:
     raise ValueError("kd.eval_onpolicy=True samples responses for the held-out rows: set "
                      "data.val_fraction > 0 (or a validation corpus)")
+  if spec.eval_rollout is not None and "kl_teacher_reverse" not in terms:
+    raise ValueError("kd.eval_onpolicy=True scores the student's samples with a teacher model: "
+                     "set teacher.model_dir / teacher.preset (online), or kd.eval_teacher "
+                     "(offline, or beside a served teacher)")
   if val_ds is not None and terms:
-    if spec.eval_rollout is not None and "kl_teacher_reverse" not in terms:
-      raise ValueError("kd.eval_onpolicy=True scores the student's samples with a teacher model: "
-                       "set teacher.model_dir / teacher.preset (online), or kd.eval_teacher "
-                       "(offline)")
     hooks = (kd_eval.divergence_hook(
         ctx, model_cfg, val_ds, int(tc.batch_size), int(tc.eval_batches), int(tc.loss_chunk),
         terms, rollout_args if spec.eval_rollout is not None else None),)

@@ -19,6 +19,7 @@ from sentijax.teacher.local import LocalTeacher
 from sentijax.teacher.openai_api import ClientSpec, OpenAITeacher
 from sentijax.train import icl_onpolicy, icldist, losses, onpolicy, served, state as state_lib
 from sentijax.train import step
+import tb_events
 from kill_resume import kill_then_resume, start_main
 from teacher import teacher_fixtures
 from tolerances import assert_close, assert_trees_close
@@ -407,12 +408,13 @@ def test_two_processes_equal_one(tmp_path):
   """kd.lmbda 0.75 of 8 rows: 2 processes x 2 devices (each rebuilding its own rows, the student
   prompts of both decoded as one global batch) end with the params, losses, rollout counts and
   eval/kl_teacher of 1 process x 4 devices."""
-  import test_multiprocess as mp  # the multi-process harness (subprocesses, event files)
+  import test_multiprocess as mp  # the multi-process harness (subprocesses)
   ref_dir, multi_dir = tmp_path / "ref", tmp_path / "multi"
   outs = mp._finish_all([*mp._two_processes(multi_dir, ICL_MP_ARGS, devices=2),
                          mp._Run(ref_dir, 4, args=ICL_MP_ARGS)])
   assert all("ICLDist done at step 4" in o for o in outs), outs[0][-3000:]
-  ref, multi = mp._scalars(ref_dir / "tensorboard"), mp._scalars(multi_dir / "tensorboard")
+  ref = tb_events.scalars(ref_dir / "tensorboard")
+  multi = tb_events.scalars(multi_dir / "tensorboard")
   for tag in ("train/loss", "train/kd", "train/ce"):
     mp._assert_curve(multi, ref, tag, [1, 2, 3, 4])
   mp._assert_curve(multi, ref, "eval/kl_teacher", [4])  # at the end

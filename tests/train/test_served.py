@@ -20,6 +20,7 @@ from sentijax.teacher.local import LocalTeacher
 from sentijax.teacher.openai_api import ClientSpec, OpenAITeacher
 from sentijax.train import kd, losses, onpolicy, served, state as state_lib, step
 import safetensors.numpy
+import tb_events
 from kill_resume import kill_then_resume, start_main
 from teacher import teacher_fixtures
 from tolerances import assert_close, assert_trees_close
@@ -490,6 +491,28 @@ def test_the_kd_job_asks_for_top_logprobs_when_it_scores_training_steps(tmp_path
   assert len(asked) > 1 and asked == [2] * len(asked)
 
 
+def test_eval_teacher_beside_a_served_teacher_scores_the_held_out_divergences(
+    tmp_path, server, tok, tok_dir, teacher_params):
+  """kd.eval_teacher with a served teacher: the served model's weights as an HF dir score the
+  held-out divergences; at step 0 they equal what a run with that teacher in the step logs (the
+  same student, val rows and draws). Without it kd.eval_onpolicy stops naming kd.eval_teacher."""
+  t_dir = models.save_hf(T_CFG, teacher_params, tmp_path / "teacher", tokenizer=tok)
+  common = dict(kd__eval_onpolicy=True, train__steps=1, train__eval_every=1,
+                data__seq_len=64, kd__rollout__max_new_tokens=4, export_hf=False)
+  with pytest.raises(ValueError, match=r"kd.eval_onpolicy=True.*kd.eval_teacher"):
+    kd.run(_config(tmp_path / "none", server.url, tok_dir, tok_dir, **common))
+  kd.run(_config(tmp_path / "served", server.url, tok_dir, tok_dir, kd__eval_teacher=str(t_dir),
+                 **common))
+  kd.run(_config(tmp_path / "local", server.url, tok_dir, tok_dir, teacher__backend="local",
+                 teacher__model_dir=str(t_dir), **common))
+  got, want = (tb_events.scalars(tmp_path / run / "kd" / "tensorboard")
+               for run in ("served", "local"))
+  for tag in ("eval/kl_teacher", "eval/kl_teacher_reverse", "eval/kl_teacher_onpolicy"):
+    assert want[tag][0] > 0.1, tag  # a teacher far from the student
+    assert_close(got[tag][0], want[tag][0], rel=1e-5, what=tag)
+  assert "train/teacher_requests" in got and "train/teacher_requests" not in want
+
+
 def test_top_logprobs_steps_add_the_bucketed_term_on_the_same_samples(server, tok):
   """One on-policy step scored by sentijax.serve with and without teacher.top_logprobs=2 (the
   soft fields go through the rollout's batch into the jitted step): the same samples and
@@ -528,7 +551,10 @@ def test_served_config_checks_name_the_key(tmp_path, tok_dir):
                       ({"kd__rollout__overlap": True, "teacher__backend": "local"},
                        "kd.rollout.overlap=True.*teacher.backend=openai"),
                       ({"kd__rollout__overlap": True, "kd__mode": "online"},
-                       "kd.rollout.overlap=True.*only for kd.mode=on_policy")]:
+                       "kd.rollout.overlap=True.*only for kd.mode=on_policy"),
+                      ({"kd__eval_teacher": str(tok_dir), "teacher__backend": "local",
+                        "teacher__preset": "tiny"},
+                       "kd.eval_teacher=.*only for kd.mode=offline or a served teacher")]:
     with pytest.raises(ValueError, match=match):
       kd.KDSpec.from_config(_config(tmp_path, "http://127.0.0.1:9/v1", tok_dir, tok_dir, **over))
   spec = kd.KDSpec.from_config(_config(tmp_path, "http://127.0.0.1:9/v1", tok_dir, tok_dir))
