@@ -272,6 +272,46 @@ def test_served_teacher_steps_equal_the_local_teacher(tok, teacher_params):
   assert max(float(x) for x in moved) > 1e-3  # the steps trained
 
 
+def test_overlapped_icl_rollouts_are_sampled_one_update_earlier(teacher_params):
+  """kd.rollout.overlap around ICLDist's rollout: 3 steps (local teacher in the step) equal the
+  hand-written schedule (step t + 1's answers sampled by params_t with step t + 1's keys, then
+  step t trained), and differ from the unpipelined run."""
+  examples = _examples(np.random.default_rng(3), 24)
+  student_of = _student_of(examples, 0)
+  batches = [_batch(examples[i:i + 8]) for i in (0, 8, 16)]
+  tx, teacher = optax.sgd(8.0), step.Teacher(T_CFG, teacher_params)
+  spec = step.StepSpec(S_CFG, tx, distill=losses.Distill(kind="reverse", alpha=1.0, vocab=V))
+  inner = step.jit_train_step(spec, sharding.Placement(), None, None, teacher=teacher)
+  icl = icl_onpolicy.ICLRollout(_rollout(), student_of)
+
+  def prepared(params, t):
+    rows = ({k: np.array(v) for k, v in batches[t].items()}, 0, 4)
+    return icl.scored(icl.sampled(params, rows, t)[0], t, {})[0]
+  want = state_lib.create_state(models.init(S_CFG, 1), tx)
+  ready = prepared(want.params, 0)
+  for t in range(3):
+    nxt = prepared(want.params, t + 1) if t < 2 else None
+    want, _ = inner(want, ready)
+    ready = nxt
+  pipelined = onpolicy.Overlapped(icl_onpolicy.ICLRollout(_rollout(), student_of))
+  fn = step.jit_train_step(spec, sharding.Placement(), None, None, teacher=teacher,
+                           rollout=pipelined)
+  pipelined.start(lambda i: batches[i], 3)
+  got = state_lib.create_state(models.init(S_CFG, 1), tx)
+  for b in batches:
+    got, m = fn(got, {k: jnp.asarray(v) for k, v in b.items()})
+  assert int(m["rollout_lag"]) == 1
+  assert_trees_close(got.params, want.params, rtol=1e-6)
+  fresh = state_lib.create_state(models.init(S_CFG, 1), tx)
+  unpipelined = step.jit_train_step(spec, sharding.Placement(), None, None, teacher=teacher,
+                                    rollout=icl_onpolicy.ICLRollout(_rollout(), student_of))
+  for b in batches:
+    fresh, _ = unpipelined(fresh, {k: jnp.asarray(v) for k, v in b.items()})
+  gap = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(got.params),
+                                                     jax.tree.leaves(fresh.params)))
+  assert gap > 1e-3  # one update old is another run
+
+
 def test_icldist_job_with_a_served_teacher(tmp_path, tok_dir, tok, teacher_params, caplog):
   """The ICLDist job, icl.target=on_policy, teacher.backend=openai against an in-process
   sentijax.serve (behind a counting proxy): the teacher's tokenizer checked, the server probed,
