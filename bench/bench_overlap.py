@@ -16,10 +16,8 @@ sharing the tokenizer; the corpus is the job's embedded demo corpus.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -27,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tensorboardX.proto import event_pb2
+from sentijax import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,20 +34,6 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
-
-
-def events(logdir: Path) -> dict[str, dict[int, tuple[float, float]]]:
-  """{tag: {step: (value, wall time)}} from TensorBoard event files (TFRecord framing)."""
-  out: dict[str, dict[int, tuple[float, float]]] = {}
-  for path in sorted(logdir.glob("events.*")):
-    data, i = path.read_bytes(), 0
-    while i < len(data):
-      (n,) = struct.unpack("<Q", data[i:i + 8])  # length, length crc, event, event crc
-      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
-      i += 12 + n + 4
-      for v in event.summary.value:
-        out.setdefault(v.tag, {})[event.step] = (v.simple_value, event.wall_time)
-  return out
 
 
 def serve(args, port: int) -> subprocess.Popen:
@@ -85,12 +69,11 @@ def run_kd(args, url: str, workdir: Path, overlap: bool) -> dict[str, float]:
          f"--config.train.steps={args.steps}", "--config.train.log_every=1",
          "--config.train.eval_every=0", f"--config.train.loss_chunk={args.loss_chunk}",
          "--config.checkpoint.every=100000", "--config.export_hf=False"]
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(
-      os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")), check=False)
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
   if out.returncode:
     raise RuntimeError(f"kd job failed ({out.returncode}):\n{out.stdout[-2000:]}"
                        f"{out.stderr[-3000:]}")
-  ev = events(workdir / "tensorboard")
+  ev = metrics.read_scalars(workdir / "tensorboard", wall_time=True)
   times = [t for s, (_, t) in sorted(ev["train/loss"].items()) if s > args.skip]
   score = [v for s, (v, _) in ev["train/teacher_score_s"].items() if s > args.skip]
   return {"s_per_step": statistics.median(b - a for a, b in zip(times, times[1:])),

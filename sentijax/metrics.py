@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 import time
 from pathlib import Path
 from typing import Mapping
@@ -140,3 +141,21 @@ def _fmt(v: float) -> str:
   if v == 0 or math.isnan(v) or math.isinf(v):
     return str(v)
   return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def read_scalars(logdir: str | Path, wall_time: bool = False) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of the scalars in the TensorBoard event files in `logdir` (what
+  `MetricWriter` wrote; TFRecord framing, read without TensorBoard); `wall_time`: {tag: {step:
+  (value, the event's wall time in seconds)}}."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  out: dict = {}
+  for path in sorted(Path(logdir).glob("events.*")):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])  # length, length crc, event, event crc
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, {})[event.step] = ((v.simple_value, event.wall_time) if wall_time
+                                                 else v.simple_value)
+  return out

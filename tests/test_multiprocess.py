@@ -33,12 +33,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from sentijax import checkpoint, distributed, sharding
+from sentijax import checkpoint, distributed, metrics, sharding
 from sentijax import config as config_lib
 from sentijax.models import factory
 from sentijax.train import state as state_lib
 import hf_fixtures
-import tb_events
 from tolerances import assert_close, assert_trees_close
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +163,8 @@ def test_processes_and_devices_change_between_runs_and_preemption_agrees(tmp_pat
   ref = _Run(ref_dir, 4)
   outs = _finish_all([*multi, ref])
   assert all(f"KnowDist done at step {STEPS}" in o for o in outs)
-  ref_curve, multi_curve = tb_events.scalars(ref_dir / "tensorboard"), tb_events.scalars(multi_dir / "tensorboard")
+  ref_curve = metrics.read_scalars(ref_dir / "tensorboard")
+  multi_curve = metrics.read_scalars(multi_dir / "tensorboard")
   every_step = list(range(1, STEPS + 1))
   for tag, steps in (("train/loss", every_step), ("train/grad_norm", every_step),
                      ("eval/loss", [0, 3, 6])):
@@ -198,14 +198,14 @@ def test_processes_and_devices_change_between_runs_and_preemption_agrees(tmp_pat
            f"processes, now 2 processes, 4 devices)" in out, out[-4000:]
     assert "preemption signal: saved step 4, exiting" in out, out[-4000:]
   assert _ckpt_steps(pre_dir) == [3, 4]  # one checkpoint, at the agreed step
-  _assert_curve(tb_events.scalars(pre_dir / "tensorboard"), ref_curve, "train/loss", [4])
+  _assert_curve(metrics.read_scalars(pre_dir / "tensorboard"), ref_curve, "train/loss", [4])
 
   # ---- 2 -> 1 process, 4 -> 2 devices: rerunning in the same workdir finishes the run ------------
   post = _Run(pre_dir, 2)
   out = post.finish()
   assert "at step 4 (32 rows read; saved by 2 processes, now 1 processes, 2 devices)" in out
   assert f"KnowDist done at step {STEPS}" in out
-  _assert_curve(tb_events.scalars(pre_dir / "tensorboard"), ref_curve, "train/loss", [4, 5, 6])
+  _assert_curve(metrics.read_scalars(pre_dir / "tensorboard"), ref_curve, "train/loss", [4, 5, 6])
   assert_trees_close(_params(pre_dir), want)
 
 
@@ -284,7 +284,8 @@ def test_on_policy_kd_over_two_processes_equals_one(tmp_path):
     assert w["sampled"][:6].any(-1).all() and not w["sampled"][6:].any(), step
     for k in w:  # tokens are discrete: equal, not close
       np.testing.assert_array_equal(g[k], w[k], err_msg=f"step {step + 1} {k}")
-  ref_curve, multi_curve = tb_events.scalars(ref_dir / "tensorboard"), tb_events.scalars(multi_dir / "tensorboard")
+  ref_curve = metrics.read_scalars(ref_dir / "tensorboard")
+  multi_curve = metrics.read_scalars(multi_dir / "tensorboard")
   every_step = list(range(1, ONPOLICY_STEPS + 1))
   for tag in ("train/loss", "train/kd", "train/grad_norm"):
     _assert_curve(multi_curve, ref_curve, tag, every_step)  # see _assert_curve's bound
@@ -327,7 +328,8 @@ def test_on_policy_kd_with_a_served_teacher_over_two_processes_equals_one(tmp_pa
     assert w["sampled"][:6].any(-1).all() and not w["sampled"][6:].any(), step
     for k in w:
       np.testing.assert_array_equal(g[k], w[k], err_msg=f"step {step + 1} {k}")
-  ref_curve, multi_curve = tb_events.scalars(ref_dir / "tensorboard"), tb_events.scalars(multi_dir / "tensorboard")
+  ref_curve = metrics.read_scalars(ref_dir / "tensorboard")
+  multi_curve = metrics.read_scalars(multi_dir / "tensorboard")
   every_step = list(range(1, ONPOLICY_STEPS + 1))
   for tag in ("train/loss", "train/rkl_token"):
     # The server batches requests as they come: a teacher log-prob may round differently

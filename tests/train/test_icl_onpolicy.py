@@ -12,14 +12,13 @@ import optax
 import pytest
 import safetensors.numpy
 
-from sentijax import models, serve, sharding
+from sentijax import metrics, models, serve, sharding
 from sentijax.data import packing, sequences
 from sentijax.sampling import SamplingSettings
 from sentijax.teacher.local import LocalTeacher
 from sentijax.teacher.openai_api import ClientSpec, OpenAITeacher
 from sentijax.train import icl_onpolicy, icldist, losses, onpolicy, served, state as state_lib
 from sentijax.train import step
-import tb_events
 from kill_resume import kill_then_resume, start_main
 from teacher import teacher_fixtures
 from tolerances import assert_close, assert_trees_close
@@ -231,11 +230,11 @@ def _train(batches, rollout, distill, teacher=None, token_estimator=False):
   fn = step.jit_train_step(step.StepSpec(S_CFG, tx, distill=distill,
                                          token_estimator=token_estimator),
                            sharding.Placement(), None, None, teacher=teacher, rollout=rollout)
-  metrics = []
+  history = []
   for b in batches:
     st, m = fn(st, {k: jnp.asarray(v) for k, v in b.items()})
-    metrics.append(jax.device_get(m))
-  return st.params, metrics
+    history.append(jax.device_get(m))
+  return st.params, history
 
 
 def test_served_teacher_steps_equal_the_local_teacher(tok, teacher_params):
@@ -453,8 +452,8 @@ def test_two_processes_equal_one(tmp_path):
   outs = mp._finish_all([*mp._two_processes(multi_dir, ICL_MP_ARGS, devices=2),
                          mp._Run(ref_dir, 4, args=ICL_MP_ARGS)])
   assert all("ICLDist done at step 4" in o for o in outs), outs[0][-3000:]
-  ref = tb_events.scalars(ref_dir / "tensorboard")
-  multi = tb_events.scalars(multi_dir / "tensorboard")
+  ref = metrics.read_scalars(ref_dir / "tensorboard")
+  multi = metrics.read_scalars(multi_dir / "tensorboard")
   for tag in ("train/loss", "train/kd", "train/ce"):
     mp._assert_curve(multi, ref, tag, [1, 2, 3, 4])
   mp._assert_curve(multi, ref, "eval/kl_teacher", [4])  # at the end

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from sentijax import models, serve, sharding
+from sentijax import metrics, models, serve, sharding
 from sentijax.data import packing, sequences
 from sentijax.data import tokenizer as tok_lib
 from sentijax.sampling import SamplingSettings
@@ -20,7 +20,6 @@ from sentijax.teacher.local import LocalTeacher
 from sentijax.teacher.openai_api import ClientSpec, OpenAITeacher
 from sentijax.train import kd, losses, onpolicy, served, state as state_lib, step
 import safetensors.numpy
-import tb_events
 from kill_resume import kill_then_resume, start_main
 from teacher import teacher_fixtures
 from tolerances import assert_close, assert_trees_close
@@ -81,10 +80,10 @@ def test_served_logprobs_equal_a_local_forward(server, tok, teacher_params):
                        _row(tok, texts[4:5], [])])
   client = _client(server.url)
   try:
-    logp_BxT, metrics = served.Scorer(client)(local, step=0)
+    logp_BxT, scored = served.Scorer(client)(local, step=0)
   finally:
     client.close()
-  assert metrics["teacher_requests"] == 3 and metrics["teacher_score_s"] > 0
+  assert scored["teacher_requests"] == 3 and scored["teacher_score_s"] > 0
   want_BxT = np.zeros_like(logp_BxT, np.float64)
   for r in range(3):
     for seg in np.unique(local["segment_ids"][r][local["sampled"][r] > 0]):
@@ -155,10 +154,10 @@ def test_top_logprobs_parsed_into_the_listed_fields_equal_a_local_forward(server
   client = _client(server.url)
   try:
     plain_BxT, _ = served.Scorer(client)(dict(local), step=0)
-    logp_BxT, metrics = served.Scorer(client, top_logprobs=n)(local, step=0)
+    logp_BxT, scored = served.Scorer(client, top_logprobs=n)(local, step=0)
   finally:
     client.close()
-  assert metrics["teacher_requests"] == 3
+  assert scored["teacher_requests"] == 3
   assert_close(logp_BxT, plain_BxT, rel=1e-6, what="teacher_logp with top_logprobs")
   sampled = local["sampled"] > 0
   want_ids = np.zeros(sampled.shape + (n,), np.int64)
@@ -279,11 +278,11 @@ def _train(batches, *, rollout, distill, teacher=None, token_estimator=False, st
   spec = step.StepSpec(S_CFG, tx, distill=distill, token_estimator=token_estimator)
   fn = step.jit_train_step(spec, sharding.Placement(), None, None, teacher=teacher,
                            rollout=rollout)
-  metrics = []
+  history = []
   for b in batches:
     st, m = fn(st, {k: jnp.asarray(v) for k, v in b.items() if k != "sampled"})
-    metrics.append(jax.device_get(m))
-  return st.params, metrics
+    history.append(jax.device_get(m))
+  return st.params, history
 
 
 def test_served_steps_equal_local_teacher_token_estimator_steps(server, tok, teacher_params):
@@ -505,7 +504,7 @@ def test_eval_teacher_beside_a_served_teacher_scores_the_held_out_divergences(
                  **common))
   kd.run(_config(tmp_path / "local", server.url, tok_dir, tok_dir, teacher__backend="local",
                  teacher__model_dir=str(t_dir), **common))
-  got, want = (tb_events.scalars(tmp_path / run / "kd" / "tensorboard")
+  got, want = (metrics.read_scalars(tmp_path / run / "kd" / "tensorboard")
                for run in ("served", "local"))
   for tag in ("eval/kl_teacher", "eval/kl_teacher_reverse", "eval/kl_teacher_onpolicy"):
     assert want[tag][0] > 0.1, tag  # a teacher far from the student
